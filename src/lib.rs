@@ -1,0 +1,21 @@
+//! `bus`: a persistent message bus spoken over plain HTTP, compatible with the
+//! ella.to/bus server.
+//!
+//! Services publish events with `POST`, subscribe with Server-Sent Events and acknowledge
+//! with `PUT`; events are kept in one append-only log per namespace. This crate is the
+//! server and the command-line tools around it, and a library for programs that embed
+//! them.
+//!
+//! Modules, from the disk up:
+//! - [`store`]: the durable per-namespace logs (segments, indexes, group commit, recovery).
+//! - [`event`]: the stored and streamed forms of an event; [`timestamp`] and [`duration`]
+//!   the time formats of the wire contract.
+//! - [`config`]: server settings from flags and `BUS_*` environment variables.
+//! - [`cli`]: the `bus` subcommands.
+
+pub mod cli;
+pub mod config;
+pub mod duration;
+pub mod event;
+pub mod store;
+pub mod timestamp;

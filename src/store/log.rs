@@ -1,0 +1,616 @@
+//! One namespace's log: opening and recovering it, reading it, finding events by id.
+//!
+//! Opening takes the directory's lock (one process per log), reads `meta.json`, checks the
+//! sealed segments cheaply (header, index length, last record's end) and reads every record
+//! of the active segment (see [`segment::scan`]). A torn or damaged last write is
+//! truncated with a warning; damage followed by valid data stops the open. If the previous
+//! process did not close the log cleanly, a new id generation starts (see [`ids`]).
+//! Then the writer thread starts (see [`super::writer`]).
+//!
+//! Reads never pass the committed watermark. Recent events come from the in-memory tail;
+//! older ones from the segment files, one index read and one data read per chunk.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{oneshot, watch};
+
+use super::error::{IoContext, StoreError};
+use super::inbox::Inbox;
+use super::meta::{Generation, Meta};
+use super::segment::{self, ActiveFiles, Segment, SegmentPaths, TailDamage, LOG_HEADER_LEN};
+use super::tail::Tail;
+use super::writer::{self, Command};
+use super::{ids, Appended, BoxFuture, EventLog, StoreConfig};
+use crate::event::{PendingEvent, StoredEvent};
+
+/// Largest chunk of record bytes one disk read returns.
+const READ_CHUNK_BYTES: u64 = 1 << 20;
+/// Name of the file whose lock marks a log as in use.
+pub const LOCK_FILE: &str = "lock";
+
+/// What opening a log found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Events in the log after opening.
+    pub events: u64,
+    pub segments: usize,
+    /// Whether the previous process closed the log cleanly.
+    pub clean_shutdown: bool,
+    /// Bytes dropped from the end of the active segment, if any.
+    pub truncated: Option<Truncation>,
+    /// Index files that were missing or inconsistent and were rebuilt from their segment.
+    pub rebuilt_indexes: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    pub file: PathBuf,
+    /// Where the file now ends.
+    pub offset: u64,
+    pub bytes_dropped: u64,
+    pub reason: String,
+}
+
+/// Counters of a log's writer since the log was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    /// Events in the log.
+    pub events: u64,
+    /// Group commits written (each one write call).
+    pub groups: u64,
+    /// `fdatasync` calls.
+    pub syncs: u64,
+}
+
+/// State shared by the readers and the writer thread.
+pub(crate) struct Shared {
+    pub namespace: String,
+    pub dir: PathBuf,
+    /// The id generations; fixed while the log is open.
+    pub meta: Meta,
+    pub segments: RwLock<Vec<Arc<Segment>>>,
+    pub tail: RwLock<Tail>,
+    committed: AtomicU64,
+    watermark: watch::Sender<u64>,
+    /// Group commits written since the log was opened.
+    pub groups: AtomicU64,
+    /// `fdatasync` calls on segment files since the log was opened.
+    pub syncs: AtomicU64,
+}
+
+impl Shared {
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new watermark; the events below it must be readable.
+    pub fn publish(&self, next: u64) {
+        self.committed.store(next, Ordering::Release);
+        self.watermark.send_replace(next);
+    }
+
+    fn read_tail(&self, from: u64, until: u64, max: usize) -> Option<Vec<StoredEvent>> {
+        self.tail.read().ok()?.read(from, until, max)
+    }
+
+    /// Reads committed events `from..until` from the segment files (blocking).
+    pub fn read_disk(
+        &self,
+        from: u64,
+        until: u64,
+        max: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if from >= until || max == 0 {
+            return Ok(Vec::new());
+        }
+        let segment = {
+            let segments = self
+                .segments
+                .read()
+                .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?;
+            let i = segments.partition_point(|s| s.base <= from);
+            match i.checked_sub(1).and_then(|i| segments.get(i)) {
+                Some(segment) => Arc::clone(segment),
+                None => {
+                    return Err(StoreError::Unusable(format!(
+                        "position {from} is before the first segment of namespace {}",
+                        self.namespace
+                    )))
+                }
+            }
+        };
+        let end = until
+            .min(segment.base + segment.count())
+            .min(from.saturating_add(max as u64));
+        if end <= from {
+            return Ok(Vec::new());
+        }
+        segment.read(from, end, READ_CHUNK_BYTES)
+    }
+
+    /// Resolves a server-assigned id of this log without I/O: `Some(answer)` if `id` has
+    /// the form and the generation of this log's ids, `None` otherwise.
+    pub fn find_native_id(&self, id: &str, limit: u64) -> Option<Option<u64>> {
+        let (generation, position) = ids::decode(id)?;
+        let range = self.meta.generation_range(generation)?;
+        Some((range.contains(&position) && position < limit).then_some(position))
+    }
+
+    /// The position of the event with this id among the first `limit` events.
+    pub fn find_id(&self, id: &str, limit: u64) -> Result<Option<u64>, StoreError> {
+        if let Some(answer) = self.find_native_id(id, limit) {
+            return Ok(answer);
+        }
+        let hash = ids::hash(id);
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?
+            .clone();
+        for segment in segments.iter().rev() {
+            for position in segment.id_candidates(hash)? {
+                if position >= limit {
+                    continue;
+                }
+                let found = self.read_disk(position, position + 1, 1)?;
+                if found.first().is_some_and(|e| e.id() == id) {
+                    return Ok(Some(position));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `id` is a server-assigned id of this log at `position`.
+    pub fn is_native_at(meta: &Meta, id: &str, position: u64) -> bool {
+        ids::decode(id).is_some_and(|(generation, encoded)| {
+            encoded == position && meta.generation_of(position) == generation
+        })
+    }
+}
+
+/// A namespace's open log. Dropping it commits what is queued and closes it cleanly.
+pub struct Log {
+    shared: Arc<Shared>,
+    commands: Arc<Inbox<Command>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    recovery: Recovery,
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating it if the directory holds none. Blocking.
+    pub fn open(dir: &Path, namespace: &str, config: &StoreConfig) -> Result<Log, StoreError> {
+        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+        let lock = take_lock(dir)?;
+        let bases = segment::list_segments(dir)?;
+        let (mut meta, fresh) = match Meta::read(dir)? {
+            Some(meta) => (meta, false),
+            None if bases.is_empty() => {
+                let meta = Meta {
+                    generations: vec![Generation {
+                        id: ids::random_generation()
+                            .context(|| "drawing a random id generation".into())?,
+                        first: 0,
+                    }],
+                    clean_end: None,
+                };
+                // Written before the first segment exists, so that a crash right now
+                // never leaves segments without metadata.
+                meta.write(dir)?;
+                (meta, true)
+            }
+            None => {
+                return Err(StoreError::Unusable(format!(
+                    "{} holds segment files but no {}; it cannot be opened safely (was the file deleted?)",
+                    dir.display(),
+                    super::meta::META_FILE
+                )))
+            }
+        };
+
+        let mut recovery = Recovery {
+            clean_shutdown: fresh || meta.clean_end.is_some(),
+            ..Recovery::default()
+        };
+        let (segments, active_files) = open_segments(dir, &bases, &meta, &mut recovery)?;
+        let active = segments
+            .last()
+            .ok_or_else(|| StoreError::Unusable("no active segment".into()))?;
+        let next = active.base + active.count();
+        recovery.events = next;
+        recovery.segments = segments.len();
+
+        // After an unclean stop (or if the event count differs from the one recorded at a
+        // clean close), positions from `next` on may have been seen with other events
+        // before: new events get ids of a fresh generation.
+        if !fresh && meta.clean_end != Some(next) {
+            if meta.clean_end.is_some() {
+                tracing::warn!(
+                    namespace,
+                    recorded = meta.clean_end,
+                    found = next,
+                    "event count differs from the one recorded at the last clean shutdown"
+                );
+            }
+            let generation = loop {
+                let candidate =
+                    ids::random_generation().context(|| "drawing a random id generation".into())?;
+                if meta.generation_range(candidate).is_none() {
+                    break candidate;
+                }
+            };
+            meta.start_generation(generation, next);
+        }
+        meta.clean_end = None;
+        meta.write(dir)?;
+
+        let (watermark, _) = watch::channel(next);
+        let shared = Arc::new(Shared {
+            namespace: namespace.to_owned(),
+            dir: dir.to_owned(),
+            meta: meta.clone(),
+            tail: RwLock::new(Tail::new(next, config.tail_bytes)),
+            segments: RwLock::new(segments),
+            committed: AtomicU64::new(next),
+            watermark,
+            groups: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+        });
+        let (commands, writer) =
+            writer::start(Arc::clone(&shared), meta, config, active_files, lock)?;
+        if let Some(t) = &recovery.truncated {
+            tracing::warn!(
+                namespace,
+                file = %t.file.display(),
+                offset = t.offset,
+                bytes_dropped = t.bytes_dropped,
+                reason = %t.reason,
+                "truncated the interrupted last write of the log"
+            );
+        }
+        Ok(Log {
+            shared,
+            commands,
+            writer: Mutex::new(Some(writer)),
+            recovery,
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.shared.namespace
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// What opening the log found.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The committed watermark: the number of committed events.
+    pub fn committed(&self) -> u64 {
+        self.shared.committed()
+    }
+
+    pub fn watch_committed(&self) -> watch::Receiver<u64> {
+        self.shared.watermark.subscribe()
+    }
+
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            events: self.committed(),
+            groups: self.shared.groups.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.shared.segments.read().map_or(0, |s| s.len())
+    }
+
+    /// Appends a batch atomically; see [`EventLog::append`].
+    pub async fn append(&self, batch: Vec<PendingEvent>) -> Result<Vec<Appended>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let closed = || StoreError::Closed(self.shared.namespace.clone());
+        self.commands
+            .send(Command::Append {
+                events: batch,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Up to `max_events` committed events from `from` on.
+    pub async fn read(&self, from: u64, max_events: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let until = self.committed();
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        if let Some(events) = self.shared.read_tail(from, until, max_events) {
+            return Ok(events);
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.read_disk(from, until, max_events))
+            .await
+            .map_err(|e| StoreError::Unusable(format!("read task failed: {e}")))?
+    }
+
+    /// [`Log::read`] for callers outside an async runtime.
+    pub fn read_blocking(
+        &self,
+        from: u64,
+        max_events: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let until = self.committed();
+        if let Some(events) = self.shared.read_tail(from, until, max_events) {
+            return Ok(events);
+        }
+        self.shared.read_disk(from, until, max_events)
+    }
+
+    /// The position of the committed event with this id.
+    pub async fn find_id(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let limit = self.committed();
+        if let Some(answer) = self.shared.find_native_id(id, limit) {
+            return Ok(answer);
+        }
+        let shared = Arc::clone(&self.shared);
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || shared.find_id(&id, limit))
+            .await
+            .map_err(|e| StoreError::Unusable(format!("lookup task failed: {e}")))?
+    }
+
+    /// Commits what is queued, syncs, and records a clean shutdown. Appends after this
+    /// fail with [`StoreError::Closed`]; reads keep working.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Shutdown { reply })
+            .await
+            .is_err()
+        {
+            return Ok(()); // already closed
+        }
+        let result = answer
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Closed(self.shared.namespace.clone())));
+        let handle = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Closing the inbox makes the writer commit what is queued and close cleanly;
+        // wait for it so the directory is unlocked when `drop` returns.
+        self.commands.close();
+        if let Some(handle) = self.writer.get_mut().ok().and_then(Option::take) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl EventLog for Log {
+    fn namespace(&self) -> &str {
+        Log::namespace(self)
+    }
+
+    fn append(&self, batch: Vec<PendingEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>> {
+        Box::pin(Log::append(self, batch))
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(Log::read(self, from, max_events))
+    }
+
+    fn committed(&self) -> u64 {
+        Log::committed(self)
+    }
+
+    fn watch_committed(&self) -> watch::Receiver<u64> {
+        Log::watch_committed(self)
+    }
+
+    fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(Log::find_id(self, id))
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Unusable(format!(
+            "{} is in use by another bus process (it holds the lock on {})",
+            dir.display(),
+            path.display()
+        ))),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(StoreError::io(format!("locking {}", path.display()), e))
+        }
+    }
+}
+
+/// Opens the sealed segments and recovers the active one (creating it for a new log).
+fn open_segments(
+    dir: &Path,
+    bases: &[u64],
+    meta: &Meta,
+    recovery: &mut Recovery,
+) -> Result<(Vec<Arc<Segment>>, Arc<ActiveFiles>), StoreError> {
+    let mut bases = bases.to_vec();
+    // A crash while rolling to a new segment can leave its file without a whole header
+    // (it holds no events: the header is synced before any event is written to it).
+    if bases.len() > 1 {
+        let last = SegmentPaths::new(dir, bases[bases.len() - 1]);
+        let len = fs::metadata(&last.log)
+            .context(|| format!("reading {}", last.log.display()))?
+            .len();
+        if len < LOG_HEADER_LEN {
+            tracing::warn!(file = %last.log.display(), "removing a segment whose creation was interrupted");
+            for path in [&last.log, &last.index, &last.ids] {
+                if let Err(e) = fs::remove_file(path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(StoreError::io(format!("removing {}", path.display()), e));
+                    }
+                }
+            }
+            bases.pop();
+        }
+    }
+
+    let is_native = |id: &str, position: u64| Shared::is_native_at(meta, id, position);
+    let mut segments = Vec::with_capacity(bases.len().max(1));
+    for pair in bases.windows(2) {
+        let segment = open_sealed(dir, pair[0], pair[1], &is_native, recovery)?;
+        segments.push(Arc::new(segment));
+    }
+    let (active, files) = match bases.last() {
+        None => {
+            let segment = Segment::create(dir, 0)?;
+            let files = segment
+                .active_files()
+                .ok_or_else(|| StoreError::Unusable("new segment has no files".into()))?;
+            (segment, files)
+        }
+        Some(&base) => open_active(dir, base, &is_native, recovery)?,
+    };
+    segments.push(Arc::new(active));
+    Ok((segments, files))
+}
+
+/// Opens a sealed segment, rebuilding its indexes if they are missing or inconsistent.
+fn open_sealed(
+    dir: &Path,
+    base: u64,
+    next_base: u64,
+    is_native: &dyn Fn(&str, u64) -> bool,
+    recovery: &mut Recovery,
+) -> Result<Segment, StoreError> {
+    let paths = SegmentPaths::new(dir, base);
+    let expected = next_base.saturating_sub(base);
+    if expected == 0 {
+        return Err(StoreError::corrupt(
+            &paths.log,
+            0,
+            format!("segment starts at position {base} but the next one starts at {next_base}"),
+        ));
+    }
+    let mut header = [0u8; LOG_HEADER_LEN as usize];
+    let log_file = File::open(&paths.log).context(|| format!("opening {}", paths.log.display()))?;
+    let log_len = log_file
+        .metadata()
+        .context(|| format!("reading {}", paths.log.display()))?
+        .len();
+    std::os::unix::fs::FileExt::read_exact_at(&log_file, &mut header, 0)
+        .map_err(|_| StoreError::corrupt(&paths.log, 0, "segment header is incomplete"))?;
+    segment::check_log_header(&header, base, &paths.log)?;
+
+    let index_ok = segment::index_entries(&paths.index, base) == Some(expected)
+        && segment::last_index_entry(&paths.index, expected) == Some(log_len);
+    let ids_ok = File::open(&paths.ids)
+        .is_ok_and(|f| segment::has_small_header(&f, segment::SmallFile::Ids, base));
+    if !(index_ok && ids_ok) {
+        tracing::warn!(file = %paths.log.display(), "index of a sealed segment is missing or inconsistent; rebuilding it");
+        let scan = segment::scan(&paths.log, base, false, is_native)?;
+        if scan.ends.len() as u64 != expected {
+            return Err(StoreError::corrupt(
+                &paths.log,
+                scan.kept_len,
+                format!(
+                    "segment holds {} events but the next segment starts at position {next_base}",
+                    scan.ends.len()
+                ),
+            ));
+        }
+        segment::write_index_file(&paths.index, base, &scan.ends)?;
+        let client_ids: Vec<(u64, u64)> = scan.client_ids.into_iter().collect();
+        segment::write_ids_file(&paths.ids, base, &client_ids)?;
+        recovery.rebuilt_indexes.push(paths.index.clone());
+    }
+    Ok(Segment::sealed(paths, base, expected))
+}
+
+/// Checks every record of the active segment, truncates an interrupted last write and
+/// rebuilds the index from what is kept.
+fn open_active(
+    dir: &Path,
+    base: u64,
+    is_native: &dyn Fn(&str, u64) -> bool,
+    recovery: &mut Recovery,
+) -> Result<(Segment, Arc<ActiveFiles>), StoreError> {
+    let paths = SegmentPaths::new(dir, base);
+    let scan = segment::scan(&paths.log, base, true, is_native)?;
+    let log = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&paths.log)
+        .context(|| format!("opening {}", paths.log.display()))?;
+    if let Some(damage) = &scan.tail {
+        log.set_len(scan.kept_len)
+            .and_then(|()| log.sync_all())
+            .context(|| format!("truncating {}", paths.log.display()))?;
+        let reason = match damage {
+            TailDamage::InterruptedWrite { offset, reason } => {
+                format!("{reason} at offset {offset}")
+            }
+            TailDamage::IncompleteBatch { records, .. } => {
+                format!("the last batch is incomplete ({records} records without its end)")
+            }
+        };
+        recovery.truncated = Some(Truncation {
+            file: paths.log.clone(),
+            offset: scan.kept_len,
+            bytes_dropped: scan.file_len - scan.kept_len,
+            reason,
+        });
+    }
+    // The active index is derived from the records just checked; rewriting it is cheaper
+    // than comparing (8 bytes per event of one segment).
+    let index = segment::write_index_file(&paths.index, base, &scan.ends)?;
+    // A stale `.ids` exists if this segment was sealed before a crash cut its successor's
+    // creation short; it is rewritten when the segment is sealed again.
+    match fs::remove_file(&paths.ids) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StoreError::io(
+                format!("removing {}", paths.ids.display()),
+                e,
+            ))
+        }
+    }
+    let count = scan.ends.len() as u64;
+    let files = ActiveFiles { log, index };
+    let segment = Segment::active(paths, base, count, files, scan.client_ids);
+    let files = segment
+        .active_files()
+        .ok_or_else(|| StoreError::Unusable("active segment has no files".into()))?;
+    Ok((segment, files))
+}

@@ -1,0 +1,841 @@
+//! Segment files: the on-disk format of a namespace's log, and reading and checking it.
+//!
+//! A log is a sequence of segments, each named by the position of its first event
+//! (`00000000000000000000.log`, 20 digits so that names sort like numbers):
+//!
+//! - `.log` — a 24-byte header (`BUSLOG\0\x01`, base position u64, flags u32, CRC32C of
+//!   the preceding 20 bytes), then records. A record is a 4-byte word (body length in the
+//!   low 31 bits; the top bit set means "the next record belongs to the same batch"), the
+//!   CRC32C of the word and the body, then the body: the event's compact JSON.
+//! - `.idx` — a 16-byte header (`BUSIDX\0\x01`, base), then one little-endian u64 per event:
+//!   the byte offset where that event's record *ends* (which is where the next one starts).
+//!   Finding an event is one 8-byte read; a run of events is one read of their offsets and
+//!   one read of their bytes.
+//! - `.ids` — written when the segment is sealed: a 16-byte header (`BUSIDS\0\x01`, base),
+//!   then sorted (hash, position) pairs of u64 for the events whose ids clients supplied.
+//!   Server-assigned ids need no index (they encode their position).
+//!
+//! Little-endian throughout. All writes are by the log's writer thread; this module reads,
+//! checks and lays out bytes, it does not decide when to sync.
+//!
+//! A sealed segment never changes and holds no open file: it is opened per read, so a
+//! large log does not exhaust file descriptors. Every record read is checked against its
+//! CRC; damage is reported with the file and byte offset, never skipped.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use bytes::BytesMut;
+
+use super::error::{IoContext, StoreError};
+use super::ids;
+use super::meta::sync_dir;
+use crate::event::{self, StoredEvent};
+
+pub const LOG_HEADER_LEN: u64 = 24;
+pub const INDEX_HEADER_LEN: u64 = 16;
+const IDS_HEADER_LEN: u64 = 16;
+pub const RECORD_HEADER_LEN: u64 = 8;
+const INDEX_ENTRY_LEN: u64 = 8;
+const IDS_ENTRY_LEN: u64 = 16;
+const CONTINUES: u32 = 1 << 31;
+/// The largest record body the framing can express.
+pub const MAX_BODY_LEN: usize = (CONTINUES - 1) as usize;
+
+const LOG_MAGIC: &[u8; 8] = b"BUSLOG\x00\x01";
+const INDEX_MAGIC: &[u8; 8] = b"BUSIDX\x00\x01";
+const IDS_MAGIC: &[u8; 8] = b"BUSIDS\x00\x01";
+
+/// The three files of a segment.
+#[derive(Debug, Clone)]
+pub struct SegmentPaths {
+    pub log: PathBuf,
+    pub index: PathBuf,
+    pub ids: PathBuf,
+}
+
+impl SegmentPaths {
+    pub fn new(dir: &Path, base: u64) -> SegmentPaths {
+        SegmentPaths {
+            log: dir.join(format!("{base:020}.log")),
+            index: dir.join(format!("{base:020}.idx")),
+            ids: dir.join(format!("{base:020}.ids")),
+        }
+    }
+}
+
+/// Base positions of the segments in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let mut bases = Vec::new();
+    let entries = fs::read_dir(dir).context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+            continue;
+        };
+        if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(base) = stem.parse() {
+                bases.push(base);
+            }
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+pub fn log_header(base: u64) -> [u8; LOG_HEADER_LEN as usize] {
+    let mut header = [0u8; LOG_HEADER_LEN as usize];
+    header[..8].copy_from_slice(LOG_MAGIC);
+    header[8..16].copy_from_slice(&base.to_le_bytes());
+    // Bytes 16..20: flags, none defined yet.
+    let crc = crc32c::crc32c(&header[..20]);
+    header[20..].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+fn small_header(magic: &[u8; 8], base: u64) -> [u8; 16] {
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(magic);
+    header[8..].copy_from_slice(&base.to_le_bytes());
+    header
+}
+
+/// Checks a `.log` header read from `path`.
+pub fn check_log_header(bytes: &[u8], base: u64, path: &Path) -> Result<(), StoreError> {
+    let bad = |reason: &str| StoreError::corrupt(path, 0, reason);
+    if bytes.len() < LOG_HEADER_LEN as usize {
+        return Err(bad("segment header is incomplete"));
+    }
+    if &bytes[..8] != LOG_MAGIC {
+        return Err(bad("not a bus segment file (bad magic number)"));
+    }
+    let crc = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+    if crc32c::crc32c(&bytes[..20]) != crc {
+        return Err(bad("segment header checksum mismatch"));
+    }
+    let stored_base = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
+    if stored_base != base {
+        return Err(bad(&format!(
+            "header says the segment starts at position {stored_base}, the file name says {base}"
+        )));
+    }
+    let flags = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    if flags != 0 {
+        return Err(bad(&format!(
+            "segment uses features this version does not know (flags {flags:#x})"
+        )));
+    }
+    Ok(())
+}
+
+/// Reserves room for a record header; the body follows. Returns where the record starts.
+pub fn begin_record(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN as usize]);
+    start
+}
+
+/// Fills in the header of the record that starts at `start` and runs to the end of `out`.
+pub fn finish_record(out: &mut [u8], start: usize, continues: bool) {
+    let body_len = out.len() - start - RECORD_HEADER_LEN as usize;
+    debug_assert!(body_len <= MAX_BODY_LEN);
+    let word = body_len as u32 | if continues { CONTINUES } else { 0 };
+    let word = word.to_le_bytes();
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&word),
+        &out[start + RECORD_HEADER_LEN as usize..],
+    );
+    out[start..start + 4].copy_from_slice(&word);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What the bytes at a record's start hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecordCheck {
+    /// A whole record with a matching checksum.
+    Valid { body_len: usize, continues: bool },
+    /// The record runs past the end of the available bytes.
+    Truncated,
+    /// The checksum does not match.
+    Damaged,
+}
+
+/// Checks the record at the start of `buf` (which may hold more after it).
+pub fn check_record(buf: &[u8]) -> RecordCheck {
+    let header = RECORD_HEADER_LEN as usize;
+    if buf.len() < header {
+        return RecordCheck::Truncated;
+    }
+    let word = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let body_len = (word & !CONTINUES) as usize;
+    if buf.len() - header < body_len {
+        return RecordCheck::Truncated;
+    }
+    let actual = crc32c::crc32c_append(crc32c::crc32c(&buf[..4]), &buf[header..header + body_len]);
+    if actual != crc {
+        return RecordCheck::Damaged;
+    }
+    RecordCheck::Valid {
+        body_len,
+        continues: word & CONTINUES != 0,
+    }
+}
+
+/// One segment of a log, as the readers and the writer share it.
+#[derive(Debug)]
+pub struct Segment {
+    pub base: u64,
+    pub paths: SegmentPaths,
+    /// Committed events in the segment. Readers never look past the log's committed
+    /// watermark, so for them this only grows.
+    count: AtomicU64,
+    /// Open files while the segment is active; `None` once sealed.
+    active: RwLock<Option<Arc<ActiveFiles>>>,
+    /// Client-supplied ids of the active segment as (hash, position); `None` once sealed,
+    /// when they live in the `.ids` file.
+    live_ids: RwLock<Option<BTreeSet<(u64, u64)>>>,
+    /// The `.ids` file of a sealed segment, once a lookup needed it.
+    sealed_ids: OnceLock<SealedIds>,
+}
+
+#[derive(Debug)]
+pub struct ActiveFiles {
+    pub log: File,
+    pub index: File,
+}
+
+impl Segment {
+    /// Creates the files of a new, empty segment and syncs them into the directory.
+    pub fn create(dir: &Path, base: u64) -> Result<Segment, StoreError> {
+        let paths = SegmentPaths::new(dir, base);
+        let log = create_with_header(&paths.log, &log_header(base))?;
+        let index = create_with_header(&paths.index, &small_header(INDEX_MAGIC, base))?;
+        sync_dir(dir)?;
+        Ok(Segment {
+            base,
+            paths,
+            count: AtomicU64::new(0),
+            active: RwLock::new(Some(Arc::new(ActiveFiles { log, index }))),
+            live_ids: RwLock::new(Some(BTreeSet::new())),
+            sealed_ids: OnceLock::new(),
+        })
+    }
+
+    /// A sealed segment of `count` events whose files are known to be consistent.
+    pub fn sealed(paths: SegmentPaths, base: u64, count: u64) -> Segment {
+        Segment {
+            base,
+            paths,
+            count: AtomicU64::new(count),
+            active: RwLock::new(None),
+            live_ids: RwLock::new(None),
+            sealed_ids: OnceLock::new(),
+        }
+    }
+
+    /// An active segment whose files were just checked (and, if needed, repaired).
+    pub fn active(
+        paths: SegmentPaths,
+        base: u64,
+        count: u64,
+        files: ActiveFiles,
+        live_ids: BTreeSet<(u64, u64)>,
+    ) -> Segment {
+        Segment {
+            base,
+            paths,
+            count: AtomicU64::new(count),
+            active: RwLock::new(Some(Arc::new(files))),
+            live_ids: RwLock::new(Some(live_ids)),
+            sealed_ids: OnceLock::new(),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Called by the writer once new events are written (before they are published).
+    pub fn add_committed(&self, events: u64, ids: impl IntoIterator<Item = (u64, u64)>) {
+        if let Ok(mut live) = self.live_ids.write() {
+            if let Some(set) = live.as_mut() {
+                set.extend(ids);
+            }
+        }
+        self.count.fetch_add(events, Ordering::Release);
+    }
+
+    /// The writer's handles of an active segment.
+    pub fn active_files(&self) -> Option<Arc<ActiveFiles>> {
+        self.active.read().ok().and_then(|a| a.clone())
+    }
+
+    /// Marks the segment sealed: writes its `.ids` file and drops its open files. The
+    /// caller has synced the `.log` and `.idx` files.
+    pub fn seal(&self) -> Result<(), StoreError> {
+        let ids: Vec<(u64, u64)> = match self.live_ids.read() {
+            Ok(live) => live.iter().flatten().copied().collect(),
+            Err(_) => return Err(StoreError::Unusable("id index lock poisoned".into())),
+        };
+        write_ids_file(&self.paths.ids, self.base, &ids)?;
+        if let Ok(mut live) = self.live_ids.write() {
+            *live = None;
+        }
+        if let Ok(mut active) = self.active.write() {
+            *active = None;
+        }
+        Ok(())
+    }
+
+    fn log_file(&self) -> Result<LogHandle, StoreError> {
+        if let Some(files) = self.active_files() {
+            return Ok(LogHandle::Shared(files));
+        }
+        let file = File::open(&self.paths.log)
+            .context(|| format!("opening {}", self.paths.log.display()))?;
+        Ok(LogHandle::Owned(file))
+    }
+
+    fn index_file(&self) -> Result<LogHandle, StoreError> {
+        if let Some(files) = self.active_files() {
+            return Ok(LogHandle::SharedIndex(files));
+        }
+        let file = File::open(&self.paths.index)
+            .context(|| format!("opening {}", self.paths.index.display()))?;
+        Ok(LogHandle::Owned(file))
+    }
+
+    /// End offsets of records `from - 1 ..= until - 1`, with the header length standing in
+    /// for the record before the segment's first: the byte range of events `from..until`
+    /// is `ends[0]..ends[until - from]`.
+    fn record_bounds(&self, from: u64, until: u64) -> Result<Vec<u64>, StoreError> {
+        let index = self.index_file()?;
+        let (first_entry, mut bounds) = if from == self.base {
+            (0, vec![LOG_HEADER_LEN])
+        } else {
+            (from - self.base - 1, Vec::new())
+        };
+        let entries = until - self.base - first_entry;
+        let mut raw = vec![0u8; (entries * INDEX_ENTRY_LEN) as usize];
+        index
+            .file()
+            .read_exact_at(&mut raw, INDEX_HEADER_LEN + first_entry * INDEX_ENTRY_LEN)
+            .context(|| format!("reading {}", self.paths.index.display()))?;
+        bounds.extend(
+            raw.chunks_exact(INDEX_ENTRY_LEN as usize)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())),
+        );
+        Ok(bounds)
+    }
+
+    /// Reads events `from..until` (all committed, all in this segment), stopping early
+    /// after `max_bytes` of records (but always reading at least one event).
+    pub fn read(
+        &self,
+        from: u64,
+        until: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        debug_assert!(self.base <= from && from < until && until <= self.base + self.count());
+        let mut bounds = self.record_bounds(from, until)?;
+        let start = bounds[0];
+        let keep = bounds
+            .partition_point(|&end| end - start <= max_bytes)
+            .max(2);
+        bounds.truncate(keep);
+        let end = bounds[bounds.len() - 1];
+        if end < start {
+            return Err(StoreError::corrupt(
+                &self.paths.index,
+                0,
+                format!("index entries for positions {from}.. are not increasing"),
+            ));
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.log_file()?
+            .file()
+            .read_exact_at(&mut buf, start)
+            .context(|| format!("reading {}", self.paths.log.display()))?;
+
+        let mut frames = BytesMut::with_capacity(buf.len() + (bounds.len() - 1) * 48);
+        let mut spans = Vec::with_capacity(bounds.len() - 1);
+        for (i, pair) in bounds.windows(2).enumerate() {
+            let (rec_start, rec_end) = ((pair[0] - start) as usize, (pair[1] - start) as usize);
+            let offset = pair[0];
+            let damaged = |reason: &str| StoreError::corrupt(&self.paths.log, offset, reason);
+            let record = buf
+                .get(rec_start..rec_end)
+                .ok_or_else(|| damaged("index points outside the segment"))?;
+            let body_len = match check_record(record) {
+                RecordCheck::Valid { body_len, .. } => body_len,
+                RecordCheck::Truncated => return Err(damaged("record is cut short")),
+                RecordCheck::Damaged => return Err(damaged("record checksum mismatch")),
+            };
+            if RECORD_HEADER_LEN as usize + body_len != record.len() {
+                return Err(damaged("record length disagrees with the index"));
+            }
+            let json = &record[RECORD_HEADER_LEN as usize..];
+            let id = event::id_of_json(json).ok_or_else(|| damaged("record is not an event"))?;
+            let frame_start = frames.len();
+            event::push_sse_frame(&mut frames, id, json);
+            spans.push((from + i as u64, frame_start, id.len()));
+        }
+        let frames = frames.freeze();
+        let mut events = Vec::with_capacity(spans.len());
+        let mut spans = spans.into_iter().peekable();
+        while let Some((position, frame_start, id_len)) = spans.next() {
+            let frame_end = spans.peek().map_or(frames.len(), |next| next.1);
+            events.push(StoredEvent::from_frame(
+                position,
+                frames.slice(frame_start..frame_end),
+                id_len,
+            ));
+        }
+        Ok(events)
+    }
+
+    /// Positions of events whose client-supplied id hashes to `hash` (to be confirmed by
+    /// reading them).
+    pub fn id_candidates(&self, hash: u64) -> Result<Vec<u64>, StoreError> {
+        if let Ok(live) = self.live_ids.read() {
+            if let Some(set) = live.as_ref() {
+                return Ok(set
+                    .range((hash, 0)..=(hash, u64::MAX))
+                    .map(|&(_, pos)| pos)
+                    .collect());
+            }
+        }
+        if self.sealed_ids.get().is_none() {
+            let loaded = SealedIds::load(&self.paths.ids, self.base)?;
+            // Another reader may have loaded it meanwhile; either copy is the same.
+            let _ = self.sealed_ids.set(loaded);
+        }
+        Ok(self
+            .sealed_ids
+            .get()
+            .map_or_else(Vec::new, |ids| ids.positions(hash)))
+    }
+}
+
+enum LogHandle {
+    Shared(Arc<ActiveFiles>),
+    SharedIndex(Arc<ActiveFiles>),
+    Owned(File),
+}
+
+impl LogHandle {
+    fn file(&self) -> &File {
+        match self {
+            LogHandle::Shared(files) => &files.log,
+            LogHandle::SharedIndex(files) => &files.index,
+            LogHandle::Owned(file) => file,
+        }
+    }
+}
+
+fn create_with_header(path: &Path, header: &[u8]) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .context(|| format!("creating {}", path.display()))?;
+    file.write_all_at(header, 0)
+        .and_then(|()| file.sync_all())
+        .context(|| format!("writing {}", path.display()))?;
+    Ok(file)
+}
+
+/// Writes a sealed segment's `.ids` file (sorted) and syncs it.
+pub fn write_ids_file(path: &Path, base: u64, ids: &[(u64, u64)]) -> Result<(), StoreError> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    let mut bytes = Vec::with_capacity(IDS_HEADER_LEN as usize + sorted.len() * 16);
+    bytes.extend_from_slice(&small_header(IDS_MAGIC, base));
+    for (hash, position) in sorted {
+        bytes.extend_from_slice(&hash.to_le_bytes());
+        bytes.extend_from_slice(&position.to_le_bytes());
+    }
+    let file = File::create(path).context(|| format!("creating {}", path.display()))?;
+    file.write_all_at(&bytes, 0)
+        .and_then(|()| file.sync_all())
+        .context(|| format!("writing {}", path.display()))
+}
+
+/// A sealed segment's `.ids` file, mapped into memory on first use.
+#[derive(Debug)]
+enum SealedIds {
+    Empty,
+    Mapped(memmap2::Mmap),
+}
+
+impl SealedIds {
+    fn load(path: &Path, base: u64) -> Result<SealedIds, StoreError> {
+        let file = File::open(path).context(|| format!("opening {}", path.display()))?;
+        let len = file
+            .metadata()
+            .context(|| format!("reading {}", path.display()))?
+            .len();
+        if !has_small_header(&file, SmallFile::Ids, base)
+            || !(len - IDS_HEADER_LEN).is_multiple_of(IDS_ENTRY_LEN)
+        {
+            return Err(StoreError::corrupt(path, 0, "malformed id index"));
+        }
+        if len == IDS_HEADER_LEN {
+            return Ok(SealedIds::Empty);
+        }
+        // SAFETY: `.ids` files are written once, synced, and never modified afterwards;
+        // deleting one (retention) leaves an existing mapping valid.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .context(|| format!("mapping {}", path.display()))?;
+        Ok(SealedIds::Mapped(map))
+    }
+
+    /// Positions stored under `hash`, by binary search of the sorted entries.
+    fn positions(&self, hash: u64) -> Vec<u64> {
+        let SealedIds::Mapped(map) = self else {
+            return Vec::new();
+        };
+        let entries = &map[IDS_HEADER_LEN as usize..];
+        let entry = |i: usize| {
+            let raw = &entries[i * IDS_ENTRY_LEN as usize..(i + 1) * IDS_ENTRY_LEN as usize];
+            let (h, p) = raw.split_at(8);
+            (
+                u64::from_le_bytes(h.try_into().unwrap_or_default()),
+                u64::from_le_bytes(p.try_into().unwrap_or_default()),
+            )
+        };
+        let count = entries.len() / IDS_ENTRY_LEN as usize;
+        let (mut lo, mut hi) = (0, count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if entry(mid).0 < hash {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo..count)
+            .map(entry)
+            .take_while(|&(h, _)| h == hash)
+            .map(|(_, position)| position)
+            .collect()
+    }
+}
+
+/// Whether a `.idx` or `.ids` file starts with the right header for segment `base`.
+pub fn has_small_header(file: &File, magic_of: SmallFile, base: u64) -> bool {
+    let magic = match magic_of {
+        SmallFile::Index => INDEX_MAGIC,
+        SmallFile::Ids => IDS_MAGIC,
+    };
+    let mut header = [0u8; 16];
+    file.read_exact_at(&mut header, 0).is_ok() && header == small_header(magic, base)
+}
+
+#[derive(Clone, Copy)]
+pub enum SmallFile {
+    Index,
+    Ids,
+}
+
+/// What a full scan of a segment's `.log` found.
+#[derive(Debug)]
+pub struct Scan {
+    /// End offsets of the records kept (complete batches only).
+    pub ends: Vec<u64>,
+    /// (hash, position) of the kept events whose ids are client-supplied.
+    pub client_ids: BTreeSet<(u64, u64)>,
+    /// Length of the kept records, header included: where the next record goes.
+    pub kept_len: u64,
+    /// The file's length; `kept_len < file_len` means there is a tail to drop.
+    pub file_len: u64,
+    /// Why the bytes after `kept_len` are not kept, if there are any.
+    pub tail: Option<TailDamage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailDamage {
+    /// The last record is cut short or fails its checksum, and no valid record follows:
+    /// a write that the crash interrupted.
+    InterruptedWrite { offset: u64, reason: &'static str },
+    /// The records are intact, but the last batch never got its final record.
+    IncompleteBatch { offset: u64, records: u64 },
+}
+
+/// Reads a whole segment, checking every record.
+///
+/// `is_native(id, position)` says whether an id is one the log assigned itself (those need
+/// no id index). Damage followed by at least one valid record cannot be the tail of an
+/// interrupted write: it is corruption, reported with file and offset. Damage with nothing
+/// valid after it is returned as the tail to drop if `tail_may_be_torn` (the active
+/// segment), and as corruption otherwise (a sealed segment was complete when sealed).
+pub fn scan(
+    path: &Path,
+    base: u64,
+    tail_may_be_torn: bool,
+    is_native: &dyn Fn(&str, u64) -> bool,
+) -> Result<Scan, StoreError> {
+    let file = File::open(path).context(|| format!("opening {}", path.display()))?;
+    let file_len = file
+        .metadata()
+        .context(|| format!("reading {}", path.display()))?
+        .len();
+    let mut header = [0u8; LOG_HEADER_LEN as usize];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|_| StoreError::corrupt(path, 0, "segment header is incomplete"))?;
+    check_log_header(&header, base, path)?;
+
+    let mut reader = BufReader::with_capacity(1 << 20, &file);
+    let mut skip = [0u8; LOG_HEADER_LEN as usize];
+    reader
+        .read_exact(&mut skip)
+        .context(|| format!("reading {}", path.display()))?;
+
+    let mut ends = Vec::new();
+    let mut client_ids = BTreeSet::new();
+    let mut offset = LOG_HEADER_LEN;
+    // End of the last complete batch, and how many records it covers.
+    let (mut batch_end, mut batch_records) = (LOG_HEADER_LEN, 0usize);
+    let mut record = Vec::new();
+    let mut damage: Option<(u64, &'static str)> = None;
+    while offset < file_len {
+        if file_len - offset < RECORD_HEADER_LEN {
+            damage = Some((offset, "record header is cut short"));
+            break;
+        }
+        let mut head = [0u8; RECORD_HEADER_LEN as usize];
+        reader
+            .read_exact(&mut head)
+            .context(|| format!("reading {}", path.display()))?;
+        let body_len =
+            (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & !CONTINUES) as u64;
+        if file_len - offset - RECORD_HEADER_LEN < body_len {
+            damage = Some((offset, "record is cut short"));
+            break;
+        }
+        record.clear();
+        record.extend_from_slice(&head);
+        record.resize((RECORD_HEADER_LEN + body_len) as usize, 0);
+        reader
+            .read_exact(&mut record[RECORD_HEADER_LEN as usize..])
+            .context(|| format!("reading {}", path.display()))?;
+        let continues = match check_record(&record) {
+            RecordCheck::Valid { continues, .. } => continues,
+            RecordCheck::Truncated => {
+                damage = Some((offset, "record is cut short"));
+                break;
+            }
+            RecordCheck::Damaged => {
+                damage = Some((offset, "record checksum mismatch"));
+                break;
+            }
+        };
+        let body = &record[RECORD_HEADER_LEN as usize..];
+        let Some(id) = event::id_of_json(body) else {
+            return Err(StoreError::corrupt(
+                path,
+                offset,
+                "record has a valid checksum but does not hold an event",
+            ));
+        };
+        let position = base + ends.len() as u64;
+        if !is_native(id, position) {
+            client_ids.insert((ids::hash(id), position));
+        }
+        offset += RECORD_HEADER_LEN + body_len;
+        ends.push(offset);
+        if !continues {
+            (batch_end, batch_records) = (offset, ends.len());
+        }
+    }
+
+    let tail = match damage {
+        Some((at, reason)) => {
+            if let Some(valid_at) = find_valid_record_after(&file, at, file_len)? {
+                return Err(StoreError::corrupt(
+                    path,
+                    at,
+                    format!(
+                        "{reason}, and a valid record follows at offset {valid_at}, so this is \
+                         not an interrupted write; refusing to start rather than skip data"
+                    ),
+                ));
+            }
+            Some(TailDamage::InterruptedWrite { offset: at, reason })
+        }
+        None if batch_records < ends.len() => Some(TailDamage::IncompleteBatch {
+            offset: batch_end,
+            records: (ends.len() - batch_records) as u64,
+        }),
+        None => None,
+    };
+    if let Some(damage) = &tail {
+        if !tail_may_be_torn {
+            let (at, reason) = match damage {
+                TailDamage::InterruptedWrite { offset, reason } => (*offset, *reason),
+                TailDamage::IncompleteBatch { offset, .. } => (*offset, "batch is incomplete"),
+            };
+            return Err(StoreError::corrupt(
+                path,
+                at,
+                format!("{reason} in a sealed segment, which was complete when it was sealed"),
+            ));
+        }
+    }
+    ends.truncate(batch_records);
+    let kept_end_position = base + batch_records as u64;
+    client_ids.retain(|&(_, position)| position < kept_end_position);
+    Ok(Scan {
+        ends,
+        client_ids,
+        kept_len: batch_end,
+        file_len,
+        tail,
+    })
+}
+
+/// Looks for any valid record starting after `damaged_at`. Finding one proves the damage
+/// is not the end of an interrupted append. Only runs when damage was found.
+fn find_valid_record_after(
+    file: &File,
+    damaged_at: u64,
+    file_len: u64,
+) -> Result<Option<u64>, StoreError> {
+    let mut rest = vec![0u8; (file_len - damaged_at) as usize];
+    file.read_exact_at(&mut rest, damaged_at)
+        .map_err(|e| StoreError::io("re-reading a damaged segment", e))?;
+    let header = RECORD_HEADER_LEN as usize;
+    let prefix = b"{\"id\":\"";
+    for start in 1..rest.len() {
+        let candidate = &rest[start..];
+        // Cheap filter first: every event record's body begins with `{"id":"`.
+        if candidate.len() < header + prefix.len() || !candidate[header..].starts_with(prefix) {
+            continue;
+        }
+        if let RecordCheck::Valid { .. } = check_record(candidate) {
+            return Ok(Some(damaged_at + start as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads a `.idx` file's entries; `None` if the file is missing or malformed.
+pub fn read_index(path: &Path, base: u64) -> Option<Vec<u64>> {
+    let file = File::open(path).ok()?;
+    if !has_small_header(&file, SmallFile::Index, base) {
+        return None;
+    }
+    let bytes = fs::read(path).ok()?;
+    let entries = bytes.get(INDEX_HEADER_LEN as usize..)?;
+    if entries.len() % INDEX_ENTRY_LEN as usize != 0 {
+        return None;
+    }
+    Some(
+        entries
+            .chunks_exact(INDEX_ENTRY_LEN as usize)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+    )
+}
+
+/// Number of entries of a `.idx` file from its length, if its header is right and its
+/// length whole.
+pub fn index_entries(path: &Path, base: u64) -> Option<u64> {
+    let file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let entries = len.checked_sub(INDEX_HEADER_LEN)?;
+    (has_small_header(&file, SmallFile::Index, base) && entries % INDEX_ENTRY_LEN == 0)
+        .then_some(entries / INDEX_ENTRY_LEN)
+}
+
+/// The last entry of a `.idx` file with `entries` entries.
+pub fn last_index_entry(path: &Path, entries: u64) -> Option<u64> {
+    let file = File::open(path).ok()?;
+    let mut raw = [0u8; 8];
+    file.read_exact_at(&mut raw, INDEX_HEADER_LEN + (entries - 1) * INDEX_ENTRY_LEN)
+        .ok()?;
+    Some(u64::from_le_bytes(raw))
+}
+
+/// Rewrites a `.idx` file from scanned record ends, and syncs it.
+pub fn write_index_file(path: &Path, base: u64, ends: &[u64]) -> Result<File, StoreError> {
+    let mut bytes = Vec::with_capacity(INDEX_HEADER_LEN as usize + ends.len() * 8);
+    bytes.extend_from_slice(&small_header(INDEX_MAGIC, base));
+    for end in ends {
+        bytes.extend_from_slice(&end.to_le_bytes());
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .context(|| format!("creating {}", path.display()))?;
+    file.write_all_at(&bytes, 0)
+        .and_then(|()| file.sync_all())
+        .context(|| format!("writing {}", path.display()))?;
+    Ok(file)
+}
+
+/// Offset in a `.idx` file of the entry for the `n`th event of the segment.
+pub fn index_entry_offset(n: u64) -> u64 {
+    INDEX_HEADER_LEN + n * INDEX_ENTRY_LEN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(body: &[u8], continues: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let start = begin_record(&mut out);
+        out.extend_from_slice(body);
+        finish_record(&mut out, start, continues);
+        out
+    }
+
+    #[test]
+    fn records_check_and_detect_damage() {
+        let rec = record(br#"{"id":"e_x"}"#, true);
+        assert_eq!(
+            check_record(&rec),
+            RecordCheck::Valid {
+                body_len: 12,
+                continues: true
+            }
+        );
+        assert_eq!(check_record(&rec[..rec.len() - 1]), RecordCheck::Truncated);
+        assert_eq!(check_record(&rec[..5]), RecordCheck::Truncated);
+        for i in 0..rec.len() {
+            let mut bad = rec.clone();
+            bad[i] ^= 0x04;
+            assert_ne!(
+                check_record(&bad),
+                RecordCheck::Valid {
+                    body_len: 12,
+                    continues: true
+                },
+                "flip at byte {i} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn log_header_round_trip() {
+        let header = log_header(42);
+        assert!(check_log_header(&header, 42, Path::new("x")).is_ok());
+        let err = check_log_header(&header, 43, Path::new("x")).unwrap_err();
+        assert!(err.to_string().contains("file name says 43"), "{err}");
+        let mut bad = header;
+        bad[9] ^= 1;
+        assert!(check_log_header(&bad, 42, Path::new("x")).is_err());
+    }
+}

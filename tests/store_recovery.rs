@@ -1,0 +1,322 @@
+//! Opening a log after damage: an interrupted last write is truncated with a warning that
+//! names the file and the bytes dropped; damage before the tail stops the open with an
+//! error naming file and offset; nothing is skipped silently.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bus::store::{Log, StoreError};
+use common::*;
+use serde_json::json;
+
+const SEGMENT: u64 = 1 << 20;
+
+/// A log of `n` single-event appends, closed cleanly; returns the ids.
+async fn log_with(data: &Path, n: u64) -> Vec<String> {
+    let log = open(data, SEGMENT);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            log.append(vec![event(&json!({"n": i}))]).await.unwrap()[0]
+                .id
+                .clone(),
+        );
+    }
+    log.close().await.unwrap();
+    ids
+}
+
+/// Opens the log while capturing what it logs.
+fn open_capturing(data: &Path) -> (Result<Log, StoreError>, String) {
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let result = tracing::subscriber::with_default(subscriber, || {
+        Log::open(&log_dir(data), NAMESPACE, &config(data, SEGMENT))
+    });
+    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    (result, text)
+}
+
+fn flip_byte(file: &Path, offset: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], offset).unwrap();
+}
+
+fn file_len(file: &Path) -> u64 {
+    std::fs::metadata(file).unwrap().len()
+}
+
+#[tokio::test]
+async fn a_cut_short_last_record_is_truncated_with_a_warning() {
+    let data = tempfile::tempdir().unwrap();
+    let ids = log_with(data.path(), 10).await;
+    let segment = &segment_files(data.path())[0];
+    let offsets = record_offsets(segment);
+    let full = file_len(segment);
+    OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .unwrap()
+        .set_len(full - 3)
+        .unwrap();
+
+    let (log, logged) = open_capturing(data.path());
+    let log = log.expect("a torn tail does not stop the open");
+    let truncation = log
+        .recovery()
+        .truncated
+        .clone()
+        .expect("truncation reported");
+    assert_eq!(truncation.file, *segment);
+    assert_eq!(truncation.offset, offsets[9]);
+    assert_eq!(truncation.bytes_dropped, full - 3 - offsets[9]);
+    assert!(logged.contains("WARN"), "{logged}");
+    assert!(logged.contains(&segment.display().to_string()), "{logged}");
+    assert!(
+        logged.contains(&format!("bytes_dropped={}", truncation.bytes_dropped)),
+        "{logged}"
+    );
+    assert_eq!(file_len(segment), offsets[9]);
+
+    assert_eq!(log.committed(), 9);
+    let events = read_all(&log, 100);
+    assert_eq!(events.len(), 9);
+    assert_eq!(json(&events[8])["payload"]["n"], 8);
+
+    // Position 9 is reused, but not the lost event's id: ids stay unique.
+    assert_eq!(log.find_id(&ids[9]).await.unwrap(), None);
+    assert_eq!(log.find_id(&ids[8]).await.unwrap(), Some(8));
+    let new = log.append(vec![event(&json!("again"))]).await.unwrap();
+    assert_eq!(new[0].position, 9);
+    assert_ne!(new[0].id, ids[9]);
+    log.close().await.unwrap();
+    drop(log);
+
+    let log = open(data.path(), SEGMENT);
+    assert_eq!(log.recovery().truncated, None, "repaired for good");
+    assert_eq!(log.committed(), 10);
+    assert_eq!(log.find_id(&new[0].id).await.unwrap(), Some(9));
+    assert_eq!(log.find_id(&ids[9]).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_damaged_last_record_is_truncated() {
+    let data = tempfile::tempdir().unwrap();
+    log_with(data.path(), 5).await;
+    let segment = &segment_files(data.path())[0];
+    let last = *record_offsets(segment).last().unwrap();
+    flip_byte(segment, last + 20);
+
+    let (log, logged) = open_capturing(data.path());
+    let log = log.unwrap();
+    let truncation = log.recovery().truncated.clone().unwrap();
+    assert_eq!(truncation.offset, last);
+    assert!(
+        truncation.reason.contains("checksum"),
+        "{}",
+        truncation.reason
+    );
+    assert!(logged.contains("WARN"), "{logged}");
+    assert_eq!(log.committed(), 4);
+}
+
+#[tokio::test]
+async fn damage_before_the_tail_stops_the_open_with_file_and_offset() {
+    let data = tempfile::tempdir().unwrap();
+    log_with(data.path(), 10).await;
+    let segment = &segment_files(data.path())[0];
+    let offsets = record_offsets(segment);
+    let before = std::fs::read(segment).unwrap();
+
+    for (record, byte) in [(2usize, 30u64), (4, 1), (0, 9)] {
+        // A flip in the body, in the length word, and in the first byte of a body.
+        flip_byte(segment, offsets[record] + byte);
+        let err = Log::open(
+            &log_dir(data.path()),
+            NAMESPACE,
+            &config(data.path(), SEGMENT),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("damage in record {record} was not detected"));
+        let message = err.to_string();
+        assert!(
+            message.contains(&segment.display().to_string()),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("offset {}", offsets[record])),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read(segment).unwrap().len(),
+            before.len(),
+            "nothing was truncated"
+        );
+        flip_byte(segment, offsets[record] + byte);
+    }
+    // Undamaged again: opens with every event.
+    assert_eq!(open(data.path(), SEGMENT).committed(), 10);
+}
+
+#[tokio::test]
+async fn an_incomplete_batch_is_dropped_as_a_whole() {
+    let data = tempfile::tempdir().unwrap();
+    let log = open(data.path(), SEGMENT);
+    log.append(vec![event(&json!("single"))]).await.unwrap();
+    let batch = log
+        .append((0..3).map(|i| event(&json!({"b": i}))).collect())
+        .await
+        .unwrap();
+    assert_eq!(batch[0].position, 1);
+    log.close().await.unwrap();
+    drop(log);
+
+    // Cut exactly after the batch's second record: every remaining record is intact,
+    // but the batch lacks its last one.
+    let segment = &segment_files(data.path())[0];
+    let offsets = record_offsets(segment);
+    OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .unwrap()
+        .set_len(offsets[3])
+        .unwrap();
+
+    let log = open(data.path(), SEGMENT);
+    let truncation = log.recovery().truncated.clone().unwrap();
+    assert_eq!(truncation.offset, offsets[1]);
+    assert!(truncation.reason.contains("batch"), "{}", truncation.reason);
+    assert_eq!(log.committed(), 1, "none of the batch survives");
+    assert_eq!(log.find_id(&batch[0].id).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn an_interrupted_segment_creation_is_undone() {
+    let data = tempfile::tempdir().unwrap();
+    log_with(data.path(), 3).await;
+    // A crash right after creating the next segment file, before its header was written.
+    let next = log_dir(data.path()).join(format!("{:020}.log", 3));
+    std::fs::write(&next, b"BUS").unwrap();
+    let log = open(data.path(), SEGMENT);
+    assert_eq!(log.committed(), 3);
+    assert!(!next.exists());
+    let appended = log.append(vec![event(&json!(3))]).await.unwrap();
+    assert_eq!(appended[0].position, 3);
+}
+
+#[tokio::test]
+async fn a_log_in_use_cannot_be_opened_twice() {
+    let data = tempfile::tempdir().unwrap();
+    let _log = open(data.path(), SEGMENT);
+    let err = Log::open(
+        &log_dir(data.path()),
+        NAMESPACE,
+        &config(data.path(), SEGMENT),
+    )
+    .err()
+    .expect("second open refused");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn segments_without_metadata_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    log_with(data.path(), 2).await;
+    std::fs::remove_file(log_dir(data.path()).join("meta.json")).unwrap();
+    let err = Log::open(
+        &log_dir(data.path()),
+        NAMESPACE,
+        &config(data.path(), SEGMENT),
+    )
+    .err()
+    .expect("open refused");
+    assert!(err.to_string().contains("meta.json"), "{err}");
+}
+
+#[tokio::test]
+async fn damage_in_a_sealed_segment_is_reported_when_read() {
+    let data = tempfile::tempdir().unwrap();
+    let log = open(data.path(), 512);
+    for i in 0..20 {
+        log.append(vec![event(&json!({"n": i}))]).await.unwrap();
+    }
+    log.close().await.unwrap();
+    drop(log);
+    let sealed = &segment_files(data.path())[0];
+    let offsets = record_offsets(sealed);
+    flip_byte(sealed, offsets[1] + 40);
+
+    // Sealed segments are not re-read at open (that would read the whole log)…
+    let log = open(data.path(), 512);
+    // …but every read checks each record's checksum.
+    let err = log.read(0, 100).await.expect_err("damage detected");
+    let message = err.to_string();
+    assert!(message.contains(&sealed.display().to_string()), "{message}");
+    assert!(
+        message.contains(&format!("offset {}", offsets[1])),
+        "{message}"
+    );
+    // Events of other segments are still served.
+    let later = log.read(log.committed() - 1, 1).await.unwrap();
+    assert_eq!(later.len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_sealed_index_is_rebuilt() {
+    let data = tempfile::tempdir().unwrap();
+    let log = open(data.path(), 512);
+    let mut appended = Vec::new();
+    for i in 0..20 {
+        let id = format!("e_client-{i}");
+        appended.extend(
+            log.append(vec![event_with_id(&id, &json!(i))])
+                .await
+                .unwrap(),
+        );
+        appended.extend(log.append(vec![event(&json!(i))]).await.unwrap());
+    }
+    let before = read_all(&log, 100);
+    log.close().await.unwrap();
+    drop(log);
+    let dir = log_dir(data.path());
+    std::fs::remove_file(dir.join(format!("{:020}.idx", 0))).unwrap();
+    std::fs::remove_file(dir.join(format!("{:020}.ids", 0))).unwrap();
+
+    let log = open(data.path(), 512);
+    assert_eq!(log.recovery().rebuilt_indexes.len(), 1);
+    assert_eq!(read_all(&log, 3), before);
+    for a in &appended {
+        assert_eq!(
+            log.find_id(&a.id).await.unwrap(),
+            Some(a.position),
+            "{}",
+            a.id
+        );
+    }
+}
