@@ -57,6 +57,14 @@ fn open_capturing(data: &Path) -> (Result<Log, StoreError>, String) {
     (result, text)
 }
 
+/// Opens a log that must refuse to open; returns why.
+fn open_err(data: &Path, what: &str) -> StoreError {
+    match Log::open(&log_dir(data), NAMESPACE, &config(data, SEGMENT)) {
+        Ok(_) => panic!("{what}"),
+        Err(e) => e,
+    }
+}
+
 fn flip_byte(file: &Path, offset: u64) {
     let f = OpenOptions::new()
         .read(true)
@@ -157,13 +165,10 @@ async fn damage_before_the_tail_stops_the_open_with_file_and_offset() {
     for (record, byte) in [(2usize, 30u64), (4, 1), (0, 9)] {
         // A flip in the body, in the length word, and in the first byte of a body.
         flip_byte(segment, offsets[record] + byte);
-        let err = Log::open(
-            &log_dir(data.path()),
-            NAMESPACE,
-            &config(data.path(), SEGMENT),
-        )
-        .err()
-        .unwrap_or_else(|| panic!("damage in record {record} was not detected"));
+        let err = open_err(
+            data.path(),
+            &format!("damage in record {record} was not detected"),
+        );
         let message = err.to_string();
         assert!(
             message.contains(&segment.display().to_string()),
@@ -234,13 +239,7 @@ async fn an_interrupted_segment_creation_is_undone() {
 async fn a_log_in_use_cannot_be_opened_twice() {
     let data = tempfile::tempdir().unwrap();
     let _log = open(data.path(), SEGMENT);
-    let err = Log::open(
-        &log_dir(data.path()),
-        NAMESPACE,
-        &config(data.path(), SEGMENT),
-    )
-    .err()
-    .expect("second open refused");
+    let err = open_err(data.path(), "second open refused");
     assert!(err.to_string().contains("in use"), "{err}");
 }
 
@@ -249,13 +248,7 @@ async fn segments_without_metadata_are_refused() {
     let data = tempfile::tempdir().unwrap();
     log_with(data.path(), 2).await;
     std::fs::remove_file(log_dir(data.path()).join("meta.json")).unwrap();
-    let err = Log::open(
-        &log_dir(data.path()),
-        NAMESPACE,
-        &config(data.path(), SEGMENT),
-    )
-    .err()
-    .expect("open refused");
+    let err = open_err(data.path(), "open refused");
     assert!(err.to_string().contains("meta.json"), "{err}");
 }
 

@@ -170,9 +170,16 @@ async fn each_fsync_policy_syncs_when_it_promises() {
 
     // interval: acknowledged before syncing; synced within the interval even when idle.
     let data = tempfile::tempdir().unwrap();
-    let log = open_with(data.path(), FsyncPolicy::Interval(Duration::from_millis(20)));
+    let log = open_with(
+        data.path(),
+        FsyncPolicy::Interval(Duration::from_millis(20)),
+    );
     log.append(vec![event(&json!(1))]).await.unwrap();
-    assert_eq!(log.stats().syncs, 0, "acknowledged without waiting for a sync");
+    assert_eq!(
+        log.stats().syncs,
+        0,
+        "acknowledged without waiting for a sync"
+    );
     let mut waited = Duration::ZERO;
     while log.stats().syncs == 0 {
         assert!(waited < Duration::from_secs(5), "never synced");

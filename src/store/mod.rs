@@ -152,8 +152,9 @@ pub trait EventLog: Send + Sync {
     /// Appends a batch atomically. Client-supplied ids must not exist yet in the log.
     fn append(&self, batch: Vec<PendingEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>>;
 
-    /// Up to `max_events` committed events starting at position `from`, in order; empty if
-    /// `from` is at or past the committed watermark.
+    /// Up to `max_events` committed events starting at position `from`, in order. It may
+    /// return fewer (it stops at a segment's end or after about 1 MiB), but never none
+    /// while `from` is below the committed watermark; at or past it, none.
     fn read(
         &self,
         from: u64,

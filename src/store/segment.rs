@@ -294,29 +294,26 @@ impl Segment {
         Ok(())
     }
 
-    fn log_file(&self) -> Result<LogHandle, StoreError> {
+    /// One of the segment's files: the active segment's open handle, or the file opened
+    /// for this read of a sealed segment.
+    fn file(&self, part: Part) -> Result<Handle, StoreError> {
         if let Some(files) = self.active_files() {
-            return Ok(LogHandle::Shared(files));
+            return Ok(Handle::Active(files, part));
         }
-        let file = File::open(&self.paths.log)
-            .context(|| format!("opening {}", self.paths.log.display()))?;
-        Ok(LogHandle::Owned(file))
-    }
-
-    fn index_file(&self) -> Result<LogHandle, StoreError> {
-        if let Some(files) = self.active_files() {
-            return Ok(LogHandle::SharedIndex(files));
-        }
-        let file = File::open(&self.paths.index)
-            .context(|| format!("opening {}", self.paths.index.display()))?;
-        Ok(LogHandle::Owned(file))
+        let path = match part {
+            Part::Log => &self.paths.log,
+            Part::Index => &self.paths.index,
+        };
+        File::open(path)
+            .map(Handle::Opened)
+            .context(|| format!("opening {}", path.display()))
     }
 
     /// End offsets of records `from - 1 ..= until - 1`, with the header length standing in
     /// for the record before the segment's first: the byte range of events `from..until`
     /// is `ends[0]..ends[until - from]`.
     fn record_bounds(&self, from: u64, until: u64) -> Result<Vec<u64>, StoreError> {
-        let index = self.index_file()?;
+        let index = self.file(Part::Index)?;
         let (first_entry, mut bounds) = if from == self.base {
             (0, vec![LOG_HEADER_LEN])
         } else {
@@ -325,7 +322,7 @@ impl Segment {
         let entries = until - self.base - first_entry;
         let mut raw = vec![0u8; (entries * INDEX_ENTRY_LEN) as usize];
         index
-            .file()
+            .get()
             .read_exact_at(&mut raw, INDEX_HEADER_LEN + first_entry * INDEX_ENTRY_LEN)
             .context(|| format!("reading {}", self.paths.index.display()))?;
         bounds.extend(
@@ -359,8 +356,8 @@ impl Segment {
             ));
         }
         let mut buf = vec![0u8; (end - start) as usize];
-        self.log_file()?
-            .file()
+        self.file(Part::Log)?
+            .get()
             .read_exact_at(&mut buf, start)
             .context(|| format!("reading {}", self.paths.log.display()))?;
 
@@ -424,18 +421,23 @@ impl Segment {
     }
 }
 
-enum LogHandle {
-    Shared(Arc<ActiveFiles>),
-    SharedIndex(Arc<ActiveFiles>),
-    Owned(File),
+#[derive(Clone, Copy)]
+enum Part {
+    Log,
+    Index,
 }
 
-impl LogHandle {
-    fn file(&self) -> &File {
+enum Handle {
+    Active(Arc<ActiveFiles>, Part),
+    Opened(File),
+}
+
+impl Handle {
+    fn get(&self) -> &File {
         match self {
-            LogHandle::Shared(files) => &files.log,
-            LogHandle::SharedIndex(files) => &files.index,
-            LogHandle::Owned(file) => file,
+            Handle::Active(files, Part::Log) => &files.log,
+            Handle::Active(files, Part::Index) => &files.index,
+            Handle::Opened(file) => file,
         }
     }
 }
