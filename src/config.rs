@@ -5,14 +5,21 @@
 //! message naming the setting.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser};
 
-use crate::store::{FsyncPolicy, StoreConfig, DEFAULT_TAIL_BYTES};
+use crate::broker::BrokerConfig;
+use crate::duration::parse_go_duration;
+use crate::store::{FsyncPolicy, StoreConfig};
 
 /// Settings of `bus server`.
 #[derive(Debug, Clone, Args)]
 pub struct ServerConfig {
+    /// Address to listen on (`host:port`; `:2021` means all interfaces).
+    #[arg(long, env = "BUS_ADDR", default_value = "0.0.0.0:2021")]
+    pub addr: String,
+
     /// Data directory; each namespace keeps its log in a subdirectory.
     #[arg(long, env = "BUS_PATH", default_value = "./bus_data")]
     pub path: PathBuf,
@@ -31,15 +38,71 @@ pub struct ServerConfig {
     /// KiB/MiB/GiB suffix).
     #[arg(long, env = "BUS_SEGMENT_SIZE", default_value = "128MiB", value_parser = parse_size)]
     pub segment_size: u64,
+
+    /// Memory each namespace keeps for its most recent events, so that live subscribers
+    /// never read the disk (bytes, or with a KiB/MiB/GiB suffix).
+    #[arg(long, env = "BUS_TAIL_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub tail_size: u64,
+
+    /// Keys remembered per subject to reject duplicate publishes (0 turns it off).
+    #[arg(long, env = "BUS_DUP_SIZE", default_value_t = 1000)]
+    pub dup_size: usize,
+
+    /// How long a key is remembered (a duration like 10m; 0 means until pushed out).
+    #[arg(long, env = "BUS_DUP_TTL", default_value = "0", value_parser = parse_duration)]
+    pub dup_ttl: Duration,
+
+    /// Interval of the `: ping` keep-alive comment on event streams.
+    #[arg(long, env = "BUS_PING_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    pub ping_interval: Duration,
+
+    /// Encrypt data at rest with this secret (not supported yet by this version).
+    #[arg(long, env = "BUS_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+
+    /// Plaintext bytes sealed together when encrypting (used with --secret-key).
+    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = 4096)]
+    pub block_size: usize,
 }
 
 impl ServerConfig {
+    /// Parses server flags as `bus server` would (environment variables included).
+    pub fn from_args<I, T>(args: I) -> Result<ServerConfig, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Command {
+            #[command(flatten)]
+            config: ServerConfig,
+        }
+        let args = std::iter::once(std::ffi::OsString::from("bus-server"))
+            .chain(args.into_iter().map(Into::into));
+        Command::try_parse_from(args).map(|c| c.config)
+    }
+
     pub fn store_config(&self) -> StoreConfig {
         StoreConfig {
             path: self.path.clone(),
             segment_size: self.segment_size,
             fsync: self.fsync,
-            tail_bytes: DEFAULT_TAIL_BYTES,
+            tail_bytes: usize::try_from(self.tail_size).unwrap_or(usize::MAX),
+        }
+    }
+
+    pub fn broker_config(&self) -> BrokerConfig {
+        BrokerConfig {
+            dup_size: self.dup_size,
+            dup_ttl: (!self.dup_ttl.is_zero()).then_some(self.dup_ttl),
+        }
+    }
+
+    /// The listening address with Go's `:port` shorthand expanded.
+    pub fn listen_addr(&self) -> String {
+        match self.addr.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}"),
+            None => self.addr.clone(),
         }
     }
 
@@ -50,6 +113,18 @@ impl ServerConfig {
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
             .collect()
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_go_duration(text).map_err(|e| e.to_string())
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_go_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 

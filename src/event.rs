@@ -13,6 +13,8 @@
 //! travel unescaped in SSE `id:` lines, `Last-Event-ID` headers and query strings, and
 //! acks require the `e_` prefix.
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 
 use crate::timestamp::{Timestamp, FORMATTED_LEN};
@@ -50,6 +52,8 @@ pub struct PendingEvent {
     pub(crate) created_at: Option<Timestamp>,
     /// The JSON members between `id` and `created_at`, each preceded by a comma.
     members: Bytes,
+    /// Where the members are in `members` (see [`JsonLayout`]; `id` is unused).
+    members_layout: JsonLayout,
     /// `,"payload":<json>` or empty.
     payload_member: Bytes,
 }
@@ -60,16 +64,19 @@ impl PendingEvent {
             validate_client_id(id)?;
         }
         let mut members = Vec::with_capacity(
-            32 + draft.subject.len()
+            64 + draft.subject.len()
                 + draft.trace_id.len()
                 + draft.key.len()
                 + draft.response_subject.len(),
         );
-        push_member(&mut members, "trace_id", draft.trace_id);
-        push_member(&mut members, "key", draft.key);
+        let trace_id = push_member(&mut members, "trace_id", draft.trace_id);
+        let key = push_member(&mut members, "key", draft.key);
         members.extend_from_slice(b",\"subject\":");
+        let subject_start = members.len() + 1;
         push_json_string(&mut members, draft.subject);
-        push_member(&mut members, "response_subject", draft.response_subject);
+        let subject = subject_start..members.len() - 1;
+        let response_subject =
+            push_member(&mut members, "response_subject", draft.response_subject);
         let payload_member = match draft.payload {
             Some(payload) => {
                 let mut member = Vec::with_capacity(payload.len() + 11);
@@ -83,6 +90,14 @@ impl PendingEvent {
             id: draft.id.map(Box::from),
             created_at: draft.created_at,
             members: Bytes::from(members),
+            members_layout: JsonLayout {
+                id: 0..0,
+                trace_id,
+                key,
+                subject,
+                response_subject,
+                created_at: 0..0,
+            },
             payload_member,
         })
     }
@@ -97,25 +112,45 @@ impl PendingEvent {
         self.members.len() + self.payload_member.len() + MAX_ID_LEN + FORMATTED_LEN + 64
     }
 
-    /// Appends the event's compact JSON to `out`.
+    /// Appends the event's compact JSON to `out` and returns its layout (relative to the
+    /// JSON's first byte). `index` is the position, or -1 for events that are not stored
+    /// (inbox subjects).
     pub(crate) fn write_json(
         &self,
         out: &mut Vec<u8>,
         id: &str,
         created_at: &[u8; FORMATTED_LEN],
-        index: u64,
-    ) {
+        index: i64,
+    ) -> JsonLayout {
+        const ID_START: usize = b"{\"id\":\"".len();
+        let json_start = out.len();
         out.extend_from_slice(b"{\"id\":\"");
         out.extend_from_slice(id.as_bytes());
         out.push(b'"');
         out.extend_from_slice(&self.members);
         out.extend_from_slice(b",\"created_at\":\"");
+        let created_at_start = out.len() - json_start;
         out.extend_from_slice(created_at);
         out.push(b'"');
         out.extend_from_slice(&self.payload_member);
         out.extend_from_slice(b",\"index\":");
-        push_decimal(out, index);
+        if index < 0 {
+            out.push(b'-');
+        }
+        push_decimal(out, index.unsigned_abs());
         out.push(b'}');
+
+        let members_start = ID_START + id.len() + 1;
+        let shift = |r: &Range<usize>| r.start + members_start..r.end + members_start;
+        let m = &self.members_layout;
+        JsonLayout {
+            id: ID_START..ID_START + id.len(),
+            trace_id: m.trace_id.as_ref().map(shift),
+            key: m.key.as_ref().map(shift),
+            subject: shift(&m.subject),
+            response_subject: m.response_subject.as_ref().map(shift),
+            created_at: created_at_start..created_at_start + FORMATTED_LEN,
+        }
     }
 }
 
@@ -132,13 +167,6 @@ pub fn validate_client_id(id: &str) -> Result<(), EventError> {
     } else {
         Err(EventError::InvalidId(id.to_owned()))
     }
-}
-
-/// The id of a stored event, read from the front of its JSON (`{"id":"…"`).
-pub fn id_of_json(json: &[u8]) -> Option<&str> {
-    let rest = json.strip_prefix(b"{\"id\":\"")?;
-    let end = rest.iter().position(|&b| b == b'"')?;
-    std::str::from_utf8(&rest[..end]).ok()
 }
 
 const FRAME_ID: &[u8] = b"id: ";
@@ -159,6 +187,108 @@ pub fn push_sse_frame(out: &mut BytesMut, id: &str, json: &[u8]) {
     out.extend_from_slice(FRAME_END);
 }
 
+/// Where the members of a stored event's JSON are, as byte ranges of the JSON. `id`,
+/// `subject` and `created_at` (which never need escapes) are given without quotes; the
+/// other strings as raw JSON strings, quotes included (they may contain escapes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonLayout {
+    pub id: Range<usize>,
+    pub trace_id: Option<Range<usize>>,
+    pub key: Option<Range<usize>>,
+    pub subject: Range<usize>,
+    pub response_subject: Option<Range<usize>>,
+    /// The RFC 3339 text, without quotes.
+    pub created_at: Range<usize>,
+}
+
+impl JsonLayout {
+    /// Reads the layout of JSON written by [`PendingEvent::write_json`] (it relies on the
+    /// fixed member order, it is not a JSON parser).
+    pub fn parse(json: &[u8]) -> Option<JsonLayout> {
+        let mut at = b"{\"id\":".len();
+        if !json.starts_with(b"{\"id\":\"") {
+            return None;
+        }
+        let id = unescaped_string(json, at)?;
+        at = id.end + 1;
+        let member = |name: &[u8], at: &mut usize| -> Option<Option<Range<usize>>> {
+            let rest = json.get(*at..)?;
+            if rest.first() == Some(&b',')
+                && rest.get(1) == Some(&b'"')
+                && rest[2..].starts_with(name)
+                && rest.get(2 + name.len()..4 + name.len()) == Some(b"\":")
+            {
+                let start = *at + 4 + name.len();
+                let end = string_end(json, start)?;
+                *at = end;
+                return Some(Some(start..end));
+            }
+            Some(None)
+        };
+        let trace_id = member(b"trace_id", &mut at)?;
+        let key = member(b"key", &mut at)?;
+        let subject = member(b"subject", &mut at)??;
+        let subject = subject.start + 1..subject.end - 1;
+        let response_subject = member(b"response_subject", &mut at)?;
+        let created_at = member(b"created_at", &mut at)??;
+        Some(JsonLayout {
+            id: id.start..id.end,
+            trace_id,
+            key,
+            subject,
+            response_subject,
+            created_at: created_at.start + 1..created_at.end - 1,
+        })
+    }
+}
+
+/// The end (exclusive, after the closing quote) of the JSON string starting at `start`.
+fn string_end(json: &[u8], start: usize) -> Option<usize> {
+    if json.get(start) != Some(&b'"') {
+        return None;
+    }
+    let mut i = start + 1;
+    loop {
+        match json.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// The contents of a JSON string without escapes starting at `start` (its opening quote).
+fn unescaped_string(json: &[u8], start: usize) -> Option<Range<usize>> {
+    let end = string_end(json, start)?;
+    let inner = start + 1..end - 1;
+    (!json[inner.clone()].contains(&b'\\')).then_some(inner)
+}
+
+/// The id of a stored event, read from the front of its JSON (`{"id":"…"`).
+pub fn id_of_json(json: &[u8]) -> Option<&str> {
+    let id = unescaped_string(json, b"{\"id\":".len())?;
+    std::str::from_utf8(&json[id]).ok()
+}
+
+/// Cuts a buffer of consecutive frames into events: `spans` gives each event's position,
+/// where its frame starts and its JSON layout, in buffer order.
+pub(crate) fn split_frames(
+    frames: Bytes,
+    spans: Vec<(u64, usize, JsonLayout)>,
+) -> Vec<StoredEvent> {
+    let mut events = Vec::with_capacity(spans.len());
+    let mut spans = spans.into_iter().peekable();
+    while let Some((position, start, layout)) = spans.next() {
+        let end = spans.peek().map_or(frames.len(), |next| next.1);
+        events.push(StoredEvent::new(
+            position,
+            frames.slice(start..end),
+            &layout,
+        ));
+    }
+    events
+}
+
 /// A stored event in both wire forms, sharing one buffer: the SSE frame, and the JSON as
 /// a slice of it. Cloning is cheap (reference counted).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,16 +296,21 @@ pub struct StoredEvent {
     position: u64,
     frame: Bytes,
     id_len: u16,
+    /// Where the subject is in the frame.
+    subject_start: u32,
+    subject_len: u16,
 }
 
 impl StoredEvent {
-    /// Wraps a frame written by [`push_sse_frame`] for an id of `id_len` bytes.
-    pub(crate) fn from_frame(position: u64, frame: Bytes, id_len: usize) -> StoredEvent {
-        debug_assert!(id_len <= MAX_ID_LEN);
+    /// Wraps a frame written by [`push_sse_frame`], given the layout of its JSON.
+    pub(crate) fn new(position: u64, frame: Bytes, layout: &JsonLayout) -> StoredEvent {
+        let json_start = FRAME_ID.len() + layout.id.len() + FRAME_DATA.len();
         StoredEvent {
             position,
             frame,
-            id_len: id_len as u16,
+            id_len: layout.id.len() as u16,
+            subject_start: (json_start + layout.subject.start) as u32,
+            subject_len: layout.subject.len() as u16,
         }
     }
 
@@ -190,6 +325,13 @@ impl StoredEvent {
         std::str::from_utf8(id).unwrap_or_default()
     }
 
+    pub fn subject(&self) -> &str {
+        let start = self.subject_start as usize;
+        let subject = &self.frame[start..start + usize::from(self.subject_len)];
+        // Subjects are validated ASCII.
+        std::str::from_utf8(subject).unwrap_or_default()
+    }
+
     /// The event's compact JSON, exactly as stored.
     pub fn json(&self) -> Bytes {
         let start = FRAME_ID.len() + usize::from(self.id_len) + FRAME_DATA.len();
@@ -202,14 +344,42 @@ impl StoredEvent {
     }
 }
 
-fn push_member(out: &mut Vec<u8>, name: &str, value: &str) {
+/// Appends `,"name":"value"` unless `value` is empty; returns where the string literal
+/// (quotes included) is.
+fn push_member(out: &mut Vec<u8>, name: &str, value: &str) -> Option<Range<usize>> {
     if value.is_empty() {
-        return;
+        return None;
     }
     out.extend_from_slice(b",\"");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\":");
+    let start = out.len();
     push_json_string(out, value);
+    Some(start..out.len())
+}
+
+/// The compact form of valid JSON text: insignificant whitespace removed, everything else
+/// (numbers, escapes, member order) byte for byte as given.
+pub fn compact_json(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    out
 }
 
 /// Appends `value` as a JSON string literal.
@@ -260,11 +430,16 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
 mod tests {
     use super::*;
 
-    fn encode(draft: &EventDraft<'_>, id: &str, index: u64) -> String {
+    fn encode(draft: &EventDraft<'_>, id: &str, index: i64) -> String {
         let pending = PendingEvent::new(draft).unwrap();
         let created = Timestamp::from_unix_nanos(1_700_000_000_123_456_789).format();
         let mut out = Vec::new();
-        pending.write_json(&mut out, id, &created, index);
+        let layout = pending.write_json(&mut out, id, &created, index);
+        assert_eq!(
+            JsonLayout::parse(&out),
+            Some(layout),
+            "written and parsed layouts agree"
+        );
         String::from_utf8(out).unwrap()
     }
 
@@ -324,18 +499,85 @@ mod tests {
     }
 
     #[test]
-    fn stored_event_exposes_frame_json_and_id() {
-        let json = br#"{"id":"e_9","subject":"a.b","index":3}"#;
-        let mut buf = BytesMut::new();
-        push_sse_frame(&mut buf, "e_9", json);
-        assert_eq!(buf.len(), sse_frame_len("e_9", json));
-        let event = StoredEvent::from_frame(3, buf.freeze(), 3);
-        assert_eq!(event.id(), "e_9");
-        assert_eq!(&event.json()[..], json);
-        assert_eq!(
-            &event.sse_frame()[..],
-            b"id: e_9\nevent: msg\ndata: {\"id\":\"e_9\",\"subject\":\"a.b\",\"index\":3}\n\n"
+    fn stored_event_exposes_frame_json_id_and_subject() {
+        let json = encode(
+            &EventDraft {
+                subject: "a.b",
+                trace_id: "t",
+                ..Default::default()
+            },
+            "e_9",
+            3,
         );
+        let layout = JsonLayout::parse(json.as_bytes()).unwrap();
+        let mut buf = BytesMut::new();
+        push_sse_frame(&mut buf, "e_9", json.as_bytes());
+        assert_eq!(buf.len(), sse_frame_len("e_9", json.as_bytes()));
+        let event = StoredEvent::new(3, buf.freeze(), &layout);
+        assert_eq!(event.id(), "e_9");
+        assert_eq!(event.subject(), "a.b");
+        assert_eq!(event.json(), json.as_bytes());
+        assert_eq!(
+            event.sse_frame(),
+            format!("id: e_9\nevent: msg\ndata: {json}\n\n").as_bytes()
+        );
+    }
+
+    #[test]
+    fn layout_finds_every_member_even_with_escapes() {
+        let json = encode(
+            &EventDraft {
+                subject: "orders.eu.created",
+                trace_id: "t\",\"key\":\"fake",
+                key: "k\\\"",
+                response_subject: "_bus_.r1",
+                payload: Some(br#"{"subject":"not.this"}"#),
+                ..Default::default()
+            },
+            "e_1",
+            -1,
+        );
+        assert!(json.ends_with(r#","index":-1}"#), "{json}");
+        let layout = JsonLayout::parse(json.as_bytes()).unwrap();
+        let b = json.as_bytes();
+        assert_eq!(&b[layout.id.clone()], b"e_1");
+        assert_eq!(&b[layout.subject.clone()], b"orders.eu.created");
+        let key: String = serde_json::from_slice(&b[layout.key.clone().unwrap()]).unwrap();
+        assert_eq!(key, "k\\\"");
+        let trace: String = serde_json::from_slice(&b[layout.trace_id.clone().unwrap()]).unwrap();
+        assert_eq!(trace, "t\",\"key\":\"fake");
+        assert_eq!(
+            &b[layout.response_subject.clone().unwrap()],
+            br#""_bus_.r1""#
+        );
+        let minimal = encode(
+            &EventDraft {
+                subject: "a.b",
+                ..Default::default()
+            },
+            "e_2",
+            0,
+        );
+        let layout = JsonLayout::parse(minimal.as_bytes()).unwrap();
+        assert_eq!(
+            (layout.trace_id, layout.key, layout.response_subject),
+            (None, None, None)
+        );
+        assert_eq!(
+            JsonLayout::parse(b"{\"id\":\"e_1\",\"subject\":\"a.b\"}"),
+            None
+        );
+        assert_eq!(JsonLayout::parse(b"[]"), None);
+    }
+
+    #[test]
+    fn compaction_keeps_strings_and_drops_layout() {
+        let pretty = b"{\n  \"a\" : [ 1, 2.50 ,\"x y\\\" \\\\\" ],\r\n\t\"b\": { } }";
+        assert_eq!(
+            compact_json(pretty),
+            br#"{"a":[1,2.50,"x y\" \\"],"b":{}}"#.to_vec()
+        );
+        assert_eq!(compact_json(b" \"\\u00e9\\n\" "), br#""\u00e9\n""#.to_vec());
     }
 
     #[test]

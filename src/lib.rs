@@ -10,12 +10,19 @@
 //! - [`store`]: the durable per-namespace logs (segments, indexes, group commit, recovery).
 //! - [`event`]: the stored and streamed forms of an event; [`timestamp`] and [`duration`]
 //!   the time formats of the wire contract.
+//! - [`subject`]: subjects and subscription patterns.
+//! - [`broker`]: publish, subscribe, manual acks, inboxes and deduplication on the logs.
+//! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle.
 //! - [`config`]: server settings from flags and `BUS_*` environment variables.
 //! - [`cli`]: the `bus` subcommands.
 
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod duration;
 pub mod event;
+pub mod http;
+pub mod server;
 pub mod store;
+pub mod subject;
 pub mod timestamp;

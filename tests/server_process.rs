@@ -1,72 +1,20 @@
-//! `bus server` as a process: it opens every declared namespace, stops cleanly on SIGTERM
-//! and SIGINT (exit 0, logs marked cleanly closed), reads its settings from flags and
-//! `BUS_*` variables, and refuses bad settings with a message naming them.
+//! `bus server` as a process: it stops cleanly on SIGTERM and SIGINT (exit 0, logs marked
+//! cleanly closed) even with a thousand open streams, keeps everything across a restart,
+//! reads its settings from flags and `BUS_*` variables, refuses bad settings with a
+//! message naming them, and refuses a second server on the same directory.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-fn bus() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_bus"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("BUS_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-/// Starts the server and waits until it says it is ready; returns its stderr lines.
-fn start(mut command: Command) -> (Child, mpsc::Receiver<String>) {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line.contains("bus server started") => return (child, rx),
-            Ok(_) => {}
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("server did not start: {e}");
-            }
-        }
-    }
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    for _ in 0..200 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    child.kill().unwrap();
-    panic!("server did not exit within 5 s");
-}
+use common::process::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
 
 fn clean_end(data: &Path, namespace: &str) -> Option<u64> {
     let text = std::fs::read_to_string(data.join(namespace).join("meta.json")).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let meta: Value = serde_json::from_str(&text).unwrap();
     meta["clean_end"].as_u64()
 }
 
@@ -74,19 +22,16 @@ fn clean_end(data: &Path, namespace: &str) -> Option<u64> {
 fn sigterm_and_sigint_stop_the_server_cleanly() {
     let data = tempfile::tempdir().unwrap();
     for signal_name in ["TERM", "INT"] {
-        let mut command = bus();
-        command.args(["server", "--namespaces", "app,orders", "--path"]);
-        command.arg(data.path());
-        let (mut child, lines) = start(command);
+        let mut server = ServerProcess::start_on(data.path(), &["--namespaces", "app,orders"]);
         assert_eq!(
             clean_end(data.path(), "app"),
             None,
             "marked open while running"
         );
-        signal(&child, signal_name);
-        let status = wait_exit(&mut child);
+        server.signal(signal_name);
+        let status = server.wait_exit(Duration::from_secs(10));
         assert!(status.success(), "SIG{signal_name}: exit status {status}");
-        let log: Vec<String> = lines.try_iter().collect();
+        let log = server.logged();
         assert!(
             log.iter().any(|l| l.contains("bus server stopped")),
             "{log:?}"
@@ -97,6 +42,175 @@ fn sigterm_and_sigint_stop_the_server_cleanly() {
     }
 }
 
+/// Reads `n` events from a fresh `start=oldest` subscription: (id, JSON) pairs.
+async fn read_events(
+    client: &reqwest::Client,
+    url: &str,
+    pattern: &str,
+    n: usize,
+) -> Vec<(String, Value)> {
+    let response = client
+        .get(format!("{url}?subject={pattern}&start=oldest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("events arrive")
+            .expect("stream open")
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let mut id = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    events.push((
+                        id.take().expect("id before data"),
+                        serde_json::from_str(v).unwrap(),
+                    ));
+                }
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_a_restart_with_the_same_ids_and_order() {
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
+    let mut published = Vec::new();
+    for i in 0..20 {
+        let body = json!({"subject": format!("app.s{}", i % 3), "trace_id": format!("t{i}"), "payload": {"i": i, "s": "héllo"}});
+        let response = client
+            .post(&server.url)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        published.push(
+            response.headers()["x-bus-event-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let before = read_events(&client, &server.url, "app.>", 20).await;
+    let mut server = server;
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+
+    let server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
+    let after = read_events(&client, &server.url, "app.>", 20).await;
+    assert_eq!(before, after, "same ids, order and payloads");
+    let ids: Vec<&String> = after.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, published.iter().collect::<Vec<_>>());
+
+    // New events get new ids and come after the old ones.
+    let response = client
+        .post(&server.url)
+        .body(json!({"subject": "app.s0", "payload": "new"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let new_id = response.headers()["x-bus-event-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!published.contains(&new_id));
+    assert_eq!(response.headers()["x-bus-event-index"], "20");
+    let all = read_events(&client, &server.url, "app.>", 21).await;
+    assert_eq!(all[..20], after[..]);
+    assert_eq!(all[20].0, new_id);
+    // Resuming from an id of the previous run works too.
+    let resumed = client
+        .get(format!(
+            "{}?subject=app.>&start={}",
+            server.url, published[18]
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resumed.bytes_stream();
+    let chunk = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&chunk).contains(&published[19]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_thousand_open_streams_exits_promptly() {
+    const STREAMS: usize = 1000;
+    raise_open_file_limit();
+    let data = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut streams = Vec::with_capacity(STREAMS);
+    for i in 0..STREAMS {
+        let query = match i % 3 {
+            0 => "subject=app.>".to_owned(),
+            1 => "subject=app.x&ack=manual".to_owned(),
+            _ => format!("subject=_bus_.i{i}"),
+        };
+        let response = client
+            .get(format!("{}?{query}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        streams.push(response.bytes_stream());
+    }
+    // One event reaches the wildcard streams: they are really open.
+    let response = client
+        .post(&server.url)
+        .body(json!({"subject": "app.x"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let first = tokio::time::timeout(Duration::from_secs(10), streams[0].next())
+        .await
+        .unwrap();
+    assert!(first.is_some());
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(10));
+        (status, server.logged())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success(),
+        "exit status {}: {:?}",
+        status.0,
+        status.1
+    );
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // Every stream ended (cleanly or by the connection closing), none hangs.
+    for mut stream in streams {
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "a stream stayed open after shutdown");
+    }
+    assert_eq!(clean_end(data.path(), "app"), Some(1));
+}
+
 #[test]
 fn settings_come_from_the_environment_and_flags_win() {
     let data = tempfile::tempdir().unwrap();
@@ -105,25 +219,35 @@ fn settings_come_from_the_environment_and_flags_win() {
     let mut command = bus();
     command
         .args(["server"])
+        .env("BUS_ADDR", "127.0.0.1:0")
         .env("BUS_PATH", &env_path)
         .env("BUS_NAMESPACES", "alpha,beta")
         .env("BUS_FSYNC", "interval=50ms")
-        .env("BUS_SEGMENT_SIZE", "1MiB");
-    let (mut child, _) = start(command);
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child).success());
+        .env("BUS_SEGMENT_SIZE", "1MiB")
+        .env("BUS_DUP_SIZE", "10")
+        .env("BUS_DUP_TTL", "1m")
+        .env("BUS_PING_INTERVAL", "10s")
+        .env("BUS_LOG_LEVEL", "DEBUG");
+    let mut server = ServerProcess::start(command);
+    assert!(
+        server.url.starts_with("http://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
     assert!(env_path.join("alpha").join("meta.json").exists());
     assert!(env_path.join("beta").join("meta.json").exists());
 
     let mut command = bus();
     command
-        .args(["server", "--path"])
+        .args(["server", "--addr", "127.0.0.1:0", "--path"])
         .arg(&flag_path)
         .env("BUS_PATH", &env_path)
         .env("BUS_NAMESPACES", "gamma");
-    let (mut child, _) = start(command);
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child).success());
+    let mut server = ServerProcess::start(command);
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
     assert!(flag_path.join("gamma").join("meta.json").exists());
     assert!(!env_path.join("gamma").exists());
 }
@@ -144,11 +268,28 @@ fn bad_settings_are_refused_with_a_clear_message() {
         (&["server", "--namespaces", "_bus_"], "reserved"),
         (&["server", "--namespaces", "a.b"], "invalid namespace"),
         (&["server", "--namespaces", "app,app"], "declared twice"),
+        (&["server", "--namespaces", " , "], "no namespaces"),
+        (
+            &["server", "--namespaces", "app", "--dup-ttl", "soon"],
+            "invalid duration",
+        ),
+        (
+            &["server", "--namespaces", "app", "--ping-interval", "0s"],
+            "greater than zero",
+        ),
+        (
+            &["server", "--namespaces", "app", "--secret-key", "k"],
+            "not supported",
+        ),
+        (
+            &["server", "--namespaces", "app", "--addr", "nowhere:99999"],
+            "listening on",
+        ),
     ];
     for (args, expected) in cases {
         let output = bus()
             .args(*args)
-            .arg("--path")
+            .args(["--path"])
             .arg(data.path())
             .output()
             .unwrap();
@@ -169,18 +310,21 @@ fn bad_settings_are_refused_with_a_clear_message() {
 #[test]
 fn a_second_server_on_the_same_directory_is_refused() {
     let data = tempfile::tempdir().unwrap();
-    let mut command = bus();
-    command
-        .args(["server", "--namespaces", "app", "--path"])
-        .arg(data.path());
-    let (mut first, _) = start(command);
+    let mut first = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
     let output = bus()
-        .args(["server", "--namespaces", "app", "--path"])
+        .args([
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--namespaces",
+            "app",
+            "--path",
+        ])
         .arg(data.path())
         .output()
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
-    signal(&first, "TERM");
-    assert!(wait_exit(&mut first).success());
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
 }

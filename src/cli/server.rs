@@ -1,50 +1,45 @@
-//! `bus server`: opens every declared namespace's log and serves until SIGINT or SIGTERM,
-//! then commits what is queued, syncs, and exits 0.
+//! `bus server`: serves until SIGINT or SIGTERM, then shuts down cleanly (see
+//! [`crate::server`]) and exits 0.
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::ServerConfig;
-use crate::store::Store;
 
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
-    let namespaces = config.namespaces();
-    if namespaces.is_empty() {
-        anyhow::bail!(
-            "no namespaces declared: pass --namespaces or set BUS_NAMESPACES (e.g. app,orders)"
-        );
-    }
-    // Listen for signals before the (possibly slow) open, so none is missed.
+    // Listen for signals before the (possibly slow) start, so none is missed.
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-
-    let store_config = config.store_config();
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_config, &namespaces))
-        .await
-        .context("opening the store")?
-        .with_context(|| format!("opening the data directory {}", config.path.display()))?;
-    for log in store.logs() {
-        let recovery = log.recovery();
-        tracing::info!(
-            namespace = log.namespace(),
-            events = recovery.events,
-            segments = recovery.segments,
-            clean_shutdown = recovery.clean_shutdown,
-            "namespace opened"
-        );
-    }
-    tracing::info!(
-        path = %config.path.display(),
-        fsync = %config.fsync,
-        "bus server started"
-    );
-
+    raise_open_file_limit();
+    let server = crate::server::start(&config).await?;
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = interrupt.recv() => tracing::info!("SIGINT received, shutting down"),
     }
-    store.close().await.context("closing the store")?;
+    server.shutdown().await?;
     tracing::info!("bus server stopped");
     Ok(())
+}
+
+/// Every connection and segment file takes a file descriptor, and the usual soft limit
+/// (1024) is far below what a server with many subscribers needs: raise it to the hard
+/// limit the system allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "open-file limit raised");
+    } else {
+        tracing::warn!("could not raise the open-file limit; many connections may be refused");
+    }
 }

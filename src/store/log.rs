@@ -63,6 +63,8 @@ pub struct LogStats {
     pub groups: u64,
     /// `fdatasync` calls.
     pub syncs: u64,
+    /// Reads served from the segment files rather than the in-memory tail.
+    pub disk_reads: u64,
 }
 
 /// State shared by the readers and the writer thread.
@@ -79,6 +81,8 @@ pub(crate) struct Shared {
     pub groups: AtomicU64,
     /// `fdatasync` calls on segment files since the log was opened.
     pub syncs: AtomicU64,
+    /// Reads that went to the segment files.
+    disk_reads: AtomicU64,
 }
 
 impl Shared {
@@ -128,6 +132,7 @@ impl Shared {
         if end <= from {
             return Ok(Vec::new());
         }
+        self.disk_reads.fetch_add(1, Ordering::Relaxed);
         segment.read(from, end, READ_CHUNK_BYTES)
     }
 
@@ -258,6 +263,7 @@ impl Log {
             watermark,
             groups: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            disk_reads: AtomicU64::new(0),
         });
         let (commands, writer) =
             writer::start(Arc::clone(&shared), meta, config, active_files, lock)?;
@@ -306,6 +312,7 @@ impl Log {
             events: self.committed(),
             groups: self.shared.groups.load(Ordering::Relaxed),
             syncs: self.shared.syncs.load(Ordering::Relaxed),
+            disk_reads: self.shared.disk_reads.load(Ordering::Relaxed),
         }
     }
 

@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use super::error::{IoContext, StoreError};
 use super::ids;
 use super::meta::sync_dir;
-use crate::event::{self, StoredEvent};
+use crate::event::{self, JsonLayout, StoredEvent};
 
 pub const LOG_HEADER_LEN: u64 = 24;
 pub const INDEX_HEADER_LEN: u64 = 16;
@@ -379,23 +379,15 @@ impl Segment {
                 return Err(damaged("record length disagrees with the index"));
             }
             let json = &record[RECORD_HEADER_LEN as usize..];
-            let id = event::id_of_json(json).ok_or_else(|| damaged("record is not an event"))?;
+            let layout =
+                JsonLayout::parse(json).ok_or_else(|| damaged("record is not an event"))?;
+            let id = std::str::from_utf8(&json[layout.id.clone()])
+                .map_err(|_| damaged("record is not an event"))?;
             let frame_start = frames.len();
             event::push_sse_frame(&mut frames, id, json);
-            spans.push((from + i as u64, frame_start, id.len()));
+            spans.push((from + i as u64, frame_start, layout));
         }
-        let frames = frames.freeze();
-        let mut events = Vec::with_capacity(spans.len());
-        let mut spans = spans.into_iter().peekable();
-        while let Some((position, frame_start, id_len)) = spans.next() {
-            let frame_end = spans.peek().map_or(frames.len(), |next| next.1);
-            events.push(StoredEvent::from_frame(
-                position,
-                frames.slice(frame_start..frame_end),
-                id_len,
-            ));
-        }
-        Ok(events)
+        Ok(event::split_frames(frames.freeze(), spans))
     }
 
     /// Positions of events whose client-supplied id hashes to `hash` (to be confirmed by

@@ -66,10 +66,12 @@ mod tests {
 
     fn event(position: u64) -> StoredEvent {
         let id = format!("e_{position:04}");
-        let json = format!(r#"{{"id":"{id}","index":{position}}}"#);
+        let json =
+            format!(r#"{{"id":"{id}","subject":"a.b","created_at":"x","index":{position}}}"#);
+        let layout = crate::event::JsonLayout::parse(json.as_bytes()).unwrap();
         let mut buf = BytesMut::new();
         crate::event::push_sse_frame(&mut buf, &id, json.as_bytes());
-        StoredEvent::from_frame(position, buf.freeze(), id.len())
+        StoredEvent::new(position, buf.freeze(), &layout)
     }
 
     #[test]

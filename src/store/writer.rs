@@ -41,7 +41,7 @@ use super::log::Shared;
 use super::meta::Meta;
 use super::segment::{self, ActiveFiles, Segment, LOG_HEADER_LEN, RECORD_HEADER_LEN};
 use super::{ids, Appended, FsyncPolicy, StoreConfig};
-use crate::event::{self, PendingEvent, StoredEvent};
+use crate::event::{self, JsonLayout, PendingEvent};
 use crate::timestamp::Timestamp;
 
 /// Commands waiting for the writer before `append` calls wait for room.
@@ -270,8 +270,8 @@ impl Writer {
         self.records.clear();
         self.index.clear();
         let mut frames = BytesMut::new();
-        // (position, start of its frame, id length) per event of the group.
-        let mut spans: Vec<(u64, usize, usize)> = Vec::new();
+        // (position, start of its frame, layout of its JSON) per event of the group.
+        let mut spans: Vec<(u64, usize, JsonLayout)> = Vec::new();
         let mut client_ids: Vec<(u64, u64)> = Vec::new();
         let mut claimed: HashSet<Box<str>> = HashSet::new();
         let mut accepted: Vec<(Reply, Vec<Appended>)> = Vec::with_capacity(group.len());
@@ -300,14 +300,15 @@ impl Writer {
                     None => created_text,
                 };
                 let start = segment::begin_record(&mut self.records);
-                pending.write_json(&mut self.records, &id, &created_at_text, position);
+                let layout =
+                    pending.write_json(&mut self.records, &id, &created_at_text, position as i64);
                 segment::finish_record(&mut self.records, start, i < last);
                 let end = self.log_len + self.records.len() as u64;
                 self.index.extend_from_slice(&end.to_le_bytes());
 
                 let json = &self.records[start + RECORD_HEADER_LEN as usize..];
                 frames.reserve(event::sse_frame_len(&id, json));
-                spans.push((position, frames.len(), id.len()));
+                spans.push((position, frames.len(), layout));
                 event::push_sse_frame(&mut frames, &id, json);
                 appended.push(Appended {
                     position,
@@ -346,16 +347,7 @@ impl Writer {
         self.count += added;
         self.log_len += self.records.len() as u64;
         self.active.add_committed(added, client_ids);
-        let frames = frames.freeze();
-        let mut events = Vec::with_capacity(spans.len());
-        for (i, &(position, start, id_len)) in spans.iter().enumerate() {
-            let end = spans.get(i + 1).map_or(frames.len(), |next| next.1);
-            events.push(StoredEvent::from_frame(
-                position,
-                frames.slice(start..end),
-                id_len,
-            ));
-        }
+        let events = event::split_frames(frames.freeze(), spans);
         if let Ok(mut tail) = self.shared.tail.write() {
             tail.extend(events);
         }

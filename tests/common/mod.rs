@@ -1,5 +1,9 @@
-//! Helpers shared by the storage tests: opening logs and making and reading events.
+//! Helpers shared by the integration tests: opening logs and making and reading events
+//! ([`http`]: servers, publishing and event streams over HTTP).
 #![allow(dead_code)]
+
+pub mod http;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,60 @@
+//! Routing of acknowledgements (`PUT /`) to the manual-ack subscriptions waiting for them.
+//!
+//! A manual-ack subscription registers its consumer id while it is open. An ack for an
+//! unknown consumer, or for an event the consumer is not waiting for, is accepted and
+//! ignored: acks that arrive after a redelivery or after the consumer left are normal.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+/// Acks a consumer may have queued before further ones are dropped (a consumer waits for
+/// one event at a time, so only a misbehaving client gets near this).
+const ACK_QUEUE: usize = 64;
+
+type Consumers = HashMap<String, mpsc::Sender<String>>;
+
+#[derive(Default)]
+pub struct Acks {
+    consumers: Arc<Mutex<Consumers>>,
+}
+
+/// The acks addressed to one consumer; dropping it unregisters the consumer.
+pub struct AckReceiver {
+    pub acks: mpsc::Receiver<String>,
+    consumers: Arc<Mutex<Consumers>>,
+    consumer_id: String,
+}
+
+impl Drop for AckReceiver {
+    fn drop(&mut self) {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.consumer_id);
+    }
+}
+
+impl Acks {
+    pub fn register(&self, consumer_id: &str) -> AckReceiver {
+        let (sender, acks) = mpsc::channel(ACK_QUEUE);
+        self.consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(consumer_id.to_owned(), sender);
+        AckReceiver {
+            acks,
+            consumers: Arc::clone(&self.consumers),
+            consumer_id: consumer_id.to_owned(),
+        }
+    }
+
+    /// Passes an ack to its consumer, if that consumer is connected.
+    pub fn ack(&self, consumer_id: &str, event_id: &str) -> bool {
+        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers
+            .get(consumer_id)
+            .is_some_and(|sender| sender.try_send(event_id.to_owned()).is_ok())
+    }
+}

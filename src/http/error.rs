@@ -1,0 +1,78 @@
+//! Turning failures into HTTP responses: a status code and a plain-text body that says
+//! what to fix. The Go SDK uses the body as its error message, so it is one sentence.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::broker::PublishError;
+use crate::store::StoreError;
+
+/// A plain-text error response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = self.message;
+        body.push('\n');
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> ApiError {
+        match error {
+            PublishError::Invalid(message) => ApiError::bad_request(message),
+            PublishError::Duplicate(message) => ApiError {
+                status: StatusCode::CONFLICT,
+                message,
+            },
+            PublishError::Storage(error) => storage_error(&error),
+        }
+    }
+}
+
+/// A storage failure: 507 when the disk is full (the client may retry later), 503 when
+/// the log is closing or halted, 500 otherwise. The details are logged, not sent.
+fn storage_error(error: &StoreError) -> ApiError {
+    tracing::error!(error = %error, "publish failed in the storage layer");
+    let (status, message) = match error {
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "the server's disk is full; the events were not stored",
+        ),
+        StoreError::Closed(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down; the events were not stored",
+        ),
+        StoreError::Halted { .. } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server stopped storing events after a storage failure and must be restarted (see its log)",
+        ),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storing the events failed (see the server's log)",
+        ),
+    };
+    ApiError {
+        status,
+        message: message.to_owned(),
+    }
+}

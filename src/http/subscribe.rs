@@ -1,0 +1,177 @@
+//! `GET /`: subscribe with Server-Sent Events.
+//!
+//! Parameters (`subject`, `start`, `ack`, `redelivery`, `redelivery_count`) follow the
+//! reference server; an empty value, and `0`/`0s` for `redelivery`, mean the default, as
+//! the Go SDK sends every parameter whether set or not. A value that cannot be parsed is a
+//! 400 that names it. A `Last-Event-ID` header (browsers send it when they reconnect)
+//! overrides `start`.
+//!
+//! The response head (with `X-BUS-CONSUMER-ID`) is sent at once; then events as
+//! `id:`/`event: msg`/`data:` frames, a `: ping` comment every ping interval, and, if the
+//! subscription cannot go on (an unknown start id), one `event: error` frame before the
+//! stream ends. Shutting the server down ends every stream cleanly.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use futures_util::{stream, StreamExt};
+
+use super::error::ApiError;
+use super::{AppState, HEADER_CONSUMER_ID};
+use crate::broker::{
+    AckMode, Delivery, Start, SubscribeRequest, DEFAULT_REDELIVERY, DEFAULT_REDELIVERY_COUNT,
+};
+use crate::duration::parse_go_duration;
+use crate::event::validate_client_id;
+use crate::subject::Pattern;
+
+const PING: &[u8] = b": ping\n\n";
+
+/// Reads the subscription request from the query string and headers.
+pub fn parse_request(
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<SubscribeRequest, ApiError> {
+    let param = |name: &str| query.get(name).map(|v| v.trim()).unwrap_or("");
+    let subject = param("subject");
+    if subject.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing subject: subscribe with ?subject=<pattern>, e.g. ?subject=orders.>",
+        ));
+    }
+    let pattern = Pattern::parse(subject).map_err(|e| ApiError::bad_request(e.to_string()))?;
+
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    let start = match (last_event_id, param("start")) {
+        (Some(id), _) => Start::After(event_id(id, "Last-Event-ID")?),
+        (None, "" | "newest") => Start::Newest,
+        (None, "oldest") => Start::Oldest,
+        (None, id) => Start::After(event_id(id, "start")?),
+    };
+
+    // Parsed whatever the ack mode, so that a typo never goes unnoticed.
+    let redelivery = match param("redelivery") {
+        "" => DEFAULT_REDELIVERY,
+        text => match parse_go_duration(text) {
+            Ok(d) if d.is_zero() => DEFAULT_REDELIVERY,
+            Ok(d) => d,
+            Err(e) => return Err(ApiError::bad_request(format!("redelivery: {e}"))),
+        },
+    };
+    let redelivery_count = match param("redelivery_count") {
+        "" => DEFAULT_REDELIVERY_COUNT,
+        text => text.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "redelivery_count: {text:?} is not an integer (<= 0 means unlimited)"
+            ))
+        })?,
+    };
+    let ack = match param("ack") {
+        "" | "none" => AckMode::None,
+        "manual" => AckMode::Manual {
+            redelivery,
+            max_deliveries: (redelivery_count > 0)
+                .then(|| u32::try_from(redelivery_count).unwrap_or(u32::MAX)),
+        },
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "ack: {other:?} is not an ack mode; use none or manual"
+            )))
+        }
+    };
+    Ok(SubscribeRequest {
+        pattern,
+        start,
+        ack,
+    })
+}
+
+fn event_id(text: &str, what: &str) -> Result<String, ApiError> {
+    validate_client_id(text)
+        .map(|()| text.to_owned())
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "{what}: {text:?} is neither oldest, newest nor an event id (e_…)"
+            ))
+        })
+}
+
+pub async fn subscribe(
+    State(app): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let request = match parse_request(&query, &headers) {
+        Ok(request) => request,
+        Err(e) => return e.into_response(),
+    };
+    let subscription = match app.broker.subscribe(request) {
+        Ok(subscription) => subscription,
+        Err(message) => return ApiError::bad_request(message).into_response(),
+    };
+
+    let frames = subscription.deliveries.map(|delivery| match delivery {
+        Delivery::Events(events) => {
+            let len = events.iter().map(|e| e.sse_frame().len()).sum();
+            if let [one] = events.as_slice() {
+                return one.sse_frame().clone();
+            }
+            let mut buf = BytesMut::with_capacity(len);
+            for event in &events {
+                buf.extend_from_slice(event.sse_frame());
+            }
+            buf.freeze()
+        }
+        Delivery::Error(message) => error_frame(&message),
+    });
+    let pings = ping_stream(app.ping_interval);
+    let mut shutdown = app.shutdown.clone();
+    let body = stream::select(frames, pings)
+        .take_until(async move {
+            let _ = shutdown.wait_for(|down| *down).await;
+        })
+        .map(Ok::<Bytes, std::convert::Infallible>);
+
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    if let Ok(id) = HeaderValue::from_str(&subscription.consumer_id) {
+        headers.insert(HEADER_CONSUMER_ID, id);
+    }
+    response
+}
+
+/// `event: error` with the message on one `data:` line.
+fn error_frame(message: &str) -> Bytes {
+    let line: String = message
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
+    Bytes::from(format!("event: error\ndata: {line}\n\n"))
+}
+
+/// A `: ping` comment every `every` (the first after one interval).
+fn ping_stream(every: Duration) -> impl futures_util::Stream<Item = Bytes> {
+    stream::unfold(
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every),
+        |mut interval| async move {
+            interval.tick().await;
+            Some((Bytes::from_static(PING), interval))
+        },
+    )
+}

@@ -1,0 +1,128 @@
+//! The server's lifecycle: open the store, build the broker, listen, and shut down in the
+//! right order.
+//!
+//! Shutting down: stop accepting connections and end every event stream at once, let
+//! requests in flight finish (publishes get their answer), then commit, sync and close
+//! every log. Connections that do not finish within [`SHUTDOWN_GRACE`] (a client that
+//! stopped reading, say) are dropped, so the server always exits promptly.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::config::ServerConfig;
+use crate::http::{self, AppState};
+use crate::store::Store;
+
+/// How long shutting down waits for open connections to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    addr: SocketAddr,
+    store: Arc<Store>,
+    broker: Arc<Broker>,
+    shutdown: watch::Sender<bool>,
+    serving: JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the data directory and starts serving.
+pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
+    let namespaces = config.namespaces();
+    if namespaces.is_empty() {
+        bail!("no namespaces declared: pass --namespaces or set BUS_NAMESPACES (e.g. app,orders)");
+    }
+    if config.secret_key.as_deref().is_some_and(|k| !k.is_empty()) {
+        bail!("encryption at rest (--secret-key / BUS_SECRET_KEY) is not supported by this version yet; start without it");
+    }
+    let store_config = config.store_config();
+    let broker_config = config.broker_config();
+    let (store, broker) = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&store_config, &namespaces)?;
+        let broker = Broker::new(store.logs().cloned(), &broker_config);
+        anyhow::Ok((store, broker))
+    })
+    .await
+    .context("opening the store")?
+    .with_context(|| format!("opening the data directory {}", config.path.display()))?;
+    for log in store.logs() {
+        let recovery = log.recovery();
+        tracing::info!(
+            namespace = log.namespace(),
+            events = recovery.events,
+            segments = recovery.segments,
+            clean_shutdown = recovery.clean_shutdown,
+            "namespace opened"
+        );
+    }
+    let store = Arc::new(store);
+    let broker = Arc::new(broker);
+
+    let listen = config.listen_addr();
+    let listener = match TcpListener::bind(&listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = store.close().await;
+            return Err(e).with_context(|| format!("listening on {listen}"));
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let state = AppState {
+        broker: Arc::clone(&broker),
+        ping_interval: config.ping_interval,
+        shutdown: shutdown_rx.clone(),
+    };
+    let mut stop_accepting = shutdown_rx;
+    let serving = tokio::spawn(
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop_accepting.wait_for(|down| *down).await;
+            })
+            .into_future(),
+    );
+    tracing::info!(%addr, path = %config.path.display(), fsync = %config.fsync, "bus server listening");
+    Ok(RunningServer {
+        addr,
+        store,
+        broker,
+        shutdown,
+        serving,
+    })
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stops serving and closes the store (see the module docs).
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.broker.shut_down();
+        self.shutdown.send_replace(true);
+        let mut serving = self.serving;
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server task failed"),
+            Err(_) => {
+                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                serving.abort();
+            }
+        }
+        self.store.close().await.context("closing the store")
+    }
+}

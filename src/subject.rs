@@ -1,0 +1,237 @@
+//! Subjects and subscription patterns: parsing, validation and matching.
+//!
+//! A subject is dot-separated segments, `orders.eu.created`; the first segment is the
+//! namespace (the log the event goes to). A segment is one or more letters, digits, `_` or
+//! `-`; a subject has at least two segments. A pattern is a subject in which a whole
+//! segment after the namespace may be `*` (exactly one segment) or, as the last segment,
+//! `>` (one or more segments). `_bus_.…` subjects are in-memory inboxes: they are
+//! published to and subscribed to by exact name only.
+//!
+//! Errors are sentences meant for the person who wrote the subject.
+
+use std::fmt;
+
+/// The namespace of in-memory inbox subjects.
+pub const INBOX_NAMESPACE: &str = "_bus_";
+
+/// Why a subject or pattern is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid subject {subject:?}: {reason}")]
+pub struct SubjectError {
+    pub subject: String,
+    pub reason: &'static str,
+}
+
+/// A subject events can be published to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject<'a> {
+    text: &'a str,
+}
+
+impl<'a> Subject<'a> {
+    pub fn parse(text: &'a str) -> Result<Subject<'a>, SubjectError> {
+        check(text, false)?;
+        Ok(Subject { text })
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.text
+    }
+
+    pub fn namespace(&self) -> &'a str {
+        namespace_of(self.text)
+    }
+
+    /// Whether this is an in-memory inbox subject (`_bus_.…`).
+    pub fn is_inbox(&self) -> bool {
+        self.namespace() == INBOX_NAMESPACE
+    }
+}
+
+/// A subscription pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    text: String,
+    /// True when the pattern has no wildcard: matching is string equality.
+    exact: bool,
+}
+
+impl Pattern {
+    pub fn parse(text: &str) -> Result<Pattern, SubjectError> {
+        check(text, true)?;
+        let exact = !text.split('.').any(|s| s == "*" || s == ">");
+        if !exact && namespace_of(text) == INBOX_NAMESPACE {
+            return Err(error(
+                text,
+                "inbox subjects (_bus_.…) are subscribed to by exact name, without wildcards",
+            ));
+        }
+        Ok(Pattern {
+            text: text.to_owned(),
+            exact,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn namespace(&self) -> &str {
+        namespace_of(&self.text)
+    }
+
+    pub fn is_inbox(&self) -> bool {
+        self.namespace() == INBOX_NAMESPACE
+    }
+
+    /// Whether `subject` (a valid subject) matches this pattern.
+    pub fn matches(&self, subject: &str) -> bool {
+        if self.exact {
+            return self.text == subject;
+        }
+        let mut subject_segments = subject.split('.');
+        for segment in self.text.split('.') {
+            match segment {
+                ">" => return subject_segments.next().is_some(),
+                "*" => {
+                    if subject_segments.next().is_none() {
+                        return false;
+                    }
+                }
+                literal => {
+                    if subject_segments.next() != Some(literal) {
+                        return false;
+                    }
+                }
+            }
+        }
+        subject_segments.next().is_none()
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn namespace_of(text: &str) -> &str {
+    text.split('.').next().unwrap_or(text)
+}
+
+fn error(text: &str, reason: &'static str) -> SubjectError {
+    SubjectError {
+        subject: text.to_owned(),
+        reason,
+    }
+}
+
+fn is_segment_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+fn check(text: &str, wildcards: bool) -> Result<(), SubjectError> {
+    if text.is_empty() {
+        return Err(error(text, "it is empty"));
+    }
+    if text.starts_with('.') || text.ends_with('.') {
+        return Err(error(text, "it starts or ends with a dot"));
+    }
+    let segments: Vec<&str> = text.split('.').collect();
+    if segments.len() < 2 {
+        return Err(error(
+            text,
+            "it needs a namespace and at least one more segment, like orders.created",
+        ));
+    }
+    let last = segments.len() - 1;
+    for (i, segment) in segments.iter().enumerate() {
+        if segment.is_empty() {
+            return Err(error(text, "it has an empty segment (two dots in a row)"));
+        }
+        if *segment == "*" || *segment == ">" {
+            if !wildcards {
+                return Err(error(
+                    text,
+                    "wildcards (* and >) are for subscribing, not publishing",
+                ));
+            }
+            if i == 0 {
+                return Err(error(
+                    text,
+                    "the namespace (first segment) cannot be a wildcard",
+                ));
+            }
+            if *segment == ">" && i != last {
+                return Err(error(text, "> may only be the last segment"));
+            }
+            continue;
+        }
+        if segment.contains(['*', '>']) {
+            return Err(error(
+                text,
+                "* and > must stand alone in a segment (a.* is valid, a.b* is not)",
+            ));
+        }
+        if !segment.chars().all(is_segment_char) {
+            return Err(error(
+                text,
+                "segments may contain only letters, digits, '_' and '-'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(pattern: &str, subject: &str) -> bool {
+        Pattern::parse(pattern).unwrap().matches(subject)
+    }
+
+    #[test]
+    fn valid_and_invalid_subjects() {
+        for good in ["a.b", "orders.eu-1.created", "a_b.c-d.E9", "_bus_.abc"] {
+            assert!(Subject::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "a", ".a.b", "a.b.", "a..b", "a.b c", "a.b\n", "a.*", "a.>", "a.b*", "a.é", "a.b/c",
+        ] {
+            assert!(Subject::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(Subject::parse("orders.x").unwrap().namespace(), "orders");
+        assert!(Subject::parse("_bus_.x").unwrap().is_inbox());
+    }
+
+    #[test]
+    fn valid_and_invalid_patterns() {
+        for good in ["a.*", "a.>", "a.*.c", "a.*.>", "a.b", "_bus_.x"] {
+            assert!(Pattern::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "*.a", ">.a", "a.>.b", "a.b*", "a.**", "a.*b", "a", "a..*", "_bus_.*", "_bus_.>", "*",
+        ] {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn wildcard_semantics() {
+        assert!(matches("a.*", "a.b"));
+        assert!(!matches("a.*", "a.b.c"));
+        assert!(!matches("a.*", "b.c"));
+        assert!(matches("a.>", "a.b"));
+        assert!(matches("a.>", "a.b.c"));
+        assert!(!matches("a.>", "b.b"));
+        assert!(matches("a.*.c", "a.x.c"));
+        assert!(!matches("a.*.c", "a.x.d"));
+        assert!(!matches("a.*.c", "a.x.c.d"));
+        assert!(matches("a.*.>", "a.x.y.z"));
+        assert!(!matches("a.*.>", "a.x"));
+        assert!(matches("a.b", "a.b"));
+        assert!(!matches("a.b", "a.bc"));
+        assert!(!matches("a.b", "a.b.c"));
+    }
+}

@@ -1,0 +1,239 @@
+//! Helpers for tests that talk to a real server over HTTP: start one on 127.0.0.1:0 in
+//! this process, publish, and read Server-Sent Events the way a client does.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bus::config::ServerConfig;
+use bus::server::RunningServer;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+/// A server on a fresh data directory (or a given one), listening on 127.0.0.1:0.
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    /// `args` are `bus server` flags besides `--addr`; `--namespaces` defaults to
+    /// `app,orders`.
+    pub async fn start(data: &std::path::Path, args: &[&str]) -> TestServer {
+        let mut all = vec![
+            "--addr".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--path".to_owned(),
+            data.display().to_string(),
+        ];
+        if !args.contains(&"--namespaces") {
+            all.extend(["--namespaces".to_owned(), "app,orders".to_owned()]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let config = ServerConfig::from_args(all).expect("valid flags");
+        let server = bus::server::start(&config).await.expect("server starts");
+        let url = format!("http://{}/", server.local_addr());
+        TestServer {
+            server: Some(server),
+            url,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    /// POSTs a raw body.
+    pub async fn post(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// Publishes a JSON value; panics unless it is accepted. Returns the event id.
+    pub async fn publish(&self, event: &Value) -> Published {
+        let response = self.post(event.to_string()).await;
+        let status = response.status();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let published = Published {
+            id: header("x-bus-event-id"),
+            created_at: header("x-bus-event-created-at"),
+            index: header("x-bus-event-index").parse().unwrap_or(i64::MIN),
+        };
+        assert_eq!(
+            status,
+            202,
+            "publish {event}: {}",
+            response.text().await.unwrap()
+        );
+        published
+    }
+
+    /// Opens an event stream with this query string (without the leading `?`).
+    pub async fn subscribe(&self, query: &str) -> Sse {
+        self.subscribe_with(query, &[]).await
+    }
+
+    pub async fn subscribe_with(&self, query: &str, headers: &[(&str, &str)]) -> Sse {
+        let mut request = self.client.get(format!("{}?{query}", self.url));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = tokio::time::timeout(Duration::from_secs(5), request.send())
+            .await
+            .expect("the response head arrives without waiting for events")
+            .expect("GET");
+        assert_eq!(response.status(), 200, "subscribe {query}");
+        Sse::new(response)
+    }
+
+    pub async fn ack(&self, consumer_id: &str, event_id: &str) -> reqwest::StatusCode {
+        self.client
+            .put(format!(
+                "{}?consumer_id={consumer_id}&event_id={event_id}",
+                self.url
+            ))
+            .send()
+            .await
+            .expect("PUT")
+            .status()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub id: String,
+    pub created_at: String,
+    pub index: i64,
+}
+
+/// One SSE frame: its fields, or a comment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Frame {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: Vec<String>,
+    pub comments: Vec<String>,
+}
+
+impl Frame {
+    pub fn json(&self) -> Value {
+        assert_eq!(self.data.len(), 1, "one data line per event: {self:?}");
+        serde_json::from_str(&self.data[0]).expect("data is JSON")
+    }
+}
+
+/// An open event stream, read frame by frame.
+pub struct Sse {
+    pub consumer_id: String,
+    pub content_type: String,
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: Vec<u8>,
+    /// Every byte received, for checks on the exact wire format.
+    pub raw: Vec<u8>,
+}
+
+impl Sse {
+    fn new(response: reqwest::Response) -> Sse {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        Sse {
+            consumer_id: header("x-bus-consumer-id"),
+            content_type: header("content-type"),
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// The next frame (events, errors and comments alike), or `None` when the stream
+    /// ends or nothing arrives within `wait`.
+    pub async fn next_frame(&mut self, wait: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = find(&self.buffer, b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                return Some(parse_frame(&block[..end]));
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    self.raw.extend_from_slice(&chunk);
+                    self.buffer.extend_from_slice(&chunk);
+                }
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next event or error frame, skipping comments (pings).
+    pub async fn next(&mut self, wait: Duration) -> Option<Frame> {
+        loop {
+            let frame = self.next_frame(wait).await?;
+            if frame.event.is_some() || !frame.data.is_empty() {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// The next `n` events; panics if one does not come within 10 s.
+    pub async fn take(&mut self, n: usize) -> Vec<Frame> {
+        let mut frames = Vec::with_capacity(n);
+        for i in 0..n {
+            let frame = self
+                .next(Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("event {i} of {n} did not arrive"));
+            assert_eq!(frame.event.as_deref(), Some("msg"), "{frame:?}");
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Asserts that no event arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Some(frame) = self.next(wait).await {
+            panic!("unexpected frame {frame:?}");
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_frame(block: &[u8]) -> Frame {
+    let text = std::str::from_utf8(block).expect("SSE is UTF-8");
+    let mut frame = Frame::default();
+    for line in text.split('\n') {
+        if let Some(comment) = line.strip_prefix(':') {
+            frame.comments.push(comment.trim_start().to_owned());
+        } else if let Some(id) = line.strip_prefix("id: ") {
+            frame.id = Some(id.to_owned());
+        } else if let Some(event) = line.strip_prefix("event: ") {
+            frame.event = Some(event.to_owned());
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            frame.data.push(data.to_owned());
+        } else {
+            panic!("unexpected SSE line {line:?}");
+        }
+    }
+    frame
+}

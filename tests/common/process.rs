@@ -1,0 +1,130 @@
+//! Helpers for tests that run `bus server` as a real process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `bus` binary, with no `BUS_*` variable inherited from the test's environment.
+pub fn bus() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bus"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("BUS_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// A running `bus server` process.
+pub struct ServerProcess {
+    pub child: Child,
+    /// `http://127.0.0.1:<port>/`
+    pub url: String,
+    /// What the server logged after it started.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Starts `bus server` with `args` (add `--addr 127.0.0.1:0` unless an address is
+    /// given) and waits until it listens.
+    pub fn start(mut command: Command) -> ServerProcess {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bus");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            match log.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.contains("bus server listening") => {
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|field| field.strip_prefix("addr="))
+                        .expect("the listening line names the address")
+                        .to_owned();
+                    return ServerProcess {
+                        child,
+                        url: format!("http://{addr}/"),
+                        log,
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("server did not start: {e}");
+                }
+            }
+        }
+    }
+
+    /// `bus server --addr 127.0.0.1:0 --path <data> <args…>`
+    pub fn start_on(data: &Path, args: &[&str]) -> ServerProcess {
+        let mut command = bus();
+        command.args(["server", "--addr", "127.0.0.1:0", "--path"]);
+        command.arg(data);
+        command.args(args);
+        ServerProcess::start(command)
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; kills it and panics after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("server did not exit within {limit:?}");
+    }
+
+    /// Lines logged since the last call.
+    pub fn logged(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit (tests with many connections).
+pub fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

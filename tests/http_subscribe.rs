@@ -1,0 +1,418 @@
+//! `GET /` over real HTTP: patterns, start positions, `Last-Event-ID`, the SSE wire
+//! format, keep-alive pings, catching up to live under concurrent publishing without a
+//! gap or a duplicate, slow readers, and streams ending cleanly at shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::http::*;
+use serde_json::{json, Value};
+
+async fn server_with(args: &[&str]) -> (tempfile::TempDir, TestServer) {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(data.path(), args).await;
+    (data, server)
+}
+
+fn subjects(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f.json()["subject"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_match_exactly_what_they_should() {
+    let (_data, mut server) = server_with(&[]).await;
+    let published = [
+        "app.a",
+        "app.b",
+        "app.a.b",
+        "app.a.b.c",
+        "app.x.b",
+        "app.ab",
+        "orders.a",
+    ];
+    for subject in published {
+        server.publish(&json!({"subject": subject})).await;
+    }
+    let cases: &[(&str, &[&str])] = &[
+        ("app.a", &["app.a"]),
+        ("app.*", &["app.a", "app.b", "app.ab"]),
+        (
+            "app.>",
+            &[
+                "app.a",
+                "app.b",
+                "app.a.b",
+                "app.a.b.c",
+                "app.x.b",
+                "app.ab",
+            ],
+        ),
+        ("app.*.b", &["app.a.b", "app.x.b"]),
+        ("app.a.>", &["app.a.b", "app.a.b.c"]),
+        ("app.*.>", &["app.a.b", "app.a.b.c", "app.x.b"]),
+        ("app.*.*", &["app.a.b", "app.x.b"]),
+        ("orders.*", &["orders.a"]),
+        ("app.nothing", &[]),
+    ];
+    for (pattern, expected) in cases {
+        let mut sse = server
+            .subscribe(&format!("subject={pattern}&start=oldest"))
+            .await;
+        let frames = sse.take(expected.len()).await;
+        assert_eq!(subjects(&frames), *expected, "pattern {pattern}");
+        sse.expect_silence(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_subscriptions_are_400() {
+    let (_data, mut server) = server_with(&[]).await;
+    let cases = [
+        ("", "subject"),
+        ("subject=", "subject"),
+        ("start=oldest", "subject"),
+        ("subject=app", "subject"),
+        ("subject=*.a", "namespace"),
+        ("subject=app.>.a", ">"),
+        ("subject=app.b*", "alone"),
+        ("subject=app.**", "alone"),
+        ("subject=billing.a", "billing"),
+        ("subject=app.a&start=yesterday", "start"),
+        ("subject=app.a&ack=sometimes", "ack"),
+        ("subject=app.a&redelivery=soon", "redelivery"),
+        ("subject=app.a&redelivery=-1s", "redelivery"),
+        ("subject=app.a&redelivery_count=many", "redelivery_count"),
+    ];
+    for (query, expected) in cases {
+        let response = server
+            .client
+            .get(format!("{}?{query}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains(expected),
+            "{query}: {text:?} should mention {expected:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_oldest_newest_and_after_an_id() {
+    let (_data, mut server) = server_with(&[]).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            server
+                .publish(&json!({"subject": "app.s", "payload": i}))
+                .await
+                .id,
+        );
+    }
+
+    let mut oldest = server.subscribe("subject=app.s&start=oldest").await;
+    let mut newest = server.subscribe("subject=app.s&start=newest").await;
+    let mut default = server.subscribe("subject=app.s").await;
+    let mut after = server
+        .subscribe(&format!("subject=app.s&start={}", ids[2]))
+        .await;
+    assert_eq!(oldest.content_type, "text/event-stream");
+    assert!(
+        oldest.consumer_id.starts_with("c_"),
+        "{}",
+        oldest.consumer_id
+    );
+    assert_ne!(oldest.consumer_id, newest.consumer_id);
+
+    let payloads = |frames: Vec<Frame>| -> Vec<Value> {
+        frames.iter().map(|f| f.json()["payload"].clone()).collect()
+    };
+    assert_eq!(payloads(oldest.take(5).await), [0, 1, 2, 3, 4]);
+    assert_eq!(
+        payloads(after.take(2).await),
+        [3, 4],
+        "strictly after the id"
+    );
+    newest.expect_silence(Duration::from_millis(200)).await;
+    default.expect_silence(Duration::from_millis(10)).await;
+
+    server
+        .publish(&json!({"subject": "app.s", "payload": 5}))
+        .await;
+    for sse in [&mut oldest, &mut newest, &mut default, &mut after] {
+        assert_eq!(payloads(sse.take(1).await), [5]);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_start_id_is_an_error_event_then_the_end() {
+    let (_data, mut server) = server_with(&[]).await;
+    server.publish(&json!({"subject": "app.s"})).await;
+    for id in ["e_cn0vq1g2ps3c73b6vvqg", "e_0000000000000000000z"] {
+        let mut sse = server.subscribe(&format!("subject=app.s&start={id}")).await;
+        let frame = sse
+            .next(Duration::from_secs(5))
+            .await
+            .expect("an error frame");
+        assert_eq!(frame.event.as_deref(), Some("error"), "{frame:?}");
+        assert_eq!(frame.data.len(), 1);
+        assert!(frame.data[0].contains(id), "{frame:?}");
+        assert!(
+            sse.next_frame(Duration::from_secs(5)).await.is_none(),
+            "the stream ends after the error"
+        );
+        assert!(String::from_utf8_lossy(&sse.raw).starts_with("event: error\ndata: "));
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_resumes_strictly_after_and_overrides_start() {
+    let (_data, mut server) = server_with(&[]).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            server
+                .publish(&json!({"subject": "app.r", "payload": i}))
+                .await
+                .id,
+        );
+    }
+    // A browser reconnecting after event 3 sends Last-Event-ID; `start` is whatever the
+    // page's URL said.
+    let mut sse = server
+        .subscribe_with("subject=app.r&start=oldest", &[("Last-Event-ID", &ids[3])])
+        .await;
+    let frames = sse.take(2).await;
+    assert_eq!(frames[0].id.as_deref(), Some(ids[4].as_str()));
+    assert_eq!(frames[1].id.as_deref(), Some(ids[5].as_str()));
+    sse.expect_silence(Duration::from_millis(200)).await;
+
+    let mut sse = server
+        .subscribe_with("subject=app.r&start=newest", &[("Last-Event-ID", &ids[0])])
+        .await;
+    assert_eq!(sse.take(5).await.len(), 5);
+
+    let mut sse = server
+        .subscribe_with(
+            "subject=app.r",
+            &[("Last-Event-ID", "e_cn0vq1g2ps3c73b6vvqg")],
+        )
+        .await;
+    let frame = sse.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(frame.event.as_deref(), Some("error"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_sdk_style_empty_parameters_mean_the_defaults() {
+    let (_data, mut server) = server_with(&[]).await;
+    server
+        .publish(&json!({"subject": "app.g", "payload": 1}))
+        .await;
+    // Start defaults to newest: the existing event is not delivered, the next one is.
+    let mut sse = server
+        .subscribe("subject=app.g&start=&ack=&redelivery=0s&redelivery_count=")
+        .await;
+    sse.expect_silence(Duration::from_millis(200)).await;
+    server
+        .publish(&json!({"subject": "app.g", "payload": 2}))
+        .await;
+    assert_eq!(sse.take(1).await[0].json()["payload"], 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_format_is_exact_and_pings_keep_the_stream_alive() {
+    let (_data, mut server) = server_with(&["--ping-interval", "150ms"]).await;
+    let mut sse = server.subscribe("subject=app.w").await;
+    let ping = sse
+        .next_frame(Duration::from_secs(5))
+        .await
+        .expect("a ping");
+    assert_eq!(ping.comments, vec!["ping"]);
+    assert_eq!(&sse.raw[..8], b": ping\n\n");
+
+    let published = server
+        .publish(&json!({"subject": "app.w", "payload": [1]}))
+        .await;
+    let frame = sse.next(Duration::from_secs(5)).await.unwrap();
+    let text = String::from_utf8(sse.raw.clone()).unwrap();
+    let data = &frame.data[0];
+    let expected = format!("id: {}\nevent: msg\ndata: {data}\n\n", published.id);
+    assert!(text.contains(&expected), "{text:?}");
+    assert_eq!(
+        data,
+        &format!(
+            "{{\"id\":\"{}\",\"subject\":\"app.w\",\"created_at\":\"{}\",\"payload\":[1],\"index\":0}}",
+            published.id, published.created_at
+        )
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_see_the_same_order() {
+    let (_data, mut server) = server_with(&[]).await;
+    let mut a = server.subscribe("subject=app.>").await;
+    let mut b = server.subscribe("subject=app.>").await;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let client = server.client.clone();
+        let url = server.url.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let body = json!({"subject": format!("app.t{t}"), "payload": i}).to_string();
+                assert_eq!(
+                    client.post(&url).body(body).send().await.unwrap().status(),
+                    202
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let order =
+        |frames: Vec<Frame>| -> Vec<String> { frames.into_iter().map(|f| f.id.unwrap()).collect() };
+    assert_eq!(order(a.take(200).await), order(b.take(200).await));
+    server.stop().await;
+}
+
+/// 8 publishers × 500 events while 3 subscribers connect mid-stream: each sees every event
+/// from its start on exactly once, in log order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_to_live_has_no_gap_and_no_duplicate() {
+    const PUBLISHERS: usize = 8;
+    const EACH: usize = 500;
+    const TOTAL: usize = PUBLISHERS * EACH;
+    let (_data, mut server) = server_with(&[]).await;
+
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let client = server.client.clone();
+        let url = server.url.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let body = json!({"subject": format!("app.p{p}"), "payload": {"p": p, "i": i}});
+                let response = client
+                    .post(&url)
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202);
+            }
+        }));
+    }
+
+    // Connect while publishing is under way: from the oldest event, then (once 100
+    // events are in) from "now" and from an id the first subscriber saw.
+    let mut from_oldest = server.subscribe("subject=app.>&start=oldest").await;
+    let first = from_oldest.take(100).await;
+    let mut from_now = server.subscribe("subject=app.>").await;
+    let start_id = first[99].id.clone().unwrap();
+    let mut from_id = server
+        .subscribe(&format!("subject=app.>&start={start_id}"))
+        .await;
+
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+
+    let check = |label: &str, frames: &[Frame], first_index: i64| {
+        let mut expected = first_index;
+        for frame in frames {
+            let index = frame.json()["index"].as_i64().unwrap();
+            assert_eq!(index, expected, "{label}: gap or duplicate");
+            expected += 1;
+        }
+        assert_eq!(expected, TOTAL as i64, "{label}: reached the last event");
+    };
+    let mut all = first;
+    all.extend(from_oldest.take(TOTAL - 100).await);
+    check("oldest", &all, 0);
+    from_oldest.expect_silence(Duration::from_millis(100)).await;
+
+    let after_id = from_id.take(TOTAL - 100).await;
+    check("after id", &after_id, 100);
+
+    // The "now" subscriber starts wherever the log was when it connected.
+    let first_now = from_now.next(Duration::from_secs(10)).await.unwrap();
+    let start = first_now.json()["index"].as_i64().unwrap();
+    let mut now = vec![first_now];
+    now.extend(from_now.take(TOTAL - 1 - start as usize).await);
+    check("newest", &now, start);
+
+    // Every publisher's events are in its order.
+    let mut last = [-1i64; PUBLISHERS];
+    for frame in &all {
+        let p = &frame.json()["payload"];
+        let (p, i) = (p["p"].as_u64().unwrap() as usize, p["i"].as_i64().unwrap());
+        assert_eq!(i, last[p] + 1);
+        last[p] = i;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_catches_up_from_disk() {
+    // A tiny in-memory tail: most of what the slow reader missed is only on disk.
+    let (_data, mut server) =
+        server_with(&["--tail-size", "8KiB", "--segment-size", "64KiB"]).await;
+    let mut slow = server.subscribe("subject=app.>").await;
+    let mut fast = server.subscribe("subject=app.>").await;
+    for b in 0..20 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| json!({"subject": "app.bulk", "payload": {"n": b * 100 + i, "pad": "x".repeat(100)}}))
+            .collect();
+        assert_eq!(
+            server.post(Value::Array(batch).to_string()).await.status(),
+            202
+        );
+        if b % 5 == 0 {
+            // The fast reader keeps up meanwhile.
+            let _ = fast.take(100).await;
+        }
+    }
+    let all = slow.take(2000).await;
+    for (n, frame) in all.iter().enumerate() {
+        assert_eq!(frame.json()["payload"]["n"], n);
+    }
+    let store = server.server.as_ref().unwrap().store();
+    let stats = store.log("app").unwrap().stats();
+    assert!(
+        stats.disk_reads > 0,
+        "events older than the tail came from disk: {stats:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_streams_cleanly() {
+    let (_data, mut server) = server_with(&[]).await;
+    let mut streams = Vec::new();
+    for query in [
+        "subject=app.>",
+        "subject=app.x&ack=manual",
+        "subject=_bus_.inbox1",
+    ] {
+        streams.push(server.subscribe(query).await);
+    }
+    server.stop().await;
+    for mut sse in streams {
+        assert!(
+            sse.next_frame(Duration::from_secs(5)).await.is_none(),
+            "the stream ended"
+        );
+    }
+}
