@@ -108,15 +108,7 @@ async fn bad_subscriptions_are_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_oldest_newest_and_after_an_id() {
     let (_data, mut server) = server_with(&[]).await;
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        ids.push(
-            server
-                .publish(&json!({"subject": "app.s", "payload": i}))
-                .await
-                .id,
-        );
-    }
+    let ids = server.publish_numbered("app.s", 5).await;
 
     let mut oldest = server.subscribe("subject=app.s&start=oldest").await;
     let mut newest = server.subscribe("subject=app.s&start=newest").await;
@@ -178,15 +170,7 @@ async fn an_unknown_start_id_is_an_error_event_then_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_event_id_resumes_strictly_after_and_overrides_start() {
     let (_data, mut server) = server_with(&[]).await;
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        ids.push(
-            server
-                .publish(&json!({"subject": "app.r", "payload": i}))
-                .await
-                .id,
-        );
-    }
+    let ids = server.publish_numbered("app.r", 6).await;
     // A browser reconnecting after event 3 sends Last-Event-ID; `start` is whatever the
     // page's URL said.
     let mut sse = server

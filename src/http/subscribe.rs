@@ -114,10 +114,12 @@ pub async fn subscribe(
         Ok(request) => request,
         Err(e) => return e.into_response(),
     };
+    let pattern = request.pattern.to_string();
     let subscription = match app.broker.subscribe(request) {
         Ok(subscription) => subscription,
         Err(message) => return ApiError::bad_request(message).into_response(),
     };
+    let lifetime = StreamLifetime::new(&subscription.consumer_id, &pattern);
 
     let frames = subscription.deliveries.map(|delivery| match delivery {
         Delivery::Events(events) => {
@@ -139,7 +141,10 @@ pub async fn subscribe(
         .take_until(async move {
             let _ = shutdown.wait_for(|down| *down).await;
         })
-        .map(Ok::<Bytes, std::convert::Infallible>);
+        .map(move |frame| {
+            let _ = &lifetime; // lives as long as the stream
+            Ok::<Bytes, std::convert::Infallible>(frame)
+        });
 
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = StatusCode::OK;
@@ -154,6 +159,24 @@ pub async fn subscribe(
         headers.insert(HEADER_CONSUMER_ID, id);
     }
     response
+}
+
+/// Logs when a subscription's stream opens and when it is dropped (the client left, or
+/// the server shut down), with the consumer id.
+struct StreamLifetime(tracing::Span);
+
+impl StreamLifetime {
+    fn new(consumer_id: &str, pattern: &str) -> StreamLifetime {
+        let span = tracing::debug_span!("subscription", consumer_id, subject = pattern);
+        tracing::debug!(parent: &span, "stream opened");
+        StreamLifetime(span)
+    }
+}
+
+impl Drop for StreamLifetime {
+    fn drop(&mut self) {
+        tracing::debug!(parent: &self.0, "stream closed");
+    }
 }
 
 /// `event: error` with the message on one `data:` line.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bus::config::ServerConfig;
 use bus::server::RunningServer;
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A server on a fresh data directory (or a given one), listening on 127.0.0.1:0.
 pub struct TestServer {
@@ -57,21 +57,16 @@ impl TestServer {
             .expect("POST")
     }
 
-    /// Publishes a JSON value; panics unless it is accepted. Returns the event id.
+    /// Publishes a JSON value; panics unless it is accepted.
     pub async fn publish(&self, event: &Value) -> Published {
         let response = self.post(event.to_string()).await;
         let status = response.status();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default()
-        };
         let published = Published {
-            id: header("x-bus-event-id"),
-            created_at: header("x-bus-event-created-at"),
-            index: header("x-bus-event-index").parse().unwrap_or(i64::MIN),
+            id: header(&response, "x-bus-event-id"),
+            created_at: header(&response, "x-bus-event-created-at"),
+            index: header(&response, "x-bus-event-index")
+                .parse()
+                .unwrap_or(i64::MIN),
         };
         assert_eq!(
             status,
@@ -100,6 +95,19 @@ impl TestServer {
         Sse::new(response)
     }
 
+    /// Publishes `n` events to `subject` with payloads 0..n; returns their ids.
+    pub async fn publish_numbered(&self, subject: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            ids.push(
+                self.publish(&json!({"subject": subject, "payload": i}))
+                    .await
+                    .id,
+            );
+        }
+        ids
+    }
+
     pub async fn ack(&self, consumer_id: &str, event_id: &str) -> reqwest::StatusCode {
         self.client
             .put(format!(
@@ -111,6 +119,15 @@ impl TestServer {
             .expect("PUT")
             .status()
     }
+}
+
+/// A response header as text ("" if absent).
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone)]
@@ -148,16 +165,9 @@ pub struct Sse {
 
 impl Sse {
     fn new(response: reqwest::Response) -> Sse {
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default()
-        };
         Sse {
-            consumer_id: header("x-bus-consumer-id"),
-            content_type: header("content-type"),
+            consumer_id: header(&response, "x-bus-consumer-id"),
+            content_type: header(&response, "content-type"),
             body: Box::pin(response.bytes_stream()),
             buffer: Vec::new(),
             raw: Vec::new(),
