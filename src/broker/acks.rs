@@ -22,9 +22,16 @@ pub struct Acks {
 
 /// The acks addressed to one consumer; dropping it unregisters the consumer.
 pub struct AckReceiver {
-    pub acks: mpsc::Receiver<String>,
+    acks: mpsc::Receiver<String>,
     consumers: Arc<Mutex<Consumers>>,
     consumer_id: String,
+}
+
+impl AckReceiver {
+    /// The id of the next event acknowledged by this consumer.
+    pub async fn recv(&mut self) -> Option<String> {
+        self.acks.recv().await
+    }
 }
 
 impl Drop for AckReceiver {

@@ -28,8 +28,15 @@ pub struct Inboxes {
 
 /// An open inbox subscription; dropping it unsubscribes.
 pub struct InboxSubscription {
-    pub events: mpsc::Receiver<StoredEvent>,
+    events: mpsc::Receiver<StoredEvent>,
     _registration: Registration,
+}
+
+impl InboxSubscription {
+    /// The next event published to the subject.
+    pub async fn recv(&mut self) -> Option<StoredEvent> {
+        self.events.recv().await
+    }
 }
 
 struct Registration {

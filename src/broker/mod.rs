@@ -58,6 +58,14 @@ pub struct NewEvent {
     pub payload: Option<Vec<u8>>,
 }
 
+/// What a publisher sends: one event, or a batch (a JSON array, even of one event) that
+/// is committed atomically.
+#[derive(Debug, Clone)]
+pub enum Publication {
+    One(NewEvent),
+    Batch(Vec<NewEvent>),
+}
+
 /// What a published event was assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -178,16 +186,17 @@ impl Broker {
     }
 
     /// Publishes one event or an atomic batch (see the module docs).
-    pub async fn publish(&self, batch: Vec<NewEvent>) -> Result<Vec<Published>, PublishError> {
+    pub async fn publish(&self, publication: Publication) -> Result<Vec<Published>, PublishError> {
         let invalid = PublishError::Invalid;
+        let (batch, is_batch) = match publication {
+            Publication::One(event) => (vec![event], false),
+            Publication::Batch(events) => (events, true),
+        };
         let Some(first) = batch.first() else {
             return Err(invalid("empty batch: send at least one event".into()));
         };
-        let namespace = Subject::parse(&first.subject)
-            .map_err(|e| invalid(e.to_string()))?
-            .namespace()
-            .to_owned();
-        let is_batch = batch.len() > 1;
+        let first_subject = Subject::parse(&first.subject).map_err(|e| invalid(e.to_string()))?;
+        let namespace = first_subject.namespace().to_owned();
         let mut pending = Vec::with_capacity(batch.len());
         for event in &batch {
             let subject = Subject::parse(&event.subject).map_err(|e| invalid(e.to_string()))?;
@@ -222,7 +231,7 @@ impl Broker {
             );
         }
 
-        if Subject::parse(&first.subject).is_ok_and(|s| s.is_inbox()) {
+        if first_subject.is_inbox() {
             if is_batch {
                 return Err(invalid(
                     "inbox subjects (_bus_.…) take one event at a time, not batches".into(),

@@ -6,6 +6,10 @@
 //! marked as seen *before* reading, so an append between the read and the wait still
 //! wakes it: no event is missed, none is read twice. The stream is only polled when the
 //! reader has room, so a slow reader holds a position, not a buffer.
+//!
+//! The registrations that a stream owns (an inbox subscription, an ack receiver) are used
+//! only through their methods inside the stream bodies: the generated async block then
+//! captures them whole, and they live exactly as long as the stream.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -181,7 +185,7 @@ pub fn manual(
                 tokio::pin!(deadline);
                 loop {
                     tokio::select! {
-                        ack = acks.acks.recv() => match ack {
+                        ack = acks.recv() => match ack {
                             Some(id) if id == event.id() => break 'redeliver,
                             Some(_) => {} // a late ack for an earlier event
                             None => return,
@@ -211,7 +215,7 @@ pub fn inbox(
     async_stream::stream! {
         loop {
             tokio::select! {
-                event = subscription.events.recv() => match event {
+                event = subscription.recv() => match event {
                     Some(event) => yield Delivery::Events(vec![event]),
                     None => return,
                 },

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX, MAX_BODY};
-use crate::broker::NewEvent;
+use crate::broker::{NewEvent, Publication};
 use crate::event::compact_json;
 use crate::timestamp::Timestamp;
 
@@ -82,7 +82,7 @@ impl WireEvent {
 }
 
 /// Parses a publish body: one event object or an array of them.
-pub fn parse_body(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
+pub fn parse_body(body: &[u8]) -> Result<Publication, ApiError> {
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::bad_request("the body is not valid UTF-8"));
     }
@@ -91,7 +91,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
     match first {
         Some(b'{') => {
             let event: WireEvent = serde_json::from_slice(body).map_err(bad_json)?;
-            Ok(vec![event.into_new_event(None)?])
+            Ok(Publication::One(event.into_new_event(None)?))
         }
         Some(b'[') => {
             let events: Vec<WireEvent> = serde_json::from_slice(body).map_err(bad_json)?;
@@ -104,7 +104,8 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, e)| e.into_new_event(Some(i)))
-                .collect()
+                .collect::<Result<_, _>>()
+                .map(Publication::Batch)
         }
         None => Err(ApiError::bad_request(
             "empty body: send an event as a JSON object, or a batch as a JSON array",
