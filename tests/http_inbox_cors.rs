@@ -100,7 +100,7 @@ async fn request_reply_over_plain_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmations_from_two_workers() {
     let (_data, mut server) = server().await;
-    let mut workers = vec![
+    let mut workers = [
         server.subscribe("subject=app.jobs&ack=manual").await,
         server.subscribe("subject=app.jobs&ack=manual").await,
     ];
