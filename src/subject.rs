@@ -2,7 +2,8 @@
 //!
 //! A subject is dot-separated segments, `orders.eu.created`; the first segment is the
 //! namespace (the log the event goes to). A segment is one or more letters, digits, `_` or
-//! `-`; a subject has at least two segments. A pattern is a subject in which a whole
+//! `-` (letters and digits of any script, as the reference server accepts them); a subject
+//! has at least two segments. A pattern is a subject in which a whole
 //! segment after the namespace may be `*` (exactly one segment) or, as the last segment,
 //! `>` (one or more segments). `_bus_.…` subjects are in-memory inboxes: they are
 //! published to and subscribed to by exact name only.
@@ -126,8 +127,9 @@ fn error(text: &str, reason: &'static str) -> SubjectError {
     }
 }
 
+/// Letters and digits of any script (as the reference accepts), `_` and `-`.
 fn is_segment_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+    c.is_alphanumeric() || c == '_' || c == '-'
 }
 
 fn check(text: &str, wildcards: bool) -> Result<(), SubjectError> {
@@ -193,11 +195,30 @@ mod tests {
 
     #[test]
     fn valid_and_invalid_subjects() {
-        for good in ["a.b", "orders.eu-1.created", "a_b.c-d.E9", "_bus_.abc"] {
+        for good in [
+            "a.b",
+            "orders.eu-1.created",
+            "a_b.c-d.E9",
+            "_bus_.abc",
+            "app.café",
+            "app.注文",
+        ] {
             assert!(Subject::parse(good).is_ok(), "{good}");
         }
         for bad in [
-            "", "a", ".a.b", "a.b.", "a..b", "a.b c", "a.b\n", "a.*", "a.>", "a.b*", "a.é", "a.b/c",
+            "",
+            "a",
+            ".a.b",
+            "a.b.",
+            "a..b",
+            "a.b c",
+            "a.b\n",
+            "a.*",
+            "a.>",
+            "a.b*",
+            "a.b/c",
+            "a.b\u{a0}c",
+            "a.b\u{200b}",
         ] {
             assert!(Subject::parse(bad).is_err(), "{bad:?} accepted");
         }

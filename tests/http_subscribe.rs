@@ -400,3 +400,21 @@ async fn shutdown_ends_streams_cleanly() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_may_use_letters_of_any_script() {
+    let (_data, mut server) = server_with(&[]).await;
+    server
+        .publish(&json!({"subject": "app.café", "payload": 1}))
+        .await;
+    server
+        .publish(&json!({"subject": "app.注文.新規", "payload": 2}))
+        .await;
+    let mut exact = server.subscribe("subject=app.caf%C3%A9&start=oldest").await;
+    assert_eq!(exact.take(1).await[0].json()["subject"], "app.café");
+    let mut wildcard = server
+        .subscribe("subject=app.%E6%B3%A8%E6%96%87.*&start=oldest")
+        .await;
+    assert_eq!(wildcard.take(1).await[0].json()["payload"], 2);
+    server.stop().await;
+}
