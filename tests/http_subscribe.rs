@@ -158,10 +158,7 @@ async fn an_unknown_start_id_is_an_error_event_then_the_end() {
         assert_eq!(frame.event.as_deref(), Some("error"), "{frame:?}");
         assert_eq!(frame.data.len(), 1);
         assert!(frame.data[0].contains(id), "{frame:?}");
-        assert!(
-            sse.next_frame(Duration::from_secs(5)).await.is_none(),
-            "the stream ends after the error"
-        );
+        sse.expect_end(Duration::from_secs(5)).await;
         assert!(String::from_utf8_lossy(&sse.raw).starts_with("event: error\ndata: "));
     }
     server.stop().await;
@@ -394,10 +391,7 @@ async fn shutdown_ends_streams_cleanly() {
     }
     server.stop().await;
     for mut sse in streams {
-        assert!(
-            sse.next_frame(Duration::from_secs(5)).await.is_none(),
-            "the stream ended"
-        );
+        sse.expect_end(Duration::from_secs(5)).await;
     }
 }
 

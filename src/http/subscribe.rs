@@ -135,9 +135,13 @@ pub async fn subscribe(
         }
         Delivery::Error(message) => error_frame(&message),
     });
-    let pings = ping_stream(app.ping_interval);
+    // The subscription's end (an error, or the broker shutting down) ends the body; the
+    // endless pings must not keep it open. Hence the `None` after the last frame.
+    let frames = frames.map(Some).chain(stream::once(async { None }));
+    let pings = ping_stream(app.ping_interval).map(Some);
     let mut shutdown = app.shutdown.clone();
     let body = stream::select(frames, pings)
+        .scan((), |(), frame| std::future::ready(frame))
         .take_until(async move {
             let _ = shutdown.wait_for(|down| *down).await;
         })

@@ -217,6 +217,28 @@ impl Sse {
         frames
     }
 
+    /// Asserts that the stream ends (the server closes it) within `wait`, with no frame
+    /// before the end.
+    pub async fn expect_end(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if !self.buffer.is_empty() {
+                panic!(
+                    "unexpected bytes before the end: {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                );
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    self.raw.extend_from_slice(&chunk);
+                    self.buffer.extend_from_slice(&chunk);
+                }
+                Ok(Some(Err(_))) | Ok(None) => return,
+                Err(_) => panic!("the stream is still open after {wait:?}"),
+            }
+        }
+    }
+
     /// Asserts that no event arrives within `wait`.
     pub async fn expect_silence(&mut self, wait: Duration) {
         if let Some(frame) = self.next(wait).await {
