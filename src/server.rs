@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::ServerConfig;
+use crate::http::listener::BusListener;
 use crate::http::{self, AppState};
 use crate::store::Store;
 
@@ -84,7 +85,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     };
     let mut stop_accepting = shutdown_rx;
     let serving = tokio::spawn(
-        axum::serve(listener, http::router(state))
+        axum::serve(BusListener::new(listener), http::router(state))
             .with_graceful_shutdown(async move {
                 let _ = stop_accepting.wait_for(|down| *down).await;
             })

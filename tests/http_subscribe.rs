@@ -412,3 +412,47 @@ async fn subjects_may_use_letters_of_any_script() {
     assert_eq!(wildcard.take(1).await[0].json()["payload"], 2);
     server.stop().await;
 }
+
+/// curl sends `>` unencoded (`curl 'http://host/?subject=orders.>'`), and the reference
+/// accepts it: so does `bus`, also on a kept-alive connection after a request with a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_wildcard_in_the_query_is_accepted_like_curl_sends_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_data, mut server) = server_with(&[]).await;
+    let addr = server
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"subject":"app.raw.x","payload":">"}"#;
+    let requests = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /?subject=app.>&start=oldest HTTP/1.1\r\nHost: {addr}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(requests.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains("event: msg") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""subject":"app.raw.x","#), "{text}");
+    assert!(
+        text.contains(r#""payload":">""#),
+        "the body is untouched: {text}"
+    );
+    server.stop().await;
+}

@@ -9,6 +9,7 @@
 
 pub mod ack;
 pub mod error;
+pub mod listener;
 pub mod publish;
 pub mod subscribe;
 
