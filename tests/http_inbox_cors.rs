@@ -48,12 +48,7 @@ async fn inbox_events_live_in_memory_for_exact_subscribers_only() {
 async fn inbox_wildcards_and_batches_are_refused() {
     let (_data, mut server) = server().await;
     for query in ["subject=_bus_.*", "subject=_bus_.>"] {
-        let response = server
-            .client
-            .get(format!("{}?{query}", server.url))
-            .send()
-            .await
-            .unwrap();
+        let response = server.request(reqwest::Method::GET, query).await;
         assert_eq!(response.status(), 400, "{query}");
     }
     let response = server

@@ -174,12 +174,7 @@ async fn acks_are_validated() {
         "consumer_id=c_1&event_id=x_1",
     ];
     for query in cases {
-        let response = server
-            .client
-            .put(format!("{}?{query}", server.url))
-            .send()
-            .await
-            .unwrap();
+        let response = server.request(reqwest::Method::PUT, query).await;
         assert_eq!(response.status(), 400, "{query}");
         assert!(header(&response, "content-type").starts_with("text/plain"));
         let text = response.text().await.unwrap();

@@ -89,12 +89,7 @@ async fn bad_subscriptions_are_400() {
         ("subject=app.a&redelivery_count=many", "redelivery_count"),
     ];
     for (query, expected) in cases {
-        let response = server
-            .client
-            .get(format!("{}?{query}", server.url))
-            .send()
-            .await
-            .unwrap();
+        let response = server.request(reqwest::Method::GET, query).await;
         assert_eq!(response.status(), 400, "{query}");
         let text = response.text().await.unwrap();
         assert!(

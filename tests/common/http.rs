@@ -57,6 +57,15 @@ impl TestServer {
             .expect("POST")
     }
 
+    /// Sends `method /?query` without a body and returns the response (for error checks).
+    pub async fn request(&self, method: reqwest::Method, query: &str) -> reqwest::Response {
+        self.client
+            .request(method, format!("{}?{query}", self.url))
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// Publishes a JSON value; panics unless it is accepted.
     pub async fn publish(&self, event: &Value) -> Published {
         let response = self.post(event.to_string()).await;
