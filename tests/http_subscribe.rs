@@ -451,3 +451,56 @@ async fn a_raw_wildcard_in_the_query_is_accepted_like_curl_sends_it() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_now_ends_after_the_events_stored_when_it_opened() {
+    let (_data, mut server) = server_with(&[]).await;
+    let mut ids = server.publish_numbered("app.u", 5).await;
+    server.publish(&json!({"subject": "app.other"})).await;
+
+    for query in [
+        "subject=app.u&start=oldest&until=now",
+        "subject=app.u&start=oldest&until=now&ack=manual",
+    ] {
+        let mut sse = server.subscribe(query).await;
+        let manual = query.contains("manual");
+        let expected = ids.clone();
+        let mut seen = Vec::new();
+        loop {
+            let frame = sse.next(Duration::from_secs(5)).await.expect("a frame");
+            if frame.event.as_deref() == Some("done") {
+                assert_eq!(frame.data, ["end"]);
+                break;
+            }
+            let id = frame.id.clone().unwrap();
+            if manual {
+                assert!(server.ack(&sse.consumer_id, &id).await.is_success());
+            }
+            seen.push(id);
+            if seen.len() == 3 {
+                // Published after the subscription opened: past its end.
+                ids.push(server.publish(&json!({"subject": "app.u"})).await.id);
+            }
+        }
+        assert_eq!(seen, expected, "{query}");
+        sse.expect_end(Duration::from_secs(5)).await;
+    }
+
+    // Resuming after an id: the two events published during the loops above, then the end.
+    let mut sse = server
+        .subscribe_with("subject=app.u&until=now", &[("Last-Event-ID", &ids[4])])
+        .await;
+    let frames = sse.take(2).await;
+    assert_eq!(frames[0].id.as_ref(), Some(&ids[5]));
+    assert_eq!(frames[1].id.as_ref(), Some(&ids[6]));
+    let frame = sse.next(Duration::from_secs(5)).await.expect("the end");
+    assert_eq!(frame.event.as_deref(), Some("done"));
+    sse.expect_end(Duration::from_secs(5)).await;
+
+    let response = server
+        .request(reqwest::Method::GET, "subject=app.u&until=later")
+        .await;
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("until=now"));
+    server.stop().await;
+}

@@ -113,6 +113,10 @@ pub struct SubscribeRequest {
     pub pattern: Pattern,
     pub start: Start,
     pub ack: AckMode,
+    /// End the subscription, with [`Delivery::End`], once it has passed the events that
+    /// were committed when it was opened (for exports and catch-up reads). Inbox
+    /// subscriptions ignore it.
+    pub until_now: bool,
 }
 
 /// What a subscription hands to its reader.
@@ -122,6 +126,9 @@ pub enum Delivery {
     Events(Vec<StoredEvent>),
     /// The subscription cannot continue; the stream ends after this.
     Error(String),
+    /// The subscription reached the end it was asked to stop at; the stream ends after
+    /// this.
+    End,
 }
 
 pub type Deliveries = Pin<Box<dyn Stream<Item = Delivery> + Send>>;
@@ -308,8 +315,15 @@ impl Broker {
             Start::Oldest => subscription::From::Position(0),
             Start::After(id) => subscription::From::After(id),
         };
+        let stop_at = request.until_now.then(|| log.committed());
         let deliveries: Deliveries = match request.ack {
-            AckMode::None => Box::pin(subscription::follow(log, request.pattern, start, shutdown)),
+            AckMode::None => Box::pin(subscription::follow(
+                log,
+                request.pattern,
+                start,
+                stop_at,
+                shutdown,
+            )),
             AckMode::Manual {
                 redelivery,
                 max_deliveries,
@@ -319,6 +333,7 @@ impl Broker {
                     log,
                     request.pattern,
                     start,
+                    stop_at,
                     subscription::Redelivery {
                         every: redelivery,
                         max_deliveries,

@@ -42,6 +42,9 @@ struct Cursor {
     log: Arc<Log>,
     pattern: Pattern,
     next: u64,
+    /// Where the subscription ends, if it was asked to stop at the log's end as it was
+    /// when it started.
+    stop_at: Option<u64>,
     watermark: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
 }
@@ -52,6 +55,7 @@ impl Cursor {
         log: Arc<Log>,
         pattern: Pattern,
         from: From,
+        stop_at: Option<u64>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Cursor, String> {
         let next = match from {
@@ -72,18 +76,28 @@ impl Cursor {
             log,
             pattern,
             next,
+            stop_at,
             watermark,
             shutdown,
         })
     }
 
-    /// The next non-empty batch of matching events; `Ok(None)` once shut down.
+    /// Whether the cursor has passed its stop position.
+    fn finished(&self) -> bool {
+        self.stop_at.is_some_and(|stop| self.next >= stop)
+    }
+
+    /// The next non-empty batch of matching events; `Ok(None)` once shut down or
+    /// [`finished`](Cursor::finished).
     async fn next_batch(&mut self) -> Result<Option<Vec<StoredEvent>>, String> {
         loop {
-            if *self.shutdown.borrow() {
+            if *self.shutdown.borrow() || self.finished() {
                 return Ok(None);
             }
-            let committed = *self.watermark.borrow_and_update();
+            let mut committed = *self.watermark.borrow_and_update();
+            if let Some(stop) = self.stop_at {
+                committed = committed.min(stop);
+            }
             if self.next >= committed {
                 tokio::select! {
                     changed = self.watermark.changed() => {
@@ -95,9 +109,10 @@ impl Cursor {
                 }
                 continue;
             }
+            let limit = committed - self.next;
             let events = self
                 .log
-                .read(self.next, READ_BATCH)
+                .read(self.next, READ_BATCH.min(usize::try_from(limit).unwrap_or(usize::MAX)))
                 .await
                 .map_err(|e| format!("reading the log failed: {e}"))?;
             let Some(last) = events.last() else {
@@ -120,10 +135,11 @@ pub fn follow(
     log: Arc<Log>,
     pattern: Pattern,
     from: From,
+    stop_at: Option<u64>,
     shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Delivery> {
     async_stream::stream! {
-        let mut cursor = match Cursor::open(log, pattern, from, shutdown).await {
+        let mut cursor = match Cursor::open(log, pattern, from, stop_at, shutdown).await {
             Ok(cursor) => cursor,
             Err(message) => {
                 yield Delivery::Error(message);
@@ -133,7 +149,12 @@ pub fn follow(
         loop {
             match cursor.next_batch().await {
                 Ok(Some(events)) => yield Delivery::Events(events),
-                Ok(None) => return,
+                Ok(None) => {
+                    if cursor.finished() {
+                        yield Delivery::End;
+                    }
+                    return;
+                }
                 Err(message) => {
                     yield Delivery::Error(message);
                     return;
@@ -148,12 +169,13 @@ pub fn manual(
     log: Arc<Log>,
     pattern: Pattern,
     from: From,
+    stop_at: Option<u64>,
     redelivery: Redelivery,
     mut acks: AckReceiver,
     shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Delivery> {
     async_stream::stream! {
-        let mut cursor = match Cursor::open(log, pattern, from, shutdown.clone()).await {
+        let mut cursor = match Cursor::open(log, pattern, from, stop_at, shutdown.clone()).await {
             Ok(cursor) => cursor,
             Err(message) => {
                 yield Delivery::Error(message);
@@ -170,7 +192,12 @@ pub fn manual(
                         queued.extend(events);
                         continue;
                     }
-                    Ok(None) => return,
+                    Ok(None) => {
+                        if cursor.finished() {
+                            yield Delivery::End;
+                        }
+                        return;
+                    }
                     Err(message) => {
                         yield Delivery::Error(message);
                         return;

@@ -1,7 +1,8 @@
 //! `GET /`: subscribe with Server-Sent Events.
 //!
 //! Parameters (`subject`, `start`, `ack`, `redelivery`, `redelivery_count`) follow the
-//! reference server; an empty value, and `0`/`0s` for `redelivery`, mean the default, as
+//! reference server, plus `until=now` (end the stream with an `event: done` frame once
+//! the events stored when it opened have been sent); an empty value, and `0`/`0s` for `redelivery`, mean the default, as
 //! the Go SDK sends every parameter whether set or not. A value that cannot be parsed is a
 //! 400 that names it. A `Last-Event-ID` header (browsers send it when they reconnect)
 //! overrides `start`.
@@ -31,6 +32,9 @@ use crate::event::validate_client_id;
 use crate::subject::Pattern;
 
 const PING: &[u8] = b": ping\n\n";
+/// Ends a stream opened with `until=now`. Browsers drop events without data, so it has
+/// some.
+const DONE: &[u8] = b"event: done\ndata: end\n\n";
 
 /// Reads the subscription request from the query string and headers.
 pub fn parse_request(
@@ -88,10 +92,20 @@ pub fn parse_request(
             )))
         }
     };
+    let until_now = match param("until") {
+        "" => false,
+        "now" => true,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "until: {other:?} is not supported; use until=now to end the stream after the events already stored"
+            )))
+        }
+    };
     Ok(SubscribeRequest {
         pattern,
         start,
         ack,
+        until_now,
     })
 }
 
@@ -134,6 +148,7 @@ pub async fn subscribe(
             buf.freeze()
         }
         Delivery::Error(message) => error_frame(&message),
+        Delivery::End => Bytes::from_static(DONE),
     });
     // The subscription's end (an error, or the broker shutting down) ends the body; the
     // endless pings must not keep it open. Hence the `None` after the last frame.
