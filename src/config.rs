@@ -116,7 +116,7 @@ impl ServerConfig {
     }
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     parse_go_duration(text).map_err(|e| e.to_string())
 }
 

@@ -14,10 +14,12 @@
 //! - [`broker`]: publish, subscribe, manual acks, inboxes and deduplication on the logs.
 //! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle.
 //! - [`config`]: server settings from flags and `BUS_*` environment variables.
+//! - [`client`]: an HTTP client for the server, which the CLI tools use.
 //! - [`cli`]: the `bus` subcommands.
 
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod duration;
 pub mod event;

@@ -112,7 +112,10 @@ impl Cursor {
             let limit = committed - self.next;
             let events = self
                 .log
-                .read(self.next, READ_BATCH.min(usize::try_from(limit).unwrap_or(usize::MAX)))
+                .read(
+                    self.next,
+                    READ_BATCH.min(usize::try_from(limit).unwrap_or(usize::MAX)),
+                )
                 .await
                 .map_err(|e| format!("reading the log failed: {e}"))?;
             let Some(last) = events.last() else {

@@ -1,15 +1,32 @@
 //! The `bus` command line: one module per subcommand. `main` parses, sets up logging and
-//! dispatches; each subcommand returns an error that is printed as one line.
+//! dispatches; each subcommand returns an error that is printed as one line on standard
+//! error.
+//!
+//! Exit codes, for scripts: 0 success; 1 failure (the message says why); 2 bad usage;
+//! 3 a wait timed out (`put --confirm`/`--request-reply`); 4 `debug` found damaged data.
 
+pub mod archive;
 pub mod bench;
+pub mod debug;
+pub mod events;
+mod progress;
 pub mod server;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
+use crate::client::{Client, ClientError, DEFAULT_HOST};
 use crate::config::ServerConfig;
+
+pub use crate::config::parse_duration;
+
+pub const EXIT_FAILURE: u8 = 1;
+/// Also what clap exits with on a usage error.
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_TIMEOUT: u8 = 3;
+pub const EXIT_DAMAGED: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,8 +43,55 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Server(ServerConfig),
+    /// Publish an event.
+    Put(events::PutArgs),
+    /// Subscribe and print events, one JSON object per line.
+    Get(events::GetArgs),
+    /// Acknowledge an event delivered to a manual-ack consumer.
+    Ack(events::AckArgs),
+    /// Export events as JSON Lines, from a server or a data directory.
+    Dump(archive::DumpArgs),
+    /// Import events from JSON Lines, keeping their ids and times.
+    Restore(archive::RestoreArgs),
+    /// Copy namespaces from one data directory to another.
+    Copy(archive::CopyArgs),
+    /// Show, list or verify what a data directory holds.
+    Debug(debug::DebugArgs),
     /// Measure performance.
     Bench(bench::BenchArgs),
+}
+
+/// The server a client command talks to.
+#[derive(Debug, Args)]
+pub struct HostArgs {
+    /// The server's address.
+    #[arg(long, env = "BUS_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+}
+
+impl HostArgs {
+    pub fn client(&self) -> Result<Client, ClientError> {
+        Client::new(&self.host)
+    }
+}
+
+/// An outcome with its own exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: u8,
+    /// Printed on standard error unless empty.
+    pub message: String,
+}
+
+impl Exit {
+    /// Ends the command successfully without a word (its output pipe was closed).
+    pub fn quiet() -> Exit {
+        Exit {
+            code: 0,
+            message: String::new(),
+        }
+    }
 }
 
 /// Runs a parsed command line and turns its outcome into an exit code.
@@ -49,16 +113,39 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Server(config) => server::run(config).await,
+            Command::Put(args) => events::put(args).await,
+            Command::Get(args) => events::get(args).await,
+            Command::Ack(args) => events::ack(args).await,
+            Command::Dump(args) => archive::dump(args).await,
+            Command::Restore(args) => archive::restore(args).await,
+            Command::Copy(args) => archive::copy(args).await,
+            Command::Debug(args) => debug::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });
+    // Streams still open (a `get` that stopped early) must not hold the exit up.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bus: {e:#}");
-            ExitCode::FAILURE
+            if let Some(exit) = e.downcast_ref::<Exit>() {
+                if !exit.message.is_empty() {
+                    eprintln!("bus: {}", exit.message);
+                }
+                return ExitCode::from(exit.code);
+            }
+            eprintln!("bus: {}", one_line(&format!("{e:#}")));
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Timeout(_)) => ExitCode::from(EXIT_TIMEOUT),
+                _ => ExitCode::from(EXIT_FAILURE),
+            }
         }
     }
+}
+
+/// Error messages are one line, whatever their sources put in them.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Logs go to standard error at the level named by `BUS_LOG_LEVEL` (default `INFO`).

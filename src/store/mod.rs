@@ -25,11 +25,13 @@
 //!
 //! Layout: [`segment`] owns the file formats, [`log`] opening, recovery and reads,
 //! [`writer`] the single writer thread with group commit, [`tail`] the in-memory tail of
-//! recent events, [`meta`] the per-namespace metadata, [`ids`] the event ids.
+//! recent events, [`meta`] the per-namespace metadata, [`ids`] the event ids; [`inspect`]
+//! reads a log's files directly for the offline tools.
 
 pub mod error;
 pub mod ids;
 mod inbox;
+pub mod inspect;
 pub mod log;
 pub mod meta;
 pub mod segment;

@@ -1,0 +1,466 @@
+//! `bus dump`, `bus restore` and `bus copy`: moving events out of and into a bus, through
+//! a running server (`--host`) or directly in a data directory (`--path`) while no server
+//! has it open.
+//!
+//! The exchange format is JSON Lines: one event per line, its JSON as the server stores
+//! and streams it (`id`, `trace_id`, `key`, `subject`, `response_subject`, `created_at`,
+//! `payload`, `index`). Restoring keeps ids, order and creation times; `index` is
+//! reassigned by the receiving log (it is the same when restoring into an empty one). An
+//! id the receiving log already holds stops the restore with an error: events are never
+//! duplicated silently.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::progress;
+use crate::client::{Client, DEFAULT_HOST};
+use crate::client::{Received, Start, SubscribeOptions};
+use crate::event::{compact_json, EventDraft, PendingEvent};
+use crate::store::inspect::{self, LogFiles};
+use crate::store::{Log, StoreConfig, StoreError};
+use crate::subject::Subject;
+use crate::timestamp::Timestamp;
+
+/// Events per batch when restoring or copying (one atomic append each).
+const BATCH_EVENTS: usize = 1000;
+/// Bytes per batch sent to a server, well under its 8 MiB body limit.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Where events come from or go to: a server, or a data directory.
+#[derive(Debug, Args)]
+pub struct Source {
+    /// The server's address.
+    #[arg(long, env = "BUS_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+    /// Work on this data directory instead of a server (the server must be stopped).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub source: Source,
+    /// Namespaces to dump, comma-separated (required with a server; all of the data
+    /// directory's by default).
+    #[arg(long, value_delimiter = ',')]
+    pub namespace: Vec<String>,
+    /// File to write (default: standard output).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    let mut out: Box<dyn Write + Send> = match &args.output {
+        Some(path) => Box::new(BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout())),
+    };
+    let bar = progress::events(None, "dumping");
+    let written = match &args.source.path {
+        Some(path) => {
+            let namespaces = match args.namespace.is_empty() {
+                true => inspect::namespaces(path)?,
+                false => args.namespace.clone(),
+            };
+            let path = path.clone();
+            let bar = bar.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut written = 0;
+                for namespace in namespaces {
+                    let files = LogFiles::open(&path.join(&namespace))
+                        .with_context(|| format!("namespace {namespace}"))?;
+                    let end = files.for_each_event(|record| -> anyhow::Result<()> {
+                        out.write_all(record.json)?;
+                        out.write_all(b"\n")?;
+                        bar.inc(1);
+                        Ok(())
+                    })?;
+                    written += end.events;
+                    if let Some(torn) = end.torn_tail {
+                        eprintln!("bus: {namespace}: ignored an interrupted last write ({torn})");
+                    }
+                }
+                out.flush().context("writing the dump")?;
+                Ok(written)
+            })
+            .await??
+        }
+        None => {
+            if args.namespace.is_empty() {
+                bail!("name the namespaces to dump with --namespace (a server does not list them)");
+            }
+            let client = Client::new(&args.source.host)?;
+            let mut written = 0;
+            for namespace in &args.namespace {
+                let mut options = SubscribeOptions::new(format!("{namespace}.>"));
+                options.start = Start::Oldest;
+                options.until_now = true;
+                let mut subscription = client
+                    .subscribe(options)
+                    .await
+                    .with_context(|| format!("namespace {namespace}"))?;
+                while let Some(received) = subscription.next().await {
+                    match received? {
+                        Received::Event(event) => {
+                            out.write_all(event.json.as_bytes())?;
+                            out.write_all(b"\n")?;
+                            written += 1;
+                            bar.inc(1);
+                        }
+                        Received::Disconnected(e) => {
+                            eprintln!("bus: connection lost ({e}); reconnecting")
+                        }
+                        Received::Reconnected { .. } => eprintln!("bus: reconnected"),
+                    }
+                }
+            }
+            out.flush().context("writing the dump")?;
+            written
+        }
+    };
+    bar.finish_and_clear();
+    eprintln!("dumped {written} events");
+    Ok(())
+}
+
+/// An event line of a dump.
+#[derive(Deserialize)]
+struct EventLine {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    trace_id: String,
+    #[serde(default)]
+    key: String,
+    subject: String,
+    #[serde(default)]
+    response_subject: String,
+    #[serde(default)]
+    created_at: String,
+    /// `null` is a payload; only a missing member means none.
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Box<RawValue>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
+}
+
+impl EventLine {
+    fn parse(json: &[u8]) -> anyhow::Result<EventLine> {
+        let line: EventLine = serde_json::from_slice(json).context("not an event")?;
+        let subject = Subject::parse(&line.subject)?;
+        if subject.is_inbox() {
+            bail!("inbox subjects ({}) are not stored", line.subject);
+        }
+        Ok(line)
+    }
+
+    fn namespace(&self) -> &str {
+        self.subject.split('.').next().unwrap_or_default()
+    }
+
+    fn to_pending(&self) -> anyhow::Result<PendingEvent> {
+        let payload = self
+            .payload
+            .as_ref()
+            .map(|p| compact_json(p.get().as_bytes()));
+        let created_at = match self.created_at.as_str() {
+            "" => None,
+            text => Some(Timestamp::parse(text).context("created_at")?),
+        };
+        let draft = EventDraft {
+            subject: &self.subject,
+            trace_id: &self.trace_id,
+            key: &self.key,
+            response_subject: &self.response_subject,
+            payload: payload.as_deref(),
+            id: (!self.id.is_empty()).then_some(self.id.as_str()),
+            created_at,
+        };
+        Ok(PendingEvent::new(&draft)?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub target: Source,
+    /// JSON Lines file to read (default: standard input).
+    #[arg(long, short)]
+    pub input: Option<PathBuf>,
+}
+
+/// A run of consecutive lines that go out together.
+struct Batch {
+    first_line: usize,
+    last_line: usize,
+    namespace: String,
+    bytes: usize,
+    lines: Vec<(Vec<u8>, EventLine)>,
+}
+
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let input: Box<dyn BufRead + Send> = match &args.input {
+        Some(path) => Box::new(BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => Box::new(BufReader::new(std::io::stdin())),
+    };
+    let mut sink = match &args.target.path {
+        Some(path) => Sink::Directory {
+            path: path.clone(),
+            logs: BTreeMap::new(),
+        },
+        None => Sink::Server(Client::new(&args.target.host)?),
+    };
+    let bar = progress::events(None, "restoring");
+    let mut restored = 0u64;
+    let mut batch: Option<Batch> = None;
+    for (i, line) in input.split(b'\n').enumerate() {
+        let number = i + 1;
+        let line = line.context("reading the input")?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let event =
+            EventLine::parse(&line).with_context(|| format!("line {number} of the input"))?;
+        let fits = batch.as_ref().is_some_and(|b| {
+            b.namespace == event.namespace()
+                && b.lines.len() < BATCH_EVENTS
+                && b.bytes + line.len() < BATCH_BYTES
+        });
+        if !fits {
+            if let Some(full) = batch.take() {
+                restored += sink.write(full, restored).await?;
+                bar.set_position(restored);
+            }
+        }
+        let current = batch.get_or_insert_with(|| Batch {
+            first_line: number,
+            last_line: number,
+            namespace: event.namespace().to_owned(),
+            bytes: 0,
+            lines: Vec::new(),
+        });
+        current.last_line = number;
+        current.bytes += line.len() + 1;
+        current.lines.push((line, event));
+    }
+    if let Some(last) = batch.take() {
+        restored += sink.write(last, restored).await?;
+    }
+    sink.close().await?;
+    bar.finish_and_clear();
+    eprintln!("restored {restored} events");
+    Ok(())
+}
+
+enum Sink {
+    Server(Client),
+    Directory {
+        path: PathBuf,
+        logs: BTreeMap<String, Arc<Log>>,
+    },
+}
+
+impl Sink {
+    /// Writes a batch atomically; returns how many events it held.
+    async fn write(&mut self, batch: Batch, restored_before: u64) -> anyhow::Result<u64> {
+        let count = batch.lines.len() as u64;
+        // Where a failure happened: the batch's lines, and how much is in already.
+        let what = |sent_of_batch: u64| {
+            let lines = match batch.first_line == batch.last_line {
+                true => format!("line {}", batch.first_line),
+                false => format!("lines {}-{}", batch.first_line, batch.last_line),
+            };
+            format!(
+                "restoring {lines} ({} events were restored before the failure)",
+                restored_before + sent_of_batch
+            )
+        };
+        match self {
+            Sink::Server(client) => {
+                // The server takes events with a response subject only one at a time.
+                let mut sent = 0;
+                let runs = batch.lines.chunk_by(|a, b| {
+                    a.1.response_subject.is_empty() && b.1.response_subject.is_empty()
+                });
+                for run in runs {
+                    let body = match run {
+                        [(json, _)] => json.clone(),
+                        run => {
+                            let mut body = Vec::with_capacity(batch.bytes + 2);
+                            body.push(b'[');
+                            for (i, (json, _)) in run.iter().enumerate() {
+                                if i > 0 {
+                                    body.push(b',');
+                                }
+                                body.extend_from_slice(json);
+                            }
+                            body.push(b']');
+                            body
+                        }
+                    };
+                    client
+                        .publish_json(Bytes::from(body))
+                        .await
+                        .with_context(|| what(sent))?;
+                    sent += run.len() as u64;
+                }
+            }
+            Sink::Directory { path, logs } => {
+                let log = match logs.get(&batch.namespace) {
+                    Some(log) => Arc::clone(log),
+                    None => {
+                        let log = open_log(path, &batch.namespace).with_context(|| what(0))?;
+                        logs.insert(batch.namespace.clone(), Arc::clone(&log));
+                        log
+                    }
+                };
+                let events = batch
+                    .lines
+                    .iter()
+                    .map(|(_, line)| line.to_pending())
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .with_context(|| what(0))?;
+                log.append(events)
+                    .await
+                    .map_err(explain_duplicate)
+                    .with_context(|| what(0))?;
+            }
+        }
+        Ok(count)
+    }
+
+    async fn close(self) -> anyhow::Result<()> {
+        if let Sink::Directory { logs, .. } = self {
+            for log in logs.values() {
+                log.close().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_log(data_dir: &Path, namespace: &str) -> anyhow::Result<Arc<Log>> {
+    crate::store::validate_namespace(namespace)?;
+    let config = StoreConfig::new(data_dir);
+    let log = Log::open(&data_dir.join(namespace), namespace, &config)
+        .with_context(|| format!("opening namespace {namespace} in {}", data_dir.display()))?;
+    Ok(Arc::new(log))
+}
+
+fn explain_duplicate(error: StoreError) -> anyhow::Error {
+    match error {
+        StoreError::DuplicateId(id) => anyhow!(
+            "event {id} is already in the log; events are never stored twice (restore only events that are not there yet)"
+        ),
+        other => other.into(),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Data directory to copy from (no server may have it open).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Data directory to copy to (created if needed; no server may have it open).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Namespaces to copy, comma-separated (default: all of --from's).
+    #[arg(long, value_delimiter = ',')]
+    pub namespace: Vec<String>,
+    /// Skip events whose ids the destination already holds, instead of stopping at the
+    /// first one: copying again into the same destination then adds only what is new.
+    #[arg(long)]
+    pub skip_ids: bool,
+    /// Secret key of an encrypted source.
+    #[arg(long, env = "BUS_SRC_SECRET_KEY", hide_env_values = true)]
+    pub src_secret_key: Option<String>,
+    /// Secret key to encrypt the destination with.
+    #[arg(long, env = "BUS_DST_SECRET_KEY", hide_env_values = true)]
+    pub dst_secret_key: Option<String>,
+}
+
+pub async fn copy(args: CopyArgs) -> anyhow::Result<()> {
+    if args.src_secret_key.is_some() || args.dst_secret_key.is_some() {
+        bail!("encryption at rest is not supported by this version of bus yet; copy without --src-secret-key and --dst-secret-key");
+    }
+    let namespaces = match args.namespace.is_empty() {
+        true => inspect::namespaces(&args.from)?,
+        false => args.namespace.clone(),
+    };
+    if namespaces.is_empty() {
+        bail!("{} holds no namespace to copy", args.from.display());
+    }
+    let runtime = tokio::runtime::Handle::current();
+    for namespace in namespaces {
+        let source = LogFiles::open(&args.from.join(&namespace))
+            .with_context(|| format!("namespace {namespace}"))?;
+        let target = open_log(&args.to, &namespace)?;
+        let bar = progress::events(None, &format!("copying {namespace}"));
+        let skip_ids = args.skip_ids;
+        let runtime = runtime.clone();
+        let task_target = Arc::clone(&target);
+        let task_bar = bar.clone();
+        let (copied, skipped) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+                let target = task_target;
+                let (mut copied, mut skipped) = (0u64, 0u64);
+                let mut batch = Vec::with_capacity(BATCH_EVENTS);
+                let mut flush = |batch: &mut Vec<PendingEvent>| -> anyhow::Result<()> {
+                    let events = std::mem::take(batch);
+                    let n = events.len() as u64;
+                    runtime
+                        .block_on(target.append(events))
+                        .map_err(explain_duplicate)?;
+                    copied += n;
+                    Ok(())
+                };
+                let end = source.for_each_event(|record| -> anyhow::Result<()> {
+                    let line = EventLine::parse(record.json).with_context(|| {
+                        format!("{} at offset {}", record.file.display(), record.offset)
+                    })?;
+                    task_bar.inc(1);
+                    if skip_ids && runtime.block_on(target.find_id(&line.id))?.is_some() {
+                        skipped += 1;
+                        return Ok(());
+                    }
+                    batch.push(line.to_pending()?);
+                    if batch.len() >= BATCH_EVENTS {
+                        flush(&mut batch)?;
+                    }
+                    Ok(())
+                })?;
+                flush(&mut batch)?;
+                if let Some(torn) = end.torn_tail {
+                    eprintln!("bus: ignored an interrupted last write of the source ({torn})");
+                }
+                Ok((copied, skipped))
+            })
+            .await
+            .context("the copy task failed")?
+            .with_context(|| format!("copying namespace {namespace}"))?;
+        target.close().await?;
+        bar.finish_and_clear();
+        if skipped > 0 {
+            eprintln!("{namespace}: copied {copied} events, skipped {skipped} already there");
+        } else {
+            eprintln!("{namespace}: copied {copied} events");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! `bus put`, `bus get` and `bus ack`: publishing, subscribing and acknowledging through a
+//! running server, with the [`crate::client`] module.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde_json::value::RawValue;
+
+use super::{parse_duration, HostArgs};
+use crate::client::{AckMode as ClientAck, Event, NewEvent, Received, Start, SubscribeOptions};
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Subject to publish to, e.g. orders.created.
+    #[arg(long)]
+    pub subject: String,
+    /// The payload: JSON, or text (sent as a JSON string); `@FILE` reads it from a file,
+    /// `-` from standard input.
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long)]
+    pub trace_id: Option<String>,
+    /// Deduplication key: the server refuses a second event with the same key on the
+    /// subject.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// The event's id (starting with e_); the server assigns one if absent.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Wait until this many consumers have confirmed the event (acked it with
+    /// `bus get --ack auto` or an SDK's ack).
+    #[arg(long, default_value_t = 0, conflicts_with = "request_reply")]
+    pub confirm: usize,
+    /// Wait for one reply and print its payload.
+    #[arg(long)]
+    pub request_reply: bool,
+    /// How long to wait for confirmations or a reply.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+pub async fn put(args: PutArgs) -> anyhow::Result<()> {
+    let client = args.host.client()?;
+    let event = NewEvent {
+        id: args.id.unwrap_or_default(),
+        trace_id: args.trace_id.unwrap_or_default(),
+        key: args.key.unwrap_or_default(),
+        subject: args.subject,
+        payload: args.data.as_deref().map(read_payload).transpose()?,
+        ..NewEvent::default()
+    };
+    let wanted = if args.request_reply { 1 } else { args.confirm };
+    if wanted == 0 {
+        let published = client.publish(&event).await?;
+        return print_line(&published_json(&published));
+    }
+    let (published, answers) = client
+        .publish_and_collect(event, wanted, args.timeout)
+        .await?;
+    if args.request_reply {
+        let reply = answers.first().and_then(|a| a.payload.as_deref());
+        print_line(reply.map_or("null", RawValue::get))
+    } else {
+        print_line(&published_json(&published))?;
+        eprintln!("confirmed by {} consumers", answers.len());
+        Ok(())
+    }
+}
+
+/// `{"id":…,"index":…,"created_at":…}`, in that order.
+fn published_json(published: &crate::client::Published) -> String {
+    let quote = |text: &str| serde_json::Value::from(text).to_string();
+    format!(
+        "{{\"id\":{},\"index\":{},\"created_at\":{}}}",
+        quote(&published.id),
+        published.index,
+        quote(&published.created_at)
+    )
+}
+
+/// The payload from `--data`: JSON as it is, other text as a JSON string.
+pub(super) fn read_payload(data: &str) -> anyhow::Result<Box<RawValue>> {
+    let text = if data == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the payload from standard input")?;
+        text
+    } else if let Some(path) = data.strip_prefix('@') {
+        std::fs::read_to_string(path).with_context(|| format!("reading the payload from {path}"))?
+    } else {
+        data.to_owned()
+    };
+    let trimmed = text.trim();
+    match serde_json::from_str::<Box<RawValue>>(trimmed) {
+        Ok(json) => Ok(json),
+        Err(e) if trimmed.starts_with(['{', '[']) => {
+            bail!("the payload looks like JSON but is not valid JSON: {e}")
+        }
+        Err(_) => Ok(serde_json::value::to_raw_value(&text)?),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckChoice {
+    /// Events are delivered once, nothing to acknowledge.
+    None,
+    /// Stop-and-wait: acknowledge each event with `bus ack`.
+    Manual,
+    /// Acknowledge (and confirm) each event right after printing it.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One event per line, its JSON as the server sent it.
+    Json,
+    /// Readable, several lines per event.
+    Pretty,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Subject or pattern, e.g. orders.* or orders.>.
+    #[arg(long)]
+    pub subject: String,
+    /// oldest, newest, or an event id to start after.
+    #[arg(long, default_value = "newest")]
+    pub start: String,
+    #[arg(long, value_enum, default_value_t = AckChoice::None)]
+    pub ack: AckChoice,
+    /// With manual or auto acks: redeliver an unacknowledged event after this long.
+    #[arg(long, value_parser = parse_duration)]
+    pub redelivery: Option<Duration>,
+    /// With manual or auto acks: deliveries of an event before the server gives up on it
+    /// (0 or less: never).
+    #[arg(long, allow_negative_numbers = true)]
+    pub redelivery_count: Option<i64>,
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// With --ack auto: the payload (JSON or text) to reply with to events that carry a
+    /// response subject, instead of a bare confirmation.
+    #[arg(long)]
+    pub reply: Option<String>,
+    /// How long to keep trying to reconnect when the connection is lost.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    pub reconnect_for: Duration,
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    if args.reply.is_some() && args.ack != AckChoice::Auto {
+        return Err(super::Exit {
+            code: super::EXIT_USAGE,
+            message: "--reply needs --ack auto: replies are sent when an event is acknowledged"
+                .into(),
+        }
+        .into());
+    }
+    let reply = args.reply.as_deref().map(read_payload).transpose()?;
+    let client = args.host.client()?;
+    let subscription_subject = args.subject.clone();
+    let mut options = SubscribeOptions::new(args.subject);
+    options.start = match args.start.as_str() {
+        "oldest" => Start::Oldest,
+        "newest" | "" => Start::Newest,
+        id => Start::After(id.to_owned()),
+    };
+    options.ack = match args.ack {
+        AckChoice::None => ClientAck::None,
+        AckChoice::Manual | AckChoice::Auto => ClientAck::Manual {
+            redelivery: args.redelivery,
+            redelivery_count: args.redelivery_count,
+        },
+    };
+    options.reconnect_for = args.reconnect_for;
+    let mut subscription = client.subscribe(options).await?;
+    let subject = &subscription_subject;
+    let consumer = subscription.consumer_id().to_owned();
+    if args.ack == AckChoice::Manual {
+        eprintln!("bus: subscribed to {subject} as consumer {consumer} (acknowledge with bus ack --consumer-id {consumer} --event-id <id>)");
+    } else {
+        eprintln!("bus: subscribed to {subject} as consumer {consumer}");
+    }
+    let mut printed = 0u64;
+    while args.count.is_none_or(|count| printed < count) {
+        let Some(received) = subscription.next().await else {
+            break;
+        };
+        match received? {
+            Received::Event(event) => {
+                let text = match args.format {
+                    Format::Json => event.json.clone(),
+                    Format::Pretty => pretty(&event),
+                };
+                print_line(&text)?;
+                printed += 1;
+                if args.ack == AckChoice::Auto {
+                    subscription
+                        .ack(&event)
+                        .await
+                        .with_context(|| format!("acknowledging {}", event.id))?;
+                    client
+                        .respond(&event, reply.clone())
+                        .await
+                        .with_context(|| format!("confirming {} to its publisher", event.id))?;
+                }
+            }
+            Received::Disconnected(e) => eprintln!("bus: connection lost ({e}); reconnecting"),
+            Received::Reconnected { consumer_id } => eprintln!(
+                "bus: reconnected as consumer {consumer_id}; resuming where the stream stopped"
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn pretty(event: &Event) -> String {
+    let mut out = format!(
+        "{}  #{}  {}  {}",
+        event.id, event.index, event.created_at, event.subject
+    );
+    for (name, value) in [
+        ("trace_id", &event.trace_id),
+        ("key", &event.key),
+        ("response_subject", &event.response_subject),
+    ] {
+        if !value.is_empty() {
+            out.push_str(&format!("\n  {name}: {value}"));
+        }
+    }
+    if let Some(payload) = &event.payload {
+        let value: serde_json::Value = serde_json::from_str(payload.get()).unwrap_or_default();
+        let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| payload.to_string());
+        out.push_str("\n  payload: ");
+        out.push_str(&text.replace('\n', "\n  "));
+    }
+    out.push('\n');
+    out
+}
+
+/// Writes a line to standard output and flushes it, so that a reader of a pipe sees
+/// each event as it comes. A closed pipe (`bus get | head`) ends the command quietly.
+pub(super) fn print_line(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let result = writeln!(out, "{text}").and_then(|()| out.flush());
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(super::Exit::quiet().into()),
+        Err(e) => Err(e).context("writing to standard output"),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AckArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// The consumer the event was delivered to (the X-BUS-CONSUMER-ID of its stream).
+    #[arg(long)]
+    pub consumer_id: String,
+    #[arg(long)]
+    pub event_id: String,
+}
+
+pub async fn ack(args: AckArgs) -> anyhow::Result<()> {
+    let client = args.host.client()?;
+    client.ack(&args.consumer_id, &args.event_id).await?;
+    Ok(())
+}

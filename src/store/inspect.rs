@@ -1,0 +1,411 @@
+//! Reading a namespace's log files without opening the log, for the offline tools
+//! (`bus dump --path`, `bus copy`, `bus debug`).
+//!
+//! What it promises:
+//! - It never writes. A torn last write, which the server truncates at its next start, is
+//!   reported and left in place; the events it yields are exactly those the server would
+//!   serve after that start.
+//! - It takes a shared lock on the log's lock file, so it refuses to read a log that a
+//!   running server has open, and a server cannot start on the log while it reads.
+//! - Every record is checked against its CRC; damage is reported with file and offset.
+
+use std::fs::{self, File};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use super::error::{IoContext, StoreError};
+use super::log::LOCK_FILE;
+use super::meta::META_FILE;
+use super::segment::{
+    self, check_log_header, check_record, RecordCheck, SegmentPaths, LOG_HEADER_LEN,
+    RECORD_HEADER_LEN,
+};
+use crate::event::JsonLayout;
+
+/// The namespaces whose logs are under a data directory, sorted.
+pub fn namespaces(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = fs::read_dir(data_dir).context(|| format!("listing {}", data_dir.display()))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.context(|| format!("listing {}", data_dir.display()))?;
+        let path = entry.path();
+        if path.join(META_FILE).is_file() {
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A problem found in a log's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at offset {}: {}",
+            self.file.display(),
+            self.offset,
+            self.reason
+        )
+    }
+}
+
+/// One stored event, borrowed from its segment file.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRecord<'a> {
+    pub position: u64,
+    pub file: &'a Path,
+    /// Where the record starts in the file.
+    pub offset: u64,
+    /// The event's JSON.
+    pub json: &'a [u8],
+}
+
+/// A segment's size on disk.
+#[derive(Debug, Clone)]
+pub struct SegmentFile {
+    pub base: u64,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// How a full read of a log ended.
+#[derive(Debug, Clone, Default)]
+pub struct ReadEnd {
+    /// Events read (the log's event count).
+    pub events: u64,
+    /// Bytes at the end of the last segment that are not part of the log (an interrupted
+    /// write), which the server drops at its next start.
+    pub torn_tail: Option<Damage>,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    /// Records whose checksum and framing are right.
+    pub valid_records: u64,
+    pub damage: Vec<Damage>,
+    /// Problems the server repairs by itself at start-up (a torn last write, a missing or
+    /// stale index).
+    pub repairable: Vec<Damage>,
+}
+
+/// A namespace's log files, locked against a server opening them.
+pub struct LogFiles {
+    dir: PathBuf,
+    segments: Vec<SegmentFile>,
+    _lock: Option<File>,
+}
+
+impl LogFiles {
+    pub fn open(dir: &Path) -> Result<LogFiles, StoreError> {
+        let lock = match File::open(dir.join(LOCK_FILE)) {
+            Ok(file) => {
+                match file.try_lock_shared() {
+                    Ok(()) => {}
+                    Err(fs::TryLockError::WouldBlock) => {
+                        return Err(StoreError::Unusable(format!(
+                            "{} is in use by a running bus server; stop it first, or read through the server with --host",
+                            dir.display()
+                        )))
+                    }
+                    Err(fs::TryLockError::Error(e)) => {
+                        return Err(StoreError::io(format!("locking {}", dir.display()), e))
+                    }
+                }
+                Some(file)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(format!("opening {}", dir.display()), e)),
+        };
+        let bases = segment::list_segments(dir)?;
+        if bases.is_empty() && !dir.join(META_FILE).is_file() {
+            return Err(StoreError::Unusable(format!(
+                "{} holds no bus log (no {META_FILE} and no segment files)",
+                dir.display()
+            )));
+        }
+        let mut segments = Vec::with_capacity(bases.len());
+        for base in bases {
+            let path = SegmentPaths::new(dir, base).log;
+            let bytes = fs::metadata(&path)
+                .context(|| format!("reading {}", path.display()))?
+                .len();
+            segments.push(SegmentFile { base, path, bytes });
+        }
+        Ok(LogFiles {
+            dir: dir.to_owned(),
+            segments,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn segments(&self) -> &[SegmentFile] {
+        &self.segments
+    }
+
+    /// Bytes of all segment files.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Calls `visit` with every event of the log, in order. Damage the server would refuse
+    /// to start with is an error; a torn last write ends the read and is reported.
+    pub fn for_each_event<E: From<StoreError>>(
+        &self,
+        mut visit: impl FnMut(EventRecord<'_>) -> Result<(), E>,
+    ) -> Result<ReadEnd, E> {
+        let mut end = ReadEnd::default();
+        for (i, segment) in self.segments.iter().enumerate() {
+            let is_last = i + 1 == self.segments.len();
+            if segment.base != end.events {
+                return Err(StoreError::corrupt(
+                    &segment.path,
+                    0,
+                    format!(
+                        "segment starts at position {} but the previous ones hold {} events",
+                        segment.base, end.events
+                    ),
+                )
+                .into());
+            }
+            let bytes = read_segment(segment)?;
+            let walk = walk_records(&bytes, segment)?;
+            let mut records = walk.records;
+            if let Some(damage) = walk.damage {
+                let followed_by_valid = walk.valid_after_damage;
+                if !is_last || followed_by_valid {
+                    return Err(StoreError::corrupt(
+                        &damage.file,
+                        damage.offset,
+                        damage.reason.clone(),
+                    )
+                    .into());
+                }
+                end.torn_tail = Some(damage);
+            }
+            // Records of a batch whose last record never came are not part of the log.
+            let complete = records
+                .iter()
+                .rposition(|r| !r.continues)
+                .map_or(0, |i| i + 1);
+            if complete < records.len() {
+                if !is_last {
+                    return Err(StoreError::corrupt(
+                        &segment.path,
+                        records[complete].offset,
+                        "batch is incomplete in a sealed segment",
+                    )
+                    .into());
+                }
+                end.torn_tail.get_or_insert(Damage {
+                    file: segment.path.clone(),
+                    offset: records[complete].offset,
+                    reason: "the last batch is incomplete (an interrupted write)".into(),
+                });
+                records.truncate(complete);
+            }
+            for record in &records {
+                let json = &bytes[record.body.clone()];
+                if JsonLayout::parse(json).is_none() {
+                    return Err(StoreError::corrupt(
+                        &segment.path,
+                        record.offset,
+                        "record has a valid checksum but does not hold an event",
+                    )
+                    .into());
+                }
+                visit(EventRecord {
+                    position: end.events,
+                    file: &segment.path,
+                    offset: record.offset,
+                    json,
+                })?;
+                end.events += 1;
+            }
+        }
+        Ok(end)
+    }
+
+    /// Checks every record of every segment and the indexes, and reports everything
+    /// found rather than stopping at the first problem. `progress` is called with the
+    /// bytes of each segment once checked.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<Verification, StoreError> {
+        let mut found = Verification::default();
+        let mut expected_base = 0;
+        for (i, segment) in self.segments.iter().enumerate() {
+            let is_last = i + 1 == self.segments.len();
+            if segment.base != expected_base {
+                found.damage.push(Damage {
+                    file: segment.path.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "segment starts at position {} but the previous ones hold {expected_base} events",
+                        segment.base
+                    ),
+                });
+            }
+            let bytes = read_segment(segment)?;
+            let walk = match walk_records(&bytes, segment) {
+                Ok(walk) => walk,
+                Err(e) => {
+                    found.damage.push(damage_of(e, &segment.path));
+                    progress(segment.bytes);
+                    expected_base = segment.base;
+                    continue;
+                }
+            };
+            found.valid_records += walk.records.len() as u64;
+            if let Some(damage) = walk.damage {
+                if is_last && !walk.valid_after_damage {
+                    found.repairable.push(damage);
+                } else {
+                    found.damage.push(damage);
+                }
+            }
+            for record in &walk.records {
+                if JsonLayout::parse(&bytes[record.body.clone()]).is_none() {
+                    found.damage.push(Damage {
+                        file: segment.path.clone(),
+                        offset: record.offset,
+                        reason: "record has a valid checksum but does not hold an event".into(),
+                    });
+                }
+            }
+            let ends: Vec<u64> = walk.records.iter().map(|r| r.end).collect();
+            let index = SegmentPaths::new(&self.dir, segment.base).index;
+            match segment::read_index(&index, segment.base) {
+                Some(entries) if entries == ends => {}
+                // The server rebuilds the active segment's index from its records, and a
+                // sealed one's when its length or last entry is wrong.
+                Some(entries)
+                    if !is_last
+                        && entries.len() == ends.len()
+                        && entries.last() == ends.last() =>
+                {
+                    found.damage.push(Damage {
+                        file: index,
+                        offset: 0,
+                        reason: "index entries disagree with the segment's records; delete this .idx file so that the server rebuilds it".into(),
+                    });
+                }
+                _ => found.repairable.push(Damage {
+                    file: index,
+                    offset: 0,
+                    reason: "the index is missing or does not match the segment (the server rebuilds it when it opens the log)".into(),
+                }),
+            }
+            expected_base = segment.base + walk.records.len() as u64;
+            progress(segment.bytes);
+        }
+        Ok(found)
+    }
+}
+
+fn damage_of(error: StoreError, file: &Path) -> Damage {
+    match error {
+        StoreError::Corrupt {
+            file,
+            offset,
+            reason,
+        } => Damage {
+            file,
+            offset,
+            reason,
+        },
+        other => Damage {
+            file: file.to_owned(),
+            offset: 0,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// A segment's bytes. Read whole: the tools stream a log once, segment by segment.
+fn read_segment(segment: &SegmentFile) -> Result<Vec<u8>, StoreError> {
+    fs::read(&segment.path).context(|| format!("reading {}", segment.path.display()))
+}
+
+struct RecordSpan {
+    offset: u64,
+    end: u64,
+    body: Range<usize>,
+    continues: bool,
+}
+
+struct Walk {
+    records: Vec<RecordSpan>,
+    /// The first record that is cut short or fails its checksum; nothing after it is read.
+    damage: Option<Damage>,
+    /// Whether a valid record starts somewhere after the damage (so it is not a torn end).
+    valid_after_damage: bool,
+}
+
+/// Walks a segment's records from its header on, stopping at the first damaged one.
+fn walk_records(bytes: &[u8], segment: &SegmentFile) -> Result<Walk, StoreError> {
+    let path = &segment.path;
+    if bytes.len() < LOG_HEADER_LEN as usize {
+        return Err(StoreError::corrupt(path, 0, "segment header is incomplete"));
+    }
+    check_log_header(bytes, segment.base, path)?;
+    let mut records = Vec::new();
+    let mut at = LOG_HEADER_LEN as usize;
+    while at < bytes.len() {
+        let reason = match check_record(&bytes[at..]) {
+            RecordCheck::Valid {
+                body_len,
+                continues,
+            } => {
+                let body =
+                    at + RECORD_HEADER_LEN as usize..at + RECORD_HEADER_LEN as usize + body_len;
+                let end = body.end;
+                records.push(RecordSpan {
+                    offset: at as u64,
+                    end: end as u64,
+                    body,
+                    continues,
+                });
+                at = end;
+                continue;
+            }
+            RecordCheck::Truncated => "record is cut short",
+            RecordCheck::Damaged => "record checksum mismatch",
+        };
+        let valid_after_damage =
+            (at + 1..bytes.len()).any(|start| is_event_record(&bytes[start..]));
+        return Ok(Walk {
+            records,
+            damage: Some(Damage {
+                file: path.clone(),
+                offset: at as u64,
+                reason: reason.into(),
+            }),
+            valid_after_damage,
+        });
+    }
+    Ok(Walk {
+        records,
+        damage: None,
+        valid_after_damage: false,
+    })
+}
+
+/// Whether `bytes` start with a valid record holding a JSON object.
+fn is_event_record(bytes: &[u8]) -> bool {
+    // Cheap filter first: an event's body starts with `{`.
+    bytes.get(RECORD_HEADER_LEN as usize) == Some(&b'{')
+        && matches!(check_record(bytes), RecordCheck::Valid { .. })
+}
