@@ -9,7 +9,10 @@ use clap::{Args, ValueEnum};
 use serde_json::value::RawValue;
 
 use super::{parse_duration, HostArgs};
-use crate::client::{AckMode as ClientAck, Event, NewEvent, Received, Start, SubscribeOptions};
+use crate::client::{
+    AckMode as ClientAck, Client, ClientError, Event, NewEvent, Received, Start, SubscribeOptions,
+    Subscription,
+};
 
 #[derive(Debug, Args)]
 pub struct PutArgs {
@@ -167,7 +170,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     }
     let reply = args.reply.as_deref().map(read_payload).transpose()?;
     let client = args.host.client()?;
-    let subscription_subject = args.subject.clone();
+    let subject = args.subject.clone();
     let mut options = SubscribeOptions::new(args.subject);
     options.start = match args.start.as_str() {
         "oldest" => Start::Oldest,
@@ -183,7 +186,6 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     };
     options.reconnect_for = args.reconnect_for;
     let mut subscription = client.subscribe(options).await?;
-    let subject = &subscription_subject;
     let consumer = subscription.consumer_id().to_owned();
     if args.ack == AckChoice::Manual {
         eprintln!("bus: subscribed to {subject} as consumer {consumer} (acknowledge with bus ack --consumer-id {consumer} --event-id <id>)");
@@ -204,14 +206,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
                 print_line(&text)?;
                 printed += 1;
                 if args.ack == AckChoice::Auto {
-                    subscription
-                        .ack(&event)
-                        .await
-                        .with_context(|| format!("acknowledging {}", event.id))?;
-                    client
-                        .respond(&event, reply.clone())
-                        .await
-                        .with_context(|| format!("confirming {} to its publisher", event.id))?;
+                    acknowledge(&client, &mut subscription, &event, reply.clone()).await?;
                 }
             }
             Received::Disconnected(e) => eprintln!("bus: connection lost ({e}); reconnecting"),
@@ -221,6 +216,36 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Acks an event and answers its publisher if it waits. A connection lost on the way is
+/// not fatal: the subscription reconnects, and an event whose ack did not arrive is
+/// delivered again.
+async fn acknowledge(
+    client: &Client,
+    subscription: &mut Subscription,
+    event: &Event,
+    reply: Option<Box<RawValue>>,
+) -> anyhow::Result<()> {
+    match subscription.ack(event).await {
+        Ok(()) => {}
+        Err(e @ ClientError::Unreachable { .. }) => {
+            eprintln!(
+                "bus: could not acknowledge {} ({e}); it will come again",
+                event.id
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("acknowledging {}", event.id)),
+    }
+    match client.respond(event, reply).await {
+        Ok(()) => Ok(()),
+        Err(e @ ClientError::Unreachable { .. }) => {
+            eprintln!("bus: could not confirm {} to its publisher ({e})", event.id);
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("confirming {} to its publisher", event.id)),
+    }
 }
 
 fn pretty(event: &Event) -> String {

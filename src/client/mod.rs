@@ -576,3 +576,35 @@ impl Subscription {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_with_and_without_scheme() {
+        for (given, expected) in [
+            ("http://localhost:2021", "http://localhost:2021"),
+            ("localhost:2021", "http://localhost:2021"),
+            (" http://10.0.0.1:80/ ", "http://10.0.0.1"),
+        ] {
+            assert_eq!(Client::new(given).unwrap().host(), expected);
+        }
+        for bad in ["", "https://x", "ftp://x", "http://"] {
+            assert!(
+                matches!(Client::new(bad), Err(ClientError::InvalidHost(_))),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn inbox_tokens_are_valid_subject_segments() {
+        let a = random_token();
+        assert_eq!(a.len(), 20);
+        assert!(a
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
+        assert_ne!(a, random_token());
+    }
+}

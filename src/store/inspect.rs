@@ -264,7 +264,8 @@ impl LogFiles {
                 Err(e) => {
                     found.damage.push(damage_of(e, &segment.path));
                     progress(segment.bytes);
-                    expected_base = segment.base;
+                    // Its event count is unknown: take the next segment's word for it.
+                    expected_base = self.segments.get(i + 1).map_or(0, |next| next.base);
                     continue;
                 }
             };
