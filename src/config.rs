@@ -11,7 +11,8 @@ use clap::{Args, Parser};
 
 use crate::broker::BrokerConfig;
 use crate::duration::parse_go_duration;
-use crate::store::{FsyncPolicy, StoreConfig};
+use crate::store::cipher::DEFAULT_BLOCK_SIZE;
+use crate::store::{Cipher, FsyncPolicy, StoreConfig};
 
 /// Settings of `bus server`.
 #[derive(Debug, Clone, Args)]
@@ -56,12 +57,13 @@ pub struct ServerConfig {
     #[arg(long, env = "BUS_PING_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
     pub ping_interval: Duration,
 
-    /// Encrypt data at rest with this secret (not supported yet by this version).
+    /// Encrypt the data files with this secret (XSalsa20-Poly1305, key = SHA-256 of the
+    /// secret). A data directory must always be opened with the key it was written with.
     #[arg(long, env = "BUS_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
 
-    /// Plaintext bytes sealed together when encrypting (used with --secret-key).
-    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = 4096)]
+    /// Plaintext bytes sealed together when encrypting (256 to 1048576).
+    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
 }
 
@@ -82,13 +84,22 @@ impl ServerConfig {
         Command::try_parse_from(args).map(|c| c.config)
     }
 
-    pub fn store_config(&self) -> StoreConfig {
-        StoreConfig {
+    /// The store's settings; fails on an unusable block size.
+    pub fn store_config(&self) -> Result<StoreConfig, String> {
+        let cipher = match self.secret_key.as_deref() {
+            None | Some("") => None,
+            Some(secret) => Some(
+                Cipher::new(secret, self.block_size)
+                    .map_err(|e| format!("--secret-key/--block-size: {e}"))?,
+            ),
+        };
+        Ok(StoreConfig {
             path: self.path.clone(),
             segment_size: self.segment_size,
             fsync: self.fsync,
             tail_bytes: usize::try_from(self.tail_size).unwrap_or(usize::MAX),
-        }
+            cipher,
+        })
     }
 
     pub fn broker_config(&self) -> BrokerConfig {

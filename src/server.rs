@@ -40,10 +40,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     if namespaces.is_empty() {
         bail!("no namespaces declared: pass --namespaces or set BUS_NAMESPACES (e.g. app,orders)");
     }
-    if config.secret_key.as_deref().is_some_and(|k| !k.is_empty()) {
-        bail!("encryption at rest (--secret-key / BUS_SECRET_KEY) is not supported by this version yet; start without it");
-    }
-    let store_config = config.store_config();
+    let store_config = config.store_config().map_err(anyhow::Error::msg)?;
     let broker_config = config.broker_config();
     let (store, broker) = tokio::task::spawn_blocking(move || {
         let store = Store::open(&store_config, &namespaces)?;

@@ -268,24 +268,6 @@ async fn copy_and_debug_on_a_directory_with_several_segments() {
         "{skipping:?}"
     );
     assert_eq!(run(&["dump", "--path", target_path], None).ok(), dumped);
-    let unsupported = run(
-        &[
-            "copy",
-            "--from",
-            source_path,
-            "--to",
-            target_path,
-            "--dst-secret-key",
-            "k",
-        ],
-        None,
-    );
-    assert_eq!(unsupported.code, 1);
-    assert!(
-        unsupported.stderr.contains("not supported"),
-        "{unsupported:?}"
-    );
-
     // A flipped byte in the middle of a sealed segment: verify names file and offset
     // and exits 4; dump and copy refuse to go past it.
     let first_segment = std::fs::read_dir(source.path().join("app"))

@@ -278,8 +278,16 @@ fn bad_settings_are_refused_with_a_clear_message() {
             "greater than zero",
         ),
         (
-            &["server", "--namespaces", "app", "--secret-key", "k"],
-            "not supported",
+            &[
+                "server",
+                "--namespaces",
+                "app",
+                "--secret-key",
+                "k",
+                "--block-size",
+                "10",
+            ],
+            "block size 10 is out of range",
         ),
         (
             &["server", "--namespaces", "app", "--addr", "nowhere:99999"],

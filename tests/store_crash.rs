@@ -2,7 +2,8 @@
 //! `fsync always` and prints every acknowledgement; the test SIGKILLs it mid-load,
 //! reopens the log and checks that every acknowledged event is there exactly once, at
 //! its acknowledged position, in its publisher's order, and that batches are whole.
-//! Repeated on the same directory, so recovery also runs on recovered logs.
+//! Repeated on the same directory, so recovery also runs on recovered logs; and again
+//! with the log encrypted.
 
 mod common;
 
@@ -36,8 +37,9 @@ fn crash_child() {
         .enable_all()
         .build()
         .unwrap();
+    let secret = std::env::var("BUS_CRASH_SECRET").ok();
     runtime.block_on(async move {
-        let log = Arc::new(open(&data, SEGMENT));
+        let log = Arc::new(open_log(&data, secret.as_deref()));
         println!("ready");
         let mut tasks = Vec::new();
         for task in 0..TASKS {
@@ -102,8 +104,24 @@ fn jitter_ms(max: u64) -> u64 {
     u64::from(nanos) % max
 }
 
+/// The log, encrypted with `secret` if there is one.
+fn open_log(data: &std::path::Path, secret: Option<&str>) -> bus::store::Log {
+    let mut config = config(data, SEGMENT);
+    config.cipher = secret.map(|s| bus::store::Cipher::new(s, 1024).unwrap());
+    bus::store::Log::open(&log_dir(data), NAMESPACE, &config).expect("open log")
+}
+
 #[test]
 fn crash_recovery() {
+    crash_and_verify(None);
+}
+
+#[test]
+fn crash_recovery_encrypted() {
+    crash_and_verify(Some("crash test key"));
+}
+
+fn crash_and_verify(secret: Option<&str>) {
     let data = tempfile::tempdir().unwrap();
     let mut acks: Vec<Ack> = Vec::new();
     for run in 0..RUNS {
@@ -117,6 +135,7 @@ fn crash_recovery() {
             ])
             .env("BUS_CRASH_DIR", data.path())
             .env("BUS_CRASH_RUN", run.to_string())
+            .envs(secret.map(|s| ("BUS_CRASH_SECRET", s)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -157,13 +176,13 @@ fn crash_recovery() {
         // Acknowledgements printed before the kill still count.
         acks.extend(lines.try_iter().filter_map(|l| parse_ack(&l)));
 
-        verify(data.path(), &acks, run);
+        verify(data.path(), secret, &acks, run);
     }
 }
 
 /// Reopens the log and checks it against every acknowledgement so far.
-fn verify(data: &std::path::Path, acks: &[Ack], run: u64) {
-    let log = open(data, SEGMENT);
+fn verify(data: &std::path::Path, secret: Option<&str>, acks: &[Ack], run: u64) {
+    let log = open_log(data, secret);
     assert!(
         !log.recovery().clean_shutdown,
         "run {run}: the child was killed"

@@ -24,8 +24,9 @@ use super::progress;
 use crate::client::{Client, DEFAULT_HOST};
 use crate::client::{Received, Start, SubscribeOptions};
 use crate::event::{compact_json, EventDraft, PendingEvent};
+use crate::store::cipher::DEFAULT_BLOCK_SIZE;
 use crate::store::inspect::{self, LogFiles};
-use crate::store::{Log, StoreConfig, StoreError};
+use crate::store::{Cipher, Log, StoreConfig, StoreError};
 use crate::subject::Subject;
 use crate::timestamp::Timestamp;
 
@@ -43,6 +44,35 @@ pub struct Source {
     /// Work on this data directory instead of a server (the server must be stopped).
     #[arg(long)]
     pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// The key of an encrypted data directory.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// With --path: the secret key the data directory is encrypted with.
+    #[arg(long, env = "BUS_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+    /// Plaintext bytes sealed together when writing encrypted data.
+    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
+}
+
+impl KeyArgs {
+    pub fn cipher(&self) -> anyhow::Result<Option<Cipher>> {
+        cipher_for(self.secret_key.as_deref(), self.block_size)
+    }
+}
+
+/// The cipher for a secret (none for an absent or empty one).
+fn cipher_for(secret: Option<&str>, block_size: usize) -> anyhow::Result<Option<Cipher>> {
+    match secret {
+        None | Some("") => Ok(None),
+        Some(secret) => Cipher::new(secret, block_size)
+            .map(Some)
+            .map_err(anyhow::Error::msg),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -72,12 +102,13 @@ pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
                 true => inspect::namespaces(path)?,
                 false => args.namespace.clone(),
             };
+            let cipher = args.source.key.cipher()?;
             let path = path.clone();
             let bar = bar.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
                 let mut written = 0;
                 for namespace in namespaces {
-                    let files = LogFiles::open(&path.join(&namespace))
+                    let files = LogFiles::open(&path.join(&namespace), cipher.as_ref())
                         .with_context(|| format!("namespace {namespace}"))?;
                     let end = files.for_each_event(|record| -> anyhow::Result<()> {
                         out.write_all(record.json)?;
@@ -222,6 +253,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let mut sink = match &args.target.path {
         Some(path) => Sink::Directory {
             path: path.clone(),
+            cipher: args.target.key.cipher()?,
             logs: BTreeMap::new(),
         },
         None => Sink::Server(Client::new(&args.target.host)?),
@@ -272,6 +304,7 @@ enum Sink {
     Server(Client),
     Directory {
         path: PathBuf,
+        cipher: Option<Cipher>,
         logs: BTreeMap<String, Arc<Log>>,
     },
 }
@@ -321,11 +354,12 @@ impl Sink {
                     sent += run.len() as u64;
                 }
             }
-            Sink::Directory { path, logs } => {
+            Sink::Directory { path, cipher, logs } => {
                 let log = match logs.get(&batch.namespace) {
                     Some(log) => Arc::clone(log),
                     None => {
-                        let log = open_log(path, &batch.namespace).with_context(|| what(0))?;
+                        let log = open_log(path, &batch.namespace, cipher.clone())
+                            .with_context(|| what(0))?;
                         logs.insert(batch.namespace.clone(), Arc::clone(&log));
                         log
                     }
@@ -355,9 +389,10 @@ impl Sink {
     }
 }
 
-fn open_log(data_dir: &Path, namespace: &str) -> anyhow::Result<Arc<Log>> {
+fn open_log(data_dir: &Path, namespace: &str, cipher: Option<Cipher>) -> anyhow::Result<Arc<Log>> {
     crate::store::validate_namespace(namespace)?;
-    let config = StoreConfig::new(data_dir);
+    let mut config = StoreConfig::new(data_dir);
+    config.cipher = cipher;
     let log = Log::open(&data_dir.join(namespace), namespace, &config)
         .with_context(|| format!("opening namespace {namespace} in {}", data_dir.display()))?;
     Ok(Arc::new(log))
@@ -390,15 +425,19 @@ pub struct CopyArgs {
     /// Secret key of an encrypted source.
     #[arg(long, env = "BUS_SRC_SECRET_KEY", hide_env_values = true)]
     pub src_secret_key: Option<String>,
-    /// Secret key to encrypt the destination with.
+    /// Secret key to encrypt the destination with (a destination namespace that exists
+    /// already must have been encrypted with it, or not be encrypted if none is given).
     #[arg(long, env = "BUS_DST_SECRET_KEY", hide_env_values = true)]
     pub dst_secret_key: Option<String>,
+    /// Plaintext bytes sealed together in the encrypted destination.
+    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
 }
 
 pub async fn copy(args: CopyArgs) -> anyhow::Result<()> {
-    if args.src_secret_key.is_some() || args.dst_secret_key.is_some() {
-        bail!("encryption at rest is not supported by this version of bus yet; copy without --src-secret-key and --dst-secret-key");
-    }
+    // The source's block size does not matter: readers take blocks of any size.
+    let source_cipher = cipher_for(args.src_secret_key.as_deref(), DEFAULT_BLOCK_SIZE)?;
+    let target_cipher = cipher_for(args.dst_secret_key.as_deref(), args.block_size)?;
     let namespaces = match args.namespace.is_empty() {
         true => inspect::namespaces(&args.from)?,
         false => args.namespace.clone(),
@@ -408,9 +447,9 @@ pub async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Handle::current();
     for namespace in namespaces {
-        let source = LogFiles::open(&args.from.join(&namespace))
+        let source = LogFiles::open(&args.from.join(&namespace), source_cipher.as_ref())
             .with_context(|| format!("namespace {namespace}"))?;
-        let target = open_log(&args.to, &namespace)?;
+        let target = open_log(&args.to, &namespace, target_cipher.clone())?;
         let bar = progress::events(None, &format!("copying {namespace}"));
         let skip_ids = args.skip_ids;
         let runtime = runtime.clone();

@@ -79,6 +79,7 @@ async fn store(bench: StoreBench) -> anyhow::Result<()> {
         segment_size: bench.segment_size,
         fsync: bench.fsync,
         tail_bytes: DEFAULT_TAIL_BYTES,
+        cipher: None,
     };
     let result = run_store_bench(&bench, &config).await;
     if remove_after {

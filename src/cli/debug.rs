@@ -26,6 +26,8 @@ pub struct DebugArgs {
     /// Check every record and index, and report all damage found.
     #[arg(long)]
     pub verify: bool,
+    #[command(flatten)]
+    pub key: super::archive::KeyArgs,
 }
 
 pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
@@ -42,9 +44,10 @@ fn debug(args: &DebugArgs) -> anyhow::Result<()> {
     if namespaces.is_empty() {
         anyhow::bail!("{} holds no namespace", args.path.display());
     }
+    let cipher = args.key.cipher()?;
     let mut damaged = Vec::new();
     for namespace in &namespaces {
-        let files = LogFiles::open(&args.path.join(namespace))
+        let files = LogFiles::open(&args.path.join(namespace), cipher.as_ref())
             .with_context(|| format!("namespace {namespace}"))?;
         println!("namespace {namespace}");
         let readable = statistics(&files, args.list)?;

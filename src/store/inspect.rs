@@ -7,15 +7,18 @@
 //!   serve after that start.
 //! - It takes a shared lock on the log's lock file, so it refuses to read a log that a
 //!   running server has open, and a server cannot start on the log while it reads.
-//! - Every record is checked against its CRC; damage is reported with file and offset.
+//! - Every record is checked against its CRC, and every block of an encrypted log against
+//!   its MAC; damage is reported with file and offset (for a damaged block, its offset in
+//!   the file; for a record inside an encrypted log, its offset in the decrypted stream).
 
 use std::fs::{self, File};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::cipher::{self, Cipher, FrameEnd};
 use super::error::{IoContext, StoreError};
-use super::log::LOCK_FILE;
-use super::meta::META_FILE;
+use super::log::{check_key, LOCK_FILE};
+use super::meta::{Meta, META_FILE};
 use super::segment::{
     self, check_log_header, check_record, RecordCheck, SegmentPaths, LOG_HEADER_LEN,
     RECORD_HEADER_LEN,
@@ -103,11 +106,25 @@ pub struct Verification {
 pub struct LogFiles {
     dir: PathBuf,
     segments: Vec<SegmentFile>,
+    cipher: Option<Cipher>,
     _lock: Option<File>,
 }
 
+/// A segment's records, decrypted if need be, and what was wrong with its blocks.
+struct Loaded {
+    /// The logical stream (the file itself, plain), header included.
+    bytes: Vec<u8>,
+    /// The first damaged block, and whether a valid block follows it.
+    block_damage: Option<(Damage, bool)>,
+    /// Blocks of a group that never ended (an interrupted write).
+    incomplete_group: Option<Damage>,
+    /// Ends of the blocks kept.
+    frames: Option<Vec<FrameEnd>>,
+}
+
 impl LogFiles {
-    pub fn open(dir: &Path) -> Result<LogFiles, StoreError> {
+    /// Opens the log in `dir` for reading, with the key it was encrypted with, if any.
+    pub fn open(dir: &Path, cipher: Option<&Cipher>) -> Result<LogFiles, StoreError> {
         let lock = match File::open(dir.join(LOCK_FILE)) {
             Ok(file) => {
                 match file.try_lock_shared() {
@@ -128,12 +145,14 @@ impl LogFiles {
             Err(e) => return Err(StoreError::io(format!("opening {}", dir.display()), e)),
         };
         let bases = segment::list_segments(dir)?;
-        if bases.is_empty() && !dir.join(META_FILE).is_file() {
+        let Some(meta) = Meta::read(dir)? else {
             return Err(StoreError::Unusable(format!(
-                "{} holds no bus log (no {META_FILE} and no segment files)",
+                "{} holds no bus log (no {META_FILE})",
                 dir.display()
             )));
-        }
+        };
+        let namespace = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        check_key(dir, namespace.as_deref().unwrap_or("?"), &meta, cipher)?;
         let mut segments = Vec::with_capacity(bases.len());
         for base in bases {
             let path = SegmentPaths::new(dir, base).log;
@@ -145,7 +164,51 @@ impl LogFiles {
         Ok(LogFiles {
             dir: dir.to_owned(),
             segments,
+            cipher: cipher.cloned(),
             _lock: lock,
+        })
+    }
+
+    /// Reads a segment whole (the tools stream a log once, segment by segment) and
+    /// decrypts it if it is encrypted.
+    fn load(&self, segment: &SegmentFile) -> Result<Loaded, StoreError> {
+        let bytes =
+            fs::read(&segment.path).context(|| format!("reading {}", segment.path.display()))?;
+        let Some(cipher) = &self.cipher else {
+            return Ok(Loaded {
+                bytes,
+                block_damage: None,
+                incomplete_group: None,
+                frames: None,
+            });
+        };
+        let header = LOG_HEADER_LEN as usize;
+        if bytes.len() < header {
+            return Err(StoreError::corrupt(
+                &segment.path,
+                0,
+                "segment header is incomplete",
+            ));
+        }
+        check_log_header(&bytes, segment.base, &segment.path, true)?;
+        let found = cipher::decrypt_segment(cipher, segment.base, &bytes, header);
+        let damage = |offset: u64, reason: &str| Damage {
+            file: segment.path.clone(),
+            offset,
+            reason: reason.to_owned(),
+        };
+        Ok(Loaded {
+            block_damage: found
+                .damage
+                .map(|(at, reason)| (damage(at, reason), found.valid_after_damage.is_some())),
+            incomplete_group: found.incomplete_group_at.map(|at| {
+                damage(
+                    at,
+                    "the last group of blocks is incomplete (an interrupted write)",
+                )
+            }),
+            frames: Some(found.frames),
+            bytes: found.logical,
         })
     }
 
@@ -182,11 +245,32 @@ impl LogFiles {
                 )
                 .into());
             }
-            let bytes = read_segment(segment)?;
-            let walk = walk_records(&bytes, segment)?;
+            let loaded = self.load(segment)?;
+            if let Some((damage, followed_by_valid)) = loaded.block_damage {
+                if !is_last || followed_by_valid {
+                    return Err(
+                        StoreError::corrupt(&damage.file, damage.offset, damage.reason).into(),
+                    );
+                }
+                end.torn_tail = Some(damage);
+            }
+            if let Some(incomplete) = loaded.incomplete_group {
+                if !is_last {
+                    return Err(StoreError::corrupt(
+                        &incomplete.file,
+                        incomplete.offset,
+                        "group of blocks is incomplete in a sealed segment",
+                    )
+                    .into());
+                }
+                end.torn_tail.get_or_insert(incomplete);
+            }
+            let bytes = loaded.bytes;
+            let walk = walk_records(&bytes, segment, self.cipher.is_some())?;
             let mut records = walk.records;
             if let Some(damage) = walk.damage {
-                let followed_by_valid = walk.valid_after_damage;
+                // Inside whole groups of authenticated blocks, damage is never a torn end.
+                let followed_by_valid = walk.valid_after_damage || self.cipher.is_some();
                 if !is_last || followed_by_valid {
                     return Err(StoreError::corrupt(
                         &damage.file,
@@ -258,8 +342,31 @@ impl LogFiles {
                     ),
                 });
             }
-            let bytes = read_segment(segment)?;
-            let walk = match walk_records(&bytes, segment) {
+            let loaded = match self.load(segment) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    found.damage.push(damage_of(e, &segment.path));
+                    progress(segment.bytes);
+                    expected_base = self.segments.get(i + 1).map_or(0, |next| next.base);
+                    continue;
+                }
+            };
+            if let Some((damage, followed_by_valid)) = loaded.block_damage {
+                if is_last && !followed_by_valid {
+                    found.repairable.push(damage);
+                } else {
+                    found.damage.push(damage);
+                }
+            }
+            if let Some(incomplete) = loaded.incomplete_group {
+                if is_last {
+                    found.repairable.push(incomplete);
+                } else {
+                    found.damage.push(incomplete);
+                }
+            }
+            let bytes = loaded.bytes;
+            let walk = match walk_records(&bytes, segment, self.cipher.is_some()) {
                 Ok(walk) => walk,
                 Err(e) => {
                     found.damage.push(damage_of(e, &segment.path));
@@ -271,7 +378,7 @@ impl LogFiles {
             };
             found.valid_records += walk.records.len() as u64;
             if let Some(damage) = walk.damage {
-                if is_last && !walk.valid_after_damage {
+                if is_last && !walk.valid_after_damage && self.cipher.is_none() {
                     found.repairable.push(damage);
                 } else {
                     found.damage.push(damage);
@@ -309,6 +416,22 @@ impl LogFiles {
                     reason: "the index is missing or does not match the segment (the server rebuilds it when it opens the log)".into(),
                 }),
             }
+            if let (Some(frames), false) = (&loaded.frames, is_last) {
+                let map = SegmentPaths::new(&self.dir, segment.base).frames;
+                match segment::read_frames_file(&map, segment.base) {
+                    Some(stored) if stored == *frames => {}
+                    Some(stored) if stored.last() == frames.last() => found.damage.push(Damage {
+                        file: map,
+                        offset: 0,
+                        reason: "block map entries disagree with the blocks; delete this .frm file so that the server rebuilds it".into(),
+                    }),
+                    _ => found.repairable.push(Damage {
+                        file: map,
+                        offset: 0,
+                        reason: "the block map is missing or does not match the segment (the server rebuilds it when it opens the log)".into(),
+                    }),
+                }
+            }
             expected_base = segment.base + walk.records.len() as u64;
             progress(segment.bytes);
         }
@@ -335,11 +458,6 @@ fn damage_of(error: StoreError, file: &Path) -> Damage {
     }
 }
 
-/// A segment's bytes. Read whole: the tools stream a log once, segment by segment.
-fn read_segment(segment: &SegmentFile) -> Result<Vec<u8>, StoreError> {
-    fs::read(&segment.path).context(|| format!("reading {}", segment.path.display()))
-}
-
 struct RecordSpan {
     offset: u64,
     end: u64,
@@ -355,13 +473,14 @@ struct Walk {
     valid_after_damage: bool,
 }
 
-/// Walks a segment's records from its header on, stopping at the first damaged one.
-fn walk_records(bytes: &[u8], segment: &SegmentFile) -> Result<Walk, StoreError> {
+/// Walks a segment's records (its logical stream if `encrypted`) from its header on,
+/// stopping at the first damaged one.
+fn walk_records(bytes: &[u8], segment: &SegmentFile, encrypted: bool) -> Result<Walk, StoreError> {
     let path = &segment.path;
     if bytes.len() < LOG_HEADER_LEN as usize {
         return Err(StoreError::corrupt(path, 0, "segment header is incomplete"));
     }
-    check_log_header(bytes, segment.base, path)?;
+    check_log_header(bytes, segment.base, path, encrypted)?;
     let mut records = Vec::new();
     let mut at = LOG_HEADER_LEN as usize;
     while at < bytes.len() {

@@ -23,7 +23,7 @@ use super::meta::{Generation, Meta};
 use super::segment::{self, ActiveFiles, Segment, SegmentPaths, TailDamage, LOG_HEADER_LEN};
 use super::tail::Tail;
 use super::writer::{self, Command};
-use super::{ids, Appended, BoxFuture, EventLog, StoreConfig};
+use super::{ids, Appended, BoxFuture, Cipher, EventLog, StoreConfig};
 use crate::event::{PendingEvent, StoredEvent};
 
 /// Largest chunk of record bytes one disk read returns.
@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub dir: PathBuf,
     /// The id generations; fixed while the log is open.
     pub meta: Meta,
+    /// The key of an encrypted log.
+    pub cipher: Option<Cipher>,
     pub segments: RwLock<Vec<Arc<Segment>>>,
     pub tail: RwLock<Tail>,
     committed: AtomicU64,
@@ -133,7 +135,7 @@ impl Shared {
             return Ok(Vec::new());
         }
         self.disk_reads.fetch_add(1, Ordering::Relaxed);
-        segment.read(from, end, READ_CHUNK_BYTES)
+        segment.read(from, end, READ_CHUNK_BYTES, self.cipher.as_ref())
     }
 
     /// Resolves a server-assigned id of this log without I/O: `Some(answer)` if `id` has
@@ -201,6 +203,7 @@ impl Log {
                         first: 0,
                     }],
                     clean_end: None,
+                    key_check: config.cipher.as_ref().map(Cipher::key_check).transpose()?,
                 };
                 // Written before the first segment exists, so that a crash right now
                 // never leaves segments without metadata.
@@ -216,11 +219,13 @@ impl Log {
             }
         };
 
+        check_key(dir, namespace, &meta, config.cipher.as_ref())?;
+        let cipher = config.cipher.as_ref();
         let mut recovery = Recovery {
             clean_shutdown: fresh || meta.clean_end.is_some(),
             ..Recovery::default()
         };
-        let (segments, active_files) = open_segments(dir, &bases, &meta, &mut recovery)?;
+        let (segments, active_files) = open_segments(dir, &bases, &meta, &mut recovery, cipher)?;
         let active = segments
             .last()
             .ok_or_else(|| StoreError::Unusable("no active segment".into()))?;
@@ -257,6 +262,7 @@ impl Log {
             namespace: namespace.to_owned(),
             dir: dir.to_owned(),
             meta: meta.clone(),
+            cipher: config.cipher.clone(),
             tail: RwLock::new(Tail::new(next, config.tail_bytes)),
             segments: RwLock::new(segments),
             committed: AtomicU64::new(next),
@@ -443,6 +449,33 @@ impl EventLog for Log {
     }
 }
 
+/// Refuses to open a log with a key it was not encrypted with, or without its key, or a
+/// plain log with a key, each with its own message.
+pub fn check_key(
+    dir: &Path,
+    namespace: &str,
+    meta: &Meta,
+    cipher: Option<&Cipher>,
+) -> Result<(), StoreError> {
+    let message = match (&meta.key_check, cipher) {
+        (None, None) => return Ok(()),
+        (Some(check), Some(cipher)) if cipher.matches_key_check(check) => return Ok(()),
+        (Some(_), Some(_)) => format!(
+            "namespace {namespace} ({}) is encrypted with a different secret key than the one given",
+            dir.display()
+        ),
+        (Some(_), None) => format!(
+            "namespace {namespace} ({}) is encrypted: give its secret key (--secret-key or BUS_SECRET_KEY)",
+            dir.display()
+        ),
+        (None, Some(_)) => format!(
+            "namespace {namespace} ({}) is not encrypted, but a secret key was given; to encrypt it, copy it into a new data directory with bus copy --dst-secret-key",
+            dir.display()
+        ),
+    };
+    Err(StoreError::Unusable(message))
+}
+
 fn take_lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
@@ -470,6 +503,7 @@ fn open_segments(
     bases: &[u64],
     meta: &Meta,
     recovery: &mut Recovery,
+    cipher: Option<&Cipher>,
 ) -> Result<(Vec<Arc<Segment>>, Arc<ActiveFiles>), StoreError> {
     let mut bases = bases.to_vec();
     // A crash while rolling to a new segment can leave its file without a whole header
@@ -495,18 +529,18 @@ fn open_segments(
     let is_native = |id: &str, position: u64| Shared::is_native_at(meta, id, position);
     let mut segments = Vec::with_capacity(bases.len().max(1));
     for pair in bases.windows(2) {
-        let segment = open_sealed(dir, pair[0], pair[1], &is_native, recovery)?;
+        let segment = open_sealed(dir, pair[0], pair[1], &is_native, recovery, cipher)?;
         segments.push(Arc::new(segment));
     }
     let (active, files) = match bases.last() {
         None => {
-            let segment = Segment::create(dir, 0)?;
+            let segment = Segment::create(dir, 0, cipher.is_some())?;
             let files = segment
                 .active_files()
                 .ok_or_else(|| StoreError::Unusable("new segment has no files".into()))?;
             (segment, files)
         }
-        Some(&base) => open_active(dir, base, &is_native, recovery)?,
+        Some(&base) => open_active(dir, base, &is_native, recovery, cipher)?,
     };
     segments.push(Arc::new(active));
     Ok((segments, files))
@@ -519,6 +553,7 @@ fn open_sealed(
     next_base: u64,
     is_native: &dyn Fn(&str, u64) -> bool,
     recovery: &mut Recovery,
+    cipher: Option<&Cipher>,
 ) -> Result<Segment, StoreError> {
     let paths = SegmentPaths::new(dir, base);
     let expected = next_base.saturating_sub(base);
@@ -537,15 +572,23 @@ fn open_sealed(
         .len();
     std::os::unix::fs::FileExt::read_exact_at(&log_file, &mut header, 0)
         .map_err(|_| StoreError::corrupt(&paths.log, 0, "segment header is incomplete"))?;
-    segment::check_log_header(&header, base, &paths.log)?;
+    segment::check_log_header(&header, base, &paths.log, cipher.is_some())?;
 
-    let index_ok = segment::index_entries(&paths.index, base) == Some(expected)
-        && segment::last_index_entry(&paths.index, expected) == Some(log_len);
+    let last_entry = segment::last_index_entry(&paths.index, expected);
+    // Plain, the records end where the file does; encrypted, the last block ends there
+    // and holds the last record's end.
+    let ends_ok = match cipher {
+        None => last_entry == Some(log_len),
+        Some(_) => segment::read_frames_file(&paths.frames, base)
+            .and_then(|frames| frames.last().copied())
+            .is_some_and(|last| Some(last.logical) == last_entry && last.disk == log_len),
+    };
+    let index_ok = segment::index_entries(&paths.index, base) == Some(expected) && ends_ok;
     let ids_ok = File::open(&paths.ids)
         .is_ok_and(|f| segment::has_small_header(&f, segment::SmallFile::Ids, base));
     if !(index_ok && ids_ok) {
         tracing::warn!(file = %paths.log.display(), "index of a sealed segment is missing or inconsistent; rebuilding it");
-        let scan = segment::scan(&paths.log, base, false, is_native)?;
+        let scan = segment::scan(&paths.log, base, false, is_native, cipher)?;
         if scan.ends.len() as u64 != expected {
             return Err(StoreError::corrupt(
                 &paths.log,
@@ -559,6 +602,9 @@ fn open_sealed(
         segment::write_index_file(&paths.index, base, &scan.ends)?;
         let client_ids: Vec<(u64, u64)> = scan.client_ids.into_iter().collect();
         segment::write_ids_file(&paths.ids, base, &client_ids)?;
+        if let Some(frames) = &scan.frames {
+            segment::write_frames_file(&paths.frames, base, frames)?;
+        }
         recovery.rebuilt_indexes.push(paths.index.clone());
     }
     Ok(Segment::sealed(paths, base, expected))
@@ -571,21 +617,25 @@ fn open_active(
     base: u64,
     is_native: &dyn Fn(&str, u64) -> bool,
     recovery: &mut Recovery,
+    cipher: Option<&Cipher>,
 ) -> Result<(Segment, Arc<ActiveFiles>), StoreError> {
     let paths = SegmentPaths::new(dir, base);
-    let scan = segment::scan(&paths.log, base, true, is_native)?;
+    let scan = segment::scan(&paths.log, base, true, is_native, cipher)?;
     let log = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&paths.log)
         .context(|| format!("opening {}", paths.log.display()))?;
     if let Some(damage) = &scan.tail {
-        log.set_len(scan.kept_len)
+        log.set_len(scan.kept_file_len)
             .and_then(|()| log.sync_all())
             .context(|| format!("truncating {}", paths.log.display()))?;
         let reason = match damage {
             TailDamage::InterruptedWrite { offset, reason } => {
                 format!("{reason} at offset {offset}")
+            }
+            TailDamage::IncompleteBatch { records: 0, .. } => {
+                "the last group of blocks is incomplete".to_owned()
             }
             TailDamage::IncompleteBatch { records, .. } => {
                 format!("the last batch is incomplete ({records} records without its end)")
@@ -593,29 +643,26 @@ fn open_active(
         };
         recovery.truncated = Some(Truncation {
             file: paths.log.clone(),
-            offset: scan.kept_len,
-            bytes_dropped: scan.file_len - scan.kept_len,
+            offset: scan.kept_file_len,
+            bytes_dropped: scan.file_len - scan.kept_file_len,
             reason,
         });
     }
     // The active index is derived from the records just checked; rewriting it is cheaper
     // than comparing (8 bytes per event of one segment).
     let index = segment::write_index_file(&paths.index, base, &scan.ends)?;
-    // A stale `.ids` exists if this segment was sealed before a crash cut its successor's
-    // creation short; it is rewritten when the segment is sealed again.
-    match fs::remove_file(&paths.ids) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(StoreError::io(
-                format!("removing {}", paths.ids.display()),
-                e,
-            ))
+    // A stale `.ids` (or `.frm`) exists if this segment was sealed before a crash cut its
+    // successor's creation short; it is rewritten when the segment is sealed again.
+    for stale in [&paths.ids, &paths.frames] {
+        match fs::remove_file(stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(format!("removing {}", stale.display()), e)),
         }
     }
     let count = scan.ends.len() as u64;
     let files = ActiveFiles { log, index };
-    let segment = Segment::active(paths, base, count, files, scan.client_ids);
+    let segment = Segment::active(paths, base, count, files, scan.client_ids, scan.frames);
     let files = segment
         .active_files()
         .ok_or_else(|| StoreError::Unusable("active segment has no files".into()))?;

@@ -32,6 +32,9 @@ pub struct Meta {
     pub generations: Vec<Generation>,
     /// `Some(number of events)` if the log was closed cleanly.
     pub clean_end: Option<u64>,
+    /// Of an encrypted log: a constant sealed with its key (see
+    /// [`super::cipher::Cipher::key_check`]).
+    pub key_check: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -40,6 +43,8 @@ struct MetaFile {
     generations: Vec<GenerationFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     clean_end: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_check: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,6 +88,7 @@ impl Meta {
         Ok(Some(Meta {
             generations,
             clean_end: file.clean_end,
+            key_check: file.key_check,
         }))
     }
 
@@ -98,6 +104,7 @@ impl Meta {
                 })
                 .collect(),
             clean_end: self.clean_end,
+            key_check: self.key_check.clone(),
         };
         let mut text = serde_json::to_vec_pretty(&file)
             .map_err(|e| StoreError::Unusable(format!("encoding metadata: {e}")))?;
@@ -170,6 +177,7 @@ mod tests {
         let mut meta = Meta {
             generations: vec![Generation { id: 5, first: 0 }],
             clean_end: None,
+            key_check: None,
         };
         meta.start_generation(9, 100);
         meta.start_generation(11, 150);

@@ -28,6 +28,7 @@
 //! recent events, [`meta`] the per-namespace metadata, [`ids`] the event ids; [`inspect`]
 //! reads a log's files directly for the offline tools.
 
+pub mod cipher;
 pub mod error;
 pub mod ids;
 mod inbox;
@@ -49,6 +50,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub use self::cipher::Cipher;
 pub use self::error::StoreError;
 pub use self::log::{Log, LogStats, Recovery, Truncation};
 use crate::duration::{format_go_duration, parse_go_duration};
@@ -118,6 +120,9 @@ pub struct StoreConfig {
     pub fsync: FsyncPolicy,
     /// Bytes of recent events each log keeps in memory for live readers.
     pub tail_bytes: usize,
+    /// Encrypts the logs at rest; a log must always be opened with the key it was
+    /// created with (or without one if it was created without).
+    pub cipher: Option<Cipher>,
 }
 
 /// Default segment size: 128 MiB.
@@ -132,6 +137,7 @@ impl StoreConfig {
             segment_size: DEFAULT_SEGMENT_SIZE,
             fsync: FsyncPolicy::Always,
             tail_bytes: DEFAULT_TAIL_BYTES,
+            cipher: None,
         }
     }
 }

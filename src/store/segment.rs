@@ -24,7 +24,6 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +31,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::BytesMut;
 
+use super::cipher::{self, Cipher, FrameEnd};
 use super::error::{IoContext, StoreError};
 use super::ids;
 use super::meta::sync_dir;
@@ -50,6 +50,7 @@ pub const MAX_BODY_LEN: usize = (CONTINUES - 1) as usize;
 const LOG_MAGIC: &[u8; 8] = b"BUSLOG\x00\x01";
 const INDEX_MAGIC: &[u8; 8] = b"BUSIDX\x00\x01";
 const IDS_MAGIC: &[u8; 8] = b"BUSIDS\x00\x01";
+const FRAMES_MAGIC: &[u8; 8] = b"BUSFRM\x00\x01";
 
 /// The three files of a segment.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub struct SegmentPaths {
     pub log: PathBuf,
     pub index: PathBuf,
     pub ids: PathBuf,
+    /// Encrypted segments only, once sealed.
+    pub frames: PathBuf,
 }
 
 impl SegmentPaths {
@@ -65,6 +68,7 @@ impl SegmentPaths {
             log: dir.join(format!("{base:020}.log")),
             index: dir.join(format!("{base:020}.idx")),
             ids: dir.join(format!("{base:020}.ids")),
+            frames: dir.join(format!("{base:020}.frm")),
         }
     }
 }
@@ -89,11 +93,15 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
     Ok(bases)
 }
 
-pub fn log_header(base: u64) -> [u8; LOG_HEADER_LEN as usize] {
+/// Header flag of a segment whose records are sealed (see [`super::cipher`]).
+const FLAG_ENCRYPTED: u32 = 1;
+
+pub fn log_header(base: u64, encrypted: bool) -> [u8; LOG_HEADER_LEN as usize] {
     let mut header = [0u8; LOG_HEADER_LEN as usize];
     header[..8].copy_from_slice(LOG_MAGIC);
     header[8..16].copy_from_slice(&base.to_le_bytes());
-    // Bytes 16..20: flags, none defined yet.
+    let flags = if encrypted { FLAG_ENCRYPTED } else { 0 };
+    header[16..20].copy_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&header[..20]);
     header[20..].copy_from_slice(&crc.to_le_bytes());
     header
@@ -106,8 +114,13 @@ fn small_header(magic: &[u8; 8], base: u64) -> [u8; 16] {
     header
 }
 
-/// Checks a `.log` header read from `path`.
-pub fn check_log_header(bytes: &[u8], base: u64, path: &Path) -> Result<(), StoreError> {
+/// Checks a `.log` header read from `path`, of a log that is `encrypted` or not.
+pub fn check_log_header(
+    bytes: &[u8],
+    base: u64,
+    path: &Path,
+    encrypted: bool,
+) -> Result<(), StoreError> {
     let bad = |reason: &str| StoreError::corrupt(path, 0, reason);
     if bytes.len() < LOG_HEADER_LEN as usize {
         return Err(bad("segment header is incomplete"));
@@ -126,12 +139,20 @@ pub fn check_log_header(bytes: &[u8], base: u64, path: &Path) -> Result<(), Stor
         )));
     }
     let flags = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
-    if flags != 0 {
+    if flags & !FLAG_ENCRYPTED != 0 {
         return Err(bad(&format!(
             "segment uses features this version does not know (flags {flags:#x})"
         )));
     }
-    Ok(())
+    match (flags & FLAG_ENCRYPTED != 0, encrypted) {
+        (true, false) => Err(bad(
+            "segment is encrypted, but the log is opened without a secret key",
+        )),
+        (false, true) => Err(bad(
+            "segment is not encrypted, but the log is opened with a secret key",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Reserves room for a record header; the body follows. Returns where the record starts.
@@ -203,6 +224,9 @@ pub struct Segment {
     live_ids: RwLock<Option<BTreeSet<(u64, u64)>>>,
     /// The `.ids` file of a sealed segment, once a lookup needed it.
     sealed_ids: OnceLock<SealedIds>,
+    /// Of an encrypted segment: where its frames end. The writer extends it for the
+    /// active segment; a sealed one's is loaded from its `.frm` file on first read.
+    frames: RwLock<Option<Arc<Vec<FrameEnd>>>>,
 }
 
 #[derive(Debug)]
@@ -213,9 +237,9 @@ pub struct ActiveFiles {
 
 impl Segment {
     /// Creates the files of a new, empty segment and syncs them into the directory.
-    pub fn create(dir: &Path, base: u64) -> Result<Segment, StoreError> {
+    pub fn create(dir: &Path, base: u64, encrypted: bool) -> Result<Segment, StoreError> {
         let paths = SegmentPaths::new(dir, base);
-        let log = create_with_header(&paths.log, &log_header(base))?;
+        let log = create_with_header(&paths.log, &log_header(base, encrypted))?;
         let index = create_with_header(&paths.index, &small_header(INDEX_MAGIC, base))?;
         sync_dir(dir)?;
         Ok(Segment {
@@ -225,6 +249,7 @@ impl Segment {
             active: RwLock::new(Some(Arc::new(ActiveFiles { log, index }))),
             live_ids: RwLock::new(Some(BTreeSet::new())),
             sealed_ids: OnceLock::new(),
+            frames: RwLock::new(encrypted.then(|| Arc::new(Vec::new()))),
         })
     }
 
@@ -237,16 +262,19 @@ impl Segment {
             active: RwLock::new(None),
             live_ids: RwLock::new(None),
             sealed_ids: OnceLock::new(),
+            frames: RwLock::new(None),
         }
     }
 
-    /// An active segment whose files were just checked (and, if needed, repaired).
+    /// An active segment whose files were just checked (and, if needed, repaired);
+    /// `frames` for an encrypted one.
     pub fn active(
         paths: SegmentPaths,
         base: u64,
         count: u64,
         files: ActiveFiles,
         live_ids: BTreeSet<(u64, u64)>,
+        frames: Option<Vec<FrameEnd>>,
     ) -> Segment {
         Segment {
             base,
@@ -255,7 +283,36 @@ impl Segment {
             active: RwLock::new(Some(Arc::new(files))),
             live_ids: RwLock::new(Some(live_ids)),
             sealed_ids: OnceLock::new(),
+            frames: RwLock::new(frames.map(Arc::new)),
         }
+    }
+
+    /// Adds frames the writer has just written (before their events are committed).
+    pub fn add_frames(&self, new: &[FrameEnd]) {
+        if let Ok(mut frames) = self.frames.write() {
+            if let Some(frames) = frames.as_mut() {
+                Arc::make_mut(frames).extend_from_slice(new);
+            }
+        }
+    }
+
+    /// The frame ends held in memory (those of an encrypted active segment).
+    pub fn frame_ends_in_memory(&self) -> Option<Arc<Vec<FrameEnd>>> {
+        self.frames.read().ok().and_then(|f| f.clone())
+    }
+
+    /// The frame ends of an encrypted segment, loading a sealed one's `.frm` file.
+    fn frame_ends(&self) -> Result<Arc<Vec<FrameEnd>>, StoreError> {
+        if let Some(frames) = self.frame_ends_in_memory() {
+            return Ok(frames);
+        }
+        let loaded = Arc::new(read_frames_file(&self.paths.frames, self.base).ok_or_else(
+            || StoreError::corrupt(&self.paths.frames, 0, "block map is missing or malformed"),
+        )?);
+        if let Ok(mut frames) = self.frames.write() {
+            *frames = Some(Arc::clone(&loaded));
+        }
+        Ok(loaded)
     }
 
     pub fn count(&self) -> u64 {
@@ -285,6 +342,9 @@ impl Segment {
             Err(_) => return Err(StoreError::Unusable("id index lock poisoned".into())),
         };
         write_ids_file(&self.paths.ids, self.base, &ids)?;
+        if let Some(frames) = self.frame_ends_in_memory() {
+            write_frames_file(&self.paths.frames, self.base, &frames)?;
+        }
         if let Ok(mut live) = self.live_ids.write() {
             *live = None;
         }
@@ -339,6 +399,7 @@ impl Segment {
         from: u64,
         until: u64,
         max_bytes: u64,
+        cipher: Option<&Cipher>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         debug_assert!(self.base <= from && from < until && until <= self.base + self.count());
         let mut bounds = self.record_bounds(from, until)?;
@@ -355,11 +416,17 @@ impl Segment {
                 format!("index entries for positions {from}.. are not increasing"),
             ));
         }
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.file(Part::Log)?
-            .get()
-            .read_exact_at(&mut buf, start)
-            .context(|| format!("reading {}", self.paths.log.display()))?;
+        let buf = match cipher {
+            None => {
+                let mut buf = vec![0u8; (end - start) as usize];
+                self.file(Part::Log)?
+                    .get()
+                    .read_exact_at(&mut buf, start)
+                    .context(|| format!("reading {}", self.paths.log.display()))?;
+                buf
+            }
+            Some(cipher) => self.read_sealed(cipher, start, end)?,
+        };
 
         let mut frames = BytesMut::with_capacity(buf.len() + (bounds.len() - 1) * 48);
         let mut spans = Vec::with_capacity(bounds.len() - 1);
@@ -388,6 +455,51 @@ impl Segment {
             spans.push((from + i as u64, frame_start, layout));
         }
         Ok(event::split_frames(frames.freeze(), spans))
+    }
+
+    /// The logical bytes `start..end` of an encrypted segment: one read of the frames that
+    /// hold them, each opened and checked.
+    fn read_sealed(&self, cipher: &Cipher, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+        let frames = self.frame_ends()?;
+        let first = frames.partition_point(|f| f.logical <= start);
+        let last = frames.partition_point(|f| f.logical < end);
+        if last >= frames.len() {
+            return Err(StoreError::corrupt(
+                &self.paths.log,
+                0,
+                format!("no block holds bytes up to {end} of the records"),
+            ));
+        }
+        let (logical_start, disk_start) = match first.checked_sub(1) {
+            Some(i) => (frames[i].logical, frames[i].disk),
+            None => (LOG_HEADER_LEN, LOG_HEADER_LEN),
+        };
+        let disk_end = frames[last].disk;
+        let mut raw = vec![0u8; (disk_end - disk_start) as usize];
+        self.file(Part::Log)?
+            .get()
+            .read_exact_at(&mut raw, disk_start)
+            .context(|| format!("reading {}", self.paths.log.display()))?;
+        let mut plain = Vec::with_capacity((frames[last].logical - logical_start) as usize);
+        let (mut logical, mut disk) = (logical_start, disk_start);
+        for frame in &frames[first..=last] {
+            let at = (disk - disk_start) as usize;
+            let bytes = &mut raw[at..(frame.disk - disk_start) as usize];
+            let data = cipher
+                .open(self.base, logical, bytes)
+                .map_err(|reason| StoreError::corrupt(&self.paths.log, disk, reason))?;
+            plain.extend_from_slice(data);
+            (logical, disk) = (frame.logical, frame.disk);
+        }
+        let from = (start - logical_start) as usize;
+        let to = (end - logical_start) as usize;
+        plain.get(from..to).map(<[u8]>::to_vec).ok_or_else(|| {
+            StoreError::corrupt(
+                &self.paths.log,
+                disk_start,
+                "blocks are shorter than their map says",
+            )
+        })
     }
 
     /// Positions of events whose client-supplied id hashes to `hash` (to be confirmed by
@@ -543,28 +655,34 @@ pub enum SmallFile {
 /// What a full scan of a segment's `.log` found.
 #[derive(Debug)]
 pub struct Scan {
-    /// End offsets of the records kept (complete batches only).
+    /// End offsets of the records kept (complete batches only), in the logical stream
+    /// (the file itself for a plain segment).
     pub ends: Vec<u64>,
     /// (hash, position) of the kept events whose ids are client-supplied.
     pub client_ids: BTreeSet<(u64, u64)>,
-    /// Length of the kept records, header included: where the next record goes.
+    /// Logical length of the kept records, header included: where the next record goes.
     pub kept_len: u64,
-    /// The file's length; `kept_len < file_len` means there is a tail to drop.
+    /// Where the file is to end: `kept_len` for a plain segment, the end of the last
+    /// complete group of frames for an encrypted one.
+    pub kept_file_len: u64,
+    /// The file's length; `kept_file_len < file_len` means there is a tail to drop.
     pub file_len: u64,
-    /// Why the bytes after `kept_len` are not kept, if there are any.
+    /// Why the bytes after `kept_file_len` are not kept, if there are any.
     pub tail: Option<TailDamage>,
+    /// Of an encrypted segment: the ends of the frames kept.
+    pub frames: Option<Vec<FrameEnd>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TailDamage {
-    /// The last record is cut short or fails its checksum, and no valid record follows:
-    /// a write that the crash interrupted.
+    /// The last record (or block) is cut short or fails its check, and nothing valid
+    /// follows: a write that the crash interrupted.
     InterruptedWrite { offset: u64, reason: &'static str },
-    /// The records are intact, but the last batch never got its final record.
+    /// The records are intact, but the last batch (or group of blocks) never got its end.
     IncompleteBatch { offset: u64, records: u64 },
 }
 
-/// Reads a whole segment, checking every record.
+/// Reads a whole segment, checking every record (and, encrypted, every block).
 ///
 /// `is_native(id, position)` says whether an id is one the log assigned itself (those need
 /// no id index). Damage followed by at least one valid record cannot be the tail of an
@@ -576,53 +694,98 @@ pub fn scan(
     base: u64,
     tail_may_be_torn: bool,
     is_native: &dyn Fn(&str, u64) -> bool,
+    cipher: Option<&Cipher>,
 ) -> Result<Scan, StoreError> {
-    let file = File::open(path).context(|| format!("opening {}", path.display()))?;
-    let file_len = file
-        .metadata()
-        .context(|| format!("reading {}", path.display()))?
-        .len();
-    let mut header = [0u8; LOG_HEADER_LEN as usize];
-    file.read_exact_at(&mut header, 0)
-        .map_err(|_| StoreError::corrupt(path, 0, "segment header is incomplete"))?;
-    check_log_header(&header, base, path)?;
+    let bytes = fs::read(path).context(|| format!("reading {}", path.display()))?;
+    if bytes.len() < LOG_HEADER_LEN as usize {
+        return Err(StoreError::corrupt(path, 0, "segment header is incomplete"));
+    }
+    check_log_header(&bytes, base, path, cipher.is_some())?;
+    let Some(cipher) = cipher else {
+        return scan_records(&bytes, path, base, tail_may_be_torn, is_native);
+    };
+    let found = cipher::decrypt_segment(cipher, base, &bytes, LOG_HEADER_LEN as usize);
+    let mut tail = None;
+    if let Some((at, reason)) = found.damage {
+        if let Some(valid_at) = found.valid_after_damage {
+            return Err(StoreError::corrupt(
+                path,
+                at,
+                format!(
+                    "{reason}, and a valid block follows at offset {valid_at}, so this is not an \
+                     interrupted write; refusing to start rather than skip data"
+                ),
+            ));
+        }
+        tail = Some(TailDamage::InterruptedWrite { offset: at, reason });
+    }
+    if let Some(at) = found.incomplete_group_at {
+        tail = Some(TailDamage::IncompleteBatch {
+            offset: at,
+            records: 0,
+        });
+    }
+    if let (Some(damage), false) = (&tail, tail_may_be_torn) {
+        let (at, reason) = match damage {
+            TailDamage::InterruptedWrite { offset, reason } => (*offset, *reason),
+            TailDamage::IncompleteBatch { offset, .. } => {
+                (*offset, "group of blocks is incomplete")
+            }
+        };
+        return Err(StoreError::corrupt(
+            path,
+            at,
+            format!("{reason} in a sealed segment, which was complete when it was sealed"),
+        ));
+    }
+    // Whole groups hold whole batches: the records of what is kept must be intact.
+    let mut scan =
+        scan_records(&found.logical, path, base, false, is_native).map_err(|e| match e {
+            StoreError::Corrupt {
+                file,
+                offset,
+                reason,
+            } => StoreError::Corrupt {
+                file,
+                offset,
+                reason: format!("{reason} (at that offset of the decrypted records)"),
+            },
+            other => other,
+        })?;
+    scan.kept_file_len = found.disk_len;
+    scan.file_len = bytes.len() as u64;
+    scan.tail = tail;
+    scan.frames = Some(found.frames);
+    Ok(scan)
+}
 
-    let mut reader = BufReader::with_capacity(1 << 20, &file);
-    let mut skip = [0u8; LOG_HEADER_LEN as usize];
-    reader
-        .read_exact(&mut skip)
-        .context(|| format!("reading {}", path.display()))?;
-
+/// Checks the records of a plain segment's bytes (or an encrypted one's logical
+/// stream), header included.
+fn scan_records(
+    bytes: &[u8],
+    path: &Path,
+    base: u64,
+    tail_may_be_torn: bool,
+    is_native: &dyn Fn(&str, u64) -> bool,
+) -> Result<Scan, StoreError> {
+    let file_len = bytes.len() as u64;
     let mut ends = Vec::new();
     let mut client_ids = BTreeSet::new();
     let mut offset = LOG_HEADER_LEN;
     // End of the last complete batch, and how many records it covers.
     let (mut batch_end, mut batch_records) = (LOG_HEADER_LEN, 0usize);
-    let mut record = Vec::new();
     let mut damage: Option<(u64, &'static str)> = None;
     while offset < file_len {
-        if file_len - offset < RECORD_HEADER_LEN {
-            damage = Some((offset, "record header is cut short"));
-            break;
-        }
-        let mut head = [0u8; RECORD_HEADER_LEN as usize];
-        reader
-            .read_exact(&mut head)
-            .context(|| format!("reading {}", path.display()))?;
-        let body_len =
-            (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & !CONTINUES) as u64;
-        if file_len - offset - RECORD_HEADER_LEN < body_len {
-            damage = Some((offset, "record is cut short"));
-            break;
-        }
-        record.clear();
-        record.extend_from_slice(&head);
-        record.resize((RECORD_HEADER_LEN + body_len) as usize, 0);
-        reader
-            .read_exact(&mut record[RECORD_HEADER_LEN as usize..])
-            .context(|| format!("reading {}", path.display()))?;
-        let continues = match check_record(&record) {
-            RecordCheck::Valid { continues, .. } => continues,
+        let record = &bytes[offset as usize..];
+        let (body_len, continues) = match check_record(record) {
+            RecordCheck::Valid {
+                body_len,
+                continues,
+            } => (body_len, continues),
+            RecordCheck::Truncated if record.len() < RECORD_HEADER_LEN as usize => {
+                damage = Some((offset, "record header is cut short"));
+                break;
+            }
             RecordCheck::Truncated => {
                 damage = Some((offset, "record is cut short"));
                 break;
@@ -632,7 +795,7 @@ pub fn scan(
                 break;
             }
         };
-        let body = &record[RECORD_HEADER_LEN as usize..];
+        let body = &record[RECORD_HEADER_LEN as usize..RECORD_HEADER_LEN as usize + body_len];
         let Some(id) = event::id_of_json(body) else {
             return Err(StoreError::corrupt(
                 path,
@@ -644,7 +807,7 @@ pub fn scan(
         if !is_native(id, position) {
             client_ids.insert((ids::hash(id), position));
         }
-        offset += RECORD_HEADER_LEN + body_len;
+        offset += RECORD_HEADER_LEN + body_len as u64;
         ends.push(offset);
         if !continues {
             (batch_end, batch_records) = (offset, ends.len());
@@ -653,7 +816,7 @@ pub fn scan(
 
     let tail = match damage {
         Some((at, reason)) => {
-            if let Some(valid_at) = find_valid_record_after(&file, at, file_len)? {
+            if let Some(valid_at) = find_valid_record_after(bytes, at) {
                 return Err(StoreError::corrupt(
                     path,
                     at,
@@ -691,34 +854,60 @@ pub fn scan(
         ends,
         client_ids,
         kept_len: batch_end,
+        kept_file_len: batch_end,
         file_len,
         tail,
+        frames: None,
     })
 }
 
 /// Looks for any valid record starting after `damaged_at`. Finding one proves the damage
 /// is not the end of an interrupted append. Only runs when damage was found.
-fn find_valid_record_after(
-    file: &File,
-    damaged_at: u64,
-    file_len: u64,
-) -> Result<Option<u64>, StoreError> {
-    let mut rest = vec![0u8; (file_len - damaged_at) as usize];
-    file.read_exact_at(&mut rest, damaged_at)
-        .map_err(|e| StoreError::io("re-reading a damaged segment", e))?;
+fn find_valid_record_after(bytes: &[u8], damaged_at: u64) -> Option<u64> {
     let header = RECORD_HEADER_LEN as usize;
     let prefix = b"{\"id\":\"";
-    for start in 1..rest.len() {
-        let candidate = &rest[start..];
-        // Cheap filter first: every event record's body begins with `{"id":"`.
-        if candidate.len() < header + prefix.len() || !candidate[header..].starts_with(prefix) {
-            continue;
-        }
-        if let RecordCheck::Valid { .. } = check_record(candidate) {
-            return Ok(Some(damaged_at + start as u64));
-        }
+    (damaged_at as usize + 1..bytes.len())
+        .find(|&start| {
+            let candidate = &bytes[start..];
+            // Cheap filter first: every event record's body begins with `{"id":"`.
+            candidate.len() >= header + prefix.len()
+                && candidate[header..].starts_with(prefix)
+                && matches!(check_record(candidate), RecordCheck::Valid { .. })
+        })
+        .map(|start| start as u64)
+}
+
+/// Writes a sealed encrypted segment's `.frm` file: the ends of its frames.
+pub fn write_frames_file(path: &Path, base: u64, frames: &[FrameEnd]) -> Result<(), StoreError> {
+    let mut bytes = Vec::with_capacity(16 + frames.len() * 16);
+    bytes.extend_from_slice(&small_header(FRAMES_MAGIC, base));
+    for frame in frames {
+        bytes.extend_from_slice(&frame.logical.to_le_bytes());
+        bytes.extend_from_slice(&frame.disk.to_le_bytes());
     }
-    Ok(None)
+    let file = File::create(path).context(|| format!("creating {}", path.display()))?;
+    file.write_all_at(&bytes, 0)
+        .and_then(|()| file.sync_all())
+        .context(|| format!("writing {}", path.display()))
+}
+
+/// Reads a `.frm` file; `None` if it is missing or malformed.
+pub fn read_frames_file(path: &Path, base: u64) -> Option<Vec<FrameEnd>> {
+    let bytes = fs::read(path).ok()?;
+    if bytes.get(..16)? != small_header(FRAMES_MAGIC, base) || (bytes.len() - 16) % 16 != 0 {
+        return None;
+    }
+    let entries: Vec<FrameEnd> = bytes[16..]
+        .chunks_exact(16)
+        .map(|c| FrameEnd {
+            logical: u64::from_le_bytes(c[..8].try_into().unwrap_or_default()),
+            disk: u64::from_le_bytes(c[8..].try_into().unwrap_or_default()),
+        })
+        .collect();
+    let increasing = entries
+        .windows(2)
+        .all(|w| w[0].logical < w[1].logical && w[0].disk < w[1].disk);
+    increasing.then_some(entries)
 }
 
 /// Reads a `.idx` file's entries; `None` if the file is missing or malformed.
@@ -824,12 +1013,17 @@ mod tests {
 
     #[test]
     fn log_header_round_trip() {
-        let header = log_header(42);
-        assert!(check_log_header(&header, 42, Path::new("x")).is_ok());
-        let err = check_log_header(&header, 43, Path::new("x")).unwrap_err();
+        let header = log_header(42, false);
+        assert!(check_log_header(&header, 42, Path::new("x"), false).is_ok());
+        let err = check_log_header(&header, 43, Path::new("x"), false).unwrap_err();
         assert!(err.to_string().contains("file name says 43"), "{err}");
         let mut bad = header;
         bad[9] ^= 1;
-        assert!(check_log_header(&bad, 42, Path::new("x")).is_err());
+        assert!(check_log_header(&bad, 42, Path::new("x"), false).is_err());
+        let encrypted = log_header(42, true);
+        let err = check_log_header(&encrypted, 42, Path::new("x"), false).unwrap_err();
+        assert!(err.to_string().contains("without a secret key"), "{err}");
+        let err = check_log_header(&header, 42, Path::new("x"), true).unwrap_err();
+        assert!(err.to_string().contains("not encrypted"), "{err}");
     }
 }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::sync::oneshot;
 
+use super::cipher::FrameEnd;
 use super::error::{IoContext, StoreError};
 use super::inbox::{Inbox, Taken};
 use super::log::Shared;
@@ -85,16 +86,22 @@ pub(crate) fn start(
         .ok()
         .and_then(|s| s.last().cloned())
         .ok_or_else(|| StoreError::Unusable("log has no active segment".into()))?;
-    let log_len = files
+    let disk_len = files
         .log
         .metadata()
         .context(|| format!("reading {}", active.paths.log.display()))?
         .len();
+    // An encrypted segment's records are counted in its logical stream, not its file.
+    let log_len = match active.frame_ends_in_memory() {
+        Some(frames) => frames.last().map_or(LOG_HEADER_LEN, |f| f.logical),
+        None => disk_len,
+    };
     let writer = Writer {
         generation: meta.current_generation(),
         next: active.base + active.count(),
         count: active.count(),
         log_len,
+        disk_len,
         active,
         files,
         meta,
@@ -107,6 +114,8 @@ pub(crate) fn start(
         lock: Some(lock),
         records: Vec::new(),
         index: Vec::new(),
+        sealed: Vec::new(),
+        frame_ends: Vec::new(),
         sync_time: Duration::ZERO,
         last_group_requests: 0,
         inbox: Arc::new(Inbox::new(INBOX_CAPACITY)),
@@ -151,8 +160,11 @@ struct Writer {
     segment_size: u64,
     active: Arc<Segment>,
     files: Arc<ActiveFiles>,
-    /// Bytes in the active `.log`.
+    /// Bytes of records in the active segment, header included (for an encrypted segment,
+    /// in its logical stream).
     log_len: u64,
+    /// Bytes in the active `.log` file.
+    disk_len: u64,
     /// Events in the active segment.
     count: u64,
     /// The next position to assign.
@@ -165,9 +177,12 @@ struct Writer {
     halted: Option<String>,
     /// Held until the writer stops: the directory's lock.
     lock: Option<File>,
-    /// Reused buffers: the group's records and its index entries.
+    /// Reused buffers: the group's records and its index entries; encrypted, the frames
+    /// that seal the records and where they end.
     records: Vec<u8>,
     index: Vec<u8>,
+    sealed: Vec<u8>,
+    frame_ends: Vec<FrameEnd>,
     /// Moving average of recent sync durations.
     sync_time: Duration,
     /// Append requests answered by the previous group.
@@ -256,7 +271,7 @@ impl Writer {
             }
             return;
         }
-        if self.log_len >= self.segment_size && self.count > 0 {
+        if self.disk_len >= self.segment_size && self.count > 0 {
             if let Err(e) = self.roll() {
                 self.halt(&e.to_string());
                 fail_all(group.drain(..).map(|r| r.reply), &e);
@@ -346,6 +361,12 @@ impl Writer {
         let added = position - self.next;
         self.count += added;
         self.log_len += self.records.len() as u64;
+        if self.shared.cipher.is_some() {
+            self.disk_len += self.sealed.len() as u64;
+            self.active.add_frames(&self.frame_ends);
+        } else {
+            self.disk_len = self.log_len;
+        }
         self.active.add_committed(added, client_ids);
         let events = event::split_frames(frames.freeze(), spans);
         if let Ok(mut tail) = self.shared.tail.write() {
@@ -382,10 +403,26 @@ impl Writer {
         Ok(())
     }
 
-    fn write_group(&self) -> Result<(), StoreError> {
+    fn write_group(&mut self) -> Result<(), StoreError> {
+        let bytes = match &self.shared.cipher {
+            None => &self.records,
+            Some(cipher) => {
+                self.sealed.clear();
+                self.frame_ends.clear();
+                cipher.seal(
+                    self.active.base,
+                    self.log_len,
+                    &self.records,
+                    self.disk_len,
+                    &mut self.sealed,
+                    &mut self.frame_ends,
+                )?;
+                &self.sealed
+            }
+        };
         self.files
             .log
-            .write_all_at(&self.records, self.log_len)
+            .write_all_at(bytes, self.disk_len)
             .context(|| format!("writing {}", self.active.paths.log.display()))?;
         self.files
             .index
@@ -396,7 +433,7 @@ impl Writer {
     /// Cuts the segment back to where the failed group started, so that nothing of it
     /// survives; halts if even that fails.
     fn undo_group(&mut self, cause: &str) {
-        let undo = self.files.log.set_len(self.log_len).and_then(|()| {
+        let undo = self.files.log.set_len(self.disk_len).and_then(|()| {
             self.files
                 .index
                 .set_len(segment::index_entry_offset(self.count))
@@ -448,7 +485,8 @@ impl Writer {
             .sync_data()
             .context(|| format!("syncing {}", self.active.paths.index.display()))?;
         self.active.seal()?;
-        let segment = Arc::new(Segment::create(&self.shared.dir, self.next)?);
+        let encrypted = self.shared.cipher.is_some();
+        let segment = Arc::new(Segment::create(&self.shared.dir, self.next, encrypted)?);
         let files = segment
             .active_files()
             .ok_or_else(|| StoreError::Unusable("new segment has no files".into()))?;
@@ -461,6 +499,7 @@ impl Writer {
         self.active = segment;
         self.files = files;
         self.log_len = LOG_HEADER_LEN;
+        self.disk_len = LOG_HEADER_LEN;
         self.count = 0;
         Ok(())
     }

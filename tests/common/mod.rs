@@ -20,6 +20,7 @@ pub fn config(data: &Path, segment_size: u64) -> StoreConfig {
         segment_size,
         fsync: FsyncPolicy::Always,
         tail_bytes: 64 << 10,
+        cipher: None,
     }
 }
 
