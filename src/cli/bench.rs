@@ -14,7 +14,10 @@ use clap::{Args, Subcommand};
 
 use crate::config::parse_size;
 use crate::event::{EventDraft, PendingEvent};
-use crate::store::{FsyncPolicy, Log, StoreConfig, DEFAULT_SEGMENT_SIZE, DEFAULT_TAIL_BYTES};
+use crate::store::cipher::DEFAULT_BLOCK_SIZE;
+use crate::store::{
+    Cipher, FsyncPolicy, Log, StoreConfig, DEFAULT_SEGMENT_SIZE, DEFAULT_TAIL_BYTES,
+};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -52,6 +55,12 @@ pub struct StoreBench {
     /// temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Encrypt the log with this secret (measures encryption at rest).
+    #[arg(long)]
+    pub secret_key: Option<String>,
+    /// Plaintext bytes sealed together when encrypting.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -79,7 +88,12 @@ async fn store(bench: StoreBench) -> anyhow::Result<()> {
         segment_size: bench.segment_size,
         fsync: bench.fsync,
         tail_bytes: DEFAULT_TAIL_BYTES,
-        cipher: None,
+        cipher: match &bench.secret_key {
+            Some(secret) => {
+                Some(Cipher::new(secret, bench.block_size).map_err(anyhow::Error::msg)?)
+            }
+            None => None,
+        },
     };
     let result = run_store_bench(&bench, &config).await;
     if remove_after {
@@ -158,8 +172,16 @@ async fn run_store_bench(bench: &StoreBench, config: &StoreConfig) -> anyhow::Re
     let mib_per_sec = |t: Duration| bytes as f64 / t.as_secs_f64() / f64::from(1 << 20);
     println!("bus bench store");
     println!(
-        "  {appended} events of ~{} bytes, {} tasks x {} events per append, fsync {}, {segments} segments of {} bytes",
-        bench.event_size, bench.tasks, bench.batch, config.fsync, config.segment_size
+        "  {appended} events of ~{} bytes, {} tasks x {} events per append, fsync {}, {segments} segments of {} bytes, {}",
+        bench.event_size,
+        bench.tasks,
+        bench.batch,
+        config.fsync,
+        config.segment_size,
+        match &config.cipher {
+            Some(cipher) => format!("encrypted in blocks of {} bytes", cipher.block_size()),
+            None => "not encrypted".to_owned(),
+        }
     );
     println!(
         "  append  {:>12.0} events/s  {:>8.1} MiB/s  {:>8.3} s   append latency p50 {:?}  p99 {:?}  max {:?}",

@@ -44,6 +44,9 @@ pub const RECORD_HEADER_LEN: u64 = 8;
 const INDEX_ENTRY_LEN: u64 = 8;
 const IDS_ENTRY_LEN: u64 = 16;
 const CONTINUES: u32 = 1 << 31;
+/// Reads of an encrypted segment spanning at least this many blocks open them on two
+/// threads.
+const PARALLEL_OPEN_MIN_BLOCKS: usize = 32;
 /// The largest record body the framing can express.
 pub const MAX_BODY_LEN: usize = (CONTINUES - 1) as usize;
 
@@ -480,26 +483,66 @@ impl Segment {
             .get()
             .read_exact_at(&mut raw, disk_start)
             .context(|| format!("reading {}", self.paths.log.display()))?;
-        let mut plain = Vec::with_capacity((frames[last].logical - logical_start) as usize);
-        let (mut logical, mut disk) = (logical_start, disk_start);
+        // (logical start, offset in `raw`) of each frame, and where `raw` ends.
+        let mut pieces = Vec::with_capacity(last + 1 - first);
+        let mut logical = logical_start;
+        let mut disk = disk_start;
         for frame in &frames[first..=last] {
-            let at = (disk - disk_start) as usize;
-            let bytes = &mut raw[at..(frame.disk - disk_start) as usize];
-            let data = cipher
-                .open(self.base, logical, bytes)
-                .map_err(|reason| StoreError::corrupt(&self.paths.log, disk, reason))?;
-            plain.extend_from_slice(data);
+            pieces.push((logical, (disk - disk_start) as usize));
             (logical, disk) = (frame.logical, frame.disk);
         }
-        let from = (start - logical_start) as usize;
-        let to = (end - logical_start) as usize;
-        plain.get(from..to).map(<[u8]>::to_vec).ok_or_else(|| {
-            StoreError::corrupt(
+        // Opening blocks is the cost of an encrypted read: a long read opens its second
+        // half on another core.
+        let split = if pieces.len() >= PARALLEL_OPEN_MIN_BLOCKS {
+            pieces.len() / 2
+        } else {
+            pieces.len()
+        };
+        let split_at = pieces.get(split).map_or(raw.len(), |&(_, at)| at);
+        let (left, right) = raw.split_at_mut(split_at);
+        let open_all = |bytes: &mut [u8], pieces: &[(u64, usize)], shift: usize| {
+            for (i, &(logical, at)) in pieces.iter().enumerate() {
+                let until = pieces
+                    .get(i + 1)
+                    .map_or(bytes.len() + shift, |&(_, next)| next);
+                cipher
+                    .open(self.base, logical, &mut bytes[at - shift..until - shift])
+                    .map_err(|reason| {
+                        StoreError::corrupt(&self.paths.log, disk_start + at as u64, reason)
+                    })?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        std::thread::scope(|scope| {
+            let second = (split < pieces.len())
+                .then(|| scope.spawn(|| open_all(right, &pieces[split..], split_at)));
+            open_all(left, &pieces[..split], 0)?;
+            match second.map(|handle| handle.join()) {
+                None | Some(Ok(Ok(()))) => Ok(()),
+                Some(Ok(Err(e))) => Err(e),
+                Some(Err(_)) => Err(StoreError::Unusable("opening blocks failed".into())),
+            }
+        })?;
+        // Keep the wanted part of each frame's data.
+        let mut plain = Vec::with_capacity((end - start) as usize);
+        for (i, &(logical, at)) in pieces.iter().enumerate() {
+            let until = pieces.get(i + 1).map_or(raw.len(), |&(_, next)| next);
+            let data = &raw[at + cipher::DATA_OFFSET..until];
+            let data_end = logical + data.len() as u64;
+            let from = start.max(logical);
+            let to = end.min(data_end);
+            if from < to {
+                plain.extend_from_slice(&data[(from - logical) as usize..(to - logical) as usize]);
+            }
+        }
+        if plain.len() as u64 != end - start {
+            return Err(StoreError::corrupt(
                 &self.paths.log,
                 disk_start,
                 "blocks are shorter than their map says",
-            )
-        })
+            ));
+        }
+        Ok(plain)
     }
 
     /// Positions of events whose client-supplied id hashes to `hash` (to be confirmed by
