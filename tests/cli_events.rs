@@ -143,7 +143,13 @@ fn errors_are_one_line_with_reliable_exit_codes() {
     let server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
     let host = host(&server);
 
+    assert_eq!(run(&["health", "--host", &host], None).code, 0);
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["health", "--host", "http://127.0.0.1:1"],
+            1,
+            "cannot reach the bus server",
+        ),
         // The server's own reason comes through.
         (
             vec!["put", "--host", &host, "--subject", "nowhere.x"],

@@ -57,6 +57,8 @@ pub enum Command {
     Copy(archive::CopyArgs),
     /// Show, list or verify what a data directory holds.
     Debug(debug::DebugArgs),
+    /// Check that a server is up (exit code 0) or not (1).
+    Health(events::HealthArgs),
     /// Measure performance.
     Bench(bench::BenchArgs),
 }
@@ -120,6 +122,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Restore(args) => archive::restore(args).await,
             Command::Copy(args) => archive::copy(args).await,
             Command::Debug(args) => debug::run(args).await,
+            Command::Health(args) => events::health(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

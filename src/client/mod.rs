@@ -199,6 +199,22 @@ impl Client {
         self.base.as_str().trim_end_matches('/')
     }
 
+    /// Checks that the server is up (`GET /health`).
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let url = self
+            .base
+            .join("health")
+            .map_err(|_| ClientError::InvalidHost(self.host().to_owned()))?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        expect_status(response, StatusCode::OK).await.map(drop)
+    }
+
     /// Publishes one event.
     pub async fn publish(&self, event: &NewEvent) -> Result<Published, ClientError> {
         let body = serde_json::to_vec(event)

@@ -2,6 +2,8 @@
 //!
 //! - `POST /` publishes ([`publish`]), `GET /` subscribes with Server-Sent Events
 //!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]), `OPTIONS /` answers CORS preflights.
+//! - `GET /health` answers `200 ok` while the server runs (for container health checks and
+//!   load balancers; not in the reference).
 //! - Every response carries the same CORS headers, so browsers on any origin can publish,
 //!   subscribe and read the `X-BUS-*` headers.
 //!
@@ -51,10 +53,15 @@ pub fn router(state: AppState) -> Router {
                 .put(ack::ack)
                 .options(preflight),
         )
+        .route("/health", get(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(add_cors_headers))
         .with_state(state)
+}
+
+async fn health() -> &'static str {
+    "ok\n"
 }
 
 async fn preflight() -> StatusCode {
