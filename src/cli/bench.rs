@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
+use super::bench_http;
 use crate::config::parse_size;
 use crate::event::{EventDraft, PendingEvent};
 use crate::store::cipher::DEFAULT_BLOCK_SIZE;
@@ -29,6 +30,18 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Append to and read back a log directly, without HTTP.
     Store(StoreBench),
+    /// Publish over keep-alive connections: events/s and latency.
+    Publish(bench_http::PublishBench),
+    /// Subscribers on one subject, publishers at a rate: deliveries/s, end-to-end latency.
+    Fanout(bench_http::FanoutBench),
+    /// One subscriber reading a namespace from the oldest event.
+    Replay(bench_http::ReplayBench),
+    /// Time to the first event when resuming from an id, Last-Event-ID or newest.
+    Resume(bench_http::ResumeBench),
+    /// A manual-ack consumer, stop-and-wait.
+    Ack(bench_http::AckBench),
+    /// Hold idle subscriptions and read the server's memory.
+    Idle(bench_http::IdleBench),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +79,12 @@ pub struct StoreBench {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.kind {
         BenchKind::Store(bench) => store(bench).await,
+        BenchKind::Publish(bench) => bench_http::publish(bench).await,
+        BenchKind::Fanout(bench) => bench_http::fanout(bench).await,
+        BenchKind::Replay(bench) => bench_http::replay(bench).await,
+        BenchKind::Resume(bench) => bench_http::resume(bench).await,
+        BenchKind::Ack(bench) => bench_http::ack(bench).await,
+        BenchKind::Idle(bench) => bench_http::idle(bench).await,
     }
 }
 

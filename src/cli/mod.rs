@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod bench;
+mod bench_http;
 pub mod debug;
 pub mod events;
 mod progress;

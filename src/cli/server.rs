@@ -25,7 +25,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 /// Every connection and segment file takes a file descriptor, and the usual soft limit
 /// (1024) is far below what a server with many subscribers needs: raise it to the hard
 /// limit the system allows.
-fn raise_open_file_limit() {
+pub(crate) fn raise_open_file_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

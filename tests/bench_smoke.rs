@@ -1,0 +1,45 @@
+//! `bus bench` against an embedded server, at toy sizes: each measurement runs, checks its
+//! work and prints its JSON object. (The figures themselves are in BENCHMARKS.md; tests
+//! never assert timings.)
+
+mod common;
+
+use common::cli::run;
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Value {
+    let mut all = vec!["bench"];
+    all.extend(args);
+    all.extend(["--embedded", "--json"]);
+    let out = run(&all, None);
+    let line = out.ok().lines().last().unwrap_or_default().to_owned();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{args:?}: {line:?}: {e}"))
+}
+
+#[test]
+fn every_http_benchmark_runs_and_checks_its_work() {
+    let publish = bench(&["publish", "--events", "300", "--connections", "4"]);
+    assert_eq!(publish["events"], 300);
+    let batches = bench(&["publish", "--events", "1000", "--batch", "100", "--connections", "2"]);
+    assert_eq!(batches["events"], 1000);
+
+    let fanout = bench(&["fanout", "--subscribers", "3", "--events", "60", "--publishers", "2"]);
+    assert_eq!(fanout["deliveries"], 180);
+    assert_eq!(fanout["missing"], 0);
+    assert_eq!(fanout["duplicates"], 0);
+    assert_eq!(fanout["out_of_order"], 0);
+
+    let replay = bench(&["replay", "--events", "2500"]);
+    assert_eq!(replay["events"], 2500);
+
+    let resume = bench(&["resume", "--events", "3000", "--rounds", "2"]);
+    assert_eq!(resume["events_in_namespace"], 3001);
+    assert!(resume["start=<id> first event median ms"].is_number());
+
+    let ack = bench(&["ack", "--events", "40"]);
+    assert_eq!(ack["events"], 40);
+
+    let idle = bench(&["idle", "--subscribers", "20"]);
+    assert_eq!(idle["subscriptions"], 20);
+    assert!(idle["server_rss_open_mib"].as_f64().unwrap() > 0.0);
+}
