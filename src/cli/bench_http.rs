@@ -71,6 +71,11 @@ struct Server {
 
 impl Target {
     async fn start(&self) -> anyhow::Result<Server> {
+        self.start_with(&[]).await
+    }
+
+    /// Starts the server, embedded with `extra` flags before the user's.
+    async fn start_with(&self, extra: &[&str]) -> anyhow::Result<Server> {
         if !self.embedded {
             return Ok(Server {
                 host: self.host.clone(),
@@ -87,6 +92,7 @@ impl Target {
             .arg(&self.namespace)
             .args(["--fsync", &self.fsync, "--path"])
             .arg(&dir)
+            .args(extra)
             .args(self.server_args.split_whitespace())
             // The listening line is logged at INFO; the reader below drains the rest.
             .env("BUS_LOG_LEVEL", "INFO")
@@ -695,7 +701,9 @@ pub struct IdleBench {
 
 pub async fn idle(args: IdleBench) -> anyhow::Result<()> {
     crate::cli::server::raise_open_file_limit();
-    let server = args.target.start().await?;
+    // The server notices a closed idle stream when it next writes to it: pings every
+    // second let the memory measured after closing be that of a server without them.
+    let server = args.target.start_with(&["--ping-interval", "1s"]).await?;
     let pid = args.pid.or(server.pid);
     let rss = || pid.and_then(resident_kib);
     let before = rss();
@@ -725,7 +733,7 @@ pub async fn idle(args: IdleBench) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = rss();
     drop(streams);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss();
     let mib = |kib: Option<u64>| kib.map(|k| k as f64 / 1024.0);
     report(
