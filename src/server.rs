@@ -80,6 +80,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         ping_interval: config.ping_interval,
         shutdown: shutdown_rx.clone(),
     };
+    tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
     let mut stop_accepting = shutdown_rx;
     let serving = tokio::spawn(
         axum::serve(BusListener::new(listener), http::router(state))
@@ -122,5 +123,32 @@ impl RunningServer {
             }
         }
         self.store.close().await.context("closing the store")
+    }
+}
+
+/// How often the server checks whether many streams closed since its last look.
+const TRIM_CHECK: Duration = Duration::from_secs(5);
+/// Closed streams that make it worth handing freed memory back to the system.
+const TRIM_AFTER_CLOSED: u64 = 256;
+
+/// Thousands of subscribers leaving free their buffers, but the C allocator keeps the
+/// pages for reuse: after a burst of disconnects, ask it to return what is free.
+async fn trim_memory_after_disconnects(mut shutdown: watch::Receiver<bool>) {
+    use std::sync::atomic::Ordering;
+    let mut trimmed_at = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TRIM_CHECK) => {}
+            _ = shutdown.wait_for(|down| *down) => return,
+        }
+        let closed = http::subscribe::CLOSED_STREAMS.load(Ordering::Relaxed);
+        if closed - trimmed_at >= TRIM_AFTER_CLOSED {
+            trimmed_at = closed;
+            let _ = tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+                unsafe { libc::malloc_trim(0) }
+            })
+            .await;
+        }
     }
 }

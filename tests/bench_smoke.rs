@@ -20,10 +20,26 @@ fn bench(args: &[&str]) -> Value {
 fn every_http_benchmark_runs_and_checks_its_work() {
     let publish = bench(&["publish", "--events", "300", "--connections", "4"]);
     assert_eq!(publish["events"], 300);
-    let batches = bench(&["publish", "--events", "1000", "--batch", "100", "--connections", "2"]);
+    let batches = bench(&[
+        "publish",
+        "--events",
+        "1000",
+        "--batch",
+        "100",
+        "--connections",
+        "2",
+    ]);
     assert_eq!(batches["events"], 1000);
 
-    let fanout = bench(&["fanout", "--subscribers", "3", "--events", "60", "--publishers", "2"]);
+    let fanout = bench(&[
+        "fanout",
+        "--subscribers",
+        "3",
+        "--events",
+        "60",
+        "--publishers",
+        "2",
+    ]);
     assert_eq!(fanout["deliveries"], 180);
     assert_eq!(fanout["missing"], 0);
     assert_eq!(fanout["duplicates"], 0);

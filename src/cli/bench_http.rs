@@ -21,7 +21,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-
 /// Where the server under test is.
 #[derive(Debug, Clone, Args)]
 pub struct Target {
@@ -231,7 +230,10 @@ impl Poster {
             };
             let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
             if !head.starts_with("http/1.1 202") {
-                bail!("the server answered {}", head.lines().next().unwrap_or_default());
+                bail!(
+                    "the server answered {}",
+                    head.lines().next().unwrap_or_default()
+                );
             }
             let length: usize = head
                 .lines()
@@ -725,7 +727,10 @@ pub async fn idle(args: IdleBench) -> anyhow::Result<()> {
         let mut head = [0u8; 512];
         let n = stream.read(&mut head).await?;
         if !head[..n].starts_with(b"HTTP/1.1 200") {
-            bail!("subscribe answered {}", String::from_utf8_lossy(&head[..n.min(40)]));
+            bail!(
+                "subscribe answered {}",
+                String::from_utf8_lossy(&head[..n.min(40)])
+            );
         }
         streams.push(stream);
     }
@@ -733,7 +738,8 @@ pub async fn idle(args: IdleBench) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = rss();
     drop(streams);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The server trims freed memory every 5 s after many streams closed.
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let after = rss();
     let mib = |kib: Option<u64>| kib.map(|k| k as f64 / 1024.0);
     report(
@@ -784,5 +790,8 @@ fn scan_data_lines(pending: &mut Vec<u8>, chunk: &[u8], mut on_event: impl FnMut
 fn number_after(json: &[u8], key: &[u8]) -> Option<u64> {
     let at = json.windows(key.len()).rposition(|w| w == key)? + key.len();
     let digits = json[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&json[at..at + digits]).ok()?.parse().ok()
+    std::str::from_utf8(&json[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
 }

@@ -194,9 +194,13 @@ impl StreamLifetime {
 
 impl Drop for StreamLifetime {
     fn drop(&mut self) {
+        CLOSED_STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(parent: &self.0, "stream closed");
     }
 }
+
+/// Event streams closed since the server started (see [`crate::server`]'s memory trim).
+pub static CLOSED_STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// `event: error` with the message on one `data:` line.
 fn error_frame(message: &str) -> Bytes {
