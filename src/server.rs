@@ -122,6 +122,17 @@ impl RunningServer {
                 serving.abort();
             }
         }
+        for log in self.store.logs() {
+            let stats = log.stats();
+            tracing::info!(
+                namespace = log.namespace(),
+                events = stats.events,
+                group_commits = stats.groups,
+                fsyncs = stats.syncs,
+                disk_reads = stats.disk_reads,
+                "namespace statistics of this run"
+            );
+        }
         self.store.close().await.context("closing the store")
     }
 }

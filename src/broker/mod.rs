@@ -381,23 +381,18 @@ fn random_id(prefix: &str) -> String {
 /// Refills the deduplication window from the newest events of a log.
 fn rebuild_dedup(log: &Log, dedup: &Dedup) {
     let end = log.committed();
-    let mut next = end.saturating_sub(DEDUP_REBUILD_EVENTS);
     let mut keyed: Vec<(String, String, Timestamp)> = Vec::new();
-    while next < end {
-        let events = match log.read_blocking(next, 4096) {
-            Ok(events) if !events.is_empty() => events,
-            Ok(_) => break,
-            Err(e) => {
-                tracing::warn!(namespace = log.namespace(), error = %e, "cannot rebuild the deduplication window from the log");
-                return;
-            }
-        };
-        next = events.last().map_or(end, |e| e.position() + 1);
-        for event in events {
-            if let Some(entry) = keyed_entry(&event) {
+    let scanned = log.scan_blocking(
+        end.saturating_sub(DEDUP_REBUILD_EVENTS),
+        |_, json, layout| {
+            if let Some(entry) = keyed_entry(json, &layout) {
                 keyed.push(entry);
             }
-        }
+        },
+    );
+    if let Err(e) = scanned {
+        tracing::warn!(namespace = log.namespace(), error = %e, "cannot rebuild the deduplication window from the log");
+        return;
     }
     let now = Timestamp::now();
     let mut restored = HashMap::<String, usize>::new();
@@ -422,10 +417,13 @@ fn rebuild_dedup(log: &Log, dedup: &Dedup) {
 }
 
 /// (subject, key, created_at) of a stored event that has a key.
-fn keyed_entry(event: &StoredEvent) -> Option<(String, String, Timestamp)> {
-    let json = event.json();
-    let layout = JsonLayout::parse(&json)?;
-    let key: String = serde_json::from_slice(&json[layout.key?]).ok()?;
-    let created_at = Timestamp::parse(std::str::from_utf8(&json[layout.created_at]).ok()?).ok()?;
-    Some((event.subject().to_owned(), key, created_at))
+fn keyed_entry(json: &[u8], layout: &JsonLayout) -> Option<(String, String, Timestamp)> {
+    let key: String = serde_json::from_slice(&json[layout.key.clone()?]).ok()?;
+    // The subject's range is its text without quotes (subjects need no escapes).
+    let subject = std::str::from_utf8(&json[layout.subject.clone()])
+        .ok()?
+        .to_owned();
+    let created_at =
+        Timestamp::parse(std::str::from_utf8(&json[layout.created_at.clone()]).ok()?).ok()?;
+    Some((subject, key, created_at))
 }

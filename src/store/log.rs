@@ -24,7 +24,7 @@ use super::segment::{self, ActiveFiles, Segment, SegmentPaths, TailDamage, LOG_H
 use super::tail::Tail;
 use super::writer::{self, Command};
 use super::{ids, Appended, BoxFuture, Cipher, EventLog, StoreConfig};
-use crate::event::{PendingEvent, StoredEvent};
+use crate::event::{JsonLayout, PendingEvent, StoredEvent};
 
 /// Largest chunk of record bytes one disk read returns.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -102,6 +102,22 @@ impl Shared {
         self.tail.read().ok()?.read(from, until, max)
     }
 
+    /// The segment holding `position`.
+    fn segment_of(&self, position: u64) -> Result<Arc<Segment>, StoreError> {
+        let segments = self
+            .segments
+            .read()
+            .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?;
+        let i = segments.partition_point(|s| s.base <= position);
+        match i.checked_sub(1).and_then(|i| segments.get(i)) {
+            Some(segment) => Ok(Arc::clone(segment)),
+            None => Err(StoreError::Unusable(format!(
+                "position {position} is before the first segment of namespace {}",
+                self.namespace
+            ))),
+        }
+    }
+
     /// Reads committed events `from..until` from the segment files (blocking).
     pub fn read_disk(
         &self,
@@ -112,22 +128,7 @@ impl Shared {
         if from >= until || max == 0 {
             return Ok(Vec::new());
         }
-        let segment = {
-            let segments = self
-                .segments
-                .read()
-                .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?;
-            let i = segments.partition_point(|s| s.base <= from);
-            match i.checked_sub(1).and_then(|i| segments.get(i)) {
-                Some(segment) => Arc::clone(segment),
-                None => {
-                    return Err(StoreError::Unusable(format!(
-                        "position {from} is before the first segment of namespace {}",
-                        self.namespace
-                    )))
-                }
-            }
-        };
+        let segment = self.segment_of(from)?;
         let end = until
             .min(segment.base + segment.count())
             .min(from.saturating_add(max as u64));
@@ -383,6 +384,33 @@ impl Log {
         tokio::task::spawn_blocking(move || shared.find_id(&id, limit))
             .await
             .map_err(|e| StoreError::Unusable(format!("lookup task failed: {e}")))?
+    }
+
+    /// Calls `visit` with the position, JSON and layout of every committed event from
+    /// `from` on, read from the segment files without building stream frames: for scans
+    /// (the deduplication window at start-up). Blocking.
+    pub fn scan_blocking(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(u64, &[u8], JsonLayout),
+    ) -> Result<(), StoreError> {
+        let until = self.committed();
+        let mut next = from;
+        while next < until {
+            let segment = self.shared.segment_of(next)?;
+            let end = until.min(segment.base + segment.count());
+            next = segment.visit(
+                next,
+                end,
+                READ_CHUNK_BYTES,
+                self.shared.cipher.as_ref(),
+                |position, json, layout| {
+                    visit(position, json, layout);
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Commits what is queued, syncs, and records a clean shutdown. Appends after this

@@ -404,6 +404,32 @@ impl Segment {
         max_bytes: u64,
         cipher: Option<&Cipher>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut frames = BytesMut::new();
+        let mut spans = Vec::new();
+        self.visit(from, until, max_bytes, cipher, |position, json, layout| {
+            let id = std::str::from_utf8(&json[layout.id.clone()]).map_err(|_| "id is not text")?;
+            if frames.is_empty() {
+                frames.reserve(json.len() * 4);
+            }
+            let frame_start = frames.len();
+            event::push_sse_frame(&mut frames, id, json);
+            spans.push((position, frame_start, layout));
+            Ok(())
+        })?;
+        Ok(event::split_frames(frames.freeze(), spans))
+    }
+
+    /// Calls `visit` with the position, JSON and layout of events `from..until` (all
+    /// committed, all in this segment), each checked, stopping early after `max_bytes` of
+    /// records (but always visiting at least one event). Returns the next position.
+    pub fn visit(
+        &self,
+        from: u64,
+        until: u64,
+        max_bytes: u64,
+        cipher: Option<&Cipher>,
+        mut visit: impl FnMut(u64, &[u8], JsonLayout) -> Result<(), &'static str>,
+    ) -> Result<u64, StoreError> {
         debug_assert!(self.base <= from && from < until && until <= self.base + self.count());
         let mut bounds = self.record_bounds(from, until)?;
         let start = bounds[0];
@@ -431,8 +457,6 @@ impl Segment {
             Some(cipher) => self.read_sealed(cipher, start, end)?,
         };
 
-        let mut frames = BytesMut::with_capacity(buf.len() + (bounds.len() - 1) * 48);
-        let mut spans = Vec::with_capacity(bounds.len() - 1);
         for (i, pair) in bounds.windows(2).enumerate() {
             let (rec_start, rec_end) = ((pair[0] - start) as usize, (pair[1] - start) as usize);
             let offset = pair[0];
@@ -451,13 +475,10 @@ impl Segment {
             let json = &record[RECORD_HEADER_LEN as usize..];
             let layout =
                 JsonLayout::parse(json).ok_or_else(|| damaged("record is not an event"))?;
-            let id = std::str::from_utf8(&json[layout.id.clone()])
-                .map_err(|_| damaged("record is not an event"))?;
-            let frame_start = frames.len();
-            event::push_sse_frame(&mut frames, id, json);
-            spans.push((from + i as u64, frame_start, layout));
+            visit(from + i as u64, json, layout)
+                .map_err(|reason| damaged(&format!("record is not an event: {reason}")))?;
         }
-        Ok(event::split_frames(frames.freeze(), spans))
+        Ok(from + bounds.len() as u64 - 1)
     }
 
     /// The logical bytes `start..end` of an encrypted segment: one read of the frames that
