@@ -364,9 +364,10 @@ pub fn compact_json(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(json.len());
     let mut in_string = false;
     let mut escaped = false;
-    for &b in json {
+    // Bytes are copied in runs between the whitespace that is dropped, not one by one.
+    let mut run_start = 0;
+    for (i, &b) in json.iter().enumerate() {
         if in_string {
-            out.push(b);
             if escaped {
                 escaped = false;
             } else if b == b'\\' {
@@ -374,11 +375,14 @@ pub fn compact_json(json: &[u8]) -> Vec<u8> {
             } else if b == b'"' {
                 in_string = false;
             }
-        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            out.extend_from_slice(&json[run_start..i]);
+            run_start = i + 1;
+        } else {
             in_string = b == b'"';
-            out.push(b);
         }
     }
+    out.extend_from_slice(&json[run_start..]);
     out
 }
 
@@ -578,6 +582,16 @@ mod tests {
             br#"{"a":[1,2.50,"x y\" \\"],"b":{}}"#.to_vec()
         );
         assert_eq!(compact_json(b" \"\\u00e9\\n\" "), br#""\u00e9\n""#.to_vec());
+        // Pretty-printed values compact to serde's compact form.
+        let values = [
+            serde_json::json!({"text": "a b  c", "nested": [1, {"k": " \" \\ "}, null], "é": true}),
+            serde_json::json!(["  ", "\t\n", {}, [], -1.5e3]),
+            serde_json::json!("just a string with spaces"),
+        ];
+        for value in values {
+            let pretty = serde_json::to_vec_pretty(&value).unwrap();
+            assert_eq!(compact_json(&pretty), serde_json::to_vec(&value).unwrap());
+        }
     }
 
     #[test]
