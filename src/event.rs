@@ -154,6 +154,15 @@ impl PendingEvent {
     }
 }
 
+/// Deserializes a `payload` member so that JSON `null` is a payload like any other: with
+/// `#[serde(default, deserialize_with = "present_payload")]`, only an absent member is
+/// `None`.
+pub(crate) fn present_payload<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+    <Box<serde_json::value::RawValue> as serde::Deserialize>::deserialize(deserializer).map(Some)
+}
+
 /// Checks a client-supplied event id (see the module docs for the rules).
 pub fn validate_client_id(id: &str) -> Result<(), EventError> {
     let ok = id.len() <= MAX_ID_LEN

@@ -179,14 +179,8 @@ struct EventLine {
     #[serde(default)]
     created_at: String,
     /// `null` is a payload; only a missing member means none.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::event::present_payload")]
     payload: Option<Box<RawValue>>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 impl EventLine {

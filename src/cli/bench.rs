@@ -226,7 +226,7 @@ async fn run_store_bench(bench: &StoreBench, config: &StoreConfig) -> anyhow::Re
     Ok(())
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
+pub(super) fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

@@ -21,6 +21,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::bench::percentile;
+
 /// Where the server under test is.
 #[derive(Debug, Clone, Args)]
 pub struct Target {
@@ -130,15 +132,6 @@ impl Target {
 
 fn subject(target: &Target, rest: &str) -> String {
     format!("{}.{rest}", target.namespace)
-}
-
-/// Latency percentiles of sorted samples.
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn ms(d: Duration) -> f64 {

@@ -37,14 +37,8 @@ struct WireEvent {
     #[serde(default)]
     created_at: Option<String>,
     /// `null` is a payload like any other; only an absent member means "no payload".
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::event::present_payload")]
     payload: Option<Box<RawValue>>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Go's zero `time.Time`, which Go clients send when they leave `created_at` unset.

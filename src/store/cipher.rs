@@ -331,7 +331,8 @@ pub fn decrypt_segment(cipher: &Cipher, base: u64, bytes: &[u8], header_len: usi
     if let Some((damaged_at, _)) = found.damage {
         found.valid_after_damage = find_frame_after(cipher, base, bytes, damaged_at as usize);
     }
-    if !group_frames.is_empty() || (found.damage.is_some() && group_start < at) {
+    // Frames read since the last group end belong to a group that never ended.
+    if !group_frames.is_empty() {
         found.incomplete_group_at = Some(group_start as u64);
     }
     found

@@ -342,11 +342,17 @@ impl LogFiles {
                     ),
                 });
             }
-            let loaded = match self.load(segment) {
-                Ok(loaded) => loaded,
+            let encrypted = self.cipher.is_some();
+            let read = self.load(segment).and_then(|loaded| {
+                let walk = walk_records(&loaded.bytes, segment, encrypted)?;
+                Ok((loaded, walk))
+            });
+            let (loaded, walk) = match read {
+                Ok(read) => read,
                 Err(e) => {
                     found.damage.push(damage_of(e, &segment.path));
                     progress(segment.bytes);
+                    // Its event count is unknown: take the next segment's word for it.
                     expected_base = self.segments.get(i + 1).map_or(0, |next| next.base);
                     continue;
                 }
@@ -366,19 +372,9 @@ impl LogFiles {
                 }
             }
             let bytes = loaded.bytes;
-            let walk = match walk_records(&bytes, segment, self.cipher.is_some()) {
-                Ok(walk) => walk,
-                Err(e) => {
-                    found.damage.push(damage_of(e, &segment.path));
-                    progress(segment.bytes);
-                    // Its event count is unknown: take the next segment's word for it.
-                    expected_base = self.segments.get(i + 1).map_or(0, |next| next.base);
-                    continue;
-                }
-            };
             found.valid_records += walk.records.len() as u64;
             if let Some(damage) = walk.damage {
-                if is_last && !walk.valid_after_damage && self.cipher.is_none() {
+                if is_last && !walk.valid_after_damage && !encrypted {
                     found.repairable.push(damage);
                 } else {
                     found.damage.push(damage);
@@ -504,8 +500,7 @@ fn walk_records(bytes: &[u8], segment: &SegmentFile, encrypted: bool) -> Result<
             RecordCheck::Truncated => "record is cut short",
             RecordCheck::Damaged => "record checksum mismatch",
         };
-        let valid_after_damage =
-            (at + 1..bytes.len()).any(|start| is_event_record(&bytes[start..]));
+        let valid_after_damage = segment::find_valid_record_after(bytes, at as u64).is_some();
         return Ok(Walk {
             records,
             damage: Some(Damage {
@@ -521,11 +516,4 @@ fn walk_records(bytes: &[u8], segment: &SegmentFile, encrypted: bool) -> Result<
         damage: None,
         valid_after_damage: false,
     })
-}
-
-/// Whether `bytes` start with a valid record holding a JSON object.
-fn is_event_record(bytes: &[u8]) -> bool {
-    // Cheap filter first: an event's body starts with `{`.
-    bytes.get(RECORD_HEADER_LEN as usize) == Some(&b'{')
-        && matches!(check_record(bytes), RecordCheck::Valid { .. })
 }

@@ -927,7 +927,7 @@ fn scan_records(
 
 /// Looks for any valid record starting after `damaged_at`. Finding one proves the damage
 /// is not the end of an interrupted append. Only runs when damage was found.
-fn find_valid_record_after(bytes: &[u8], damaged_at: u64) -> Option<u64> {
+pub(crate) fn find_valid_record_after(bytes: &[u8], damaged_at: u64) -> Option<u64> {
     let header = RECORD_HEADER_LEN as usize;
     let prefix = b"{\"id\":\"";
     (damaged_at as usize + 1..bytes.len())
