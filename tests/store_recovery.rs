@@ -313,3 +313,64 @@ async fn a_lost_sealed_index_is_rebuilt() {
         );
     }
 }
+
+/// Where the records of a segment end, by its `.idx` (the last entry).
+fn records_end(log_file: &Path) -> u64 {
+    let index = std::fs::read(log_file.with_extension("idx")).unwrap();
+    u64::from_le_bytes(index[index.len() - 8..].try_into().unwrap())
+}
+
+#[tokio::test]
+async fn space_prepared_ahead_is_trimmed_at_seal_and_close_and_dropped_after_a_crash() {
+    let data = tempfile::tempdir().unwrap();
+    // Small segments, so that some are sealed while the writer prepares space ahead.
+    let log = open(data.path(), 4096);
+    for i in 0..200 {
+        log.append(vec![event(&json!({"n": i}))]).await.unwrap();
+    }
+    let segments = segment_files(data.path());
+    assert!(segments.len() > 2, "{segments:?}");
+    for sealed in &segments[..segments.len() - 1] {
+        assert_eq!(
+            file_len(sealed),
+            records_end(sealed),
+            "{}",
+            sealed.display()
+        );
+    }
+    // With a sync per group, the active segment holds written zeros past its records.
+    let active = segments.last().unwrap();
+    let (end, len) = (records_end(active), file_len(active));
+    assert!(
+        len > end,
+        "no space prepared: {len} bytes, records end at {end}"
+    );
+    let bytes = std::fs::read(active).unwrap();
+    assert!(bytes[end as usize..].iter().all(|&b| b == 0));
+
+    // What a crash leaves: the files as they are now.
+    let image = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(log_dir(image.path())).unwrap();
+    for entry in std::fs::read_dir(log_dir(data.path())).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, log_dir(image.path()).join(path.file_name().unwrap())).unwrap();
+    }
+    let (recovered, logged) = open_capturing(image.path());
+    let recovered = recovered.unwrap();
+    let truncation = recovered.recovery().truncated.clone().unwrap();
+    assert_eq!(truncation.offset, end);
+    assert_eq!(truncation.bytes_dropped, len - end);
+    assert!(
+        truncation.reason.contains("only zeros follow"),
+        "{truncation:?}"
+    );
+    assert!(logged.contains("only zeros follow"), "{logged}");
+    assert_eq!(read_all(&recovered, 50).len(), 200);
+    recovered.close().await.unwrap();
+
+    log.close().await.unwrap();
+    assert_eq!(file_len(active), end, "closing trims the prepared space");
+    let reopened = open(data.path(), 4096);
+    assert_eq!(reopened.recovery().truncated, None);
+    assert_eq!(read_all(&reopened, 50).len(), 200);
+}

@@ -500,6 +500,7 @@ fn walk_records(bytes: &[u8], segment: &SegmentFile, encrypted: bool) -> Result<
             RecordCheck::Truncated => "record is cut short",
             RecordCheck::Damaged => "record checksum mismatch",
         };
+        let reason = segment::tail_reason(&bytes[at..], reason);
         let valid_after_damage = segment::find_valid_record_after(bytes, at as u64).is_some();
         return Ok(Walk {
             records,

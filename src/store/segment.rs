@@ -847,15 +847,15 @@ fn scan_records(
                 continues,
             } => (body_len, continues),
             RecordCheck::Truncated if record.len() < RECORD_HEADER_LEN as usize => {
-                damage = Some((offset, "record header is cut short"));
+                damage = Some((offset, tail_reason(record, "record header is cut short")));
                 break;
             }
             RecordCheck::Truncated => {
-                damage = Some((offset, "record is cut short"));
+                damage = Some((offset, tail_reason(record, "record is cut short")));
                 break;
             }
             RecordCheck::Damaged => {
-                damage = Some((offset, "record checksum mismatch"));
+                damage = Some((offset, tail_reason(record, "record checksum mismatch")));
                 break;
             }
         };
@@ -923,6 +923,17 @@ fn scan_records(
         tail,
         frames: None,
     })
+}
+
+/// Why the unreadable `rest` of a segment is not kept: zeros are space the writer prepared
+/// ahead of its records and never used (see `writer::Writer::prepare_space`); anything
+/// else is `otherwise`.
+pub(crate) fn tail_reason(rest: &[u8], otherwise: &'static str) -> &'static str {
+    if rest.iter().all(|&b| b == 0) {
+        "unused space prepared ahead of the records (only zeros follow)"
+    } else {
+        otherwise
+    }
 }
 
 /// Looks for any valid record starting after `damaged_at`. Finding one proves the damage
