@@ -6,7 +6,9 @@
 //! - `.log` — a 24-byte header (`BUSLOG\0\x01`, base position u64, flags u32, CRC32C of
 //!   the preceding 20 bytes), then records. A record is a 4-byte word (body length in the
 //!   low 31 bits; the top bit set means "the next record belongs to the same batch"), the
-//!   CRC32C of the word and the body, then the body: the event's compact JSON.
+//!   CRC32C of the word and the body, then the body: the event's compact JSON. The active
+//!   segment's file may end in zeros that the writer prepared ahead of its records; they
+//!   are not records (a zero header fails its CRC) and are trimmed before sealing.
 //! - `.idx` — a 16-byte header (`BUSIDX\0\x01`, base), then one little-endian u64 per event:
 //!   the byte offset where that event's record *ends* (which is where the next one starts).
 //!   Finding an event is one 8-byte read; a run of events is one read of their offsets and
