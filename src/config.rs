@@ -11,6 +11,7 @@ use clap::{Args, Parser};
 
 use crate::broker::BrokerConfig;
 use crate::duration::parse_go_duration;
+use crate::http::Limits;
 use crate::store::cipher::DEFAULT_BLOCK_SIZE;
 use crate::store::{Cipher, FsyncPolicy, StoreConfig};
 
@@ -65,6 +66,35 @@ pub struct ServerConfig {
     /// Plaintext bytes sealed together when encrypting (256 to 1048576).
     #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
+
+    /// Largest request body accepted (bytes, or with a KiB/MiB/GiB suffix); a larger one
+    /// is answered 413.
+    #[arg(long, env = "BUS_MAX_BODY", default_value = "8MiB", value_parser = parse_size)]
+    pub max_body: u64,
+
+    /// Longest subject or subject pattern accepted, in bytes; a longer one is answered 400.
+    #[arg(long, env = "BUS_MAX_SUBJECT_LEN", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subject_len: u32,
+
+    /// Connections served at once; beyond it a new connection is answered 503 with
+    /// `Retry-After` and closed.
+    #[arg(long, env = "BUS_MAX_CONNECTIONS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Event streams open at once; beyond it a subscription is answered 503 with
+    /// `Retry-After`.
+    #[arg(long, env = "BUS_MAX_SUBSCRIPTIONS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscriptions: u32,
+
+    /// A connection that has not sent a whole request head for this long is closed: an
+    /// idle keep-alive connection, or a client sending its head too slowly.
+    #[arg(long, env = "BUS_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time allowed to receive a request's body once its head has arrived; a slower one
+    /// is answered 408.
+    #[arg(long, env = "BUS_BODY_TIMEOUT", default_value = "1m", value_parser = parse_positive_duration)]
+    pub body_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -100,6 +130,18 @@ impl ServerConfig {
             tail_bytes: usize::try_from(self.tail_size).unwrap_or(usize::MAX),
             cipher,
         })
+    }
+
+    /// What clients may ask of the server.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body: usize::try_from(self.max_body).unwrap_or(usize::MAX),
+            max_subject_len: self.max_subject_len as usize,
+            max_connections: self.max_connections as usize,
+            max_subscriptions: self.max_subscriptions as usize,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+        }
     }
 
     pub fn broker_config(&self) -> BrokerConfig {
@@ -170,6 +212,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(size)
 }
 
+/// A byte size as [`parse_size`] reads it: `8 MiB`, `64 KiB`, or bytes.
+pub fn format_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +234,10 @@ mod tests {
         assert_eq!(parse_size("64 KB"), Ok(64 << 10));
         for bad in ["", "MiB", "12x", "-5", "1", "99999999999999999999G"] {
             assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
+        for (size, text) in [(8 << 20, "8 MiB"), (3 << 30, "3 GiB"), (1536, "1536 bytes")] {
+            assert_eq!(format_size(size), text);
+            assert_eq!(parse_size(&text.replace(" bytes", "")), Ok(size));
         }
     }
 }

@@ -395,6 +395,40 @@ pub fn compact_json(json: &[u8]) -> Vec<u8> {
     out
 }
 
+/// How deeply a payload may nest arrays and objects. Inside its event (one more level),
+/// that is the 127 levels that serde_json accepts by default (other common parsers accept
+/// more), so every subscriber can parse what it receives.
+pub const MAX_PAYLOAD_DEPTH: usize = 126;
+
+/// The deepest nesting of arrays and objects in a valid JSON text (0 for a scalar).
+pub fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Appends `value` as a JSON string literal.
 pub fn push_json_string(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');

@@ -6,7 +6,6 @@
 //! every log. Connections that do not finish within [`SHUTDOWN_GRACE`] (a client that
 //! stopped reading, say) are dropped, so the server always exits promptly.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,6 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::ServerConfig;
-use crate::http::listener::BusListener;
 use crate::http::{self, AppState};
 use crate::store::Store;
 
@@ -31,7 +29,7 @@ pub struct RunningServer {
     store: Arc<Store>,
     broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
-    serving: JoinHandle<std::io::Result<()>>,
+    serving: JoinHandle<()>,
 }
 
 /// Opens the data directory and starts serving.
@@ -75,20 +73,20 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .local_addr()
         .context("reading the listening address")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let state = AppState {
-        broker: Arc::clone(&broker),
-        ping_interval: config.ping_interval,
-        shutdown: shutdown_rx.clone(),
-    };
-    tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
-    let mut stop_accepting = shutdown_rx;
-    let serving = tokio::spawn(
-        axum::serve(BusListener::new(listener), http::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = stop_accepting.wait_for(|down| *down).await;
-            })
-            .into_future(),
+    let limits = config.limits();
+    let state = AppState::new(
+        Arc::clone(&broker),
+        config.ping_interval,
+        shutdown_rx.clone(),
+        limits.clone(),
     );
+    tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
+    let serving = tokio::spawn(http::serve::serve(
+        listener,
+        http::router(state),
+        Arc::new(limits),
+        shutdown_rx,
+    ));
     tracing::info!(%addr, path = %config.path.display(), fsync = %config.fsync, "bus server listening");
     Ok(RunningServer {
         addr,
@@ -114,8 +112,7 @@ impl RunningServer {
         self.shutdown.send_replace(true);
         let mut serving = self.serving;
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server task failed"),
             Err(_) => {
                 tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");

@@ -23,6 +23,23 @@ impl ApiError {
     }
 }
 
+/// 503 with `Retry-After`: the server is at a limit, not broken; the client may retry.
+pub fn at_limit(message: String) -> Response {
+    let mut response = ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message,
+    }
+    .into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+    );
+    response
+}
+
+/// What a 503 at a limit suggests waiting, in seconds.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = self.message;

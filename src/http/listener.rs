@@ -1,5 +1,4 @@
-//! Accepting connections: TCP with `TCP_NODELAY` (events and replies are small and must
-//! not wait for Nagle's algorithm), and request lines as lenient as the reference's.
+//! Request lines as lenient as the reference's.
 //!
 //! The reference server (Go's `net/http`) accepts a raw `>` — the multi-segment wildcard —
 //! in a query string, so `curl 'http://host/?subject=orders.>'` works against it. The URL
@@ -12,54 +11,13 @@
 //! through as it is.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 
 /// Longest request or header line that is examined.
 const MAX_LINE: usize = 16 << 10;
-
-/// The server's listener (see the module docs).
-pub struct BusListener {
-    inner: TcpListener,
-}
-
-impl BusListener {
-    pub fn new(inner: TcpListener) -> BusListener {
-        BusListener { inner }
-    }
-}
-
-impl axum::serve::Listener for BusListener {
-    type Io = LenientRequests<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                    return (LenientRequests::new(stream), addr);
-                }
-                Err(e) => {
-                    // Out of file descriptors or a connection reset before accept: wait
-                    // a little rather than spin, and keep serving.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
 
 /// Where the reader is in the stream of requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,17 +13,17 @@ pub mod ack;
 pub mod error;
 pub mod listener;
 pub mod publish;
+pub mod serve;
 pub mod subscribe;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::broker::Broker;
 
@@ -32,8 +32,22 @@ pub const HEADER_EVENT_CREATED_AT: &str = "x-bus-event-created-at";
 pub const HEADER_EVENT_INDEX: &str = "x-bus-event-index";
 pub const HEADER_CONSUMER_ID: &str = "x-bus-consumer-id";
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 8 << 20;
+/// What a client may ask of the server (set by the server's flags).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// Longest subject or pattern, in bytes.
+    pub max_subject_len: usize,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Event streams open at once.
+    pub max_subscriptions: usize,
+    /// How long a connection may go without sending a whole request head.
+    pub idle_timeout: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_timeout: Duration,
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -42,6 +56,38 @@ pub struct AppState {
     pub ping_interval: Duration,
     /// Turns true when the server shuts down; open streams end.
     pub shutdown: watch::Receiver<bool>,
+    pub limits: Arc<Limits>,
+    /// One permit per open event stream.
+    pub subscriptions: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(
+        broker: Arc<Broker>,
+        ping_interval: Duration,
+        shutdown: watch::Receiver<bool>,
+        limits: Limits,
+    ) -> AppState {
+        AppState {
+            broker,
+            ping_interval,
+            shutdown,
+            subscriptions: Arc::new(Semaphore::new(limits.max_subscriptions)),
+            limits: Arc::new(limits),
+        }
+    }
+
+    /// A 400 if `subject` (a subject or pattern) is longer than allowed.
+    pub fn check_subject_len(&self, what: &str, subject: &str) -> Result<(), error::ApiError> {
+        let max = self.limits.max_subject_len;
+        if subject.len() > max {
+            return Err(error::ApiError::bad_request(format!(
+                "{what} is {} bytes long; this server accepts at most {max} (--max-subject-len)",
+                subject.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -55,7 +101,6 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/health", get(health))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(add_cors_headers))
         .with_state(state)
 }

@@ -6,18 +6,21 @@
 //! assigned id, creation time and index in `X-BUS-EVENT-*` headers (for a batch, those of
 //! its last event).
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX, MAX_BODY};
+use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX};
 use crate::broker::{NewEvent, Publication};
-use crate::event::compact_json;
+use crate::event::{compact_json, json_depth, MAX_PAYLOAD_DEPTH};
 use crate::timestamp::Timestamp;
 
 /// An event as clients send it. Fields the server assigns (`index`) and unknown fields
@@ -45,7 +48,11 @@ struct WireEvent {
 const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 impl WireEvent {
-    fn into_new_event(self, position_in_batch: Option<usize>) -> Result<NewEvent, ApiError> {
+    fn into_new_event(
+        self,
+        position_in_batch: Option<usize>,
+        max_subject_len: usize,
+    ) -> Result<NewEvent, ApiError> {
         let which = || match position_in_batch {
             Some(i) => format!("event {i} of the batch: "),
             None => String::new(),
@@ -56,12 +63,38 @@ impl WireEvent {
                 which()
             )));
         }
+        for (name, subject) in [
+            ("subject", &self.subject),
+            ("response_subject", &self.response_subject),
+        ] {
+            if subject.len() > max_subject_len {
+                return Err(ApiError::bad_request(format!(
+                    "{}{name} is {} bytes long; this server accepts at most {max_subject_len} \
+                     (--max-subject-len)",
+                    which(),
+                    subject.len()
+                )));
+            }
+        }
         let created_at = match self.created_at.as_deref() {
             None | Some("") | Some(GO_ZERO_TIME) => None,
             Some(text) => Some(
                 Timestamp::parse(text)
                     .map_err(|e| ApiError::bad_request(format!("{}created_at: {e}", which())))?,
             ),
+        };
+        let payload = match self.payload {
+            Some(raw) => {
+                let json = raw.get().as_bytes();
+                if json_depth(json) > MAX_PAYLOAD_DEPTH {
+                    return Err(ApiError::bad_request(format!(
+                        "{}payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep",
+                        which()
+                    )));
+                }
+                Some(compact_json(json))
+            }
+            None => None,
         };
         Ok(NewEvent {
             id: (!self.id.is_empty()).then_some(self.id),
@@ -70,13 +103,13 @@ impl WireEvent {
             subject: self.subject,
             response_subject: self.response_subject,
             created_at,
-            payload: self.payload.map(|raw| compact_json(raw.get().as_bytes())),
+            payload,
         })
     }
 }
 
 /// Parses a publish body: one event object or an array of them.
-pub fn parse_body(body: &[u8]) -> Result<Publication, ApiError> {
+pub fn parse_body(body: &[u8], max_subject_len: usize) -> Result<Publication, ApiError> {
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::bad_request("the body is not valid UTF-8"));
     }
@@ -85,7 +118,9 @@ pub fn parse_body(body: &[u8]) -> Result<Publication, ApiError> {
     match first {
         Some(b'{') => {
             let event: WireEvent = serde_json::from_slice(body).map_err(bad_json)?;
-            Ok(Publication::One(event.into_new_event(None)?))
+            Ok(Publication::One(
+                event.into_new_event(None, max_subject_len)?,
+            ))
         }
         Some(b'[') => {
             let events: Vec<WireEvent> = serde_json::from_slice(body).map_err(bad_json)?;
@@ -97,7 +132,7 @@ pub fn parse_body(body: &[u8]) -> Result<Publication, ApiError> {
             events
                 .into_iter()
                 .enumerate()
-                .map(|(i, e)| e.into_new_event(Some(i)))
+                .map(|(i, e)| e.into_new_event(Some(i), max_subject_len))
                 .collect::<Result<_, _>>()
                 .map(Publication::Batch)
         }
@@ -110,28 +145,61 @@ pub fn parse_body(body: &[u8]) -> Result<Publication, ApiError> {
     }
 }
 
-pub async fn publish(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!(
-                    "the body is larger than {} MiB; publish smaller events or split the batch",
-                    MAX_BODY >> 20
-                ),
-            }
-            .into_response()
-        }
-        Err(rejection) => {
-            return ApiError {
-                status: rejection.status(),
-                message: format!("reading the body failed: {}", rejection.body_text()),
-            }
-            .into_response()
-        }
+/// Reads a request body of at most `max` bytes, within `timeout`.
+///
+/// A body over the limit is read up to the limit before the 413, not refused on its
+/// `Content-Length` alone: a client still writing when the connection closes would see
+/// a broken pipe instead of the answer.
+pub async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!(
+            "the body is larger than {} (--max-body); publish smaller events or split the batch",
+            crate::config::format_size(max as u64)
+        ),
     };
-    let events = match parse_body(&body) {
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        // Most bodies arrive as one chunk, which is kept as it is.
+        let mut first: Option<Bytes> = None;
+        let mut joined = BytesMut::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}")))?;
+            let len = first.as_ref().map_or(0, Bytes::len) + joined.len() + chunk.len();
+            if len > max {
+                return Err(too_large());
+            }
+            match first.take() {
+                None if joined.is_empty() => first = Some(chunk),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        joined.extend_from_slice(&earlier);
+                    }
+                    joined.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(first.unwrap_or_else(|| joined.freeze()))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the body did not arrive within {timeout:?} (--body-timeout); send it at once"
+            ),
+        }),
+    }
+}
+
+pub async fn publish(State(app): State<AppState>, body: Body) -> Response {
+    let limits = &app.limits;
+    let body = match read_body(body, limits.max_body, limits.body_timeout).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    let events = match parse_body(&body, limits.max_subject_len) {
         Ok(events) => events,
         Err(e) => return e.into_response(),
     };
@@ -153,4 +221,50 @@ pub async fn publish(State(app): State<AppState>, body: Result<Bytes, BytesRejec
         }
     }
     (StatusCode::ACCEPTED, headers).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(result: Result<Publication, ApiError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(e) => {
+                assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                e.message
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        for depth in [200, 100_000] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let payload = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+                let body = format!(r#"{{"subject":"a.b","payload":{payload}}}"#);
+                let text = message(parse_body(body.as_bytes(), 1024));
+                assert!(text.contains("more than 126 levels deep"), "{text}");
+            }
+        }
+        // The deepest accepted payload, inside a batch, still parses with serde_json.
+        let (open, close) = ("[".repeat(126), "]".repeat(126));
+        let ok = format!(r#"[{{"subject":"a.b","payload":{open}"[[{{\""{close}}}]"#);
+        assert!(parse_body(ok.as_bytes(), 1024).is_ok());
+        let event = format!(r#"{{"id":"e_1","payload":{open}1{close}}}"#);
+        serde_json::from_str::<serde_json::Value>(&event).unwrap();
+    }
+
+    #[test]
+    fn long_subjects_are_refused_with_the_limit() {
+        let subject = format!("a.{}", "b".repeat(30));
+        let body = format!(r#"[{{"subject":"a.b"}},{{"subject":"{subject}"}}]"#);
+        let text = message(parse_body(body.as_bytes(), 31));
+        assert!(text.contains("event 1 of the batch"), "{text}");
+        assert!(text.contains("32 bytes long"), "{text}");
+        assert!(text.contains("at most 31"), "{text}");
+        let body = format!(r#"{{"subject":"a.b","response_subject":"{subject}"}}"#);
+        assert!(message(parse_body(body.as_bytes(), 31)).contains("response_subject"));
+        assert!(parse_body(body.as_bytes(), 32).is_ok());
+    }
 }

@@ -13,6 +13,7 @@
 //! stream ends. Shutting the server down ends every stream cleanly.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -21,8 +22,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures_util::{stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 
-use super::error::ApiError;
+use super::error::{at_limit, ApiError};
 use super::{AppState, HEADER_CONSUMER_ID};
 use crate::broker::{
     AckMode, Delivery, Start, SubscribeRequest, DEFAULT_REDELIVERY, DEFAULT_REDELIVERY_COUNT,
@@ -124,16 +126,27 @@ pub async fn subscribe(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(subject) = query.get("subject") {
+        if let Err(e) = app.check_subject_len("the subject pattern", subject.trim()) {
+            return e.into_response();
+        }
+    }
     let request = match parse_request(&query, &headers) {
         Ok(request) => request,
         Err(e) => return e.into_response(),
+    };
+    let Ok(permit) = Arc::clone(&app.subscriptions).try_acquire_owned() else {
+        return at_limit(format!(
+            "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",
+            app.limits.max_subscriptions
+        ));
     };
     let pattern = request.pattern.to_string();
     let subscription = match app.broker.subscribe(request) {
         Ok(subscription) => subscription,
         Err(message) => return ApiError::bad_request(message).into_response(),
     };
-    let lifetime = StreamLifetime::new(&subscription.consumer_id, &pattern);
+    let lifetime = StreamLifetime::new(&subscription.consumer_id, &pattern, permit);
 
     let frames = subscription.deliveries.map(|delivery| match delivery {
         Delivery::Events(events) => {
@@ -180,22 +193,28 @@ pub async fn subscribe(
     response
 }
 
-/// Logs when a subscription's stream opens and when it is dropped (the client left, or
-/// the server shut down), with the consumer id.
-struct StreamLifetime(tracing::Span);
+/// Holds a stream's place under `--max-subscriptions` and logs when the stream opens and
+/// when it is dropped (the client left, or the server shut down), with the consumer id.
+struct StreamLifetime {
+    span: tracing::Span,
+    _permit: OwnedSemaphorePermit,
+}
 
 impl StreamLifetime {
-    fn new(consumer_id: &str, pattern: &str) -> StreamLifetime {
+    fn new(consumer_id: &str, pattern: &str, permit: OwnedSemaphorePermit) -> StreamLifetime {
         let span = tracing::debug_span!("subscription", consumer_id, subject = pattern);
         tracing::debug!(parent: &span, "stream opened");
-        StreamLifetime(span)
+        StreamLifetime {
+            span,
+            _permit: permit,
+        }
     }
 }
 
 impl Drop for StreamLifetime {
     fn drop(&mut self) {
         CLOSED_STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(parent: &self.0, "stream closed");
+        tracing::debug!(parent: &self.span, "stream closed");
     }
 }
 

@@ -99,7 +99,10 @@ impl Shared {
     }
 
     fn read_tail(&self, from: u64, until: u64, max: usize) -> Option<Vec<StoredEvent>> {
-        self.tail.read().ok()?.read(from, until, max)
+        self.tail
+            .read()
+            .ok()?
+            .read(from, until, max, READ_CHUNK_BYTES as usize)
     }
 
     /// The segment holding `position`.

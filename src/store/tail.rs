@@ -45,9 +45,15 @@ impl Tail {
         }
     }
 
-    /// Events `from..until` (at most `max` of them), or `None` if `from` is older than the
-    /// tail.
-    pub fn read(&self, from: u64, until: u64, max: usize) -> Option<Vec<StoredEvent>> {
+    /// Events `from..until` (at most `max` of them, and no more than `max_bytes` of stream
+    /// frames unless the first alone is larger), or `None` if `from` is older than the tail.
+    pub fn read(
+        &self,
+        from: u64,
+        until: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<StoredEvent>> {
         if from < self.start {
             return None;
         }
@@ -55,7 +61,19 @@ impl Tail {
         let end = (until.saturating_sub(self.start) as usize)
             .min(self.events.len())
             .min(first.saturating_add(max));
-        Some(self.events.range(first.min(end)..end).cloned().collect())
+        let mut bytes = 0;
+        let events = self
+            .events
+            .range(first.min(end)..end)
+            .take_while(|event| {
+                // Always at least one event, however large.
+                let fits = bytes == 0 || bytes + event.sse_frame().len() <= max_bytes;
+                bytes += event.sse_frame().len();
+                fits
+            })
+            .cloned()
+            .collect();
+        Some(events)
     }
 }
 
@@ -79,17 +97,25 @@ mod tests {
         let frame_len = event(10).sse_frame().len();
         let mut tail = Tail::new(10, frame_len * 3);
         tail.extend((10..15).map(event));
-        assert_eq!(tail.read(9, 15, 100), None, "dropped from the front");
+        assert_eq!(
+            tail.read(9, 15, 100, usize::MAX),
+            None,
+            "dropped from the front"
+        );
         let got: Vec<u64> = tail
-            .read(12, 15, 100)
+            .read(12, 15, 100, usize::MAX)
             .unwrap()
             .iter()
             .map(StoredEvent::position)
             .collect();
         assert_eq!(got, vec![12, 13, 14]);
-        let got = tail.read(12, 14, 100).unwrap();
+        let got = tail.read(12, 14, 100, usize::MAX).unwrap();
         assert_eq!(got.len(), 2, "stops at the committed bound");
-        assert_eq!(tail.read(13, 15, 1).unwrap().len(), 1);
-        assert!(tail.read(15, 15, 10).unwrap().is_empty());
+        assert_eq!(tail.read(13, 15, 1, usize::MAX).unwrap().len(), 1);
+        assert!(tail.read(15, 15, 10, usize::MAX).unwrap().is_empty());
+        // A byte budget stops the read early, but never before the first event.
+        assert_eq!(tail.read(12, 15, 100, frame_len * 2).unwrap().len(), 2);
+        assert_eq!(tail.read(12, 15, 100, frame_len * 2 - 1).unwrap().len(), 1);
+        assert_eq!(tail.read(12, 15, 100, 1).unwrap().len(), 1);
     }
 }

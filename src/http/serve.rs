@@ -1,0 +1,154 @@
+//! Accepting and serving connections, within the server's limits.
+//!
+//! - At most `--max-connections` connections are served at once. One more is answered
+//!   `503 Service Unavailable` with `Retry-After` and closed, so that a surge is told to
+//!   come back instead of slowing everyone down; beyond [`MAX_REFUSING`] connections being
+//!   refused at the same moment, new ones are closed without an answer.
+//! - A connection that goes `--idle-timeout` without sending a whole request head is
+//!   closed: an idle keep-alive connection, or a client sending its head byte by byte
+//!   (slowloris). A request head larger than [`MAX_HEAD`] is answered 431.
+//! - Each connection buffers at most [`MAX_BUFFER`] of response bytes beyond what the
+//!   kernel's socket buffer holds: a subscriber that stops reading stops its stream from
+//!   being polled, and costs no more memory than that.
+//! - Shutting down stops accepting, asks every connection to finish its request in flight
+//!   and close, and returns once they all have.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::error::RETRY_AFTER_SECONDS;
+use super::listener::LenientRequests;
+use super::Limits;
+
+/// Largest request head (request line and headers).
+pub const MAX_HEAD: usize = 64 << 10;
+/// Response bytes a connection queues before it stops polling the response body.
+pub const MAX_BUFFER: usize = 64 << 10;
+/// Connections answered 503 at the same moment; more are closed at once.
+const MAX_REFUSING: usize = 256;
+/// How long a refused connection is given to send its request head before the answer.
+const REFUSAL_READ: Duration = Duration::from_millis(500);
+
+/// Serves `router` on `listener` until `shutdown` turns true and every connection is done.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Arc<Limits>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let serving = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let mut connections = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was
+                    // accepted: wait a little rather than spin, and keep serving.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = shut_down(&mut shutdown) => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        if let Ok(permit) = Arc::clone(&serving).try_acquire_owned() {
+            let connection = Connection {
+                router: router.clone(),
+                limits: Arc::clone(&limits),
+                shutdown: shutdown.clone(),
+                _permit: permit,
+            };
+            connections.spawn(connection.serve(stream));
+        } else if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
+            connections.spawn(refuse(stream, limits.max_connections, permit));
+        } else {
+            drop(stream);
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// Returns once the server shuts down.
+async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|down| *down).await;
+}
+
+/// One accepted connection and what it holds.
+struct Connection {
+    router: Router,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(mut self, stream: TcpStream) {
+        let io = TokioIo::new(LenientRequests::new(stream));
+        let service = TowerToHyperService::new(self.router.clone());
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.idle_timeout)
+            .max_buf_size(MAX_BUFFER.max(MAX_HEAD))
+            .max_header_size(MAX_HEAD)
+            .serve_connection(io, service);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = shut_down(&mut self.shutdown) => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            // A client going away mid-request, or sending garbage: its own business.
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Answers a connection over the limit with 503 and closes it.
+async fn refuse(mut stream: TcpStream, max_connections: usize, _permit: OwnedSemaphorePermit) {
+    // Read the request head first: closing a socket with unread input resets it, and the
+    // client might then never see the answer.
+    let mut head = [0u8; 4096];
+    let mut read = 0;
+    let _ = tokio::time::timeout(REFUSAL_READ, async {
+        while read < head.len() {
+            match stream.read(&mut head[read..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+            if head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    let message = format!(
+        "the server is at its limit of {max_connections} connections (--max-connections); retry shortly\n"
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Access-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n{message}",
+        message.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
