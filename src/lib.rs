@@ -24,6 +24,7 @@ pub mod config;
 pub mod duration;
 pub mod event;
 pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod subject;

@@ -81,10 +81,12 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         limits.clone(),
     );
     tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
+    let connections = Arc::clone(&state.connections);
     let serving = tokio::spawn(http::serve::serve(
         listener,
         http::router(state),
         Arc::new(limits),
+        connections,
         shutdown_rx,
     ));
     tracing::info!(%addr, path = %config.path.display(), fsync = %config.fsync, "bus server listening");

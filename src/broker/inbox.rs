@@ -24,6 +24,10 @@ type Subscribers = HashMap<String, Vec<(u64, mpsc::Sender<StoredEvent>)>>;
 pub struct Inboxes {
     subscribers: Arc<Mutex<Subscribers>>,
     next_id: AtomicU64,
+    /// Events published to inbox subjects, and copies of them dropped for subscribers too
+    /// far behind.
+    published: AtomicU64,
+    dropped: AtomicU64,
 }
 
 /// An open inbox subscription; dropping it unsubscribes.
@@ -79,6 +83,7 @@ impl Inboxes {
 
     /// Hands an event to the current subscribers of `subject`; returns how many got it.
     pub fn publish(&self, subject: &str, event: &StoredEvent) -> usize {
+        self.published.fetch_add(1, Ordering::Relaxed);
         let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         let Some(list) = subscribers.get(subject) else {
             return 0;
@@ -88,6 +93,7 @@ impl Inboxes {
             match sender.try_send(event.clone()) {
                 Ok(()) => delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         subject,
                         event_id = event.id(),
@@ -99,6 +105,16 @@ impl Inboxes {
             }
         }
         delivered
+    }
+
+    /// Events published to inbox subjects so far.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Copies of inbox events dropped so far for subscribers too far behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Number of open inbox subscriptions.

@@ -21,11 +21,12 @@ mod subscription;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use self::acks::Acks;
@@ -153,6 +154,23 @@ pub struct Broker {
     inboxes: Inboxes,
     acks: Arc<Acks>,
     shutdown: watch::Sender<bool>,
+    /// Events sent to subscribers since the server started, by namespace (inboxes under
+    /// [`INBOX_NAMESPACE`]).
+    delivered: BTreeMap<String, Arc<AtomicU64>>,
+    /// Deliveries repeated because no ack came in time.
+    redeliveries: Arc<AtomicU64>,
+}
+
+/// The namespace of inbox subjects in the broker's counters.
+pub const INBOX_NAMESPACE: &str = "_bus_";
+
+/// What the broker counted since the server started (see [`crate::metrics`]).
+pub struct BrokerCounts {
+    /// Events sent to subscribers, by namespace.
+    pub delivered: Vec<(String, u64)>,
+    pub redeliveries: u64,
+    pub inbox_published: u64,
+    pub inbox_dropped: u64,
 }
 
 impl Broker {
@@ -169,12 +187,38 @@ impl Broker {
                 rebuild_dedup(log, &dedup);
             }
         }
+        let delivered = logs
+            .keys()
+            .map(String::as_str)
+            .chain([INBOX_NAMESPACE])
+            .map(|namespace| (namespace.to_owned(), Arc::default()))
+            .collect();
         Broker {
             logs,
             dedup,
             inboxes: Inboxes::default(),
             acks: Arc::new(Acks::default()),
             shutdown: watch::channel(false).0,
+            delivered,
+            redeliveries: Arc::default(),
+        }
+    }
+
+    /// The open logs, by namespace.
+    pub fn logs(&self) -> impl Iterator<Item = &Arc<Log>> {
+        self.logs.values()
+    }
+
+    pub fn counts(&self) -> BrokerCounts {
+        BrokerCounts {
+            delivered: self
+                .delivered
+                .iter()
+                .map(|(namespace, n)| (namespace.clone(), n.load(Ordering::Relaxed)))
+                .collect(),
+            redeliveries: self.redeliveries.load(Ordering::Relaxed),
+            inbox_published: self.inboxes.published(),
+            inbox_dropped: self.inboxes.dropped(),
         }
     }
 
@@ -301,11 +345,22 @@ impl Broker {
     pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, String> {
         let consumer_id = random_id("c_");
         let shutdown = self.shutdown.subscribe();
+        let namespace = if request.pattern.is_inbox() {
+            INBOX_NAMESPACE
+        } else {
+            request.pattern.namespace()
+        };
+        let delivered = self.delivered.get(namespace).cloned().unwrap_or_default();
+        let count = move |delivery: &Delivery| {
+            if let Delivery::Events(events) = delivery {
+                delivered.fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+        };
         if request.pattern.is_inbox() {
             let inbox = self.inboxes.subscribe(request.pattern.as_str());
             return Ok(Subscription {
                 consumer_id,
-                deliveries: Box::pin(subscription::inbox(inbox, shutdown)),
+                deliveries: Box::pin(subscription::inbox(inbox, shutdown).inspect(count)),
             });
         }
         let log = Arc::clone(self.log(request.pattern.namespace())?);
@@ -337,6 +392,7 @@ impl Broker {
                     subscription::Redelivery {
                         every: redelivery,
                         max_deliveries,
+                        redeliveries: Arc::clone(&self.redeliveries),
                     },
                     acks,
                     shutdown,
@@ -345,7 +401,7 @@ impl Broker {
         };
         Ok(Subscription {
             consumer_id,
-            deliveries,
+            deliveries: Box::pin(deliveries.inspect(count)),
         })
     }
 

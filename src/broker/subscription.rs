@@ -12,6 +12,7 @@
 //! captures them whole, and they live exactly as long as the stream.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ pub enum From {
 pub struct Redelivery {
     pub every: Duration,
     pub max_deliveries: Option<u32>,
+    /// Counts every delivery after an event's first.
+    pub redeliveries: Arc<AtomicU64>,
 }
 
 /// Reads a log from a position on, returning batches of matching events.
@@ -209,6 +212,9 @@ pub fn manual(
             };
             let mut deliveries = 0u32;
             'redeliver: loop {
+                if deliveries > 0 {
+                    redelivery.redeliveries.fetch_add(1, Ordering::Relaxed);
+                }
                 yield Delivery::Events(vec![event.clone()]);
                 deliveries = deliveries.saturating_add(1);
                 let deadline = tokio::time::sleep(redelivery.every);

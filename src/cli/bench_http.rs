@@ -97,6 +97,7 @@ impl Target {
             .args(self.server_args.split_whitespace())
             // The listening line is logged at INFO; the reader below drains the rest.
             .env("BUS_LOG_LEVEL", "INFO")
+            .env("BUS_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -38,6 +38,17 @@ pub const EXIT_DAMAGED: u8 = 4;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// How log lines on standard error are written: `text` for people, `json` (one object
+    /// per line) for log collectors.
+    #[arg(long, global = true, env = "BUS_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,7 +110,7 @@ impl Exit {
 
 /// Runs a parsed command line and turns its outcome into an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    if let Err(message) = init_logging() {
+    if let Err(message) = init_logging(cli.log_format) {
         eprintln!("bus: {message}");
         return ExitCode::from(2);
     }
@@ -152,8 +163,9 @@ fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Logs go to standard error at the level named by `BUS_LOG_LEVEL` (default `INFO`).
-fn init_logging() -> Result<(), String> {
+/// Logs go to standard error, as `format` says, at the level named by `BUS_LOG_LEVEL`
+/// (default `INFO`).
+fn init_logging(format: LogFormat) -> Result<(), String> {
     let level = match std::env::var("BUS_LOG_LEVEL") {
         Err(_) => LevelFilter::INFO,
         Ok(text) => match text.trim().to_ascii_uppercase().as_str() {
@@ -170,11 +182,13 @@ fn init_logging() -> Result<(), String> {
         },
     };
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     Ok(())
 }

@@ -2,8 +2,8 @@
 //!
 //! - `POST /` publishes ([`publish`]), `GET /` subscribes with Server-Sent Events
 //!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]), `OPTIONS /` answers CORS preflights.
-//! - `GET /health` answers `200 ok` while the server runs (for container health checks and
-//!   load balancers; not in the reference).
+//! - `GET /healthz` (and `/health`), `GET /readyz` and `GET /metrics` are for operators
+//!   ([`ops`]; not in the reference).
 //! - Every response carries the same CORS headers, so browsers on any origin can publish,
 //!   subscribe and read the `X-BUS-*` headers.
 //!
@@ -12,6 +12,7 @@
 pub mod ack;
 pub mod error;
 pub mod listener;
+pub mod ops;
 pub mod publish;
 pub mod serve;
 pub mod subscribe;
@@ -26,6 +27,7 @@ use axum::Router;
 use tokio::sync::{watch, Semaphore};
 
 use crate::broker::Broker;
+use crate::metrics::{self, Histogram};
 
 pub const HEADER_EVENT_ID: &str = "x-bus-event-id";
 pub const HEADER_EVENT_CREATED_AT: &str = "x-bus-event-created-at";
@@ -59,6 +61,10 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// One permit per open event stream.
     pub subscriptions: Arc<Semaphore>,
+    /// One permit per connection being served.
+    pub connections: Arc<Semaphore>,
+    /// Durations of publish requests, in µs.
+    pub publish_micros: Arc<Histogram>,
 }
 
 impl AppState {
@@ -73,6 +79,8 @@ impl AppState {
             ping_interval,
             shutdown,
             subscriptions: Arc::new(Semaphore::new(limits.max_subscriptions)),
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            publish_micros: Arc::new(Histogram::new(metrics::DURATION_BOUNDS_MICROS)),
             limits: Arc::new(limits),
         }
     }
@@ -99,14 +107,13 @@ pub fn router(state: AppState) -> Router {
                 .put(ack::ack)
                 .options(preflight),
         )
-        .route("/health", get(health))
+        .route("/health", get(ops::healthz))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response(add_cors_headers))
         .with_state(state)
-}
-
-async fn health() -> &'static str {
-    "ok\n"
 }
 
 async fn preflight() -> StatusCode {

@@ -6,7 +6,7 @@
 //! assigned id, creation time and index in `X-BUS-EVENT-*` headers (for a batch, those of
 //! its last event).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -194,6 +194,13 @@ pub async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Byte
 }
 
 pub async fn publish(State(app): State<AppState>, body: Body) -> Response {
+    let started = Instant::now();
+    let response = publish_body(&app, body).await;
+    app.publish_micros.observe_duration(started.elapsed());
+    response
+}
+
+async fn publish_body(app: &AppState, body: Body) -> Response {
     let limits = &app.limits;
     let body = match read_body(body, limits.max_body, limits.body_timeout).await {
         Ok(body) => body,

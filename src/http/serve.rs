@@ -39,13 +39,15 @@ const MAX_REFUSING: usize = 256;
 const REFUSAL_READ: Duration = Duration::from_millis(500);
 
 /// Serves `router` on `listener` until `shutdown` turns true and every connection is done.
+///
+/// `serving` holds one permit per connection that may be served at once.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
+    serving: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let serving = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut connections = JoinSet::new();
     loop {

@@ -13,7 +13,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use tokio::sync::{oneshot, watch};
 
@@ -25,6 +25,7 @@ use super::tail::Tail;
 use super::writer::{self, Command};
 use super::{ids, Appended, BoxFuture, Cipher, EventLog, StoreConfig};
 use crate::event::{JsonLayout, PendingEvent, StoredEvent};
+use crate::metrics::{self, Histogram};
 
 /// Largest chunk of record bytes one disk read returns.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -79,12 +80,15 @@ pub(crate) struct Shared {
     pub tail: RwLock<Tail>,
     committed: AtomicU64,
     watermark: watch::Sender<u64>,
-    /// Group commits written since the log was opened.
-    pub groups: AtomicU64,
-    /// `fdatasync` calls on segment files since the log was opened.
-    pub syncs: AtomicU64,
+    /// Events per group commit since the log was opened (its count: the group commits;
+    /// its sum: the events appended).
+    pub group_events: Histogram,
+    /// Duration of each `fdatasync` of a segment file since the log was opened, in µs.
+    pub sync_micros: Histogram,
     /// Reads that went to the segment files.
     disk_reads: AtomicU64,
+    /// Why the writer stopped taking appends, once it has.
+    pub halted: OnceLock<String>,
 }
 
 impl Shared {
@@ -271,9 +275,10 @@ impl Log {
             segments: RwLock::new(segments),
             committed: AtomicU64::new(next),
             watermark,
-            groups: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
+            group_events: Histogram::new(metrics::GROUP_BOUNDS),
+            sync_micros: Histogram::new(metrics::DURATION_BOUNDS_MICROS),
             disk_reads: AtomicU64::new(0),
+            halted: OnceLock::new(),
         });
         let (commands, writer) =
             writer::start(Arc::clone(&shared), meta, config, active_files, lock)?;
@@ -320,10 +325,37 @@ impl Log {
     pub fn stats(&self) -> LogStats {
         LogStats {
             events: self.committed(),
-            groups: self.shared.groups.load(Ordering::Relaxed),
-            syncs: self.shared.syncs.load(Ordering::Relaxed),
+            groups: self.shared.group_events.count(),
+            syncs: self.shared.sync_micros.count(),
             disk_reads: self.shared.disk_reads.load(Ordering::Relaxed),
         }
+    }
+
+    /// Why the log refuses appends until the server restarts, if it does (a failed sync).
+    pub fn halted(&self) -> Option<&str> {
+        self.shared.halted.get().map(String::as_str)
+    }
+
+    /// Events per group commit since the log was opened (the sum: events appended).
+    pub fn group_events(&self) -> &Histogram {
+        &self.shared.group_events
+    }
+
+    /// Durations of the syncs of segment files since the log was opened, in µs.
+    pub fn sync_micros(&self) -> &Histogram {
+        &self.shared.sync_micros
+    }
+
+    /// Bytes of the files in the log's directory (blocking: it reads the directory).
+    pub fn disk_bytes(&self) -> std::io::Result<u64> {
+        let mut total = 0;
+        for entry in fs::read_dir(&self.shared.dir)? {
+            let metadata = entry?.metadata()?;
+            if metadata.is_file() {
+                total += metadata.len();
+            }
+        }
+        Ok(total)
     }
 
     /// Number of segment files.

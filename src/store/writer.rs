@@ -27,7 +27,6 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -364,8 +363,8 @@ impl Writer {
             self.unsynced = true;
         }
 
-        self.shared.groups.fetch_add(1, Ordering::Relaxed);
         let added = position - self.next;
+        self.shared.group_events.observe(added);
         self.count += added;
         self.log_len += self.records.len() as u64;
         if self.shared.cipher.is_some() {
@@ -515,7 +514,7 @@ impl Writer {
         } else {
             (self.sync_time * 7 + took) / 8
         };
-        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.sync_micros.observe_duration(took);
         Ok(())
     }
 
@@ -530,6 +529,7 @@ impl Writer {
     fn halt(&mut self, cause: &str) {
         tracing::error!(namespace = %self.shared.namespace, cause, "log halted: appends are refused until restart");
         self.halted = Some(cause.to_owned());
+        let _ = self.shared.halted.set(cause.to_owned());
     }
 
     /// Seals the active segment and starts the next one.

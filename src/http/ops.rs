@@ -1,0 +1,216 @@
+//! Endpoints for operators, on paths that the event API (all of it at `/`) never uses:
+//!
+//! - `GET /healthz` — liveness: `200 ok` while the process serves HTTP (`/health` is the
+//!   same, kept for the Docker health check and earlier clients).
+//! - `GET /readyz` — readiness: `200 ready` while every namespace's log takes appends;
+//!   `503` with the reason when one has halted after a storage failure or the server is
+//!   shutting down.
+//! - `GET /metrics` — Prometheus text format (version 0.0.4), described in HTTP_API.md.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::metrics::{family, label, Histogram};
+
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    if *app.shutdown.borrow() {
+        return not_ready("the server is shutting down".to_owned());
+    }
+    for log in app.broker.logs() {
+        if let Some(cause) = log.halted() {
+            return not_ready(format!(
+                "namespace {} refuses appends after a storage failure ({cause}); restart the server",
+                log.namespace()
+            ));
+        }
+    }
+    "ready\n".into_response()
+}
+
+fn not_ready(message: String) -> Response {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message,
+    }
+    .into_response()
+}
+
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let broker = Arc::clone(&app.broker);
+    // Sizes on disk come from reading directories: off the async workers.
+    let disk_bytes = tokio::task::spawn_blocking(move || {
+        broker
+            .logs()
+            .map(|log| (log.namespace().to_owned(), log.disk_bytes().ok()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let text = render(&app, &disk_bytes);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
+    let mut out = String::new();
+    let logs: Vec<_> = app.broker.logs().collect();
+    let counts = app.broker.counts();
+
+    family(
+        &mut out,
+        "bus_events_published_total",
+        "counter",
+        "Events stored since the server started (for _bus_, relayed to inbox subscribers).",
+    );
+    for log in &logs {
+        let namespace = label(log.namespace());
+        let appended = log.group_events().sum();
+        let _ = writeln!(
+            out,
+            "bus_events_published_total{{namespace=\"{namespace}\"}} {appended}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "bus_events_published_total{{namespace=\"_bus_\"}} {}",
+        counts.inbox_published
+    );
+
+    family(
+        &mut out,
+        "bus_events_delivered_total",
+        "counter",
+        "Events sent to subscribers since the server started, redeliveries included.",
+    );
+    for (namespace, delivered) in &counts.delivered {
+        let _ = writeln!(
+            out,
+            "bus_events_delivered_total{{namespace=\"{}\"}} {delivered}",
+            label(namespace)
+        );
+    }
+
+    family(
+        &mut out,
+        "bus_log_events",
+        "gauge",
+        "Events in the namespace's log.",
+    );
+    for log in &logs {
+        let _ = writeln!(
+            out,
+            "bus_log_events{{namespace=\"{}\"}} {}",
+            label(log.namespace()),
+            log.committed()
+        );
+    }
+
+    family(
+        &mut out,
+        "bus_log_disk_bytes",
+        "gauge",
+        "Bytes of the namespace's files on disk.",
+    );
+    for (namespace, bytes) in disk_bytes {
+        if let Some(bytes) = bytes {
+            let _ = writeln!(
+                out,
+                "bus_log_disk_bytes{{namespace=\"{}\"}} {bytes}",
+                label(namespace)
+            );
+        }
+    }
+
+    histogram_family(
+        &mut out,
+        "bus_publish_duration_seconds",
+        "Time from the start of a publish request to its answer.",
+        [("", app.publish_micros.as_ref())],
+        1e-6,
+    );
+    let labelled: Vec<(String, &Arc<crate::store::Log>)> = logs
+        .iter()
+        .map(|log| (format!("namespace=\"{}\"", label(log.namespace())), *log))
+        .collect();
+    histogram_family(
+        &mut out,
+        "bus_fsync_duration_seconds",
+        "Duration of each fdatasync of a log segment.",
+        labelled
+            .iter()
+            .map(|(l, log)| (l.as_str(), log.sync_micros())),
+        1e-6,
+    );
+    histogram_family(
+        &mut out,
+        "bus_group_commit_events",
+        "Events written and synced together in one group commit.",
+        labelled
+            .iter()
+            .map(|(l, log)| (l.as_str(), log.group_events())),
+        1.0,
+    );
+
+    let gauges = [
+        (
+            "bus_subscriptions_active",
+            "Event streams open.",
+            app.limits.max_subscriptions - app.subscriptions.available_permits(),
+        ),
+        (
+            "bus_connections_active",
+            "HTTP connections being served.",
+            app.limits.max_connections - app.connections.available_permits(),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let counters = [
+        (
+            "bus_redeliveries_total",
+            "Events delivered again because no ack came within the redelivery time.",
+            counts.redeliveries,
+        ),
+        (
+            "bus_inbox_dropped_total",
+            "Inbox events not delivered to a subscriber that was too far behind.",
+            counts.inbox_dropped,
+        ),
+    ];
+    for (name, help, value) in counters {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out
+}
+
+fn histogram_family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (&'a str, &'a Histogram)>,
+    scale: f64,
+) {
+    family(out, name, "histogram", help);
+    for (labels, histogram) in series {
+        histogram.render(out, name, labels, scale);
+    }
+}

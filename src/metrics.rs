@@ -1,0 +1,141 @@
+//! The server's counters and histograms, and their Prometheus text exposition.
+//!
+//! Everything here is a relaxed atomic, updated where the thing happens (the writer thread
+//! for syncs and group commits, the HTTP handlers for publishes, the subscription loops for
+//! deliveries) and read only when `GET /metrics` renders it: no lock and no allocation on
+//! any hot path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bounds of duration histograms, in microseconds (rendered in seconds).
+pub const DURATION_BOUNDS_MICROS: &[u64] = &[
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
+];
+
+/// Bounds of the events-per-group-commit histogram.
+pub const GROUP_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384];
+
+/// A cumulative histogram over fixed bounds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One per bound, plus one for values above the last.
+    buckets: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: u64) {
+        let bucket = self.bounds.partition_point(|&bound| bound < value);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn observe_duration(&self, duration: std::time::Duration) {
+        self.observe(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// The sum of the values observed.
+    pub fn sum(&self) -> u64 {
+        self.sum.load(Ordering::Relaxed)
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Writes the `_bucket`, `_sum` and `_count` series; values are multiplied by `scale`
+    /// (1e-6 turns microseconds into seconds).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+        let separator = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = match self.bounds.get(i) {
+                Some(&bound) => format_float(bound as f64 * scale),
+                None => "+Inf".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{separator}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum.load(Ordering::Relaxed) as f64 * scale;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", format_float(sum));
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// A float as Prometheus reads it, without noise such as `0.00025000000000000006`.
+fn format_float(value: f64) -> String {
+    let text = format!("{value:.9}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text.is_empty() {
+        "0".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of a metric family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A label value, escaped as the exposition format requires.
+pub fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let h = Histogram::new(&[10, 100]);
+        for v in [5, 10, 11, 1000] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "ns=\"a\"", 0.001);
+        assert_eq!(
+            out,
+            "x_seconds_bucket{ns=\"a\",le=\"0.01\"} 2\n\
+             x_seconds_bucket{ns=\"a\",le=\"0.1\"} 3\n\
+             x_seconds_bucket{ns=\"a\",le=\"+Inf\"} 4\n\
+             x_seconds_sum{ns=\"a\"} 1.026\n\
+             x_seconds_count{ns=\"a\"} 4\n"
+        );
+        assert_eq!(h.count(), 4);
+    }
+
+    #[test]
+    fn floats_and_labels() {
+        assert_eq!(format_float(0.00025), "0.00025");
+        assert_eq!(format_float(2.5), "2.5");
+        assert_eq!(format_float(0.0), "0");
+        assert_eq!(format_float(16.0), "16");
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,153 @@
+//! The operators' endpoints over real HTTP: liveness, readiness, Prometheus metrics that
+//! count what really happened, and JSON logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cli::{free_port, Background};
+use common::http::*;
+use serde_json::json;
+
+/// The value of one sample line (`name{labels} value`) of a metrics text.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+async fn get_text(server: &TestServer, path: &str) -> (u16, String, String) {
+    let response = reqwest::get(format!("{}{path}", server.url)).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = header(&response, "content-type");
+    (status, content_type, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_and_readiness() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &[]).await;
+    assert_eq!(get_text(&server, "healthz").await.0, 200);
+    assert_eq!(get_text(&server, "health").await.2, "ok\n");
+    let (status, _, text) = get_text(&server, "readyz").await;
+    assert_eq!((status, text.as_str()), (200, "ready\n"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_publishes_deliveries_syncs_and_redeliveries() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &[]).await;
+    let mut follower = server.subscribe("subject=app.>").await;
+    let mut worker = server
+        .subscribe("subject=app.>&ack=manual&redelivery=100ms&redelivery_count=2")
+        .await;
+    let response = server
+        .post(json!([{"subject": "app.a"}, {"subject": "app.b"}]).to_string())
+        .await;
+    assert_eq!(response.status(), 202);
+    server.publish(&json!({"subject": "app.c"})).await;
+    assert_eq!(follower.take(3).await.len(), 3);
+    // The worker never acks its first event: it comes twice, then the worker moves on.
+    let first = worker.next(Duration::from_secs(5)).await.unwrap();
+    let again = worker.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.id, again.id);
+    let _second = worker.next(Duration::from_secs(5)).await.unwrap();
+
+    let (status, content_type, text) = get_text(&server, "metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    for family in [
+        "bus_events_published_total counter",
+        "bus_events_delivered_total counter",
+        "bus_publish_duration_seconds histogram",
+        "bus_fsync_duration_seconds histogram",
+        "bus_group_commit_events histogram",
+        "bus_subscriptions_active gauge",
+        "bus_connections_active gauge",
+        "bus_redeliveries_total counter",
+        "bus_inbox_dropped_total counter",
+        "bus_log_disk_bytes gauge",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family}\n")),
+            "{family}:\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, "bus_events_published_total{namespace=\"app\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(&text, "bus_events_published_total{namespace=\"orders\"}"),
+        0.0
+    );
+    assert_eq!(sample(&text, "bus_log_events{namespace=\"app\"}"), 3.0);
+    // 3 to the follower, 3 (first, again, second) to the worker.
+    assert_eq!(
+        sample(&text, "bus_events_delivered_total{namespace=\"app\"}"),
+        6.0
+    );
+    assert_eq!(sample(&text, "bus_redeliveries_total"), 1.0);
+    assert_eq!(sample(&text, "bus_publish_duration_seconds_count"), 2.0);
+    assert_eq!(
+        sample(&text, "bus_publish_duration_seconds_bucket{le=\"+Inf\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample(&text, "bus_group_commit_events_sum{namespace=\"app\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(&text, "bus_group_commit_events_count{namespace=\"app\"}"),
+        2.0
+    );
+    assert!(sample(&text, "bus_fsync_duration_seconds_count{namespace=\"app\"}") >= 2.0);
+    assert_eq!(sample(&text, "bus_subscriptions_active"), 2.0);
+    assert!(sample(&text, "bus_connections_active") >= 2.0);
+    assert!(sample(&text, "bus_log_disk_bytes{namespace=\"app\"}") > 0.0);
+
+    drop(follower);
+    drop(worker);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, _, text) = get_text(&server, "metrics").await;
+    assert_eq!(sample(&text, "bus_subscriptions_active"), 0.0);
+    server.stop().await;
+}
+
+#[test]
+fn logs_can_be_json_lines() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let path = data.path().display().to_string();
+    let mut server = Background::start(&[
+        "server",
+        "--log-format",
+        "json",
+        "--addr",
+        &addr,
+        "--path",
+        &path,
+        "--namespaces",
+        "app",
+    ]);
+    server.wait_for_stderr("listening");
+    for line in &server.errors {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(value["level"].is_string(), "{line}");
+    }
+    let listening: serde_json::Value = server
+        .errors
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|v| v["fields"]["message"] == "bus server listening")
+        .unwrap();
+    assert_eq!(listening["fields"]["addr"], addr);
+}
