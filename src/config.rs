@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use clap::{Args, Parser};
 
 use crate::broker::BrokerConfig;
@@ -91,6 +92,21 @@ pub struct ServerConfig {
     #[arg(long, env = "BUS_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
 
+    /// File of tokens and what each may do (see HTTP_API.md); without it the server is
+    /// open to anyone who can reach it, as the reference.
+    #[arg(long, env = "BUS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Origins whose browser pages may use the server, comma-separated
+    /// (`https://app.example.com`), or `*` for any.
+    #[arg(
+        long,
+        env = "BUS_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub cors_origins: Vec<String>,
+
     /// Time allowed to receive a request's body once its head has arrived; a slower one
     /// is answered 408.
     #[arg(long, env = "BUS_BODY_TIMEOUT", default_value = "1m", value_parser = parse_positive_duration)]
@@ -142,6 +158,34 @@ impl ServerConfig {
             idle_timeout: self.idle_timeout,
             body_timeout: self.body_timeout,
         }
+    }
+
+    /// The allowed CORS origins; `None` for any.
+    pub fn cors_origins(&self) -> Result<Option<Vec<HeaderValue>>, String> {
+        let origins: Vec<&str> = self
+            .cors_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/'))
+            .filter(|o| !o.is_empty())
+            .collect();
+        if origins.is_empty() || origins.contains(&"*") {
+            return Ok(None);
+        }
+        origins
+            .iter()
+            .map(|origin| {
+                let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin[origin.find("://").unwrap_or(0) + 3..].contains('/');
+                if !valid {
+                    return Err(format!(
+                        "--cors-origins: {origin:?} is not an origin; write scheme://host[:port], like https://app.example.com"
+                    ));
+                }
+                HeaderValue::from_str(origin)
+                    .map_err(|_| format!("--cors-origins: {origin:?} is not a valid header value"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     pub fn broker_config(&self) -> BrokerConfig {

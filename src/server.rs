@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::ServerConfig;
+use crate::http::auth::AuthTable;
 use crate::http::{self, AppState};
 use crate::store::Store;
 
@@ -39,6 +40,11 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         bail!("no namespaces declared: pass --namespaces or set BUS_NAMESPACES (e.g. app,orders)");
     }
     let store_config = config.store_config().map_err(anyhow::Error::msg)?;
+    let cors_origins = config.cors_origins().map_err(anyhow::Error::msg)?;
+    let auth = match &config.auth_file {
+        None => None,
+        Some(path) => Some(Arc::new(AuthTable::load(path).map_err(anyhow::Error::msg)?)),
+    };
     let broker_config = config.broker_config();
     let (store, broker) = tokio::task::spawn_blocking(move || {
         let store = Store::open(&store_config, &namespaces)?;
@@ -74,12 +80,14 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .context("reading the listening address")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let limits = config.limits();
-    let state = AppState::new(
+    let mut state = AppState::new(
         Arc::clone(&broker),
         config.ping_interval,
         shutdown_rx.clone(),
         limits.clone(),
     );
+    state.auth = auth;
+    state.cors_origins = cors_origins.map(Arc::new);
     tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
     let connections = Arc::clone(&state.connections);
     let serving = tokio::spawn(http::serve::serve(
@@ -89,7 +97,13 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         connections,
         shutdown_rx,
     ));
-    tracing::info!(%addr, path = %config.path.display(), fsync = %config.fsync, "bus server listening");
+    tracing::info!(
+        %addr,
+        path = %config.path.display(),
+        fsync = %config.fsync,
+        auth = if config.auth_file.is_some() { "tokens" } else { "open" },
+        "bus server listening"
+    );
     Ok(RunningServer {
         addr,
         store,

@@ -131,7 +131,7 @@ const CORS: [(&str, &str); 4] = [
     ("access-control-allow-methods", "GET, POST, PUT, OPTIONS"),
     (
         "access-control-allow-headers",
-        "Content-Type, X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
+        "Content-Type, Authorization, Last-Event-ID, X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
     ),
     (
         "access-control-expose-headers",

@@ -13,7 +13,14 @@ use tokio::sync::mpsc;
 /// one event at a time, so only a misbehaving client gets near this).
 const ACK_QUEUE: usize = 64;
 
-type Consumers = HashMap<String, mpsc::Sender<String>>;
+/// Who a consumer belongs to, and where its acks go.
+struct Consumer {
+    acks: mpsc::Sender<String>,
+    namespace: String,
+    owner: Option<u32>,
+}
+
+type Consumers = HashMap<String, Consumer>;
 
 #[derive(Default)]
 pub struct Acks {
@@ -44,12 +51,21 @@ impl Drop for AckReceiver {
 }
 
 impl Acks {
-    pub fn register(&self, consumer_id: &str) -> AckReceiver {
+    /// Registers a consumer of `namespace`, opened by `owner` (an identity the HTTP
+    /// layer gives, when it authenticates requests).
+    pub fn register(&self, consumer_id: &str, namespace: &str, owner: Option<u32>) -> AckReceiver {
         let (sender, acks) = mpsc::channel(ACK_QUEUE);
         self.consumers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(consumer_id.to_owned(), sender);
+            .insert(
+                consumer_id.to_owned(),
+                Consumer {
+                    acks: sender,
+                    namespace: namespace.to_owned(),
+                    owner,
+                },
+            );
         AckReceiver {
             acks,
             consumers: Arc::clone(&self.consumers),
@@ -57,11 +73,19 @@ impl Acks {
         }
     }
 
+    /// The namespace and owner of a connected consumer.
+    pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<u32>)> {
+        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers
+            .get(consumer_id)
+            .map(|c| (c.namespace.clone(), c.owner))
+    }
+
     /// Passes an ack to its consumer, if that consumer is connected.
     pub fn ack(&self, consumer_id: &str, event_id: &str) -> bool {
         let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         consumers
             .get(consumer_id)
-            .is_some_and(|sender| sender.try_send(event_id.to_owned()).is_ok())
+            .is_some_and(|c| c.acks.try_send(event_id.to_owned()).is_ok())
     }
 }

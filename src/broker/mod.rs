@@ -118,6 +118,9 @@ pub struct SubscribeRequest {
     /// were committed when it was opened (for exports and catch-up reads). Inbox
     /// subscriptions ignore it.
     pub until_now: bool,
+    /// Who opens the subscription, if requests are authenticated: only they may ack its
+    /// deliveries.
+    pub owner: Option<u32>,
 }
 
 /// What a subscription hands to its reader.
@@ -383,7 +386,7 @@ impl Broker {
                 redelivery,
                 max_deliveries,
             } => {
-                let acks = self.acks.register(&consumer_id);
+                let acks = self.acks.register(&consumer_id, namespace, request.owner);
                 Box::pin(subscription::manual(
                     log,
                     request.pattern,
@@ -403,6 +406,11 @@ impl Broker {
             consumer_id,
             deliveries: Box::pin(deliveries.inspect(count)),
         })
+    }
+
+    /// The namespace and owner of a connected manual-ack consumer.
+    pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<u32>)> {
+        self.acks.consumer(consumer_id)
     }
 
     /// Passes an acknowledgement to the consumer waiting for it (if it is connected).

@@ -41,6 +41,9 @@ pub struct Source {
     /// The server's address.
     #[arg(long, env = "BUS_HOST", default_value = DEFAULT_HOST)]
     pub host: String,
+    /// Token for a server that requires one (`--auth-file`).
+    #[arg(long, env = "BUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Work on this data directory instead of a server (the server must be stopped).
     #[arg(long)]
     pub path: Option<PathBuf>,
@@ -130,7 +133,7 @@ pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
             if args.namespace.is_empty() {
                 bail!("name the namespaces to dump with --namespace (a server does not list them)");
             }
-            let client = Client::new(&args.source.host)?;
+            let client = super::client_for(&args.source.host, args.source.token.as_deref())?;
             let mut written = 0;
             for namespace in &args.namespace {
                 let mut options = SubscribeOptions::new(format!("{namespace}.>"));
@@ -250,7 +253,10 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             cipher: args.target.key.cipher()?,
             logs: BTreeMap::new(),
         },
-        None => Sink::Server(Client::new(&args.target.host)?),
+        None => Sink::Server(super::client_for(
+            &args.target.host,
+            args.target.token.as_deref(),
+        )?),
     };
     let bar = progress::events(None, "restoring");
     let mut restored = 0u64;

@@ -81,11 +81,23 @@ pub struct HostArgs {
     /// The server's address.
     #[arg(long, env = "BUS_HOST", default_value = DEFAULT_HOST)]
     pub host: String,
+    /// Token for a server that requires one (`--auth-file`).
+    #[arg(long, env = "BUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl HostArgs {
     pub fn client(&self) -> Result<Client, ClientError> {
-        Client::new(&self.host)
+        client_for(&self.host, self.token.as_deref())
+    }
+}
+
+/// A client for `host`, presenting `token` if there is one.
+pub fn client_for(host: &str, token: Option<&str>) -> Result<Client, ClientError> {
+    let client = Client::new(host)?;
+    match token {
+        Some(token) if !token.trim().is_empty() => client.with_token(token),
+        _ => Ok(client),
     }
 }
 

@@ -194,6 +194,24 @@ impl Client {
         Ok(Client { base, http })
     }
 
+    /// The same client, presenting `token` (`Authorization: Bearer`) on every request to
+    /// a server that authenticates them (`--auth-file`).
+    pub fn with_token(mut self, token: &str) -> Result<Client, ClientError> {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| {
+                ClientError::Protocol("the token holds characters a header cannot carry".into())
+            })?;
+        value.set_sensitive(true);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        self.http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .default_headers(headers)
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("cannot set up HTTP: {e}")))?;
+        Ok(self)
+    }
+
     /// The server's address.
     pub fn host(&self) -> &str {
         self.base.as_str().trim_end_matches('/')

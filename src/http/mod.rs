@@ -10,6 +10,7 @@
 //! This layer parses and formats; the semantics live in [`crate::broker`].
 
 pub mod ack;
+pub mod auth;
 pub mod error;
 pub mod listener;
 pub mod ops;
@@ -20,12 +21,15 @@ pub mod subscribe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::sync::{watch, Semaphore};
 
+use self::auth::{AuthTable, Denied, Operation, TokenId};
 use crate::broker::Broker;
 use crate::metrics::{self, Histogram};
 
@@ -65,6 +69,10 @@ pub struct AppState {
     pub connections: Arc<Semaphore>,
     /// Durations of publish requests, in µs.
     pub publish_micros: Arc<Histogram>,
+    /// Who may do what, when requests are authenticated (`--auth-file`).
+    pub auth: Option<Arc<AuthTable>>,
+    /// Origins allowed to read responses in browsers; `None`: any (`*`).
+    pub cors_origins: Option<Arc<Vec<HeaderValue>>>,
 }
 
 impl AppState {
@@ -78,10 +86,41 @@ impl AppState {
             broker,
             ping_interval,
             shutdown,
+            auth: None,
+            cors_origins: None,
             subscriptions: Arc::new(Semaphore::new(limits.max_subscriptions)),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             publish_micros: Arc::new(Histogram::new(metrics::DURATION_BOUNDS_MICROS)),
             limits: Arc::new(limits),
+        }
+    }
+
+    /// Who makes a request: `None` when requests are not authenticated, else the token's
+    /// identity, or a 401.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<TokenId>, Denied> {
+        match &self.auth {
+            None => Ok(None),
+            Some(table) => {
+                let token = auth::presented_token(headers, query);
+                table.authenticate(token.as_deref()).map(Some)
+            }
+        }
+    }
+
+    /// A 403 unless `who` may do `operation` in `namespace` (always allowed without auth).
+    pub fn authorize(
+        &self,
+        who: Option<TokenId>,
+        operation: Operation,
+        namespace: Option<&str>,
+    ) -> Result<(), Denied> {
+        match (&self.auth, who) {
+            (Some(table), Some(who)) => table.authorize(who, operation, namespace),
+            _ => Ok(()),
         }
     }
 
@@ -112,7 +151,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(add_cors_headers))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
 
@@ -128,12 +167,35 @@ async fn not_found() -> Response {
     .into_response()
 }
 
-async fn add_cors_headers(mut response: Response) -> Response {
+/// CORS: with `--cors-origins` unset every origin may read responses (`*`, as the
+/// reference); with a list, only those, and a request from another origin is refused
+/// (browsers would hide the answer, but a simple POST would still have taken effect).
+async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allow = match (&app.cors_origins, origin) {
+        (None, _) => Some(HeaderValue::from_static("*")),
+        (Some(_), None) => None,
+        (Some(allowed), Some(origin)) if allowed.contains(&origin) => Some(origin),
+        (Some(_), Some(origin)) => {
+            return error::ApiError {
+                status: StatusCode::FORBIDDEN,
+                message: format!(
+                    "requests from origin {:?} are not allowed (--cors-origins)",
+                    origin.to_str().unwrap_or("?")
+                ),
+            }
+            .into_response();
+        }
+    };
+    let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    if app.cors_origins.is_some() {
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    let Some(allow) = allow else {
+        return response;
+    };
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, POST, PUT, OPTIONS"),
@@ -141,7 +203,7 @@ async fn add_cors_headers(mut response: Response) -> Response {
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static(
-            "Content-Type, X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
+            "Content-Type, Authorization, Last-Event-ID, X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
         ),
     );
     headers.insert(

@@ -5,15 +5,17 @@
 //! - `GET /readyz` — readiness: `200 ready` while every namespace's log takes appends;
 //!   `503` with the reason when one has halted after a storage failure or the server is
 //!   shutting down.
-//! - `GET /metrics` — Prometheus text format (version 0.0.4), described in HTTP_API.md.
+//! - `GET /metrics` — Prometheus text format (version 0.0.4), described in HTTP_API.md;
+//!   with `--auth-file`, for tokens granted `metrics`.
 
 use std::fmt::Write;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::auth::Operation;
 use super::error::ApiError;
 use super::AppState;
 use crate::metrics::{family, label, Histogram};
@@ -45,7 +47,17 @@ fn not_ready(message: String) -> Response {
     .into_response()
 }
 
-pub async fn metrics(State(app): State<AppState>) -> Response {
+pub async fn metrics(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let allowed = app
+        .authenticate(&headers, query.as_deref())
+        .and_then(|who| app.authorize(who, Operation::Metrics, None));
+    if let Err(denied) = allowed {
+        return denied.into_response();
+    }
     let broker = Arc::clone(&app.broker);
     // Sizes on disk come from reading directories: off the async workers.
     let disk_bytes = tokio::task::spawn_blocking(move || {

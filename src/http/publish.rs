@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::auth::Operation;
 use super::error::ApiError;
 use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX};
 use crate::broker::{NewEvent, Publication};
@@ -193,14 +194,29 @@ pub async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Byte
     }
 }
 
-pub async fn publish(State(app): State<AppState>, body: Body) -> Response {
+pub async fn publish(
+    State(app): State<AppState>,
+    request_headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
     let started = Instant::now();
-    let response = publish_body(&app, body).await;
+    let response = publish_body(&app, &request_headers, query.as_deref(), body).await;
     app.publish_micros.observe_duration(started.elapsed());
     response
 }
 
-async fn publish_body(app: &AppState, body: Body) -> Response {
+async fn publish_body(
+    app: &AppState,
+    request_headers: &HeaderMap,
+    query: Option<&str>,
+    body: Body,
+) -> Response {
+    // Who asks is checked before the body is read; what they may publish, after.
+    let who = match app.authenticate(request_headers, query) {
+        Ok(who) => who,
+        Err(denied) => return denied.into_response(),
+    };
     let limits = &app.limits;
     let body = match read_body(body, limits.max_body, limits.body_timeout).await {
         Ok(body) => body,
@@ -210,6 +226,14 @@ async fn publish_body(app: &AppState, body: Body) -> Response {
         Ok(events) => events,
         Err(e) => return e.into_response(),
     };
+    let first_subject = match &events {
+        Publication::One(event) => Some(event.subject.as_str()),
+        Publication::Batch(events) => events.first().map(|e| e.subject.as_str()),
+    };
+    let namespace = first_subject.and_then(|s| s.split('.').next());
+    if let Err(denied) = app.authorize(who, Operation::Publish, namespace) {
+        return denied.into_response();
+    }
     let published = match app.broker.publish(events).await {
         Ok(published) => published,
         Err(e) => return ApiError::from(e).into_response(),

@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures_util::{stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::auth::Operation;
 use super::error::{at_limit, ApiError};
 use super::{AppState, HEADER_CONSUMER_ID};
 use crate::broker::{
@@ -108,6 +109,7 @@ pub fn parse_request(
         start,
         ack,
         until_now,
+        owner: None,
     })
 }
 
@@ -124,17 +126,27 @@ fn event_id(text: &str, what: &str) -> Result<String, ApiError> {
 pub async fn subscribe(
     State(app): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
+    RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let who = match app.authenticate(&headers, raw_query.as_deref()) {
+        Ok(who) => who,
+        Err(denied) => return denied.into_response(),
+    };
     if let Some(subject) = query.get("subject") {
         if let Err(e) = app.check_subject_len("the subject pattern", subject.trim()) {
             return e.into_response();
         }
     }
-    let request = match parse_request(&query, &headers) {
+    let mut request = match parse_request(&query, &headers) {
         Ok(request) => request,
         Err(e) => return e.into_response(),
     };
+    let namespace = request.pattern.as_str().split('.').next();
+    if let Err(denied) = app.authorize(who, Operation::Subscribe, namespace) {
+        return denied.into_response();
+    }
+    request.owner = who;
     let Ok(permit) = Arc::clone(&app.subscriptions).try_acquire_owned() else {
         return at_limit(format!(
             "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",

@@ -82,8 +82,13 @@ pub struct Background {
 
 impl Background {
     pub fn start(args: &[&str]) -> Background {
+        Background::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Background {
         let mut child = bus()
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,366 @@
+//! Optional token authentication (`--auth-file`): who may publish, subscribe, ack and read
+//! metrics, in which namespaces.
+//!
+//! The file has one grant per line, fields separated by spaces; `#` starts a comment:
+//!
+//! ```text
+//! # token                  namespaces        operations
+//! orders-service-7f3a9c    orders            publish,ack
+//! dashboard-2b81e0         orders,billing    subscribe
+//! sha256:5e88489…(64 hex)  *                 publish,subscribe,ack,metrics
+//! ```
+//!
+//! A token is given literally or as `sha256:` and the hex SHA-256 of the token, so that
+//! the file need not hold secrets. `*` means every namespace; inbox subjects (`_bus_.…`,
+//! request/reply and confirmations) belong to the namespace `_bus_`, which a grant lists
+//! like any other (or covers with `*`). Operations: `publish` (POST), `subscribe` (GET),
+//! `ack` (PUT), `metrics` (GET /metrics); `/healthz` and `/readyz` stay open.
+//!
+//! Clients present a token as `Authorization: Bearer <token>` or, for browsers' EventSource
+//! which cannot set headers, as the `access_token` query parameter. No token, or one not
+//! in the file, is a 401; a token without the operation on the namespace is a 403. Tokens
+//! are compared as SHA-256 digests, in constant time, and never logged.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+
+/// What a token may be allowed to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Operation {
+    Publish,
+    Subscribe,
+    Ack,
+    Metrics,
+}
+
+impl Operation {
+    fn parse(text: &str) -> Option<Operation> {
+        match text {
+            "publish" => Some(Operation::Publish),
+            "subscribe" => Some(Operation::Subscribe),
+            "ack" => Some(Operation::Ack),
+            "metrics" => Some(Operation::Metrics),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Publish => "publish",
+            Operation::Subscribe => "subscribe",
+            Operation::Ack => "ack",
+            Operation::Metrics => "metrics",
+        }
+    }
+}
+
+/// Which token made a request: its line in the auth file. Subscriptions remember it, so
+/// that only the token that opened a consumer can ack its deliveries.
+pub type TokenId = u32;
+
+#[derive(Debug)]
+struct Grant {
+    digest: [u8; 32],
+    /// `None`: every namespace.
+    namespaces: Option<BTreeSet<String>>,
+    operations: BTreeSet<Operation>,
+    line: TokenId,
+}
+
+/// The grants of an auth file.
+#[derive(Debug)]
+pub struct AuthTable {
+    grants: Vec<Grant>,
+}
+
+/// A refused request: 401 (who are you?) or 403 (not allowed).
+#[derive(Debug)]
+pub struct Denied(ApiError);
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        let unauthenticated = self.0.status == StatusCode::UNAUTHORIZED;
+        let mut response = self.0.into_response();
+        if unauthenticated {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"bus\""),
+            );
+        }
+        response
+    }
+}
+
+impl AuthTable {
+    pub fn load(path: &Path) -> Result<AuthTable, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the auth file {}: {e}", path.display()))?;
+        AuthTable::parse(&text).map_err(|e| format!("auth file {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<AuthTable, String> {
+        let mut grants = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let number = i + 1;
+            let content = line.split('#').next().unwrap_or("").trim();
+            if content.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = content.split_whitespace().collect();
+            let [token, namespaces, operations] = fields[..] else {
+                return Err(format!(
+                    "line {number}: expected three fields, `token namespaces operations` \
+                     (like `s3cret orders publish,subscribe`), found {}",
+                    fields.len()
+                ));
+            };
+            let digest = match token.strip_prefix("sha256:") {
+                Some(hex) => parse_digest(hex).ok_or_else(|| {
+                    format!("line {number}: sha256: must be followed by 64 hex digits")
+                })?,
+                None => Sha256::digest(token.as_bytes()).into(),
+            };
+            let namespaces = match namespaces {
+                "*" => None,
+                list => Some(
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                ),
+            };
+            let operations = operations
+                .split(',')
+                .map(|op| {
+                    Operation::parse(op.trim()).ok_or_else(|| {
+                        format!(
+                            "line {number}: unknown operation {op:?}; use publish, subscribe, ack or metrics"
+                        )
+                    })
+                })
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            grants.push(Grant {
+                digest,
+                namespaces,
+                operations,
+                line: TokenId::try_from(number).unwrap_or(TokenId::MAX),
+            });
+        }
+        if grants.is_empty() {
+            return Err("no grants: add a line `token namespaces operations`".into());
+        }
+        Ok(AuthTable { grants })
+    }
+
+    /// Which grant `token` matches; a 401 if none does.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<TokenId, Denied> {
+        let Some(token) = token else {
+            return Err(Denied(ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "this server requires a token: send Authorization: Bearer <token> \
+                          (or ?access_token=<token> from a browser's EventSource)"
+                    .into(),
+            }));
+        };
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Every grant is compared in full, so the time taken says nothing about the token.
+        let mut found = None;
+        for grant in &self.grants {
+            if digests_equal(&grant.digest, &digest) && found.is_none() {
+                found = Some(grant.line);
+            }
+        }
+        found.ok_or_else(|| {
+            Denied(ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "the token is not valid on this server".into(),
+            })
+        })
+    }
+
+    /// A 403 unless the token's grant allows `operation` on `namespace`.
+    pub fn authorize(
+        &self,
+        token: TokenId,
+        operation: Operation,
+        namespace: Option<&str>,
+    ) -> Result<(), Denied> {
+        let allowed = self.grants.iter().any(|grant| {
+            grant.line == token
+                && grant.operations.contains(&operation)
+                && match (&grant.namespaces, namespace) {
+                    (None, _) | (_, None) => true,
+                    (Some(allowed), Some(namespace)) => allowed.contains(namespace),
+                }
+        });
+        if allowed {
+            return Ok(());
+        }
+        let what = match namespace {
+            Some(namespace) => format!("{} in namespace {namespace:?}", operation.name()),
+            None => operation.name().to_owned(),
+        };
+        Err(Denied(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "this token may not {what}; ask for a grant in the server's auth file"
+            ),
+        }))
+    }
+}
+
+/// The token a request presents: `Authorization: Bearer …`, else `access_token` in the
+/// query string.
+pub fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "access_token")
+        .and_then(|(_, value)| percent_decode(value))
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// Compares two digests without stopping at the first difference.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "\
+# token namespaces operations
+pub-token   orders,_bus_   publish
+sub-token   orders         subscribe,ack   # a comment
+sha256:0b8b9b9f3ef9a7b0e3a35e8a40f4d8f1d2e3a1e7c2b1f6a7f8e9d0c1b2a39485 * metrics
+";
+
+    #[test]
+    fn grants_by_token_operation_and_namespace() {
+        let table = AuthTable::parse(FILE).unwrap();
+        let publisher = table.authenticate(Some("pub-token")).unwrap();
+        let subscriber = table.authenticate(Some("sub-token")).unwrap();
+        assert_ne!(publisher, subscriber);
+        assert!(table
+            .authorize(publisher, Operation::Publish, Some("orders"))
+            .is_ok());
+        assert!(table
+            .authorize(publisher, Operation::Publish, Some("_bus_"))
+            .is_ok());
+        let denied = table
+            .authorize(publisher, Operation::Publish, Some("billing"))
+            .unwrap_err();
+        assert_eq!(denied.0.status, StatusCode::FORBIDDEN);
+        assert!(denied
+            .0
+            .message
+            .contains("publish in namespace \"billing\""));
+        assert!(table
+            .authorize(publisher, Operation::Subscribe, Some("orders"))
+            .is_err());
+        assert!(table
+            .authorize(subscriber, Operation::Ack, Some("orders"))
+            .is_ok());
+        for bad in [None, Some("nope"), Some("pub-token ")] {
+            let denied = table.authenticate(bad).unwrap_err();
+            assert_eq!(denied.0.status, StatusCode::UNAUTHORIZED, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hashed_tokens_match_their_digest() {
+        let digest: [u8; 32] = Sha256::digest(b"scraper").into();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let table = AuthTable::parse(&format!("sha256:{hex} * metrics")).unwrap();
+        let id = table.authenticate(Some("scraper")).unwrap();
+        assert!(table.authorize(id, Operation::Metrics, None).is_ok());
+        assert!(table.authenticate(Some(&format!("sha256:{hex}"))).is_err());
+    }
+
+    #[test]
+    fn bad_files_name_the_line() {
+        for (text, expected) in [
+            ("a b", "line 1: expected three fields"),
+            (
+                "\n\nt ns publish,delete",
+                "line 3: unknown operation \"delete\"",
+            ),
+            ("sha256:abc * publish", "line 1: sha256: must be followed"),
+            ("# nothing\n", "no grants"),
+        ] {
+            let error = AuthTable::parse(text).unwrap_err();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn tokens_come_from_the_header_or_the_query() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            presented_token(&headers, Some("subject=a&access_token=x%2By")),
+            Some("x+y".into())
+        );
+        assert_eq!(presented_token(&headers, Some("subject=a")), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(
+            presented_token(&headers, Some("access_token=x")),
+            Some("abc".into())
+        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(presented_token(&headers, None), None);
+    }
+}
