@@ -460,8 +460,10 @@ impl Writer {
         self.file_len = end + SPACE_AHEAD;
         if let Err(e) = written {
             // Only an optimisation: a disk too full for it may still take the records.
+            // Cut back to the end of the group just written, which is not committed yet
+            // (`disk_len` is still where it starts).
             tracing::debug!(file = %self.active.paths.log.display(), error = %e, "preparing space failed");
-            if self.trim_prepared_space().is_err() {
+            if self.trim_prepared_space(end).is_err() {
                 return Err(StoreError::io(
                     format!("preparing space in {}", self.active.paths.log.display()),
                     e,
@@ -471,14 +473,14 @@ impl Writer {
         Ok(())
     }
 
-    /// Cuts the active segment's file back to the records in use.
-    fn trim_prepared_space(&mut self) -> Result<(), StoreError> {
-        if self.file_len > self.disk_len {
+    /// Cuts the active segment's file back to `records_end`, where its records end.
+    fn trim_prepared_space(&mut self, records_end: u64) -> Result<(), StoreError> {
+        if self.file_len > records_end {
             self.files
                 .log
-                .set_len(self.disk_len)
+                .set_len(records_end)
                 .context(|| format!("trimming {}", self.active.paths.log.display()))?;
-            self.file_len = self.disk_len;
+            self.file_len = records_end;
         }
         Ok(())
     }
@@ -534,7 +536,7 @@ impl Writer {
 
     /// Seals the active segment and starts the next one.
     fn roll(&mut self) -> Result<(), StoreError> {
-        self.trim_prepared_space()?;
+        self.trim_prepared_space(self.disk_len)?;
         self.sync_log()?;
         self.files
             .index
@@ -566,7 +568,7 @@ impl Writer {
         let result = if self.halted.is_some() {
             Ok(())
         } else {
-            self.trim_prepared_space()
+            self.trim_prepared_space(self.disk_len)
                 .and_then(|()| self.sync_log())
                 .and_then(|()| {
                     self.files

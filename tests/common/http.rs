@@ -173,7 +173,7 @@ pub struct Sse {
 }
 
 impl Sse {
-    fn new(response: reqwest::Response) -> Sse {
+    pub fn new(response: reqwest::Response) -> Sse {
         Sse {
             consumer_id: header(&response, "x-bus-consumer-id"),
             content_type: header(&response, "content-type"),
