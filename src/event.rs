@@ -115,7 +115,7 @@ impl PendingEvent {
     /// Appends the event's compact JSON to `out` and returns its layout (relative to the
     /// JSON's first byte). `index` is the position, or -1 for events that are not stored
     /// (inbox subjects).
-    pub(crate) fn write_json(
+    pub fn write_json(
         &self,
         out: &mut Vec<u8>,
         id: &str,

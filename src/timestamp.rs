@@ -4,8 +4,9 @@
 //! always yields the same 30-byte shape (`2026-11-22T11:26:51.507272246Z`), so the log's
 //! writer can format one instant per group commit and copy it into every event. Parsing
 //! accepts any RFC 3339 date-time (any fraction length, `Z` or a numeric offset) and
-//! normalises it to UTC. Years outside 0000–9999 are rejected because RFC 3339 cannot
-//! express them.
+//! normalises it to UTC. Instants are 64-bit nanosecond counts, so parsing accepts
+//! 1677-09-21T00:12:43.145224192Z to 2262-04-11T23:47:16.854775807Z and rejects what lies
+//! outside with a message saying so (never a silent wrap-around).
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -139,10 +140,10 @@ impl Timestamp {
 
         let days = days_from_civil(year as i64, month as u32, day as u32);
         let secs = days * SECS_PER_DAY + (hour * 3600 + minute * 60 + second) as i64 - offset_secs;
-        if !(MIN_SECS..=MAX_SECS).contains(&secs) {
-            return Err(fail("outside the years 0000-9999"));
-        }
-        Ok(Timestamp(secs * NANOS_PER_SEC + frac_nanos as i64))
+        let nanos = i128::from(secs) * i128::from(NANOS_PER_SEC) + i128::from(frac_nanos);
+        i64::try_from(nanos)
+            .map(Timestamp)
+            .map_err(|_| fail("outside the years 1677 to 2262 that the server can store"))
     }
 }
 
@@ -248,6 +249,31 @@ mod tests {
             "20x6-11-22T11:26:51Z",
         ] {
             assert!(Timestamp::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn parse_stays_within_the_instants_it_can_hold() {
+        for (text, ok) in [
+            ("4048-01-01T00:00:00Z", false),
+            ("0000-01-01T00:00:00Z", false),
+            ("1677-09-21T00:12:43.145224191Z", false),
+            ("1677-09-21T00:12:43.145224192Z", true),
+            ("2262-04-11T23:47:16.854775807Z", true),
+            ("2262-04-11T23:47:16.854775808Z", false),
+            ("2262-04-12T01:47:16+02:00", true),
+        ] {
+            match Timestamp::parse(text) {
+                Ok(t) => {
+                    assert!(ok, "{text} parsed as {t}");
+                    let back = Timestamp::parse(&t.to_string()).unwrap();
+                    assert_eq!(back, t, "{text} round-trips");
+                }
+                Err(e) => {
+                    assert!(!ok, "{text}: {e}");
+                    assert!(e.to_string().contains("1677 to 2262"), "{e}");
+                }
+            }
         }
     }
 

@@ -763,14 +763,26 @@ pub fn scan(
     cipher: Option<&Cipher>,
 ) -> Result<Scan, StoreError> {
     let bytes = fs::read(path).context(|| format!("reading {}", path.display()))?;
+    scan_bytes(&bytes, path, base, tail_may_be_torn, is_native, cipher)
+}
+
+/// [`scan`] of a segment's bytes already in memory; `path` names it in errors.
+pub fn scan_bytes(
+    bytes: &[u8],
+    path: &Path,
+    base: u64,
+    tail_may_be_torn: bool,
+    is_native: &dyn Fn(&str, u64) -> bool,
+    cipher: Option<&Cipher>,
+) -> Result<Scan, StoreError> {
     if bytes.len() < LOG_HEADER_LEN as usize {
         return Err(StoreError::corrupt(path, 0, "segment header is incomplete"));
     }
-    check_log_header(&bytes, base, path, cipher.is_some())?;
+    check_log_header(bytes, base, path, cipher.is_some())?;
     let Some(cipher) = cipher else {
-        return scan_records(&bytes, path, base, tail_may_be_torn, is_native);
+        return scan_records(bytes, path, base, tail_may_be_torn, is_native);
     };
-    let found = cipher::decrypt_segment(cipher, base, &bytes, LOG_HEADER_LEN as usize);
+    let found = cipher::decrypt_segment(cipher, base, bytes, LOG_HEADER_LEN as usize);
     let mut tail = None;
     if let Some((at, reason)) = found.damage {
         if let Some(valid_at) = found.valid_after_damage {
