@@ -107,6 +107,14 @@ pub struct ServerConfig {
     )]
     pub cors_origins: Vec<String>,
 
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, env = "BUS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "BUS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Time allowed to receive a request's body once its head has arrived; a slower one
     /// is answered 408.
     #[arg(long, env = "BUS_BODY_TIMEOUT", default_value = "1m", value_parser = parse_positive_duration)]

@@ -41,6 +41,12 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let store_config = config.store_config().map_err(anyhow::Error::msg)?;
     let cors_origins = config.cors_origins().map_err(anyhow::Error::msg)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(http::tls::acceptor(cert, key).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
     let auth = match &config.auth_file {
         None => None,
         Some(path) => Some(Arc::new(AuthTable::load(path).map_err(anyhow::Error::msg)?)),
@@ -95,6 +101,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         http::router(state),
         Arc::new(limits),
         connections,
+        tls.clone(),
         shutdown_rx,
     ));
     tracing::info!(
@@ -102,6 +109,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         path = %config.path.display(),
         fsync = %config.fsync,
         auth = if config.auth_file.is_some() { "tokens" } else { "open" },
+        tls = tls.is_some(),
         "bus server listening"
     );
     Ok(RunningServer {

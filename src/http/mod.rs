@@ -17,6 +17,7 @@ pub mod ops;
 pub mod publish;
 pub mod serve;
 pub mod subscribe;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,6 +10,8 @@
 //! - Each connection buffers at most [`MAX_BUFFER`] of response bytes beyond what the
 //!   kernel's socket buffer holds: a subscriber that stops reading stops its stream from
 //!   being polled, and costs no more memory than that.
+//! - With TLS, each connection first completes its handshake (within 10 s); one over the
+//!   connection limit is closed without an answer.
 //! - Shutting down stops accepting, asks every connection to finish its request in flight
 //!   and close, and returns once they all have.
 
@@ -20,10 +22,11 @@ use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use super::error::RETRY_AFTER_SECONDS;
 use super::listener::LenientRequests;
@@ -35,6 +38,8 @@ pub const MAX_HEAD: usize = 64 << 10;
 pub const MAX_BUFFER: usize = 64 << 10;
 /// Connections answered 503 at the same moment; more are closed at once.
 const MAX_REFUSING: usize = 256;
+/// How long a client has to complete its TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// How long a refused connection is given to send its request head before the answer.
 const REFUSAL_READ: Duration = Duration::from_millis(500);
 
@@ -46,6 +51,7 @@ pub async fn serve(
     router: Router,
     limits: Arc<Limits>,
     serving: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
@@ -75,7 +81,14 @@ pub async fn serve(
                 shutdown: shutdown.clone(),
                 _permit: permit,
             };
-            connections.spawn(connection.serve(stream));
+            match &tls {
+                None => connections.spawn(connection.serve(stream)),
+                Some(tls) => connections.spawn(connection.serve_tls(tls.clone(), stream)),
+            };
+        } else if tls.is_some() {
+            // An answer in plain text means nothing to a TLS client, and a handshake
+            // costs what a server at its limit does not have: just close.
+            drop(stream);
         } else if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
             connections.spawn(refuse(stream, limits.max_connections, permit));
         } else {
@@ -100,7 +113,18 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, stream: TcpStream) {
+    async fn serve_tls(self, tls: TlsAcceptor, stream: TcpStream) {
+        match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve(stream).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
+        }
+    }
+
+    async fn serve<S>(mut self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let io = TokioIo::new(LenientRequests::new(stream));
         let service = TowerToHyperService::new(self.router.clone());
         let connection = http1::Builder::new()
