@@ -143,6 +143,13 @@ impl RunningServer {
                 serving.abort();
             }
         }
+        // Consumers store their progress (and may append dead letters) as they end.
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.broker.wait_for_consumers())
+            .await
+            .is_err()
+        {
+            tracing::warn!("consumers still storing their progress after {SHUTDOWN_GRACE:?}");
+        }
         for log in self.store.logs() {
             let stats = log.stats();
             tracing::info!(

@@ -128,7 +128,7 @@ async fn confirmations_from_two_workers() {
 
 const CORS: [(&str, &str); 4] = [
     ("access-control-allow-origin", "*"),
-    ("access-control-allow-methods", "GET, POST, PUT, OPTIONS"),
+    ("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS"),
     (
         "access-control-allow-headers",
         "Content-Type, Authorization, Last-Event-ID, X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",

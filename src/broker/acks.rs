@@ -1,49 +1,41 @@
-//! Routing of acknowledgements (`PUT /`) to the manual-ack subscriptions waiting for them.
+//! Routing of acknowledgements (`PUT /`) to the consumers waiting for them.
 //!
-//! A manual-ack subscription registers its consumer id while it is open. An ack for an
-//! unknown consumer, or for an event the consumer is not waiting for, is accepted and
-//! ignored: acks that arrive after a redelivery or after the consumer left are normal.
+//! Every connection of a manual-ack consumer registers its consumer id while it is open,
+//! with the dispatcher its acks go to. An ack for an unknown consumer, or for an event
+//! the consumer is not waiting for, is accepted and ignored: acks that arrive after a
+//! redelivery or after the consumer left are normal.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-/// Acks a consumer may have queued before further ones are dropped (a consumer waits for
-/// one event at a time, so only a misbehaving client gets near this).
-const ACK_QUEUE: usize = 64;
+use super::consumer::Input;
 
-/// Who a consumer belongs to, and where its acks go.
-struct Consumer {
-    acks: mpsc::Sender<String>,
+/// Where a connection's acks go, and who may send them.
+struct Route {
+    inputs: mpsc::Sender<Input>,
     namespace: String,
     owner: Option<u32>,
 }
 
-type Consumers = HashMap<String, Consumer>;
+type Routes = HashMap<String, Route>;
 
 #[derive(Default)]
 pub struct Acks {
-    consumers: Arc<Mutex<Consumers>>,
+    routes: Arc<Mutex<Routes>>,
 }
 
-/// The acks addressed to one consumer; dropping it unregisters the consumer.
-pub struct AckReceiver {
-    acks: mpsc::Receiver<String>,
-    consumers: Arc<Mutex<Consumers>>,
+/// A registered consumer id; dropping it unregisters the id.
+pub struct Registration {
+    routes: Arc<Mutex<Routes>>,
     consumer_id: String,
 }
 
-impl AckReceiver {
-    /// The id of the next event acknowledged by this consumer.
-    pub async fn recv(&mut self) -> Option<String> {
-        self.acks.recv().await
-    }
-}
-
-impl Drop for AckReceiver {
+impl Drop for Registration {
     fn drop(&mut self) {
-        self.consumers
+        self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.consumer_id);
@@ -51,41 +43,54 @@ impl Drop for AckReceiver {
 }
 
 impl Acks {
-    /// Registers a consumer of `namespace`, opened by `owner` (an identity the HTTP
-    /// layer gives, when it authenticates requests).
-    pub fn register(&self, consumer_id: &str, namespace: &str, owner: Option<u32>) -> AckReceiver {
-        let (sender, acks) = mpsc::channel(ACK_QUEUE);
-        self.consumers
+    /// Routes the acks of `consumer_id` (a connection of a consumer of `namespace`, opened
+    /// by `owner`, an identity the HTTP layer gives when it authenticates) to `inputs`.
+    pub fn register(
+        &self,
+        consumer_id: &str,
+        namespace: &str,
+        owner: Option<u32>,
+        inputs: mpsc::Sender<Input>,
+    ) -> Registration {
+        self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(
                 consumer_id.to_owned(),
-                Consumer {
-                    acks: sender,
+                Route {
+                    inputs,
                     namespace: namespace.to_owned(),
                     owner,
                 },
             );
-        AckReceiver {
-            acks,
-            consumers: Arc::clone(&self.consumers),
+        Registration {
+            routes: Arc::clone(&self.routes),
             consumer_id: consumer_id.to_owned(),
         }
     }
 
     /// The namespace and owner of a connected consumer.
     pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<u32>)> {
-        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
-        consumers
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes
             .get(consumer_id)
-            .map(|c| (c.namespace.clone(), c.owner))
+            .map(|r| (r.namespace.clone(), r.owner))
     }
 
-    /// Passes an ack to its consumer, if that consumer is connected.
-    pub fn ack(&self, consumer_id: &str, event_id: &str) -> bool {
-        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
-        consumers
+    /// Passes acks to their consumer, if it is connected.
+    pub fn ack(&self, consumer_id: &str, event_ids: Vec<String>) -> bool {
+        self.send(consumer_id, Input::Ack { event_ids })
+    }
+
+    /// Asks for a delivered event again after `delay`.
+    pub fn nak(&self, consumer_id: &str, event_id: String, delay: Duration) -> bool {
+        self.send(consumer_id, Input::Nak { event_id, delay })
+    }
+
+    fn send(&self, consumer_id: &str, input: Input) -> bool {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes
             .get(consumer_id)
-            .is_some_and(|c| c.acks.try_send(event_id.to_owned()).is_ok())
+            .is_some_and(|r| r.inputs.try_send(input).is_ok())
     }
 }

@@ -8,13 +8,16 @@
 //!   yields ready-made frames; catching up and following live are the same loop, so there
 //!   is no gap and no duplicate between them. A reader that stops reading stops the loop
 //!   (nothing is buffered for it) and resumes where it left off.
-//! - **Manual ack**: one event at a time per consumer, redelivered after `redelivery`
-//!   until acknowledged or delivered `redelivery_count` times.
+//! - **Manual ack**: a window of unacknowledged events per connection (one by default,
+//!   the reference's stop-and-wait), each redelivered after `redelivery` until
+//!   acknowledged or delivered `redelivery_count` times; durable named consumers shared
+//!   by queue groups ([`consumer`]).
 //! - **Inbox subjects** (`_bus_.…`) live in memory only ([`inbox`]).
 //!
 //! Everything ends when the broker is shut down.
 
 pub mod acks;
+pub mod consumer;
 pub mod dedup;
 pub mod inbox;
 mod subscription;
@@ -22,14 +25,17 @@ mod subscription;
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
-use self::acks::Acks;
+use self::acks::{Acks, Registration};
+use self::consumer::{ConsumerStats, Dispatcher, Input, Progress};
 use self::dedup::Dedup;
 use self::inbox::Inboxes;
 use crate::event::{self, EventDraft, JsonLayout, PendingEvent, StoredEvent};
@@ -101,13 +107,18 @@ pub enum Start {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckMode {
     None,
-    /// Stop-and-wait: redeliver after `redelivery`; give up after `max_deliveries`
-    /// deliveries (`None`: never).
+    /// Up to `window` unacknowledged events at a time (1: stop-and-wait), each
+    /// redelivered after `redelivery`; given up after `max_deliveries` deliveries
+    /// (`None`: never).
     Manual {
         redelivery: Duration,
         max_deliveries: Option<u32>,
+        window: usize,
     },
 }
+
+/// The largest `max_inflight` a connection may ask for.
+pub const MAX_WINDOW: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct SubscribeRequest {
@@ -121,6 +132,41 @@ pub struct SubscribeRequest {
     /// Who opens the subscription, if requests are authenticated: only they may ack its
     /// deliveries.
     pub owner: Option<u32>,
+    /// The durable consumer to create or attach to (manual ack only).
+    pub consumer: Option<String>,
+}
+
+/// Why a subscription cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("{0}")]
+    Invalid(String),
+    /// It contradicts what exists (a durable consumer's pattern).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A durable consumer as the admin listing shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pattern: String,
+    /// The first position not done (acknowledged, given up or not matching).
+    pub acked_floor: u64,
+    /// Events read and not acknowledged yet.
+    pub pending: u64,
+    /// Events in the log from the floor on, matching or not.
+    pub lag: u64,
+    /// Connections attached now.
+    pub members: u64,
+    pub dead_letter_subject: String,
+}
+
+/// A durable consumer whose dispatcher runs.
+struct DurableEntry {
+    inputs: mpsc::Sender<Input>,
+    pattern: String,
+    stats: Arc<ConsumerStats>,
 }
 
 /// What a subscription hands to its reader.
@@ -162,6 +208,12 @@ pub struct Broker {
     delivered: BTreeMap<String, Arc<AtomicU64>>,
     /// Deliveries repeated because no ack came in time.
     redeliveries: Arc<AtomicU64>,
+    /// Running durable consumers, by (namespace, name).
+    durables: Mutex<HashMap<(String, String), DurableEntry>>,
+    /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
+    /// and append dead letters).
+    dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    next_member: AtomicU64,
 }
 
 /// The namespace of inbox subjects in the broker's counters.
@@ -204,6 +256,9 @@ impl Broker {
             shutdown: watch::channel(false).0,
             delivered,
             redeliveries: Arc::default(),
+            durables: Mutex::default(),
+            dispatchers: Mutex::default(),
+            next_member: AtomicU64::new(0),
         }
     }
 
@@ -345,7 +400,7 @@ impl Broker {
 
     /// Opens a subscription. Its stream starts right away; a start id that does not exist
     /// is reported as the stream's only delivery, an [`Delivery::Error`].
-    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, String> {
+    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, SubscribeError> {
         let consumer_id = random_id("c_");
         let shutdown = self.shutdown.subscribe();
         let namespace = if request.pattern.is_inbox() {
@@ -366,46 +421,298 @@ impl Broker {
                 deliveries: Box::pin(subscription::inbox(inbox, shutdown).inspect(count)),
             });
         }
-        let log = Arc::clone(self.log(request.pattern.namespace())?);
+        let log = Arc::clone(
+            self.log(request.pattern.namespace())
+                .map_err(SubscribeError::Invalid)?,
+        );
         // "newest" means: what is published from now on.
-        let start = match request.start {
+        let start = match &request.start {
             Start::Newest => subscription::From::Position(log.committed()),
             Start::Oldest => subscription::From::Position(0),
-            Start::After(id) => subscription::From::After(id),
+            Start::After(id) => subscription::From::After(id.clone()),
         };
         let stop_at = request.until_now.then(|| log.committed());
-        let deliveries: Deliveries = match request.ack {
-            AckMode::None => Box::pin(subscription::follow(
-                log,
-                request.pattern,
-                start,
-                stop_at,
-                shutdown,
-            )),
-            AckMode::Manual {
-                redelivery,
-                max_deliveries,
-            } => {
-                let acks = self.acks.register(&consumer_id, namespace, request.owner);
-                Box::pin(subscription::manual(
+        let AckMode::Manual {
+            redelivery,
+            max_deliveries,
+            window,
+        } = request.ack
+        else {
+            let deliveries = subscription::follow(log, request.pattern, start, stop_at, shutdown);
+            return Ok(Subscription {
+                consumer_id,
+                deliveries: Box::pin(deliveries.inspect(count)),
+            });
+        };
+        let redelivery = consumer::Redelivery {
+            every: redelivery,
+            max_deliveries,
+        };
+        let window = window.clamp(1, MAX_WINDOW);
+        let member = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let (member_tx, member_rx) = mpsc::channel(window);
+        let join = Input::Join {
+            member,
+            window,
+            deliveries: member_tx.clone(),
+        };
+        let inputs = match &request.consumer {
+            None => {
+                let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
+                let _ = inputs.try_send(join);
+                self.spawn_dispatcher(
                     log,
-                    request.pattern,
+                    request.pattern.clone(),
                     start,
                     stop_at,
-                    subscription::Redelivery {
-                        every: redelivery,
-                        max_deliveries,
-                        redeliveries: Arc::clone(&self.redeliveries),
-                    },
-                    acks,
-                    shutdown,
-                ))
+                    redelivery,
+                    receiver,
+                    None,
+                    member_tx,
+                );
+                inputs
+            }
+            Some(name) => {
+                if request.until_now {
+                    return Err(SubscribeError::Invalid(
+                        "until=now cannot be combined with consumer=: a durable consumer has no end".into(),
+                    ));
+                }
+                self.attach(&log, name, &request, start, redelivery, join, member_tx)?
             }
         };
+        let registration =
+            self.acks
+                .register(&consumer_id, namespace, request.owner, inputs.clone());
+        let leave = LeaveOnDrop {
+            inputs,
+            member,
+            _registration: registration,
+        };
+        let deliveries =
+            futures_util::stream::unfold((member_rx, leave), |(mut rx, leave)| async move {
+                let delivery = rx.recv().await?;
+                Some((delivery, (rx, leave)))
+            });
         Ok(Subscription {
             consumer_id,
             deliveries: Box::pin(deliveries.inspect(count)),
         })
+    }
+
+    /// Attaches a connection to durable consumer `name`, starting it if it is not running.
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &self,
+        log: &Arc<Log>,
+        name: &str,
+        request: &SubscribeRequest,
+        start: subscription::From,
+        redelivery: consumer::Redelivery,
+        join: Input,
+        member_tx: mpsc::Sender<Delivery>,
+    ) -> Result<mpsc::Sender<Input>, SubscribeError> {
+        if !consumer::valid_name(name) {
+            return Err(SubscribeError::Invalid(format!(
+                "consumer: {name:?} is not a valid name (1 to 64 letters, digits, _ or -)"
+            )));
+        }
+        let pattern = request.pattern.as_str();
+        let conflict = |stored: &str| {
+            SubscribeError::Conflict(format!(
+                "consumer {name:?} reads {stored:?}, not {pattern:?}: attach with its pattern, or delete it first"
+            ))
+        };
+        let key = (log.namespace().to_owned(), name.to_owned());
+        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+        let mut join = join;
+        if let Some(entry) = durables.get(&key) {
+            if entry.pattern != pattern {
+                return Err(conflict(&entry.pattern));
+            }
+            match entry.inputs.try_send(join) {
+                Ok(()) => return Ok(entry.inputs.clone()),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(SubscribeError::Invalid(format!(
+                        "consumer {name:?} is too busy to take a new member; retry"
+                    )))
+                }
+                // Its dispatcher ended (a read failed): start it again.
+                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                    join = returned;
+                    durables.remove(&key);
+                }
+            }
+        }
+        let stored = Progress::load(log.dir(), name).map_err(SubscribeError::Invalid)?;
+        let (from, progress) = match stored {
+            Some(progress) if progress.pattern != pattern => {
+                return Err(conflict(&progress.pattern))
+            }
+            Some(progress) => (subscription::From::Position(progress.next), progress),
+            None => (
+                start,
+                Progress {
+                    pattern: pattern.to_owned(),
+                    ..Progress::default()
+                },
+            ),
+        };
+        let stats = Arc::new(ConsumerStats::default());
+        stats.floor.store(progress.floor(), Ordering::Relaxed);
+        let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
+        let _ = inputs.try_send(join);
+        self.spawn_dispatcher(
+            Arc::clone(log),
+            request.pattern.clone(),
+            from,
+            None,
+            redelivery,
+            receiver,
+            Some(consumer::Durable {
+                name: name.to_owned(),
+                progress,
+                stats: Arc::clone(&stats),
+            }),
+            member_tx,
+        );
+        durables.insert(
+            key,
+            DurableEntry {
+                inputs: inputs.clone(),
+                pattern: pattern.to_owned(),
+                stats,
+            },
+        );
+        Ok(inputs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_dispatcher(
+        &self,
+        log: Arc<Log>,
+        pattern: Pattern,
+        from: subscription::From,
+        stop_at: Option<u64>,
+        redelivery: consumer::Redelivery,
+        inputs: mpsc::Receiver<Input>,
+        durable: Option<consumer::Durable>,
+        first_member: mpsc::Sender<Delivery>,
+    ) {
+        let shutdown = self.shutdown.subscribe();
+        let redeliveries = Arc::clone(&self.redeliveries);
+        let task = tokio::spawn(async move {
+            let opened = Dispatcher::open(
+                log,
+                pattern,
+                from,
+                stop_at,
+                redelivery,
+                inputs,
+                shutdown,
+                durable,
+                redeliveries,
+            )
+            .await;
+            match opened {
+                Ok(dispatcher) => dispatcher.run().await,
+                Err(message) => {
+                    let _ = first_member.send(Delivery::Error(message)).await;
+                }
+            }
+        });
+        let mut dispatchers = self.dispatchers.lock().unwrap_or_else(|p| p.into_inner());
+        dispatchers.retain(|task| !task.is_finished());
+        dispatchers.push(task);
+    }
+
+    /// The durable consumers of `namespace`: running ones and stored ones.
+    pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, String> {
+        let log = self.log(namespace)?;
+        let committed = log.committed();
+        let running: HashMap<String, (String, Arc<ConsumerStats>)> = self
+            .durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, name), entry)| {
+                (
+                    name.clone(),
+                    (entry.pattern.clone(), Arc::clone(&entry.stats)),
+                )
+            })
+            .collect();
+        let mut all: Vec<ConsumerInfo> = Progress::load_all(log.dir())
+            .into_iter()
+            .map(|(name, progress)| {
+                let (floor, pending, members) = match running.get(&name) {
+                    Some((_, stats)) => (
+                        stats.floor.load(Ordering::Relaxed),
+                        stats.pending.load(Ordering::Relaxed),
+                        stats.members.load(Ordering::Relaxed),
+                    ),
+                    None => (progress.floor(), progress.unacked.len() as u64, 0),
+                };
+                ConsumerInfo {
+                    dead_letter_subject: consumer::dead_letter_subject(namespace, &name),
+                    name,
+                    pattern: progress.pattern,
+                    acked_floor: floor,
+                    pending,
+                    lag: committed.saturating_sub(floor),
+                    members,
+                }
+            })
+            .collect();
+        // A consumer started a moment ago may not have stored its progress yet.
+        for (name, (pattern, stats)) in running {
+            if all.iter().any(|c| c.name == name) {
+                continue;
+            }
+            let floor = stats.floor.load(Ordering::Relaxed);
+            all.push(ConsumerInfo {
+                dead_letter_subject: consumer::dead_letter_subject(namespace, &name),
+                name,
+                pattern,
+                acked_floor: floor,
+                pending: stats.pending.load(Ordering::Relaxed),
+                lag: committed.saturating_sub(floor),
+                members: stats.members.load(Ordering::Relaxed),
+            });
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    /// Deletes durable consumer `name` of `namespace`: its members' streams end and its
+    /// progress is removed. `Ok(false)` if there was no such consumer.
+    pub async fn delete_consumer(&self, namespace: &str, name: &str) -> Result<bool, String> {
+        let log = self.log(namespace)?;
+        let key = (namespace.to_owned(), name.to_owned());
+        let running = self
+            .durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let stored = Progress::load(log.dir(), name)?.is_some();
+        if let Some(entry) = &running {
+            // Its dispatcher removes the stored progress as it ends.
+            let _ = entry.inputs.send(Input::Delete).await;
+            entry.inputs.closed().await;
+        }
+        Progress::remove(log.dir(), name).map_err(|e| format!("removing consumer {name}: {e}"))?;
+        Ok(running.is_some() || stored)
+    }
+
+    /// Waits for the consumers' dispatchers to store their progress and end (after
+    /// [`Broker::shut_down`]).
+    pub async fn wait_for_consumers(&self) {
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.dispatchers.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 
     /// The namespace and owner of a connected manual-ack consumer.
@@ -413,9 +720,14 @@ impl Broker {
         self.acks.consumer(consumer_id)
     }
 
-    /// Passes an acknowledgement to the consumer waiting for it (if it is connected).
-    pub fn ack(&self, consumer_id: &str, event_id: &str) -> bool {
-        self.acks.ack(consumer_id, event_id)
+    /// Passes acknowledgements to the consumer waiting for them (if it is connected).
+    pub fn ack(&self, consumer_id: &str, event_ids: Vec<String>) -> bool {
+        self.acks.ack(consumer_id, event_ids)
+    }
+
+    /// A negative ack: deliver the event again after `delay` (to any member).
+    pub fn nak(&self, consumer_id: &str, event_id: String, delay: Duration) -> bool {
+        self.acks.nak(consumer_id, event_id, delay)
     }
 
     /// Ends every subscription.
@@ -426,6 +738,25 @@ impl Broker {
 
 /// `prefix` followed by 20 random lowercase base32hex characters, like the reference's
 /// xid-based ids.
+/// Held by a manual-ack connection's stream: when the stream is dropped (the client left
+/// or the server shut down), its consumer id stops taking acks and its dispatcher hands
+/// what it held to others.
+struct LeaveOnDrop {
+    inputs: mpsc::Sender<Input>,
+    member: u64,
+    _registration: Registration,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        // A full queue means a busy dispatcher, which notices the closed stream on its
+        // next delivery to it.
+        let _ = self.inputs.try_send(Input::Leave {
+            member: self.member,
+        });
+    }
+}
+
 fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 16];
     if getrandom::fill(&mut bytes).is_err() {

@@ -1,4 +1,5 @@
-//! The loops behind subscriptions: following a log, stop-and-wait manual acks, inboxes.
+//! The loops behind subscriptions: following a log, and inboxes (manual-ack consumers
+//! are in [`super::consumer`], on the same [`Cursor`]).
 //!
 //! A log subscription is a position and a pattern. Each turn it reads the next events
 //! (memory or disk, the log decides), keeps the matching ones and yields them; when it
@@ -11,15 +12,11 @@
 //! only through their methods inside the stream bodies: the generated async block then
 //! captures them whole, and they live exactly as long as the stream.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::sync::watch;
 
-use super::acks::AckReceiver;
 use super::inbox::InboxSubscription;
 use super::{Delivery, READ_BATCH};
 use crate::event::StoredEvent;
@@ -33,15 +30,8 @@ pub enum From {
     After(String),
 }
 
-pub struct Redelivery {
-    pub every: Duration,
-    pub max_deliveries: Option<u32>,
-    /// Counts every delivery after an event's first.
-    pub redeliveries: Arc<AtomicU64>,
-}
-
 /// Reads a log from a position on, returning batches of matching events.
-struct Cursor {
+pub(super) struct Cursor {
     log: Arc<Log>,
     pattern: Pattern,
     next: u64,
@@ -54,7 +44,7 @@ struct Cursor {
 
 impl Cursor {
     /// Resolves the start; an error message if the start id is unknown.
-    async fn open(
+    pub(super) async fn open(
         log: Arc<Log>,
         pattern: Pattern,
         from: From,
@@ -85,14 +75,19 @@ impl Cursor {
         })
     }
 
+    /// The next position it reads.
+    pub(super) fn next_position(&self) -> u64 {
+        self.next
+    }
+
     /// Whether the cursor has passed its stop position.
-    fn finished(&self) -> bool {
+    pub(super) fn finished(&self) -> bool {
         self.stop_at.is_some_and(|stop| self.next >= stop)
     }
 
     /// The next non-empty batch of matching events; `Ok(None)` once shut down or
     /// [`finished`](Cursor::finished).
-    async fn next_batch(&mut self) -> Result<Option<Vec<StoredEvent>>, String> {
+    pub(super) async fn next_batch(&mut self) -> Result<Option<Vec<StoredEvent>>, String> {
         loop {
             if *self.shutdown.borrow() || self.finished() {
                 return Ok(None);
@@ -164,79 +159,6 @@ pub fn follow(
                 Err(message) => {
                     yield Delivery::Error(message);
                     return;
-                }
-            }
-        }
-    }
-}
-
-/// `ack=manual`: one event at a time, redelivered until acknowledged or given up on.
-pub fn manual(
-    log: Arc<Log>,
-    pattern: Pattern,
-    from: From,
-    stop_at: Option<u64>,
-    redelivery: Redelivery,
-    mut acks: AckReceiver,
-    shutdown: watch::Receiver<bool>,
-) -> impl Stream<Item = Delivery> {
-    async_stream::stream! {
-        let mut cursor = match Cursor::open(log, pattern, from, stop_at, shutdown.clone()).await {
-            Ok(cursor) => cursor,
-            Err(message) => {
-                yield Delivery::Error(message);
-                return;
-            }
-        };
-        let mut shutdown = shutdown;
-        let mut queued: VecDeque<StoredEvent> = VecDeque::new();
-        loop {
-            let event = match queued.pop_front() {
-                Some(event) => event,
-                None => match cursor.next_batch().await {
-                    Ok(Some(events)) => {
-                        queued.extend(events);
-                        continue;
-                    }
-                    Ok(None) => {
-                        if cursor.finished() {
-                            yield Delivery::End;
-                        }
-                        return;
-                    }
-                    Err(message) => {
-                        yield Delivery::Error(message);
-                        return;
-                    }
-                },
-            };
-            let mut deliveries = 0u32;
-            'redeliver: loop {
-                if deliveries > 0 {
-                    redelivery.redeliveries.fetch_add(1, Ordering::Relaxed);
-                }
-                yield Delivery::Events(vec![event.clone()]);
-                deliveries = deliveries.saturating_add(1);
-                let deadline = tokio::time::sleep(redelivery.every);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        ack = acks.recv() => match ack {
-                            Some(id) if id == event.id() => break 'redeliver,
-                            Some(_) => {} // a late ack for an earlier event
-                            None => return,
-                        },
-                        _ = &mut deadline => break,
-                        _ = shutdown.changed() => return,
-                    }
-                }
-                if redelivery.max_deliveries.is_some_and(|max| deliveries >= max) {
-                    tracing::info!(
-                        event_id = event.id(),
-                        deliveries,
-                        "event not acknowledged after its last delivery; moving on"
-                    );
-                    break;
                 }
             }
         }

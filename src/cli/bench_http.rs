@@ -625,9 +625,13 @@ pub async fn fanout(args: FanoutBench) -> anyhow::Result<()> {
 pub struct AckBench {
     #[command(flatten)]
     pub target: Target,
-    /// Events to store and then consume with manual acks, one at a time.
+    /// Events to store and then consume with manual acks.
     #[arg(long, default_value_t = 20_000)]
     pub events: u64,
+    /// Unacknowledged events the server may have out at once (`max_inflight`); 1 is the
+    /// reference's stop-and-wait. The consumer acks what it has received in one request.
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
 }
 
 pub async fn ack(args: AckBench) -> anyhow::Result<()> {
@@ -635,8 +639,9 @@ pub async fn ack(args: AckBench) -> anyhow::Result<()> {
     let subject = subject(&args.target, "ack");
     fill(&server.host, &subject, args.events, 64).await?;
     let url = format!(
-        "{}/?subject={subject}&start=oldest&ack=manual&redelivery=30s",
-        server.host.trim_end_matches('/')
+        "{}/?subject={subject}&start=oldest&ack=manual&redelivery=30s&max_inflight={}",
+        server.host.trim_end_matches('/'),
+        args.window
     );
     let response = reqwest::get(&url).await?;
     if response.status() != 200 {
@@ -656,18 +661,21 @@ pub async fn ack(args: AckBench) -> anyhow::Result<()> {
     while acked < args.events {
         let chunk = body.next().await.context("the stream ended")??;
         pending.extend_from_slice(&chunk);
-        // Stop-and-wait: one event at a time, each acked before the next comes.
+        // Everything received so far is acked in one request (with a window of 1, that
+        // is one event: stop-and-wait).
+        let mut ids = Vec::new();
         while let Some(end) = find(&pending, b"\n\n") {
             let frame = pending.drain(..end + 2).collect::<Vec<u8>>();
-            let Some(id) = frame
+            if let Some(id) = frame
                 .split(|&b| b == b'\n')
                 .find_map(|line| line.strip_prefix(b"id: "))
-            else {
-                continue;
-            };
-            let id = String::from_utf8_lossy(id).into_owned();
-            acker.ack(&consumer_id, &id).await?;
-            acked += 1;
+            {
+                ids.push(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+        if !ids.is_empty() {
+            acker.ack(&consumer_id, &ids.join(",")).await?;
+            acked += ids.len() as u64;
         }
     }
     let elapsed = started.elapsed();
@@ -676,6 +684,7 @@ pub async fn ack(args: AckBench) -> anyhow::Result<()> {
         "ack",
         json!({
             "events": acked,
+            "window": args.window,
             "seconds": elapsed.as_secs_f64(),
             "acked_events_per_sec": acked as f64 / elapsed.as_secs_f64(),
         }),

@@ -1,9 +1,11 @@
 //! `PUT /?consumer_id=c_…&event_id=e_…`: acknowledge an event delivered under
-//! `ack=manual`. Answers 202 whether or not anything was waiting for the ack (late acks
+//! `ack=manual` (or several: `event_id=e_1,e_2,…`); with `nak=1[&delay=5s]`, ask for it
+//! again (now, or after the delay) instead. Answers 202 whether or not anything was waiting for the ack (late acks
 //! are normal); 400 if a parameter is missing or has the wrong prefix. With
 //! `--auth-file`, only the token that opened the consumer may ack its events (403).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::extract::{Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -12,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use super::auth::Operation;
 use super::error::ApiError;
 use super::AppState;
+use crate::duration::parse_go_duration;
 
 pub async fn ack(
     State(app): State<AppState>,
@@ -32,12 +35,26 @@ pub async fn ack(
         ))
         .into_response();
     }
-    if !event_id.starts_with("e_") {
+    let event_ids: Vec<String> = event_id.split(',').map(|id| id.trim().to_owned()).collect();
+    if let Some(bad) = event_ids.iter().find(|id| !id.starts_with("e_")) {
         return ApiError::bad_request(format!(
-            "event_id: expected the id of the delivered event (e_…), got {event_id:?}"
+            "event_id: expected the id of a delivered event (e_…), or several separated by commas, got {bad:?}"
         ))
         .into_response();
     }
+    let nak = match param("nak") {
+        "" | "0" | "false" => None,
+        "1" | "true" => match param("delay") {
+            "" => Some(Duration::ZERO),
+            text => match parse_go_duration(text) {
+                Ok(delay) => Some(delay),
+                Err(e) => return ApiError::bad_request(format!("delay: {e}")).into_response(),
+            },
+        },
+        other => {
+            return ApiError::bad_request(format!("nak: {other:?} is not 1 or 0")).into_response()
+        }
+    };
     if app.auth.is_some() {
         // A consumer that is not connected has nothing to ack; only a connected one's
         // owner may ack for it.
@@ -54,6 +71,15 @@ pub async fn ack(
             }
         }
     }
-    app.broker.ack(consumer_id, event_id);
+    match nak {
+        None => {
+            app.broker.ack(consumer_id, event_ids);
+        }
+        Some(delay) => {
+            for id in event_ids {
+                app.broker.nak(consumer_id, id, delay);
+            }
+        }
+    }
     StatusCode::ACCEPTED.into_response()
 }

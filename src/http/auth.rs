@@ -14,7 +14,8 @@
 //! the file need not hold secrets. `*` means every namespace; inbox subjects (`_bus_.…`,
 //! request/reply and confirmations) belong to the namespace `_bus_`, which a grant lists
 //! like any other (or covers with `*`). Operations: `publish` (POST), `subscribe` (GET),
-//! `ack` (PUT), `metrics` (GET /metrics); `/healthz` and `/readyz` stay open.
+//! `ack` (PUT), `metrics` (GET /metrics), `admin` (the /consumers endpoints); `/healthz`
+//! and `/readyz` stay open.
 //!
 //! Clients present a token as `Authorization: Bearer <token>` or, for browsers' EventSource
 //! which cannot set headers, as the `access_token` query parameter. No token, or one not
@@ -37,6 +38,7 @@ pub enum Operation {
     Subscribe,
     Ack,
     Metrics,
+    Admin,
 }
 
 impl Operation {
@@ -46,6 +48,7 @@ impl Operation {
             "subscribe" => Some(Operation::Subscribe),
             "ack" => Some(Operation::Ack),
             "metrics" => Some(Operation::Metrics),
+            "admin" => Some(Operation::Admin),
             _ => None,
         }
     }
@@ -56,6 +59,7 @@ impl Operation {
             Operation::Subscribe => "subscribe",
             Operation::Ack => "ack",
             Operation::Metrics => "metrics",
+            Operation::Admin => "admin",
         }
     }
 }
@@ -141,7 +145,7 @@ impl AuthTable {
                 .map(|op| {
                     Operation::parse(op.trim()).ok_or_else(|| {
                         format!(
-                            "line {number}: unknown operation {op:?}; use publish, subscribe, ack or metrics"
+                            "line {number}: unknown operation {op:?}; use publish, subscribe, ack, metrics or admin"
                         )
                     })
                 })

@@ -11,6 +11,7 @@
 
 pub mod ack;
 pub mod auth;
+pub mod consumers;
 pub mod error;
 pub mod listener;
 pub mod ops;
@@ -151,6 +152,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/consumers/{namespace}", get(consumers::list))
+        .route(
+            "/consumers/{namespace}/{name}",
+            axum::routing::delete(consumers::delete),
+        )
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
@@ -199,7 +205,7 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, PUT, OPTIONS"),
+        HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,

@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use super::auth::Operation;
 use super::error::ApiError;
 use super::AppState;
+use crate::broker::ConsumerInfo;
 use crate::metrics::{family, label, Histogram};
 
 pub async fn healthz() -> &'static str {
@@ -59,16 +60,26 @@ pub async fn metrics(
         return denied.into_response();
     }
     let broker = Arc::clone(&app.broker);
-    // Sizes on disk come from reading directories: off the async workers.
-    let disk_bytes = tokio::task::spawn_blocking(move || {
-        broker
+    // Sizes on disk and stored consumers come from reading directories: off the async
+    // workers.
+    let (disk_bytes, consumers) = tokio::task::spawn_blocking(move || {
+        let disk_bytes = broker
             .logs()
             .map(|log| (log.namespace().to_owned(), log.disk_bytes().ok()))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        let consumers = broker
+            .logs()
+            .filter_map(|log| {
+                let namespace = log.namespace().to_owned();
+                Some((namespace.clone(), broker.consumers(&namespace).ok()?))
+            })
+            .collect::<Vec<_>>();
+        (disk_bytes, consumers)
     })
     .await
     .unwrap_or_default();
-    let text = render(&app, &disk_bytes);
+    let mut text = render(&app, &disk_bytes);
+    render_consumers(&mut text, &consumers);
     (
         [(
             header::CONTENT_TYPE,
@@ -212,6 +223,36 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
     out
+}
+
+fn render_consumers(out: &mut String, consumers: &[(String, Vec<ConsumerInfo>)]) {
+    type Gauge = (&'static str, &'static str, fn(&ConsumerInfo) -> u64);
+    let gauges: [Gauge; 2] = [
+        (
+            "bus_consumer_lag",
+            "Events in the log from a durable consumer's acked floor on.",
+            |c| c.lag,
+        ),
+        (
+            "bus_consumer_pending",
+            "Events a durable consumer has read and not had acknowledged.",
+            |c| c.pending,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, "gauge", help);
+        for (namespace, list) in consumers {
+            for consumer in list {
+                let _ = writeln!(
+                    out,
+                    "{name}{{namespace=\"{}\",consumer=\"{}\"}} {}",
+                    label(namespace),
+                    label(&consumer.name),
+                    value(consumer)
+                );
+            }
+        }
+    }
 }
 
 fn histogram_family<'a>(

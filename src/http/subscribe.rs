@@ -1,7 +1,8 @@
 //! `GET /`: subscribe with Server-Sent Events.
 //!
 //! Parameters (`subject`, `start`, `ack`, `redelivery`, `redelivery_count`) follow the
-//! reference server, plus `until=now` (end the stream with an `event: done` frame once
+//! reference server, plus `max_inflight` (the ack window), `consumer` (a durable
+//! consumer's name) and `until=now` (end the stream with an `event: done` frame once
 //! the events stored when it opened have been sent); an empty value, and `0`/`0s` for `redelivery`, mean the default, as
 //! the Go SDK sends every parameter whether set or not. A value that cannot be parsed is a
 //! 400 that names it. A `Last-Event-ID` header (browsers send it when they reconnect)
@@ -28,7 +29,8 @@ use super::auth::Operation;
 use super::error::{at_limit, ApiError};
 use super::{AppState, HEADER_CONSUMER_ID};
 use crate::broker::{
-    AckMode, Delivery, Start, SubscribeRequest, DEFAULT_REDELIVERY, DEFAULT_REDELIVERY_COUNT,
+    AckMode, Delivery, Start, SubscribeError, SubscribeRequest, DEFAULT_REDELIVERY,
+    DEFAULT_REDELIVERY_COUNT, MAX_WINDOW,
 };
 use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
@@ -82,12 +84,24 @@ pub fn parse_request(
             ))
         })?,
     };
+    let window = match param("max_inflight") {
+        "" => 1,
+        text => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_WINDOW).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "max_inflight: {text:?} is not a number from 1 to {MAX_WINDOW}"
+                )))
+            }
+        },
+    };
     let ack = match param("ack") {
         "" | "none" => AckMode::None,
         "manual" => AckMode::Manual {
             redelivery,
             max_deliveries: (redelivery_count > 0)
                 .then(|| u32::try_from(redelivery_count).unwrap_or(u32::MAX)),
+            window,
         },
         other => {
             return Err(ApiError::bad_request(format!(
@@ -104,12 +118,24 @@ pub fn parse_request(
             )))
         }
     };
+    let consumer = match param("consumer") {
+        "" => None,
+        name => {
+            if ack == AckMode::None {
+                return Err(ApiError::bad_request(
+                    "consumer: a durable consumer needs ack=manual",
+                ));
+            }
+            Some(name.to_owned())
+        }
+    };
     Ok(SubscribeRequest {
         pattern,
         start,
         ack,
         until_now,
         owner: None,
+        consumer,
     })
 }
 
@@ -156,7 +182,16 @@ pub async fn subscribe(
     let pattern = request.pattern.to_string();
     let subscription = match app.broker.subscribe(request) {
         Ok(subscription) => subscription,
-        Err(message) => return ApiError::bad_request(message).into_response(),
+        Err(SubscribeError::Invalid(message)) => {
+            return ApiError::bad_request(message).into_response()
+        }
+        Err(SubscribeError::Conflict(message)) => {
+            return ApiError {
+                status: StatusCode::CONFLICT,
+                message,
+            }
+            .into_response()
+        }
     };
     let lifetime = StreamLifetime::new(&subscription.consumer_id, &pattern, permit);
 
