@@ -499,3 +499,104 @@ fn get_survives_a_server_restart_without_loss_or_repeat() {
         reader.errors
     );
 }
+
+#[test]
+fn durable_consumers_from_the_command_line() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
+    let host = host(&server);
+    for n in 0..4 {
+        run(
+            &[
+                "put",
+                "--host",
+                &host,
+                "--subject",
+                "app.job",
+                "--data",
+                &n.to_string(),
+            ],
+            None,
+        )
+        .ok();
+    }
+    let get = |count: &str| {
+        run(
+            &[
+                "get",
+                "--host",
+                &host,
+                "--subject",
+                "app.job",
+                "--start",
+                "oldest",
+                "--ack",
+                "auto",
+                "--consumer",
+                "cli-workers",
+                "--max-inflight",
+                "2",
+                "--count",
+                count,
+            ],
+            None,
+        )
+    };
+    let first: Vec<i64> = get("2")
+        .lines()
+        .iter()
+        .map(|l| json(l)["payload"].as_i64().unwrap())
+        .collect();
+    assert_eq!(first, [0, 1]);
+    // The consumer remembers: the next worker continues where the first stopped.
+    let second: Vec<i64> = get("2")
+        .lines()
+        .iter()
+        .map(|l| json(l)["payload"].as_i64().unwrap())
+        .collect();
+    assert_eq!(second, [2, 3]);
+
+    let listed = run(
+        &["consumers", "list", "--host", &host, "--namespace", "app"],
+        None,
+    );
+    let consumer = json(listed.ok().lines().next().expect("one consumer"));
+    assert_eq!(consumer["name"], "cli-workers");
+    assert_eq!(consumer["pattern"], "app.job");
+    assert_eq!(consumer["acked_floor"], 4);
+    run(
+        &[
+            "consumers",
+            "delete",
+            "--host",
+            &host,
+            "--namespace",
+            "app",
+            "--name",
+            "cli-workers",
+        ],
+        None,
+    )
+    .ok();
+    let again = run(
+        &[
+            "consumers",
+            "delete",
+            "--host",
+            &host,
+            "--namespace",
+            "app",
+            "--name",
+            "cli-workers",
+        ],
+        None,
+    );
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.contains("no consumer"), "{}", again.stderr);
+    assert!(run(
+        &["consumers", "list", "--host", &host, "--namespace", "app"],
+        None
+    )
+    .ok()
+    .is_empty());
+}

@@ -141,16 +141,18 @@ async fn a_durable_consumer_resumes_after_reconnects_and_restarts() {
     let got = sse.take(4).await;
     assert_eq!(got.iter().map(payload_n).collect::<Vec<_>>(), [0, 1, 2, 3]);
     ack(&server, &sse, &[&got[0], &got[1], &got[3]]).await; // 2 stays unacked
-    tokio::time::sleep(Duration::from_millis(100)).await;
+                                                            // Leave, and give the server a moment to see the connection close (until it does,
+                                                            // the connection still holds what it was sent).
     drop(sse);
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Reconnect: the unacked event first, then what follows; nothing acked again.
     let mut sse = server.subscribe(query).await;
     let got = sse.take(4).await;
     assert_eq!(got.iter().map(payload_n).collect::<Vec<_>>(), [2, 4, 5, 6]);
     ack(&server, &sse, &[&got[0], &got[1]]).await; // 5 and 6 stay unacked
-    tokio::time::sleep(Duration::from_millis(100)).await;
     drop(sse);
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A restart keeps the progress; `start` no longer applies.
     server.stop().await;
@@ -265,6 +267,24 @@ async fn an_exhausted_event_goes_to_the_dead_letter_subject() {
     assert_eq!(letter["payload"]["event"]["id"], first.json()["id"]);
     assert_eq!(letter["payload"]["event"]["payload"], json!({"job": 7}));
     sse.expect_silence(QUIET).await;
+
+    // A nak of the last allowed delivery gives the event up at once.
+    let mut naker = server
+        .subscribe("subject=app.jobs&start=oldest&ack=manual&consumer=naker&redelivery=30s&redelivery_count=1")
+        .await;
+    let only = naker.next(WAIT).await.unwrap();
+    let query = format!(
+        "consumer_id={}&event_id={}&nak=1",
+        naker.consumer_id,
+        only.id.as_deref().unwrap()
+    );
+    assert_eq!(put(&server, &query).await, 202);
+    let letter = dead
+        .next(Duration::from_secs(5))
+        .await
+        .expect("a dead letter after the nak");
+    assert_eq!(letter.json()["subject"], "app._dead.naker");
+    naker.expect_silence(QUIET).await;
 
     // Ephemeral consumers keep the reference behaviour: no dead letter.
     let mut ephemeral = server

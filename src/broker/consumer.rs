@@ -390,8 +390,14 @@ impl Dispatcher {
                 let Some(&position) = self.ids.get(&event_id) else {
                     return;
                 };
+                let max_deliveries = self.redelivery.max_deliveries;
                 let member = match self.pending.get_mut(&position) {
                     Some(pending) if pending.member.is_some() => {
+                        if max_deliveries.is_some_and(|max| pending.deliveries >= max) {
+                            // Its last delivery failed: given up at once, as on a timeout.
+                            pending.due = Some(Instant::now());
+                            return;
+                        }
                         pending.due = Some(Instant::now() + delay);
                         pending.member.take()
                     }

@@ -145,6 +145,13 @@ pub struct GetArgs {
     /// (0 or less: never).
     #[arg(long, allow_negative_numbers = true)]
     pub redelivery_count: Option<i64>,
+    /// With manual or auto acks: attach to this durable consumer (created on first use;
+    /// the server keeps its progress; several `get`s with one name share its events).
+    #[arg(long)]
+    pub consumer: Option<String>,
+    /// With manual or auto acks: unacknowledged events the server may send at once.
+    #[arg(long)]
+    pub max_inflight: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
     /// Exit after this many events.
@@ -184,6 +191,11 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
             redelivery_count: args.redelivery_count,
         },
     };
+    if (args.consumer.is_some() || args.max_inflight.is_some()) && args.ack == AckChoice::None {
+        bail!("--consumer and --max-inflight need --ack manual or --ack auto");
+    }
+    options.consumer = args.consumer;
+    options.max_inflight = args.max_inflight;
     options.reconnect_for = args.reconnect_for;
     let mut subscription = client.subscribe(options).await?;
     let consumer = subscription.consumer_id().to_owned();

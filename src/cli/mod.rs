@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod bench;
 mod bench_http;
+mod consumers;
 pub mod debug;
 pub mod events;
 mod progress;
@@ -71,6 +72,8 @@ pub enum Command {
     Debug(debug::DebugArgs),
     /// Check that a server is up (exit code 0) or not (1).
     Health(events::HealthArgs),
+    /// List or delete durable consumers.
+    Consumers(consumers::ConsumersArgs),
     /// Measure performance.
     Bench(bench::BenchArgs),
 }
@@ -147,6 +150,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Copy(args) => archive::copy(args).await,
             Command::Debug(args) => debug::run(args).await,
             Command::Health(args) => events::health(args).await,
+            Command::Consumers(args) => consumers::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });

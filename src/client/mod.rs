@@ -152,6 +152,13 @@ pub struct SubscribeOptions {
     /// How long to keep trying to reconnect after the connection drops; zero ends the
     /// subscription with an error at the first drop.
     pub reconnect_for: Duration,
+    /// With manual acks: attach to (or create) this durable consumer, whose progress the
+    /// server keeps across reconnects and restarts, and which connections with the same
+    /// name share (a queue group).
+    pub consumer: Option<String>,
+    /// With manual acks: how many unacknowledged events the server may have out to this
+    /// connection at once (the server's default is 1).
+    pub max_inflight: Option<usize>,
 }
 
 impl SubscribeOptions {
@@ -162,8 +169,26 @@ impl SubscribeOptions {
             ack: AckMode::None,
             until_now: false,
             reconnect_for: Duration::from_secs(60),
+            consumer: None,
+            max_inflight: None,
         }
     }
+}
+
+/// A durable consumer, as `GET /consumers/{namespace}` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pattern: String,
+    /// The first position it has not had acknowledged (or given up).
+    pub acked_floor: u64,
+    /// Events it has read and not had acknowledged.
+    pub pending: u64,
+    /// Events in the log from its floor on.
+    pub lag: u64,
+    /// Connections attached now.
+    pub members: u64,
+    pub dead_letter_subject: String,
 }
 
 /// A connection to a bus server. Cheap to clone; clones share connections.
@@ -231,6 +256,48 @@ impl Client {
             .await
             .map_err(|e| ClientError::unreachable(&self.base, &e))?;
         expect_status(response, StatusCode::OK).await.map(drop)
+    }
+
+    /// The durable consumers of `namespace` (`GET /consumers/{namespace}`).
+    pub async fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, ClientError> {
+        let url = self.admin_url(&["consumers", namespace])?;
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        let response = expect_status(response, StatusCode::OK).await?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ClientError::Protocol(format!("unexpected consumer list: {e}")))
+    }
+
+    /// Deletes durable consumer `name` of `namespace`: its members' streams end and its
+    /// progress is forgotten. A consumer that does not exist is a 404 error.
+    pub async fn delete_consumer(&self, namespace: &str, name: &str) -> Result<(), ClientError> {
+        let url = self.admin_url(&["consumers", namespace, name])?;
+        let response = self
+            .http
+            .delete(url)
+            .send()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        expect_status(response, StatusCode::NO_CONTENT)
+            .await
+            .map(drop)
+    }
+
+    fn admin_url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| ClientError::InvalidHost(self.host().to_owned()))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
     }
 
     /// Publishes one event.
@@ -350,6 +417,12 @@ impl Client {
                 }
                 if let Some(count) = redelivery_count {
                     query.append_pair("redelivery_count", &count.to_string());
+                }
+                if let Some(name) = &options.consumer {
+                    query.append_pair("consumer", name);
+                }
+                if let Some(window) = options.max_inflight {
+                    query.append_pair("max_inflight", &window.to_string());
                 }
             }
             if options.until_now {

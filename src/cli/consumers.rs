@@ -1,0 +1,49 @@
+//! `bus consumers list|delete`: the durable consumers of a namespace, through a running
+//! server's admin endpoints.
+
+use clap::{Args, Subcommand};
+
+use super::HostArgs;
+
+#[derive(Debug, Args)]
+pub struct ConsumersArgs {
+    #[command(subcommand)]
+    pub command: ConsumersCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsumersCommand {
+    /// List a namespace's durable consumers, one JSON object per line.
+    List {
+        #[command(flatten)]
+        host: HostArgs,
+        #[arg(long)]
+        namespace: String,
+    },
+    /// Delete a durable consumer: its connections' streams end, its progress is forgotten.
+    Delete {
+        #[command(flatten)]
+        host: HostArgs,
+        #[arg(long)]
+        namespace: String,
+        /// The consumer's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
+    match args.command {
+        ConsumersCommand::List { host, namespace } => {
+            for consumer in host.client()?.consumers(&namespace).await? {
+                println!("{}", serde_json::to_string(&consumer)?);
+            }
+        }
+        ConsumersCommand::Delete {
+            host,
+            namespace,
+            name,
+        } => host.client()?.delete_consumer(&namespace, &name).await?,
+    }
+    Ok(())
+}
