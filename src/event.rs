@@ -342,6 +342,39 @@ impl StoredEvent {
     }
 
     /// The event's compact JSON, exactly as stored.
+    /// The subject a reply should go to, if the publisher asked for one.
+    pub fn response_subject(&self) -> Option<String> {
+        let json = self.json();
+        let layout = JsonLayout::parse(&json)?;
+        // Optional members' ranges hold the JSON string, quotes included.
+        serde_json::from_slice(&json[layout.response_subject?]).ok()
+    }
+
+    /// The payload's JSON, or `null` if the event has none.
+    pub fn payload_json(&self) -> Bytes {
+        const PAYLOAD: &[u8] = b",\"payload\":";
+        const INDEX: &[u8] = b",\"index\":";
+        let json = self.json();
+        let payload = JsonLayout::parse(&json).and_then(|layout| {
+            // The members are written in a fixed order: … created_at, payload, index.
+            let after_created_at = layout.created_at.end + 1;
+            let index_at = json.windows(INDEX.len()).rposition(|w| w == INDEX)?;
+            let member = json.get(after_created_at..index_at)?;
+            member
+                .starts_with(PAYLOAD)
+                .then(|| json.slice(after_created_at + PAYLOAD.len()..index_at))
+        });
+        payload.unwrap_or_else(|| Bytes::from_static(b"null"))
+    }
+
+    /// The creation time as stored (RFC 3339).
+    pub fn created_at(&self) -> Option<crate::timestamp::Timestamp> {
+        let json = self.json();
+        let layout = JsonLayout::parse(&json)?;
+        let text = std::str::from_utf8(&json[layout.created_at]).ok()?;
+        crate::timestamp::Timestamp::parse(text).ok()
+    }
+
     pub fn json(&self) -> Bytes {
         let start = FRAME_ID.len() + usize::from(self.id_len) + FRAME_DATA.len();
         self.frame.slice(start..self.frame.len() - FRAME_END.len())

@@ -18,6 +18,8 @@ struct Route {
     inputs: mpsc::Sender<Input>,
     namespace: String,
     owner: Option<u32>,
+    /// The zone the connection declared, for topology-aware confirmations.
+    zone: Option<String>,
 }
 
 type Routes = HashMap<String, Route>;
@@ -50,6 +52,7 @@ impl Acks {
         consumer_id: &str,
         namespace: &str,
         owner: Option<u32>,
+        zone: Option<String>,
         inputs: mpsc::Sender<Input>,
     ) -> Registration {
         self.routes
@@ -61,6 +64,7 @@ impl Acks {
                     inputs,
                     namespace: namespace.to_owned(),
                     owner,
+                    zone,
                 },
             );
         Registration {
@@ -79,7 +83,15 @@ impl Acks {
 
     /// Passes acks to their consumer, if it is connected.
     pub fn ack(&self, consumer_id: &str, event_ids: Vec<String>) -> bool {
-        self.send(consumer_id, Input::Ack { event_ids })
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.get(consumer_id).is_some_and(|route| {
+            let input = Input::Ack {
+                event_ids,
+                consumer_id: consumer_id.to_owned(),
+                zone: route.zone.clone(),
+            };
+            route.inputs.try_send(input).is_ok()
+        })
     }
 
     /// Asks for a delivered event again after `delay`.

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::confirm::Confirmations;
 use super::subscription::{Cursor, From};
 use super::Delivery;
 use crate::event::{EventDraft, PendingEvent, StoredEvent};
@@ -49,6 +50,9 @@ pub enum Input {
     },
     Ack {
         event_ids: Vec<String>,
+        /// The connection that acked, and the zone it declared.
+        consumer_id: String,
+        zone: Option<String>,
     },
     Nak {
         event_id: String,
@@ -208,6 +212,7 @@ pub struct Dispatcher {
     durable: Option<Durable>,
     dirty: bool,
     redeliveries: Arc<AtomicU64>,
+    confirmations: Arc<Confirmations>,
 }
 
 impl Dispatcher {
@@ -224,6 +229,7 @@ impl Dispatcher {
         shutdown: watch::Receiver<bool>,
         durable: Option<Durable>,
         redeliveries: Arc<AtomicU64>,
+        confirmations: Arc<Confirmations>,
     ) -> Result<Dispatcher, String> {
         let cursor =
             Cursor::open(Arc::clone(&log), pattern, from, stop_at, shutdown.clone()).await?;
@@ -241,6 +247,7 @@ impl Dispatcher {
             dirty: durable.is_some(),
             durable,
             redeliveries,
+            confirmations,
         };
         dispatcher.restore_unacked().await?;
         Ok(dispatcher)
@@ -375,7 +382,16 @@ impl Dispatcher {
                 );
             }
             Input::Leave { member } => self.leave(member),
-            Input::Ack { event_ids } => {
+            Input::Ack {
+                event_ids,
+                consumer_id,
+                zone,
+            } => {
+                // A durable consumer confirms as one, whichever member acked.
+                let confirmer = match &self.durable {
+                    Some(durable) => durable.name.clone(),
+                    None => consumer_id,
+                };
                 for id in event_ids {
                     let Some(position) = self.ids.remove(&id) else {
                         continue; // late, repeated or unknown: acks are idempotent
@@ -383,6 +399,7 @@ impl Dispatcher {
                     if let Some(pending) = self.pending.remove(&position) {
                         self.release(pending.member);
                         self.dirty = true;
+                        self.confirmations.record(&id, &confirmer, zone.as_deref());
                     }
                 }
             }

@@ -17,6 +17,7 @@
 //! Everything ends when the broker is shut down.
 
 pub mod acks;
+pub mod confirm;
 pub mod consumer;
 pub mod dedup;
 pub mod inbox;
@@ -35,8 +36,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use self::acks::{Acks, Registration};
+use self::confirm::{ConfirmWait, Confirmations};
 use self::consumer::{ConsumerStats, Dispatcher, Input, Progress};
 use self::dedup::Dedup;
+use self::inbox::InboxSubscription;
 use self::inbox::Inboxes;
 use crate::event::{self, EventDraft, JsonLayout, PendingEvent, StoredEvent};
 use crate::store::{ids, Log, StoreError};
@@ -134,6 +137,8 @@ pub struct SubscribeRequest {
     pub owner: Option<u32>,
     /// The durable consumer to create or attach to (manual ack only).
     pub consumer: Option<String>,
+    /// The zone this connection is in, for `confirm_zones` (manual ack only).
+    pub zone: Option<String>,
 }
 
 /// Why a subscription cannot be opened.
@@ -214,6 +219,7 @@ pub struct Broker {
     /// and append dead letters).
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
     next_member: AtomicU64,
+    confirmations: Arc<Confirmations>,
 }
 
 /// The namespace of inbox subjects in the broker's counters.
@@ -259,6 +265,7 @@ impl Broker {
             durables: Mutex::default(),
             dispatchers: Mutex::default(),
             next_member: AtomicU64::new(0),
+            confirmations: Arc::default(),
         }
     }
 
@@ -481,9 +488,13 @@ impl Broker {
                 self.attach(&log, name, &request, start, redelivery, join, member_tx)?
             }
         };
-        let registration =
-            self.acks
-                .register(&consumer_id, namespace, request.owner, inputs.clone());
+        let registration = self.acks.register(
+            &consumer_id,
+            namespace,
+            request.owner,
+            request.zone.clone(),
+            inputs.clone(),
+        );
         let leave = LeaveOnDrop {
             inputs,
             member,
@@ -601,6 +612,7 @@ impl Broker {
     ) {
         let shutdown = self.shutdown.subscribe();
         let redeliveries = Arc::clone(&self.redeliveries);
+        let confirmations = Arc::clone(&self.confirmations);
         let task = tokio::spawn(async move {
             let opened = Dispatcher::open(
                 log,
@@ -612,6 +624,7 @@ impl Broker {
                 shutdown,
                 durable,
                 redeliveries,
+                confirmations,
             )
             .await;
             match opened {
@@ -715,6 +728,74 @@ impl Broker {
         }
     }
 
+    /// Starts counting the consumers that acknowledge `event_id` (before it is published;
+    /// see [`confirm`]).
+    pub fn expect_confirmations(&self, event_id: &str) -> ConfirmWait {
+        self.confirmations.expect(event_id)
+    }
+
+    /// A fresh inbox subject, already subscribed, for a reply to come to.
+    pub fn reply_inbox(&self) -> (String, InboxSubscription) {
+        let subject = format!("{INBOX_NAMESPACE}.{}", random_id("r_"));
+        let inbox = self.inboxes.subscribe(&subject);
+        (subject, inbox)
+    }
+
+    /// Publishes `payload` as the reply to `event_id`, delivered to the connection
+    /// `consumer_id`: to the event's `response_subject`. An error if the consumer is not
+    /// connected, the event is unknown or asked for no reply.
+    pub async fn reply_to(
+        &self,
+        consumer_id: &str,
+        event_id: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let (namespace, _) = self
+            .acks
+            .consumer(consumer_id)
+            .ok_or_else(|| format!("consumer {consumer_id} is not connected"))?;
+        let log = self.log(&namespace)?;
+        let position = log
+            .find_id(event_id)
+            .await
+            .map_err(|e| format!("looking up {event_id}: {e}"))?
+            .ok_or_else(|| format!("event {event_id} is not in namespace {namespace}"))?;
+        let event = log
+            .read(position, 1)
+            .await
+            .map_err(|e| format!("reading {event_id}: {e}"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("event {event_id} cannot be read"))?;
+        let subject = event
+            .response_subject()
+            .ok_or_else(|| format!("event {event_id} has no response_subject to reply to"))?;
+        let draft = EventDraft {
+            subject: &subject,
+            trace_id: "",
+            key: "",
+            response_subject: "",
+            payload: Some(payload),
+            id: None,
+            created_at: None,
+        };
+        let reply = PendingEvent::new(&draft).map_err(|e| e.to_string())?;
+        if Subject::parse(&subject).is_ok_and(|s| s.is_inbox()) {
+            self.publish_to_inbox(&subject, &reply);
+            Ok(())
+        } else {
+            let log = self.log(
+                Subject::parse(&subject)
+                    .map_err(|e| e.to_string())?
+                    .namespace(),
+            )?;
+            log.append(vec![reply])
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    }
+
     /// The namespace and owner of a connected manual-ack consumer.
     pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<u32>)> {
         self.acks.consumer(consumer_id)
@@ -755,6 +836,12 @@ impl Drop for LeaveOnDrop {
             member: self.member,
         });
     }
+}
+
+/// An id for an event published with server-side confirmation or reply, fixed before it
+/// is appended (a client-style id, so the log accepts it).
+pub fn new_event_id() -> String {
+    random_id("e_")
 }
 
 fn random_id(prefix: &str) -> String {

@@ -1,26 +1,31 @@
 //! `PUT /?consumer_id=c_…&event_id=e_…`: acknowledge an event delivered under
 //! `ack=manual` (or several: `event_id=e_1,e_2,…`); with `nak=1[&delay=5s]`, ask for it
-//! again (now, or after the delay) instead. Answers 202 whether or not anything was waiting for the ack (late acks
+//! again (now, or after the delay) instead. A JSON body is a reply: it is published to
+//! the event's `response_subject` before the ack (request/reply in one call). Answers 202 whether or not anything was waiting for the ack (late acks
 //! are normal); 400 if a parameter is missing or has the wrong prefix. With
 //! `--auth-file`, only the token that opened the consumer may ack its events (403).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Operation;
 use super::error::ApiError;
+use super::publish::read_body;
 use super::AppState;
 use crate::duration::parse_go_duration;
+use crate::event::{compact_json, json_depth, MAX_PAYLOAD_DEPTH};
 
 pub async fn ack(
     State(app): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
+    body: Body,
 ) -> Response {
     let who = match app.authenticate(&headers, raw_query.as_deref()) {
         Ok(who) => who,
@@ -69,6 +74,42 @@ pub async fn ack(
                 }
                 .into_response();
             }
+        }
+    }
+    let limits = &app.limits;
+    let reply = match read_body(body, limits.max_body, limits.body_timeout).await {
+        Ok(reply) => reply,
+        Err(e) => return e.into_response(),
+    };
+    if !reply.iter().all(u8::is_ascii_whitespace) {
+        // Reply and ack in one call: the body is the reply's payload.
+        if nak.is_some() || event_ids.len() != 1 {
+            return ApiError::bad_request(
+                "a reply body goes with the ack of exactly one event (no nak)",
+            )
+            .into_response();
+        }
+        let payload = match serde_json::from_slice::<&serde_json::value::RawValue>(&reply) {
+            Ok(raw) if json_depth(raw.get().as_bytes()) <= MAX_PAYLOAD_DEPTH => {
+                compact_json(raw.get().as_bytes())
+            }
+            Ok(_) => {
+                return ApiError::bad_request(format!(
+                    "the reply nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep"
+                ))
+                .into_response()
+            }
+            Err(e) => {
+                return ApiError::bad_request(format!("the reply body is not JSON: {e}"))
+                    .into_response()
+            }
+        };
+        if let Err(message) = app
+            .broker
+            .reply_to(consumer_id, &event_ids[0], &payload)
+            .await
+        {
+            return ApiError::bad_request(message).into_response();
         }
     }
     match nak {

@@ -222,7 +222,7 @@ impl AuthTable {
 
 /// The token a request presents: `Authorization: Bearer …`, else `access_token` in the
 /// query string.
-pub fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+pub fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     if let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -232,35 +232,7 @@ pub fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Op
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned());
     }
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(name, _)| *name == "access_token")
-        .and_then(|(_, value)| percent_decode(value))
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+    super::query_value(query?, "access_token")
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {

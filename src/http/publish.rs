@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -234,6 +234,40 @@ async fn publish_body(
     if let Err(denied) = app.authorize(who, Operation::Publish, namespace) {
         return denied.into_response();
     }
+    let wait = match Wait::parse(query) {
+        Ok(wait) => wait,
+        Err(e) => return e.into_response(),
+    };
+    let mut events = events;
+    let mut confirm_wait = None;
+    let mut reply_inbox = None;
+    if let Some(wait) = &wait {
+        let Publication::One(event) = &mut events else {
+            return ApiError::bad_request(
+                "confirm, confirm_zones and reply take one event, not a batch",
+            )
+            .into_response();
+        };
+        // The id is fixed before the event is stored, so that no ack or reply can come
+        // before the server listens for it.
+        let id = event
+            .id
+            .get_or_insert_with(crate::broker::new_event_id)
+            .clone();
+        if wait.reply {
+            if !event.response_subject.is_empty() {
+                return ApiError::bad_request(
+                    "reply=1 makes its own response_subject; leave it out of the event",
+                )
+                .into_response();
+            }
+            let (subject, inbox) = app.broker.reply_inbox();
+            event.response_subject = subject;
+            reply_inbox = Some(inbox);
+        } else {
+            confirm_wait = Some(app.broker.expect_confirmations(&id));
+        }
+    }
     let published = match app.broker.publish(events).await {
         Ok(published) => published,
         Err(e) => return ApiError::from(e).into_response(),
@@ -251,51 +285,117 @@ async fn publish_body(
             }
         }
     }
-    (StatusCode::ACCEPTED, headers).into_response()
+    let Some(wait) = wait else {
+        return (StatusCode::ACCEPTED, headers).into_response();
+    };
+    if let Some(mut inbox) = reply_inbox {
+        return match tokio::time::timeout(wait.timeout, inbox.recv()).await {
+            Ok(Some(reply)) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                (StatusCode::OK, headers, reply.payload_json()).into_response()
+            }
+            _ => (
+                StatusCode::GATEWAY_TIMEOUT,
+                headers,
+                format!(
+                    "no reply within {:?}; the request was published and may still be handled\n",
+                    wait.timeout
+                ),
+            )
+                .into_response(),
+        };
+    }
+    let Some(confirm_wait) = confirm_wait else {
+        return (StatusCode::ACCEPTED, headers).into_response();
+    };
+    let (confirmed, enough) = confirm_wait
+        .wait(wait.consumers, wait.zones, wait.timeout)
+        .await;
+    headers.insert(HEADER_CONFIRMED, HeaderValue::from(confirmed.consumers));
+    headers.insert(HEADER_CONFIRMED_ZONES, HeaderValue::from(confirmed.zones));
+    if enough {
+        return (StatusCode::ACCEPTED, headers).into_response();
+    }
+    let message = format!(
+        "confirmed by {} of {} consumers and {} of {} zones within {:?}; the event is stored\n",
+        confirmed.consumers, wait.consumers, confirmed.zones, wait.zones, wait.timeout
+    );
+    (StatusCode::GATEWAY_TIMEOUT, headers, message).into_response()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// How many consumers confirm an event, in how many zones.
+const HEADER_CONFIRMED: &str = "x-bus-confirmed";
+const HEADER_CONFIRMED_ZONES: &str = "x-bus-confirmed-zones";
+/// How long a publish waits for confirmations or a reply unless `timeout` says.
+const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// The longest a publish may wait.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 
-    fn message(result: Result<Publication, ApiError>) -> String {
-        match result {
-            Ok(_) => panic!("accepted"),
-            Err(e) => {
-                assert_eq!(e.status, StatusCode::BAD_REQUEST);
-                e.message
+/// What a publish waits for after storing its event: `confirm=N` consumers and/or
+/// `confirm_zones=K` zones to ack it, or `reply=1` the first reply; within `timeout`.
+struct Wait {
+    consumers: usize,
+    zones: usize,
+    reply: bool,
+    timeout: Duration,
+}
+
+impl Wait {
+    fn parse(query: Option<&str>) -> Result<Option<Wait>, ApiError> {
+        let values: Vec<(&str, Option<String>)> = ["confirm", "confirm_zones", "reply", "timeout"]
+            .into_iter()
+            .map(|name| (name, query.and_then(|q| super::query_value(q, name))))
+            .collect();
+        let get = |name: &str| {
+            values
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.as_deref())
+                .map(str::trim)
+        };
+        let count = |name: &str| -> Result<usize, ApiError> {
+            match get(name) {
+                None | Some("") => Ok(0),
+                Some(text) => text.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(format!("{name}: {text:?} is not a number of consumers"))
+                }),
             }
-        }
-    }
-
-    #[test]
-    fn deep_nesting_is_refused_without_exhausting_the_stack() {
-        for depth in [200, 100_000] {
-            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
-                let payload = format!("{}1{}", open.repeat(depth), close.repeat(depth));
-                let body = format!(r#"{{"subject":"a.b","payload":{payload}}}"#);
-                let text = message(parse_body(body.as_bytes(), 1024));
-                assert!(text.contains("more than 126 levels deep"), "{text}");
+        };
+        let consumers = count("confirm")?;
+        let zones = count("confirm_zones")?;
+        let reply = match get("reply") {
+            None | Some("" | "0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "reply: {other:?} is not 1 or 0"
+                )))
             }
+        };
+        let timeout = match get("timeout") {
+            None | Some("") => DEFAULT_WAIT,
+            Some(text) => match crate::duration::parse_go_duration(text) {
+                Ok(d) if !d.is_zero() && d <= MAX_WAIT => d,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "timeout: {text:?} is not a duration from 1ms to 1h, like 5s"
+                    )))
+                }
+            },
+        };
+        if reply && consumers + zones > 0 {
+            return Err(ApiError::bad_request(
+                "reply=1 cannot be combined with confirm or confirm_zones",
+            ));
         }
-        // The deepest accepted payload, inside a batch, still parses with serde_json.
-        let (open, close) = ("[".repeat(126), "]".repeat(126));
-        let ok = format!(r#"[{{"subject":"a.b","payload":{open}"[[{{\""{close}}}]"#);
-        assert!(parse_body(ok.as_bytes(), 1024).is_ok());
-        let event = format!(r#"{{"id":"e_1","payload":{open}1{close}}}"#);
-        serde_json::from_str::<serde_json::Value>(&event).unwrap();
-    }
-
-    #[test]
-    fn long_subjects_are_refused_with_the_limit() {
-        let subject = format!("a.{}", "b".repeat(30));
-        let body = format!(r#"[{{"subject":"a.b"}},{{"subject":"{subject}"}}]"#);
-        let text = message(parse_body(body.as_bytes(), 31));
-        assert!(text.contains("event 1 of the batch"), "{text}");
-        assert!(text.contains("32 bytes long"), "{text}");
-        assert!(text.contains("at most 31"), "{text}");
-        let body = format!(r#"{{"subject":"a.b","response_subject":"{subject}"}}"#);
-        assert!(message(parse_body(body.as_bytes(), 31)).contains("response_subject"));
-        assert!(parse_body(body.as_bytes(), 32).is_ok());
+        Ok((reply || consumers + zones > 0).then_some(Wait {
+            consumers,
+            zones,
+            reply,
+            timeout,
+        }))
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Parameters (`subject`, `start`, `ack`, `redelivery`, `redelivery_count`) follow the
 //! reference server, plus `max_inflight` (the ack window), `consumer` (a durable
-//! consumer's name) and `until=now` (end the stream with an `event: done` frame once
+//! consumer's name), `zone` (for `confirm_zones`) and `until=now` (end the stream with an `event: done` frame once
 //! the events stored when it opened have been sent); an empty value, and `0`/`0s` for `redelivery`, mean the default, as
 //! the Go SDK sends every parameter whether set or not. A value that cannot be parsed is a
 //! 400 that names it. A `Last-Event-ID` header (browsers send it when they reconnect)
@@ -118,6 +118,17 @@ pub fn parse_request(
             )))
         }
     };
+    let zone = match param("zone") {
+        "" => None,
+        zone => {
+            if ack == AckMode::None {
+                return Err(ApiError::bad_request(
+                    "zone: only consumers with ack=manual confirm, so only they declare a zone",
+                ));
+            }
+            Some(zone.to_owned())
+        }
+    };
     let consumer = match param("consumer") {
         "" => None,
         name => {
@@ -136,6 +147,7 @@ pub fn parse_request(
         until_now,
         owner: None,
         consumer,
+        zone,
     })
 }
 
