@@ -54,6 +54,12 @@ fn every_http_benchmark_runs_and_checks_its_work() {
 
     let ack = bench(&["ack", "--events", "40"]);
     assert_eq!(ack["events"], 40);
+    let window = bench(&["ack", "--events", "300", "--window", "50"]);
+    assert_eq!(window["events"], 300);
+
+    let reply = bench(&["reply", "--requests", "20"]);
+    assert_eq!(reply["requests"], 20);
+    assert!(reply["latency_p50_ms"].as_f64().unwrap() > 0.0);
 
     let idle = bench(&["idle", "--subscribers", "20"]);
     assert_eq!(idle["subscriptions"], 20);

@@ -38,8 +38,10 @@ pub enum BenchKind {
     Replay(bench_http::ReplayBench),
     /// Time to the first event when resuming from an id, Last-Event-ID or newest.
     Resume(bench_http::ResumeBench),
-    /// A manual-ack consumer, stop-and-wait.
+    /// A manual-ack consumer, stop-and-wait or with a window.
     Ack(bench_http::AckBench),
+    /// Request/reply round trips through the server (`POST /?reply=1`).
+    Reply(bench_http::ReplyBench),
     /// Hold idle subscriptions and read the server's memory.
     Idle(bench_http::IdleBench),
 }
@@ -84,6 +86,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Replay(bench) => bench_http::replay(bench).await,
         BenchKind::Resume(bench) => bench_http::resume(bench).await,
         BenchKind::Ack(bench) => bench_http::ack(bench).await,
+        BenchKind::Reply(bench) => bench_http::reply(bench).await,
         BenchKind::Idle(bench) => bench_http::idle(bench).await,
     }
 }

@@ -190,26 +190,35 @@ impl Poster {
 
     /// Publishes `body`; returns the answer's head, lowercased.
     async fn post(&mut self, body: &[u8]) -> anyhow::Result<String> {
+        self.call("POST", "/", body, "202").await
+    }
+
+    /// Acknowledges an event.
+    async fn ack(&mut self, consumer_id: &str, event_id: &str) -> anyhow::Result<String> {
+        let target = format!("/?consumer_id={consumer_id}&event_id={event_id}");
+        self.call("PUT", &target, b"", "202").await
+    }
+
+    /// Sends one request and reads its answer, which must have status `expect`; returns
+    /// the answer's head, lowercased.
+    async fn call(
+        &mut self,
+        method: &str,
+        target: &str,
+        body: &[u8],
+        expect: &str,
+    ) -> anyhow::Result<String> {
         let mut request = format!(
-            "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.authority,
             body.len()
         )
         .into_bytes();
         request.extend_from_slice(body);
-        self.send(&request).await
+        self.send(&request, expect).await
     }
 
-    /// Acknowledges an event.
-    async fn ack(&mut self, consumer_id: &str, event_id: &str) -> anyhow::Result<String> {
-        let request = format!(
-            "PUT /?consumer_id={consumer_id}&event_id={event_id} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
-            self.authority
-        );
-        self.send(request.as_bytes()).await
-    }
-
-    async fn send(&mut self, request: &[u8]) -> anyhow::Result<String> {
+    async fn send(&mut self, request: &[u8], expect: &str) -> anyhow::Result<String> {
         self.stream.write_all(request).await?;
         self.buf.clear();
         let mut chunk = [0u8; 2048];
@@ -223,7 +232,7 @@ impl Poster {
                 continue;
             };
             let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
-            if !head.starts_with("http/1.1 202") {
+            if !head.starts_with(&format!("http/1.1 {expect}")) {
                 bail!(
                     "the server answered {}",
                     head.lines().next().unwrap_or_default()
@@ -687,6 +696,89 @@ pub async fn ack(args: AckBench) -> anyhow::Result<()> {
             "window": args.window,
             "seconds": elapsed.as_secs_f64(),
             "acked_events_per_sec": acked as f64 / elapsed.as_secs_f64(),
+        }),
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ReplyBench {
+    #[command(flatten)]
+    pub target: Target,
+    /// Request/reply round trips, one after the other.
+    #[arg(long, default_value_t = 5_000)]
+    pub requests: u64,
+}
+
+/// Round trips of `POST /?reply=1` answered by a worker that replies in its ack (`PUT` with
+/// the reply as body), one request at a time.
+pub async fn reply(args: ReplyBench) -> anyhow::Result<()> {
+    let server = args.target.start().await?;
+    let subject = subject(&args.target, "reply");
+    let host = server.host.trim_end_matches('/').to_owned();
+    let response = reqwest::get(format!(
+        "{host}/?subject={subject}&ack=manual&redelivery=30s"
+    ))
+    .await?;
+    if response.status() != 200 {
+        bail!("subscribe answered {}", response.status());
+    }
+    let consumer_id = response
+        .headers()
+        .get("x-bus-consumer-id")
+        .and_then(|v| v.to_str().ok())
+        .context("no consumer id")?
+        .to_owned();
+    let mut replier = Poster::connect(&host).await?;
+    let worker = tokio::spawn(async move {
+        let mut body = response.bytes_stream();
+        let mut pending = Vec::new();
+        while let Some(chunk) = body.next().await {
+            pending.extend_from_slice(&chunk?);
+            while let Some(end) = find(&pending, b"\n\n") {
+                let frame = pending.drain(..end + 2).collect::<Vec<u8>>();
+                let Some(id) = frame
+                    .split(|&b| b == b'\n')
+                    .find_map(|line| line.strip_prefix(b"id: "))
+                else {
+                    continue;
+                };
+                let target = format!(
+                    "/?consumer_id={consumer_id}&event_id={}",
+                    String::from_utf8_lossy(id)
+                );
+                replier
+                    .call("PUT", &target, b"{\"ok\":true}", "202")
+                    .await?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let mut requester = Poster::connect(&host).await?;
+    let request = format!(r#"{{"subject":"{subject}","payload":{{"question":1}}}}"#);
+    let mut latencies = Vec::with_capacity(args.requests as usize);
+    let started = Instant::now();
+    for _ in 0..args.requests {
+        let sent = Instant::now();
+        requester
+            .call("POST", "/?reply=1&timeout=5s", request.as_bytes(), "200")
+            .await?;
+        latencies.push(sent.elapsed());
+    }
+    let elapsed = started.elapsed();
+    worker.abort();
+    latencies.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    report(
+        &args.target,
+        "reply",
+        json!({
+            "requests": args.requests,
+            "seconds": elapsed.as_secs_f64(),
+            "round_trips_per_sec": args.requests as f64 / elapsed.as_secs_f64(),
+            "latency_p50_ms": ms(percentile(&latencies, 0.50)),
+            "latency_p99_ms": ms(percentile(&latencies, 0.99)),
+            "latency_p999_ms": ms(percentile(&latencies, 0.999)),
         }),
     );
     Ok(())
