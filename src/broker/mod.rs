@@ -105,6 +105,10 @@ pub enum Start {
     Newest,
     /// Strictly after the event with this id.
     After(String),
+    /// At this position of the log (the oldest kept one if it is older).
+    Position(u64),
+    /// At the first event created at or after this time.
+    Time(Timestamp),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,8 +439,10 @@ impl Broker {
         // "newest" means: what is published from now on.
         let start = match &request.start {
             Start::Newest => subscription::From::Position(log.committed()),
-            Start::Oldest => subscription::From::Position(0),
+            Start::Oldest => subscription::From::Position(log.first_position()),
             Start::After(id) => subscription::From::After(id.clone()),
+            Start::Position(position) => subscription::From::Position(*position),
+            Start::Time(time) => subscription::From::Time(*time),
         };
         let stop_at = request.until_now.then(|| log.committed());
         let AckMode::Manual {

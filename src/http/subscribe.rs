@@ -2,7 +2,8 @@
 //!
 //! Parameters (`subject`, `start`, `ack`, `redelivery`, `redelivery_count`) follow the
 //! reference server, plus `max_inflight` (the ack window), `consumer` (a durable
-//! consumer's name), `zone` (for `confirm_zones`) and `until=now` (end the stream with an `event: done` frame once
+//! consumer's name), `zone` (for `confirm_zones`), `start_index` and `start_time` (replay
+//! from a position or a time) and `until=now` (end the stream with an `event: done` frame once
 //! the events stored when it opened have been sent); an empty value, and `0`/`0s` for `redelivery`, mean the default, as
 //! the Go SDK sends every parameter whether set or not. A value that cannot be parsed is a
 //! 400 that names it. A `Last-Event-ID` header (browsers send it when they reconnect)
@@ -35,6 +36,7 @@ use crate::broker::{
 use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
 use crate::subject::Pattern;
+use crate::timestamp::Timestamp;
 
 const PING: &[u8] = b": ping\n\n";
 /// Ends a stream opened with `until=now`. Browsers drop events without data, so it has
@@ -60,11 +62,37 @@ pub fn parse_request(
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let start = match (last_event_id, param("start")) {
-        (Some(id), _) => Start::After(event_id(id, "Last-Event-ID")?),
-        (None, "" | "newest") => Start::Newest,
-        (None, "oldest") => Start::Oldest,
-        (None, id) => Start::After(event_id(id, "start")?),
+    let from_position = match param("start_index") {
+        "" => None,
+        text => Some(Start::Position(text.parse().map_err(|_| {
+            ApiError::bad_request(format!(
+                "start_index: {text:?} is not a log position (0, 1, …)"
+            ))
+        })?)),
+    };
+    let from_time = match param("start_time") {
+        "" => None,
+        text => {
+            Some(Start::Time(Timestamp::parse(text).map_err(|e| {
+                ApiError::bad_request(format!("start_time: {e}"))
+            })?))
+        }
+    };
+    let explicit = [from_position, from_time]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    if explicit.len() > 1 || (!explicit.is_empty() && !param("start").is_empty()) {
+        return Err(ApiError::bad_request(
+            "give one of start, start_index and start_time",
+        ));
+    }
+    let start = match (last_event_id, param("start"), explicit.into_iter().next()) {
+        (Some(id), _, _) => Start::After(event_id(id, "Last-Event-ID")?),
+        (None, _, Some(start)) => start,
+        (None, "" | "newest", None) => Start::Newest,
+        (None, "oldest", None) => Start::Oldest,
+        (None, id, None) => Start::After(event_id(id, "start")?),
     };
 
     // Parsed whatever the ack mode, so that a typo never goes unnoticed.

@@ -304,6 +304,16 @@ impl Log {
         &self.shared.namespace
     }
 
+    /// The position of the oldest event kept (0 unless retention deleted older ones).
+    pub fn first_position(&self) -> u64 {
+        self.shared
+            .segments
+            .read()
+            .ok()
+            .and_then(|segments| segments.first().map(|s| s.base))
+            .unwrap_or(0)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.shared.dir
     }

@@ -1,0 +1,86 @@
+//! Replay from a log position (`start_index`) and from a time (`start_time`), over real
+//! HTTP, including times before the first and after the last event.
+
+mod common;
+
+use std::time::Duration;
+
+use common::http::*;
+use serde_json::json;
+
+/// Payload numbers of what `query` (with `until=now`) delivers.
+async fn replay(server: &TestServer, query: &str) -> Vec<i64> {
+    let mut sse = server
+        .subscribe(&format!("subject=app.>&until=now&{query}"))
+        .await;
+    let mut seen = Vec::new();
+    while let Some(frame) = sse.next(Duration::from_secs(5)).await {
+        match frame.event.as_deref() {
+            Some("msg") => seen.push(frame.json()["payload"].as_i64().unwrap()),
+            Some("done") => return seen,
+            other => panic!("unexpected {other:?}: {frame:?}"),
+        }
+    }
+    panic!("no done frame");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_position_or_a_time() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &[]).await;
+    let mut times = Vec::new();
+    for n in 0..6 {
+        let published = server
+            .publish(&json!({"subject": "app.t", "payload": n}))
+            .await;
+        times.push(published.created_at);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+
+    assert_eq!(replay(&server, "start_index=0").await, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(replay(&server, "start_index=4").await, [4, 5]);
+    assert_eq!(replay(&server, "start_index=99").await, Vec::<i64>::new());
+
+    let at = |i: usize| format!("start_time={}", times[i].replace('+', "%2B"));
+    assert_eq!(
+        replay(&server, &at(3)).await,
+        [3, 4, 5],
+        "at an event's own time"
+    );
+    assert_eq!(replay(&server, &at(0)).await, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(
+        replay(&server, "start_time=2000-01-01T00:00:00Z").await,
+        [0, 1, 2, 3, 4, 5],
+        "before the first event"
+    );
+    assert_eq!(
+        replay(&server, "start_time=2200-01-01T00:00:00Z").await,
+        Vec::<i64>::new(),
+        "after the last event"
+    );
+    // Between two events, with an offset: from the next one.
+    let third = bus::timestamp::Timestamp::parse(&times[2]).unwrap();
+    let just_after = bus::timestamp::Timestamp::from_unix_nanos(third.unix_nanos() + 1_000);
+    let shifted = just_after.to_string().replace('Z', "+00:00");
+    assert_eq!(
+        replay(
+            &server,
+            &format!("start_time={}", shifted.replace('+', "%2B"))
+        )
+        .await,
+        [3, 4, 5]
+    );
+
+    for bad in [
+        "start_index=-1",
+        "start_time=yesterday",
+        "start=oldest&start_index=1",
+        "start_index=1&start_time=2000-01-01T00:00:00Z",
+    ] {
+        let response = server
+            .request(reqwest::Method::GET, &format!("subject=app.>&{bad}"))
+            .await;
+        assert_eq!(response.status(), 400, "{bad}");
+    }
+    server.stop().await;
+}
