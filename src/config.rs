@@ -107,6 +107,21 @@ pub struct ServerConfig {
     )]
     pub cors_origins: Vec<String>,
 
+    /// Keep events for at least this long, then delete them with their sealed segment: a
+    /// duration (`72h`) for every namespace and/or `namespace:duration` overrides,
+    /// comma-separated. Unset: keep everything.
+    #[arg(long, env = "BUS_RETENTION_AGE", value_delimiter = ',')]
+    pub retention_age: Vec<String>,
+
+    /// Keep at most about this many bytes per namespace, deleting the oldest sealed
+    /// segments: a size (`10GiB`) and/or `namespace:size` overrides, comma-separated.
+    #[arg(long, env = "BUS_RETENTION_BYTES", value_delimiter = ',')]
+    pub retention_bytes: Vec<String>,
+
+    /// How often retention limits are enforced.
+    #[arg(long, env = "BUS_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_positive_duration)]
+    pub retention_interval: Duration,
+
     /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
     #[arg(long, env = "BUS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -168,6 +183,30 @@ impl ServerConfig {
         }
     }
 
+    /// The retention limits, checked against the declared namespaces.
+    pub fn retention(&self) -> Result<Retention, String> {
+        let namespaces = self.namespaces();
+        Ok(Retention {
+            age: PerNamespace::parse(
+                "--retention-age",
+                &self.retention_age,
+                &namespaces,
+                |text| match parse_go_duration(text) {
+                    Ok(d) if !d.is_zero() => Ok(d),
+                    Ok(_) => Err("must be greater than zero".into()),
+                    Err(e) => Err(e.to_string()),
+                },
+            )?,
+            bytes: PerNamespace::parse(
+                "--retention-bytes",
+                &self.retention_bytes,
+                &namespaces,
+                parse_size,
+            )?,
+            interval: self.retention_interval,
+        })
+    }
+
     /// The allowed CORS origins; `None` for any.
     pub fn cors_origins(&self) -> Result<Option<Vec<HeaderValue>>, String> {
         let origins: Vec<&str> = self
@@ -218,6 +257,78 @@ impl ServerConfig {
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
             .collect()
+    }
+}
+
+/// Retention limits by age and by size, each with per-namespace overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub age: PerNamespace<Duration>,
+    pub bytes: PerNamespace<u64>,
+    pub interval: Duration,
+}
+
+impl Retention {
+    pub fn is_set(&self) -> bool {
+        self.age.is_set() || self.bytes.is_set()
+    }
+}
+
+/// A setting with a default and per-namespace overrides (`value,ns:value,…`).
+#[derive(Debug, Clone)]
+pub struct PerNamespace<T> {
+    default: Option<T>,
+    overrides: std::collections::HashMap<String, T>,
+}
+
+impl<T> Default for PerNamespace<T> {
+    fn default() -> Self {
+        PerNamespace {
+            default: None,
+            overrides: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<T: Copy> PerNamespace<T> {
+    fn parse(
+        flag: &str,
+        items: &[String],
+        namespaces: &[String],
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<PerNamespace<T>, String> {
+        let mut setting = PerNamespace::default();
+        for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+            match item.split_once(':') {
+                Some((namespace, value)) => {
+                    let namespace = namespace.trim();
+                    if !namespaces.iter().any(|n| n == namespace) {
+                        return Err(format!(
+                            "{flag}: {namespace:?} is not a declared namespace ({})",
+                            namespaces.join(", ")
+                        ));
+                    }
+                    let value = parse(value.trim()).map_err(|e| format!("{flag} {item}: {e}"))?;
+                    setting.overrides.insert(namespace.to_owned(), value);
+                }
+                None => {
+                    if setting.default.is_some() {
+                        return Err(format!("{flag}: more than one value without a namespace"));
+                    }
+                    setting.default = Some(parse(item).map_err(|e| format!("{flag} {item}: {e}"))?);
+                }
+            }
+        }
+        Ok(setting)
+    }
+
+    /// The value for `namespace`: its override, else the default.
+    pub fn get(&self, namespace: &str) -> Option<T> {
+        self.overrides.get(namespace).copied().or(self.default)
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.default.is_some() || !self.overrides.is_empty()
     }
 }
 

@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
-use crate::config::ServerConfig;
+use crate::config::{Retention, ServerConfig};
 use crate::http::auth::AuthTable;
 use crate::http::{self, AppState};
-use crate::store::Store;
+use crate::store::{Log, Store};
 
 /// How long shutting down waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -40,6 +40,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         bail!("no namespaces declared: pass --namespaces or set BUS_NAMESPACES (e.g. app,orders)");
     }
     let store_config = config.store_config().map_err(anyhow::Error::msg)?;
+    let retention = config.retention().map_err(anyhow::Error::msg)?;
     let cors_origins = config.cors_origins().map_err(anyhow::Error::msg)?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
@@ -95,6 +96,10 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     state.auth = auth;
     state.cors_origins = cors_origins.map(Arc::new);
     tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
+    if retention.is_set() {
+        let logs: Vec<Arc<Log>> = store.logs().cloned().collect();
+        tokio::spawn(enforce_retention(logs, retention, shutdown_rx.clone()));
+    }
     let connections = Arc::clone(&state.connections);
     let serving = tokio::spawn(http::serve::serve(
         listener,
@@ -162,6 +167,49 @@ impl RunningServer {
             );
         }
         self.store.close().await.context("closing the store")
+    }
+}
+
+/// Deletes what retention no longer keeps, every `retention.interval`, until shutdown.
+async fn enforce_retention(
+    logs: Vec<Arc<Log>>,
+    retention: Retention,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        for log in &logs {
+            let namespace = log.namespace().to_owned();
+            let (age, bytes) = (
+                retention.age.get(&namespace),
+                retention.bytes.get(&namespace),
+            );
+            if age.is_none() && bytes.is_none() {
+                continue;
+            }
+            let log = Arc::clone(log);
+            let enforced =
+                tokio::task::spawn_blocking(move || log.enforce_retention(age, bytes)).await;
+            match enforced {
+                Ok(Ok(deleted)) => {
+                    for (first, events) in deleted {
+                        tracing::info!(
+                            namespace,
+                            first_position = first,
+                            events,
+                            "retention deleted a segment"
+                        );
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(namespace, error = %e, "enforcing retention failed")
+                }
+                Err(e) => tracing::warn!(namespace, error = %e, "the retention task failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retention.interval) => {}
+            _ = shutdown.wait_for(|down| *down) => return,
+        }
     }
 }
 

@@ -259,7 +259,15 @@ impl Dispatcher {
         let Some(durable) = &self.durable else {
             return Ok(());
         };
-        let unacked = durable.progress.unacked.clone();
+        // Events that retention removed since cannot be delivered any more.
+        let first = self.log.first_position();
+        let unacked: Vec<u64> = durable
+            .progress
+            .unacked
+            .iter()
+            .copied()
+            .filter(|&position| position >= first)
+            .collect();
         for position in unacked {
             let events = self
                 .log
@@ -332,6 +340,11 @@ impl Dispatcher {
                 },
                 batch = self.cursor.next_batch(), if want_more => match batch {
                     Ok(Some(events)) => {
+                        if let Some(notice) = self.cursor.take_notice() {
+                            for member in self.members.values() {
+                                let _ = member.deliveries.try_send(Delivery::Notice(notice.clone()));
+                            }
+                        }
                         for event in events {
                             self.hold(event);
                         }

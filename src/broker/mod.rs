@@ -188,6 +188,9 @@ pub enum Delivery {
     /// The subscription reached the end it was asked to stop at; the stream ends after
     /// this.
     End,
+    /// Something the subscriber should know that is not an event (events it asked for
+    /// were removed by retention); sent as an SSE comment.
+    Notice(String),
 }
 
 pub type Deliveries = Pin<Box<dyn Stream<Item = Delivery> + Send>>;

@@ -43,6 +43,8 @@ pub(super) struct Cursor {
     stop_at: Option<u64>,
     watermark: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
+    /// Why the cursor jumped ahead, not yet reported.
+    notice: Option<String>,
 }
 
 impl Cursor {
@@ -76,6 +78,7 @@ impl Cursor {
             stop_at,
             watermark,
             shutdown,
+            notice: None,
         })
     }
 
@@ -91,11 +94,35 @@ impl Cursor {
 
     /// The next non-empty batch of matching events; `Ok(None)` once shut down or
     /// [`finished`](Cursor::finished).
+    /// Moves a cursor that points before the oldest kept event (retention removed what
+    /// it was to read) to that event, and says so; the notice is also kept for
+    /// [`Cursor::take_notice`].
+    pub(super) fn skip_removed(&mut self) -> Option<String> {
+        let first = self.log.first_position();
+        if self.next >= first {
+            return None;
+        }
+        let notice = format!(
+            "events {} to {} were removed by retention; continuing from position {first}",
+            self.next,
+            first - 1
+        );
+        self.next = first;
+        self.notice = Some(notice.clone());
+        Some(notice)
+    }
+
+    /// The notice of the last [`Cursor::skip_removed`] that moved the cursor, once.
+    pub(super) fn take_notice(&mut self) -> Option<String> {
+        self.notice.take()
+    }
+
     pub(super) async fn next_batch(&mut self) -> Result<Option<Vec<StoredEvent>>, String> {
         loop {
             if *self.shutdown.borrow() || self.finished() {
                 return Ok(None);
             }
+            self.skip_removed();
             let mut committed = *self.watermark.borrow_and_update();
             if let Some(stop) = self.stop_at {
                 committed = committed.min(stop);
@@ -112,14 +139,19 @@ impl Cursor {
                 continue;
             }
             let limit = committed - self.next;
-            let events = self
+            let read = self
                 .log
                 .read(
                     self.next,
                     READ_BATCH.min(usize::try_from(limit).unwrap_or(usize::MAX)),
                 )
-                .await
-                .map_err(|e| format!("reading the log failed: {e}"))?;
+                .await;
+            let events = match read {
+                Ok(events) => events,
+                // Retention removed the segment while it was being read.
+                Err(_) if self.next < self.log.first_position() => continue,
+                Err(e) => return Err(format!("reading the log failed: {e}")),
+            };
             let Some(last) = events.last() else {
                 continue;
             };
@@ -177,8 +209,16 @@ pub fn follow(
                 return;
             }
         };
+        if let Some(notice) = cursor.skip_removed() {
+            cursor.take_notice();
+            yield Delivery::Notice(notice);
+        }
         loop {
-            match cursor.next_batch().await {
+            let batch = cursor.next_batch().await;
+            if let Some(notice) = cursor.take_notice() {
+                yield Delivery::Notice(notice);
+            }
+            match batch {
                 Ok(Some(events)) => yield Delivery::Events(events),
                 Ok(None) => {
                     if cursor.finished() {

@@ -147,7 +147,14 @@ fn statistics(files: &LogFiles, list: bool) -> anyhow::Result<bool> {
     }
     match read {
         Ok(end) => {
-            println!("  events:    {}", end.events);
+            let kept_from = files.first_position();
+            println!("  events:    {}", end.events - kept_from);
+            if kept_from > 0 {
+                println!(
+                    "  retained:  positions {kept_from} to {} (older ones removed by retention)",
+                    end.events.saturating_sub(1)
+                );
+            }
             if let (Some(first), Some((position, json))) = (first, last) {
                 let last = endpoint(position, &json);
                 for (name, e) in [("first:", first), ("last:", last)] {

@@ -249,6 +249,7 @@ pub async fn subscribe(
         }
         Delivery::Error(message) => error_frame(&message),
         Delivery::End => Bytes::from_static(DONE),
+        Delivery::Notice(text) => Bytes::from(format!(": {}\n\n", one_line(&text))),
     });
     // The subscription's end (an error, or the broker shutting down) ends the body; the
     // endless pings must not keep it open. Hence the `None` after the last frame.
@@ -310,11 +311,14 @@ pub static CLOSED_STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 
 /// `event: error` with the message on one `data:` line.
 fn error_frame(message: &str) -> Bytes {
-    let line: String = message
-        .chars()
+    Bytes::from(format!("event: error\ndata: {}\n\n", one_line(message)))
+}
+
+/// Text without line breaks, to fit one SSE line.
+fn one_line(text: &str) -> String {
+    text.chars()
         .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-        .collect();
-    Bytes::from(format!("event: error\ndata: {line}\n\n"))
+        .collect()
 }
 
 /// A `: ping` comment every `every` (the first after one interval).

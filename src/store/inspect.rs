@@ -84,7 +84,8 @@ pub struct SegmentFile {
 /// How a full read of a log ended.
 #[derive(Debug, Clone, Default)]
 pub struct ReadEnd {
-    /// Events read (the log's event count).
+    /// Where the log ends: the position after its last event (its event count, unless
+    /// retention removed the oldest).
     pub events: u64,
     /// Bytes at the end of the last segment that are not part of the log (an interrupted
     /// write), which the server drops at its next start.
@@ -225,13 +226,22 @@ impl LogFiles {
         self.segments.iter().map(|s| s.bytes).sum()
     }
 
+    /// The position of the oldest event kept (0 unless retention removed older ones).
+    pub fn first_position(&self) -> u64 {
+        self.segments.first().map_or(0, |s| s.base)
+    }
+
     /// Calls `visit` with every event of the log, in order. Damage the server would refuse
     /// to start with is an error; a torn last write ends the read and is reported.
     pub fn for_each_event<E: From<StoreError>>(
         &self,
         mut visit: impl FnMut(EventRecord<'_>) -> Result<(), E>,
     ) -> Result<ReadEnd, E> {
-        let mut end = ReadEnd::default();
+        // Retention may have removed the oldest segments: the log starts at the first kept.
+        let mut end = ReadEnd {
+            events: self.first_position(),
+            ..ReadEnd::default()
+        };
         for (i, segment) in self.segments.iter().enumerate() {
             let is_last = i + 1 == self.segments.len();
             if segment.base != end.events {
@@ -329,7 +339,7 @@ impl LogFiles {
     /// bytes of each segment once checked.
     pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<Verification, StoreError> {
         let mut found = Verification::default();
-        let mut expected_base = 0;
+        let mut expected_base = self.first_position();
         for (i, segment) in self.segments.iter().enumerate() {
             let is_last = i + 1 == self.segments.len();
             if segment.base != expected_base {

@@ -26,6 +26,7 @@ use super::writer::{self, Command};
 use super::{ids, Appended, BoxFuture, Cipher, EventLog, StoreConfig};
 use crate::event::{JsonLayout, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
+use crate::timestamp::Timestamp;
 
 /// Largest chunk of record bytes one disk read returns.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -304,6 +305,61 @@ impl Log {
         &self.shared.namespace
     }
 
+    /// Deletes the oldest sealed segments while the log holds more than `max_bytes` or
+    /// their newest event is older than `max_age`; never the segment being written.
+    /// Returns the (first position, events) of each segment deleted. Blocking.
+    pub fn enforce_retention(
+        &self,
+        max_age: Option<std::time::Duration>,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut deleted = Vec::new();
+        loop {
+            let segments: Vec<Arc<Segment>> = self
+                .shared
+                .segments
+                .read()
+                .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?
+                .clone();
+            let [oldest, _, ..] = segments.as_slice() else {
+                return Ok(deleted); // only the active segment is left
+            };
+            let too_big = match max_bytes {
+                Some(max) => segments.iter().map(|s| s.disk_bytes()).sum::<u64>() > max,
+                None => false,
+            };
+            let too_old = match max_age {
+                Some(max_age) if oldest.count() > 0 => {
+                    let last = oldest.base + oldest.count() - 1;
+                    let newest = self.read_blocking(last, 1)?;
+                    let created_at = newest.first().and_then(StoredEvent::created_at);
+                    let limit = Timestamp::now()
+                        .unix_nanos()
+                        .saturating_sub(i64::try_from(max_age.as_nanos()).unwrap_or(i64::MAX));
+                    created_at.is_some_and(|t| t.unix_nanos() < limit)
+                }
+                _ => false,
+            };
+            if !(too_big || too_old) {
+                return Ok(deleted);
+            }
+            // Readers find the segment gone from the list first, then its files.
+            {
+                let mut list = self
+                    .shared
+                    .segments
+                    .write()
+                    .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?;
+                if list.first().map(|s| s.base) != Some(oldest.base) || list.len() < 2 {
+                    continue;
+                }
+                list.remove(0);
+            }
+            oldest.remove_files()?;
+            deleted.push((oldest.base, oldest.count()));
+        }
+    }
+
     /// The position of the oldest event kept (0 unless retention deleted older ones).
     pub fn first_position(&self) -> u64 {
         self.shared
@@ -440,7 +496,7 @@ impl Log {
         mut visit: impl FnMut(u64, &[u8], JsonLayout),
     ) -> Result<(), StoreError> {
         let until = self.committed();
-        let mut next = from;
+        let mut next = from.max(self.first_position());
         while next < until {
             let segment = self.shared.segment_of(next)?;
             let end = until.min(segment.base + segment.count());

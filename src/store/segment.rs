@@ -359,6 +359,36 @@ impl Segment {
         Ok(())
     }
 
+    /// Bytes of the segment's files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        let paths = &self.paths;
+        [&paths.log, &paths.index, &paths.ids, &paths.frames]
+            .into_iter()
+            .filter_map(|path| fs::metadata(path).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Deletes a sealed segment's files (retention); readers that still hold it get a
+    /// not-found error on their next read.
+    pub fn remove_files(&self) -> Result<(), StoreError> {
+        // The log file last: a segment whose .log exists is never half deleted.
+        for path in [
+            &self.paths.index,
+            &self.paths.ids,
+            &self.paths.frames,
+            &self.paths.log,
+        ] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(format!("removing {}", path.display()), e)),
+            }
+        }
+        let dir = self.paths.log.parent().unwrap_or(Path::new("."));
+        sync_dir(dir)
+    }
+
     /// One of the segment's files: the active segment's open handle, or the file opened
     /// for this read of a sealed segment.
     fn file(&self, part: Part) -> Result<Handle, StoreError> {
