@@ -28,4 +28,5 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod subject;
+pub mod syncbus;
 pub mod timestamp;

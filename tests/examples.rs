@@ -44,6 +44,24 @@ fn the_rust_examples_run() {
         );
         assert!(stdout.contains(expected), "{name}: {stdout}");
     }
+    for backend in ["memory", "bus"] {
+        let output = Command::new(example("cache_invalidation"))
+            .arg(backend)
+            .env("BUS_HOST", &server.url)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{backend}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("node-b reads Some(\"Grace\") after node-a's set"),
+            "{backend}: {stdout}"
+        );
+        assert!(stdout.contains("consistent"), "{backend}: {stdout}");
+    }
     let pubsub = Command::new(example("pubsub"))
         .env("BUS_HOST", &server.url)
         .output()

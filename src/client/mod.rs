@@ -159,6 +159,9 @@ pub struct SubscribeOptions {
     /// With manual acks: how many unacknowledged events the server may have out to this
     /// connection at once (the server's default is 1).
     pub max_inflight: Option<usize>,
+    /// With manual acks: the zone this consumer is in, for publishers that wait for
+    /// acknowledgements from several zones.
+    pub zone: Option<String>,
 }
 
 impl SubscribeOptions {
@@ -171,8 +174,19 @@ impl SubscribeOptions {
             reconnect_for: Duration::from_secs(60),
             consumer: None,
             max_inflight: None,
+            zone: None,
         }
     }
+}
+
+/// How a confirmed publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmation {
+    /// Whether enough consumers (and zones) acknowledged within the timeout.
+    pub reached: bool,
+    /// Distinct consumers and zones that acknowledged.
+    pub consumers: usize,
+    pub zones: usize,
 }
 
 /// A durable consumer, as `GET /consumers/{namespace}` lists it.
@@ -256,6 +270,52 @@ impl Client {
             .await
             .map_err(|e| ClientError::unreachable(&self.base, &e))?;
         expect_status(response, StatusCode::OK).await.map(drop)
+    }
+
+    /// Publishes one event and waits until `consumers` distinct consumers, in `zones`
+    /// distinct zones, have acknowledged it, or `timeout` passes (server-side
+    /// confirmation). Returns whether that was reached, and how many did.
+    pub async fn publish_confirmed(
+        &self,
+        event: &NewEvent,
+        consumers: usize,
+        zones: usize,
+        timeout: Duration,
+    ) -> Result<Confirmation, ClientError> {
+        let body = serde_json::to_vec(event)
+            .map_err(|e| ClientError::Protocol(format!("cannot encode the event: {e}")))?;
+        let mut url = self.base.clone();
+        url.query_pairs_mut()
+            .append_pair("confirm", &consumers.to_string())
+            .append_pair("confirm_zones", &zones.to_string())
+            .append_pair("timeout", &format!("{}ms", timeout.as_millis().max(1)));
+        let response = self
+            .http
+            .post(url)
+            .body(body)
+            .timeout(timeout + Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        let count = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let confirmation = Confirmation {
+            reached: response.status() == StatusCode::ACCEPTED,
+            consumers: count("x-bus-confirmed"),
+            zones: count("x-bus-confirmed-zones"),
+        };
+        if confirmation.reached || response.status() == StatusCode::GATEWAY_TIMEOUT {
+            return Ok(confirmation);
+        }
+        expect_status(response, StatusCode::ACCEPTED)
+            .await
+            .map(|_| confirmation)
     }
 
     /// The durable consumers of `namespace` (`GET /consumers/{namespace}`).
@@ -423,6 +483,9 @@ impl Client {
                 }
                 if let Some(window) = options.max_inflight {
                     query.append_pair("max_inflight", &window.to_string());
+                }
+                if let Some(zone) = &options.zone {
+                    query.append_pair("zone", zone);
                 }
             }
             if options.until_now {

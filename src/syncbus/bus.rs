@@ -1,0 +1,262 @@
+//! [`BusSyncBus`]: the sync bus over a `bus` server, through the HTTP client.
+//!
+//! Each key is a subject of one namespace: `<namespace>.k<hex of the key's UTF-8>` (leases:
+//! `.l<hex>`), so any key maps to a valid subject and back; keys are limited by the
+//! server's `--max-subject-len` (about 500 bytes with the default). Subscribers are
+//! manual-ack consumers that ack an event once it is handed to the application, so
+//! `publish_and_await` is the server's `confirm=N` and `publish_and_await_topology` its
+//! `confirm_zones=K` (the handle's zone is declared on every subscription).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use super::memory::AbortOnDrop;
+use super::{
+    KeySubscription, Metrics, PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+};
+use crate::client::{AckMode, Client, ClientError, NewEvent, Received, SubscribeOptions};
+
+/// A node's handle on a sync bus carried by a `bus` server.
+#[derive(Clone)]
+pub struct BusSyncBus {
+    client: Client,
+    namespace: String,
+    zone: Option<String>,
+    publish_timeout: Duration,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Keys being published, and whether another publish of them came meanwhile.
+    in_flight: Mutex<HashMap<String, bool>>,
+    published: AtomicU64,
+    delivered: Arc<AtomicU64>,
+}
+
+impl BusSyncBus {
+    /// A sync bus in `namespace` (which the server must serve) through `client`.
+    pub fn new(client: Client, namespace: &str) -> BusSyncBus {
+        BusSyncBus {
+            client,
+            namespace: namespace.to_owned(),
+            zone: None,
+            publish_timeout: Duration::from_secs(5),
+            state: Arc::default(),
+        }
+    }
+
+    /// The zone this node is in, for [`SyncBus::publish_and_await_topology`].
+    pub fn with_zone(mut self, zone: &str) -> BusSyncBus {
+        self.zone = Some(zone.to_owned());
+        self
+    }
+
+    /// The longest a publish may take before it fails with [`SyncError::Timeout`].
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> BusSyncBus {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// The subject of a key (`k`) or lease (`l`): reversible for any text.
+    fn subject(&self, kind: char, key: &str) -> String {
+        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{kind}{hex}", self.namespace)
+    }
+
+    fn event(&self, kind: char, key: &str, options: PublishOptions) -> Result<NewEvent, SyncError> {
+        let payload = serde_json::to_string(&SyncEvent {
+            key: key.to_owned(),
+            options,
+        })
+        .and_then(RawValue::from_string)
+        .map_err(|e| SyncError::Backend(format!("encoding the event: {e}")))?;
+        Ok(NewEvent {
+            subject: self.subject(kind, key),
+            payload: Some(payload),
+            ..NewEvent::default()
+        })
+    }
+
+    /// Runs `call` within the publish timeout.
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, SyncError> {
+        match tokio::time::timeout(self.publish_timeout, call).await {
+            Ok(result) => result.map_err(|e| SyncError::Backend(e.to_string())),
+            Err(_) => Err(SyncError::Timeout(self.publish_timeout)),
+        }
+    }
+
+    async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
+        let event = self.event(kind, key, options)?;
+        self.timed(self.client.publish(&event)).await?;
+        self.state.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
+        let mut options = SubscribeOptions::new(self.subject(kind, key));
+        options.ack = AckMode::Manual {
+            redelivery: None,
+            redelivery_count: None,
+        };
+        options.zone = self.zone.clone();
+        let mut subscription = self.timed(self.client.subscribe(options)).await?;
+        let (sender, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let delivered = Arc::clone(&self.state.delivered);
+        let task = tokio::spawn(async move {
+            while let Some(received) = subscription.next().await {
+                let Ok(Received::Event(event)) = received else {
+                    continue; // reconnecting: the client resumes by itself
+                };
+                let parsed = event
+                    .payload
+                    .as_deref()
+                    .and_then(|raw| serde_json::from_str::<SyncEvent>(raw.get()).ok());
+                if let Some(parsed) = parsed {
+                    if sender.send(parsed).await.is_err() {
+                        return; // unsubscribed
+                    }
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                // Handed to the application: that is the acknowledgement.
+                let _ = subscription.ack(&event).await;
+            }
+        });
+        Ok(KeySubscription::new(events, AbortOnDrop(task)))
+    }
+
+    async fn confirmed(
+        &self,
+        key: &str,
+        consumers: usize,
+        zones: usize,
+        timeout: Duration,
+    ) -> Result<(), SyncError> {
+        let event = self.event('k', key, PublishOptions::default())?;
+        // The server waits up to `timeout`; the publish timeout bounds its answer on top.
+        let call = self
+            .client
+            .publish_confirmed(&event, consumers, zones, timeout);
+        let confirmation = match tokio::time::timeout(timeout + self.publish_timeout, call).await {
+            Ok(result) => result.map_err(|e| SyncError::Backend(e.to_string()))?,
+            Err(_) => return Err(SyncError::Timeout(timeout + self.publish_timeout)),
+        };
+        self.state.published.fetch_add(1, Ordering::Relaxed);
+        if confirmation.reached {
+            return Ok(());
+        }
+        let (acknowledged, required) = if zones > 0 {
+            (confirmation.zones, zones)
+        } else {
+            (confirmation.consumers, consumers)
+        };
+        Err(SyncError::QuorumNotSatisfied {
+            acknowledged,
+            required,
+        })
+    }
+}
+
+/// Removes a key from the in-flight set if its publish is abandoned midway.
+struct InFlight<'a> {
+    state: &'a State,
+    key: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.state
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl SyncBus for BusSyncBus {
+    async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
+        {
+            let mut in_flight = self
+                .state
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(again) = in_flight.get_mut(key) {
+                // The publish on its way sends once more when it is done.
+                *again = true;
+                return Ok(());
+            }
+            in_flight.insert(key.to_owned(), false);
+        }
+        let _in_flight = InFlight {
+            state: &self.state,
+            key: key.to_owned(),
+        };
+        loop {
+            self.send('k', key, options.clone()).await?;
+            let mut in_flight = self
+                .state
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match in_flight.get_mut(key) {
+                Some(again) if *again => *again = false,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn publish_and_await(
+        &self,
+        key: &str,
+        replicas: usize,
+        timeout: Duration,
+    ) -> Result<(), SyncError> {
+        self.confirmed(key, replicas, 0, timeout).await
+    }
+
+    async fn publish_and_await_topology(
+        &self,
+        key: &str,
+        min_zones: usize,
+        timeout: Duration,
+    ) -> Result<(), SyncError> {
+        self.confirmed(key, 0, min_zones, timeout).await
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<KeySubscription, SyncError> {
+        self.subscribe_to('k', key).await
+    }
+
+    async fn revoke_lease(&self, id: &str) -> Result<(), SyncError> {
+        self.send('l', id, PublishOptions::default()).await
+    }
+
+    async fn subscribe_lease(&self, id: &str) -> Result<KeySubscription, SyncError> {
+        self.subscribe_to('l', id).await
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics {
+            published: self.state.published.load(Ordering::Relaxed),
+            delivered: self.state.delivered.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn is_healthy(&self) -> bool {
+        self.client.health().await.is_ok()
+    }
+
+    fn peers(&self) -> Vec<String> {
+        Vec::new()
+    }
+}

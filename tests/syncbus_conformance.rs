@@ -1,0 +1,134 @@
+//! One conformance suite for every sync-bus implementation: delivery by key (any
+//! characters), region and scope kept, unsubscribe, quorum and topology waits, leases,
+//! coalesced publishes, metrics and health. It runs against the in-memory bus and against
+//! `BusSyncBus` over a real server.
+
+mod common;
+
+use std::time::Duration;
+
+use bus::client::Client;
+use bus::syncbus::{BusSyncBus, InMemoryBus, PublishOptions, SyncBus, SyncError};
+use common::http::TestServer;
+use futures_util::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+const SHORT: Duration = Duration::from_millis(300);
+
+async fn next<S: futures_util::Stream + Unpin>(stream: &mut S) -> S::Item {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("an event in time")
+        .expect("the subscription goes on")
+}
+
+async fn nothing<S: futures_util::Stream + Unpin>(stream: &mut S)
+where
+    S::Item: std::fmt::Debug,
+{
+    if let Ok(Some(item)) = tokio::time::timeout(SHORT, stream.next()).await {
+        panic!("unexpected {item:?}");
+    }
+}
+
+/// `a1` and `a2` are nodes in zone a, `b` in zone b.
+async fn conformance<B: SyncBus>(a1: &B, a2: &B, b: &B) {
+    // Delivery by key, whatever its characters, with the publisher's options.
+    let key = "user:42/ü ñ.*>";
+    let mut on_a2 = a2.subscribe(key).await.unwrap();
+    let mut on_b = b.subscribe(key).await.unwrap();
+    let mut other = b.subscribe("user:43").await.unwrap();
+    let options = PublishOptions {
+        region: Some("eu-west".into()),
+        scope: Some("profile".into()),
+    };
+    a1.publish(key, options.clone()).await.unwrap();
+    for subscription in [&mut on_a2, &mut on_b] {
+        let event = next(subscription).await;
+        assert_eq!(event.key, key);
+        assert_eq!(event.options, options);
+    }
+    nothing(&mut other).await;
+
+    // Quorum: two subscribers of the key acknowledge.
+    a1.publish_and_await(key, 2, WAIT).await.unwrap();
+    assert_eq!(
+        a1.publish_and_await(key, 3, SHORT).await,
+        Err(SyncError::QuorumNotSatisfied {
+            acknowledged: 2,
+            required: 3
+        })
+    );
+    // Topology: they are in two zones.
+    a1.publish_and_await_topology(key, 2, WAIT).await.unwrap();
+    assert_eq!(
+        a1.publish_and_await_topology(key, 3, SHORT).await,
+        Err(SyncError::QuorumNotSatisfied {
+            acknowledged: 2,
+            required: 3
+        })
+    );
+    for subscription in [&mut on_a2, &mut on_b] {
+        for _ in 0..4 {
+            next(subscription).await;
+        }
+    }
+
+    // Unsubscribing, by dropping or explicitly, removes the subscription.
+    drop(on_b);
+    on_a2.unsubscribe();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        a1.publish_and_await(key, 1, SHORT).await,
+        Err(SyncError::QuorumNotSatisfied {
+            acknowledged: 0,
+            required: 1
+        })
+    );
+
+    // Leases are apart from keys.
+    let mut lease = b.subscribe_lease("lease-7").await.unwrap();
+    let mut same_name_key = b.subscribe("lease-7").await.unwrap();
+    a1.revoke_lease("lease-7").await.unwrap();
+    assert_eq!(next(&mut lease).await.key, "lease-7");
+    nothing(&mut same_name_key).await;
+
+    // Concurrent publishes of one key all succeed; at least one reaches the subscriber.
+    let mut hot = b.subscribe("hot").await.unwrap();
+    let publishes = (0..10).map(|_| a1.publish("hot", PublishOptions::default()));
+    for result in futures_util::future::join_all(publishes).await {
+        result.unwrap();
+    }
+    let mut received = 1;
+    next(&mut hot).await;
+    while let Ok(Some(_)) = tokio::time::timeout(SHORT, hot.next()).await {
+        received += 1;
+    }
+    assert!((1..=10).contains(&received), "{received}");
+
+    assert!(a1.metrics().published >= 6, "{:?}", a1.metrics());
+    assert!(b.metrics().delivered >= 4, "{:?}", b.metrics());
+    assert!(a1.is_healthy().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_bus_conforms() {
+    let hub = InMemoryBus::new();
+    conformance(&hub.node("a"), &hub.node("a"), &hub.node("b")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_sync_bus_conforms() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &["--namespaces", "cache"]).await;
+    let node =
+        |zone: &str| BusSyncBus::new(Client::new(&server.url).unwrap(), "cache").with_zone(zone);
+    conformance(&node("a"), &node("a"), &node("b")).await;
+
+    // A dead backend fails within the publish timeout instead of hanging.
+    let dead = BusSyncBus::new(Client::new("127.0.0.1:9").unwrap(), "cache")
+        .with_publish_timeout(Duration::from_millis(500));
+    assert!(dead.publish("k", PublishOptions::default()).await.is_err());
+    assert!(!dead.is_healthy().await);
+    server.stop().await;
+}
