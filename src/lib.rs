@@ -14,19 +14,33 @@
 //! - [`broker`]: publish, subscribe, manual acks, inboxes and deduplication on the logs.
 //! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle.
 //! - [`config`]: server settings from flags and `BUS_*` environment variables.
-//! - [`client`]: an HTTP client for the server, which the CLI tools use.
+//! - [`client`]: an HTTP client for the server, which the CLI tools use; [`syncbus`] the
+//!   cache-invalidation interface on top of it.
 //! - [`cli`]: the `bus` subcommands.
+//!
+//! With `default-features = false, features = ["client"]` only [`client`], [`syncbus`]
+//! and [`duration`] are built: what an application needs to talk to a server.
 
+#[cfg(feature = "server")]
 pub mod broker;
+#[cfg(feature = "server")]
 pub mod cli;
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod duration;
+#[cfg(feature = "server")]
 pub mod event;
+#[cfg(feature = "server")]
 pub mod http;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod subject;
 pub mod syncbus;
+#[cfg(feature = "server")]
 pub mod timestamp;
