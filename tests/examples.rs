@@ -6,6 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::backends::Backend;
 use common::process::ServerProcess;
 
 /// An example's binary, next to this test's in the target directory.
@@ -44,10 +45,22 @@ fn the_rust_examples_run() {
         );
         assert!(stdout.contains(expected), "{name}: {stdout}");
     }
-    for backend in ["memory", "bus"] {
+    let nats = Backend::nats();
+    let redis = Backend::redis();
+    let mut backends = vec![("memory", None), ("bus", None)];
+    if let Some(nats) = &nats {
+        let url = format!("nats://127.0.0.1:{}", nats.port);
+        backends.push(("nats", Some(("NATS_URL", url))));
+    }
+    if let Some(redis) = &redis {
+        let url = format!("redis://127.0.0.1:{}/", redis.port);
+        backends.push(("redis", Some(("REDIS_URL", url))));
+    }
+    for (backend, url) in backends {
         let output = Command::new(example("cache_invalidation"))
             .arg(backend)
             .env("BUS_HOST", &server.url)
+            .envs(url)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -8,7 +8,11 @@ mod common;
 use std::time::Duration;
 
 use bus::client::Client;
-use bus::syncbus::{BusSyncBus, InMemoryBus, PublishOptions, SyncBus, SyncError};
+use bus::syncbus::{
+    BusSyncBus, InMemoryBus, KeySubscription, NatsSyncBus, PublishOptions, RedisSyncBus, SyncBus,
+    SyncError,
+};
+use common::backends::Backend;
 use common::http::TestServer;
 use futures_util::StreamExt;
 
@@ -31,8 +35,9 @@ where
     }
 }
 
-/// `a1` and `a2` are nodes in zone a, `b` in zone b.
-async fn conformance<B: SyncBus>(a1: &B, a2: &B, b: &B) {
+/// `a1` and `a2` are nodes in zone a, `b` in zone b. `counts` says whether the backend
+/// can wait for acknowledgements (else it must say it cannot).
+async fn conformance<B: SyncBus>(a1: &B, a2: &B, b: &B, counts: bool) {
     // Delivery by key, whatever its characters, with the publisher's options.
     let key = "user:42/ü ñ.*>";
     let mut on_a2 = a2.subscribe(key).await.unwrap();
@@ -50,6 +55,51 @@ async fn conformance<B: SyncBus>(a1: &B, a2: &B, b: &B) {
     }
     nothing(&mut other).await;
 
+    if counts {
+        quorum_and_unsubscribe(a1, key, on_a2, on_b).await;
+    } else {
+        for result in [
+            a1.publish_and_await(key, 1, SHORT).await,
+            a1.publish_and_await_topology(key, 1, SHORT).await,
+        ] {
+            assert_eq!(result, Err(SyncError::QuorumUnsupported));
+        }
+        on_b.unsubscribe();
+        drop(on_a2);
+    }
+
+    // Leases are apart from keys.
+    let mut lease = b.subscribe_lease("lease-7").await.unwrap();
+    let mut same_name_key = b.subscribe("lease-7").await.unwrap();
+    a1.revoke_lease("lease-7").await.unwrap();
+    assert_eq!(next(&mut lease).await.key, "lease-7");
+    nothing(&mut same_name_key).await;
+
+    // Concurrent publishes of one key all succeed; at least one reaches the subscriber.
+    let mut hot = b.subscribe("hot").await.unwrap();
+    let publishes = (0..10).map(|_| a1.publish("hot", PublishOptions::default()));
+    for result in futures_util::future::join_all(publishes).await {
+        result.unwrap();
+    }
+    let mut received = 1;
+    next(&mut hot).await;
+    while let Ok(Some(_)) = tokio::time::timeout(SHORT, hot.next()).await {
+        received += 1;
+    }
+    assert!((1..=10).contains(&received), "{received}");
+
+    // At least: the first publish, the lease, one of the coalesced ones (and the waits).
+    assert!(a1.metrics().published >= 3, "{:?}", a1.metrics());
+    assert!(b.metrics().delivered >= 3, "{:?}", b.metrics());
+    assert!(a1.is_healthy().await);
+}
+
+async fn quorum_and_unsubscribe<B: SyncBus>(
+    a1: &B,
+    key: &str,
+    mut on_a2: KeySubscription,
+    mut on_b: KeySubscription,
+) {
     // Quorum: two subscribers of the key acknowledge.
     a1.publish_and_await(key, 2, WAIT).await.unwrap();
     assert_eq!(
@@ -85,36 +135,12 @@ async fn conformance<B: SyncBus>(a1: &B, a2: &B, b: &B) {
             required: 1
         })
     );
-
-    // Leases are apart from keys.
-    let mut lease = b.subscribe_lease("lease-7").await.unwrap();
-    let mut same_name_key = b.subscribe("lease-7").await.unwrap();
-    a1.revoke_lease("lease-7").await.unwrap();
-    assert_eq!(next(&mut lease).await.key, "lease-7");
-    nothing(&mut same_name_key).await;
-
-    // Concurrent publishes of one key all succeed; at least one reaches the subscriber.
-    let mut hot = b.subscribe("hot").await.unwrap();
-    let publishes = (0..10).map(|_| a1.publish("hot", PublishOptions::default()));
-    for result in futures_util::future::join_all(publishes).await {
-        result.unwrap();
-    }
-    let mut received = 1;
-    next(&mut hot).await;
-    while let Ok(Some(_)) = tokio::time::timeout(SHORT, hot.next()).await {
-        received += 1;
-    }
-    assert!((1..=10).contains(&received), "{received}");
-
-    assert!(a1.metrics().published >= 6, "{:?}", a1.metrics());
-    assert!(b.metrics().delivered >= 4, "{:?}", b.metrics());
-    assert!(a1.is_healthy().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_memory_bus_conforms() {
     let hub = InMemoryBus::new();
-    conformance(&hub.node("a"), &hub.node("a"), &hub.node("b")).await;
+    conformance(&hub.node("a"), &hub.node("a"), &hub.node("b"), true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +149,7 @@ async fn bus_sync_bus_conforms() {
     let mut server = TestServer::start(data.path(), &["--namespaces", "cache"]).await;
     let node =
         |zone: &str| BusSyncBus::new(Client::new(&server.url).unwrap(), "cache").with_zone(zone);
-    conformance(&node("a"), &node("a"), &node("b")).await;
+    conformance(&node("a"), &node("a"), &node("b"), true).await;
 
     // A dead backend fails within the publish timeout instead of hanging.
     let dead = BusSyncBus::new(Client::new("127.0.0.1:9").unwrap(), "cache")
@@ -131,4 +157,32 @@ async fn bus_sync_bus_conforms() {
     assert!(dead.publish("k", PublishOptions::default()).await.is_err());
     assert!(!dead.is_healthy().await);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_sync_bus_conforms() {
+    let Some(server) = Backend::nats() else {
+        return;
+    };
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let mut nodes = Vec::new();
+    for zone in ["a", "a", "b"] {
+        let client = async_nats::connect(&url).await.unwrap();
+        nodes.push(NatsSyncBus::new(client, "sync").with_zone(zone));
+    }
+    conformance(&nodes[0], &nodes[1], &nodes[2], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sync_bus_conforms() {
+    let Some(server) = Backend::redis() else {
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        nodes.push(RedisSyncBus::new(client, "sync").await.unwrap());
+    }
+    conformance(&nodes[0], &nodes[1], &nodes[2], false).await;
 }

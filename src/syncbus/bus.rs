@@ -7,18 +7,17 @@
 //! `publish_and_await` is the server's `confirm=N` and `publish_and_await_topology` its
 //! `confirm_zones=K` (the handle's zone is declared on every subscription).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::memory::AbortOnDrop;
 use super::{
-    KeySubscription, Metrics, PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, AbortOnDrop, Coalescer, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError,
+    SyncEvent, SUBSCRIPTION_BUFFER,
 };
 use crate::client::{AckMode, Client, ClientError, NewEvent, Received, SubscribeOptions};
 
@@ -34,8 +33,7 @@ pub struct BusSyncBus {
 
 #[derive(Default)]
 struct State {
-    /// Keys being published, and whether another publish of them came meanwhile.
-    in_flight: Mutex<HashMap<String, bool>>,
+    coalescer: Coalescer,
     published: AtomicU64,
     delivered: Arc<AtomicU64>,
 }
@@ -66,8 +64,7 @@ impl BusSyncBus {
 
     /// The subject of a key (`k`) or lease (`l`): reversible for any text.
     fn subject(&self, kind: char, key: &str) -> String {
-        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("{}.{kind}{hex}", self.namespace)
+        format!("{}.{}", self.namespace, encoded(kind, key))
     }
 
     fn event(&self, kind: char, key: &str, options: PublishOptions) -> Result<NewEvent, SyncError> {
@@ -166,53 +163,12 @@ impl BusSyncBus {
     }
 }
 
-/// Removes a key from the in-flight set if its publish is abandoned midway.
-struct InFlight<'a> {
-    state: &'a State,
-    key: String,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.state
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
-    }
-}
-
 impl SyncBus for BusSyncBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
-        {
-            let mut in_flight = self
-                .state
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(again) = in_flight.get_mut(key) {
-                // The publish on its way sends once more when it is done.
-                *again = true;
-                return Ok(());
-            }
-            in_flight.insert(key.to_owned(), false);
-        }
-        let _in_flight = InFlight {
-            state: &self.state,
-            key: key.to_owned(),
-        };
-        loop {
-            self.send('k', key, options.clone()).await?;
-            let mut in_flight = self
-                .state
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match in_flight.get_mut(key) {
-                Some(again) if *again => *again = false,
-                _ => return Ok(()),
-            }
-        }
+        self.state
+            .coalescer
+            .publish(key, || self.send('k', key, options.clone()))
+            .await
     }
 
     async fn publish_and_await(

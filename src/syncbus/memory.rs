@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{
-    KeySubscription, Metrics, PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+    AbortOnDrop, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError, SyncEvent,
+    SUBSCRIPTION_BUFFER,
 };
 
 struct Subscriber {
@@ -140,15 +141,6 @@ impl Drop for Counted {
                 subscribers.remove(&self.topic);
             }
         }
-    }
-}
-
-/// Stops a task when dropped.
-pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -25,8 +25,15 @@
 
 mod bus;
 mod memory;
+#[cfg(feature = "nats")]
+mod nats_bus;
+#[cfg(feature = "redis")]
+mod redis_bus;
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +43,10 @@ use tokio::sync::mpsc;
 
 pub use self::bus::BusSyncBus;
 pub use self::memory::InMemoryBus;
+#[cfg(feature = "nats")]
+pub use self::nats_bus::NatsSyncBus;
+#[cfg(feature = "redis")]
+pub use self::redis_bus::RedisSyncBus;
 
 /// Where an invalidation applies, as the publisher says (both optional).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,3 +176,73 @@ impl Stream for KeySubscription {
 
 /// Events a subscription may hold before a slow reader makes its backend wait.
 const SUBSCRIPTION_BUFFER: usize = 1024;
+
+/// Coalesces publishes of a key: while one is on its way, further ones return at once and
+/// make it send once more when it is done (so the last change is always announced after
+/// it happened, and a burst costs two messages, not N).
+#[derive(Default)]
+pub(crate) struct Coalescer {
+    /// Keys being published, and whether another publish of them came meanwhile.
+    in_flight: Mutex<HashMap<String, bool>>,
+}
+
+impl Coalescer {
+    pub(crate) async fn publish<F, Fut>(&self, key: &str, send: F) -> Result<(), SyncError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), SyncError>>,
+    {
+        {
+            let mut in_flight = self.lock();
+            if let Some(again) = in_flight.get_mut(key) {
+                *again = true;
+                return Ok(());
+            }
+            in_flight.insert(key.to_owned(), false);
+        }
+        // Removes the key however this ends, a cancelled publish included.
+        let _in_flight = InFlight {
+            coalescer: self,
+            key,
+        };
+        loop {
+            send().await?;
+            let mut in_flight = self.lock();
+            match in_flight.get_mut(key) {
+                Some(again) if *again => *again = false,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct InFlight<'a> {
+    coalescer: &'a Coalescer,
+    key: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.coalescer.lock().remove(self.key);
+    }
+}
+
+/// The subject (or channel) segment of a key (`k`) or lease (`l`): the hex of its UTF-8,
+/// so that any text maps to a valid name and back.
+pub(crate) fn encoded(kind: char, key: &str) -> String {
+    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{kind}{hex}")
+}
+
+/// Stops a task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

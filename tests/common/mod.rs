@@ -2,6 +2,7 @@
 //! ([`http`]: servers, publishing and event streams over HTTP).
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod cli;
 pub mod http;
 pub mod process;

@@ -1,0 +1,240 @@
+//! [`NatsSyncBus`]: the sync bus over NATS core pub/sub (crate `async-nats`).
+//!
+//! Keys are subjects `<prefix>.k<hex>` (leases `<prefix>.l<hex>`). Quorum is request/reply:
+//! a publish that waits carries a fresh reply inbox, every subscriber answers it with its
+//! zone once it has handed the event to the application, and the publisher counts the
+//! answers until it has enough or the timeout passes.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{
+    encoded, AbortOnDrop, Coalescer, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError,
+    SyncEvent, SUBSCRIPTION_BUFFER,
+};
+
+/// A node's handle on a sync bus carried by NATS.
+#[derive(Clone)]
+pub struct NatsSyncBus {
+    client: async_nats::Client,
+    prefix: String,
+    zone: String,
+    publish_timeout: Duration,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    coalescer: Coalescer,
+    published: AtomicU64,
+    delivered: Arc<AtomicU64>,
+}
+
+/// What a subscriber answers to a publish that waits.
+#[derive(Serialize, Deserialize)]
+struct Ack {
+    zone: String,
+}
+
+fn backend(e: impl std::fmt::Display) -> SyncError {
+    SyncError::Backend(format!("NATS: {e}"))
+}
+
+impl NatsSyncBus {
+    /// A sync bus on subjects under `prefix` (`warp.sync`, say) through `client`.
+    pub fn new(client: async_nats::Client, prefix: &str) -> NatsSyncBus {
+        NatsSyncBus {
+            client,
+            prefix: prefix.to_owned(),
+            zone: "default".into(),
+            publish_timeout: Duration::from_secs(5),
+            state: Arc::default(),
+        }
+    }
+
+    /// The zone this node is in, for [`SyncBus::publish_and_await_topology`].
+    pub fn with_zone(mut self, zone: &str) -> NatsSyncBus {
+        self.zone = zone.to_owned();
+        self
+    }
+
+    /// The longest a publish may take before it fails with [`SyncError::Timeout`].
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> NatsSyncBus {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    fn subject(&self, kind: char, key: &str) -> String {
+        format!("{}.{}", self.prefix, encoded(kind, key))
+    }
+
+    fn payload(key: &str, options: PublishOptions) -> Result<Vec<u8>, SyncError> {
+        serde_json::to_vec(&SyncEvent {
+            key: key.to_owned(),
+            options,
+        })
+        .map_err(backend)
+    }
+
+    async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
+        let payload = Self::payload(key, options)?;
+        let sent = async {
+            self.client
+                .publish(self.subject(kind, key), payload.into())
+                .await
+                .map_err(backend)?;
+            self.client.flush().await.map_err(backend)
+        };
+        tokio::time::timeout(self.publish_timeout, sent)
+            .await
+            .map_err(|_| SyncError::Timeout(self.publish_timeout))??;
+        self.state.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publishes with a reply inbox and counts the answers: (subscribers, zones).
+    async fn counted(
+        &self,
+        key: &str,
+        enough: impl Fn(usize, usize) -> bool,
+        timeout: Duration,
+    ) -> Result<(usize, usize), SyncError> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(backend)?;
+        let payload = Self::payload(key, PublishOptions::default())?;
+        self.client
+            .publish_with_reply(self.subject('k', key), inbox, payload.into())
+            .await
+            .map_err(backend)?;
+        self.client.flush().await.map_err(backend)?;
+        self.state.published.fetch_add(1, Ordering::Relaxed);
+        let (mut subscribers, mut zones) = (0, HashSet::new());
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !enough(subscribers, zones.len()) {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                // Only subscribers' answers count: not the server's "no responders"
+                // status, which has no payload of ours.
+                Ok(Some(message)) => {
+                    if let Ok(ack) = serde_json::from_slice::<Ack>(&message.payload) {
+                        subscribers += 1;
+                        zones.insert(ack.zone);
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok((subscribers, zones.len()))
+    }
+
+    async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
+        let mut messages = self
+            .client
+            .subscribe(self.subject(kind, key))
+            .await
+            .map_err(backend)?;
+        // The subscription is in place at the server once this round trip is done.
+        self.client.flush().await.map_err(backend)?;
+        let (sender, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let client = self.client.clone();
+        let delivered = Arc::clone(&self.state.delivered);
+        let ack = serde_json::to_vec(&Ack {
+            zone: self.zone.clone(),
+        })
+        .map_err(backend)?;
+        let task = tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                let Ok(event) = serde_json::from_slice::<SyncEvent>(&message.payload) else {
+                    continue;
+                };
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+                if let Some(reply) = message.reply {
+                    let _ = client.publish(reply, ack.clone().into()).await;
+                }
+            }
+        });
+        Ok(KeySubscription::new(events, AbortOnDrop(task)))
+    }
+}
+
+impl SyncBus for NatsSyncBus {
+    async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
+        self.state
+            .coalescer
+            .publish(key, || self.send('k', key, options.clone()))
+            .await
+    }
+
+    async fn publish_and_await(
+        &self,
+        key: &str,
+        replicas: usize,
+        timeout: Duration,
+    ) -> Result<(), SyncError> {
+        let (subscribers, _) = self.counted(key, |n, _| n >= replicas, timeout).await?;
+        if subscribers >= replicas {
+            Ok(())
+        } else {
+            Err(SyncError::QuorumNotSatisfied {
+                acknowledged: subscribers,
+                required: replicas,
+            })
+        }
+    }
+
+    async fn publish_and_await_topology(
+        &self,
+        key: &str,
+        min_zones: usize,
+        timeout: Duration,
+    ) -> Result<(), SyncError> {
+        let (_, zones) = self.counted(key, |_, z| z >= min_zones, timeout).await?;
+        if zones >= min_zones {
+            Ok(())
+        } else {
+            Err(SyncError::QuorumNotSatisfied {
+                acknowledged: zones,
+                required: min_zones,
+            })
+        }
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<KeySubscription, SyncError> {
+        self.subscribe_to('k', key).await
+    }
+
+    async fn revoke_lease(&self, id: &str) -> Result<(), SyncError> {
+        self.send('l', id, PublishOptions::default()).await
+    }
+
+    async fn subscribe_lease(&self, id: &str) -> Result<KeySubscription, SyncError> {
+        self.subscribe_to('l', id).await
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics {
+            published: self.state.published.load(Ordering::Relaxed),
+            delivered: self.state.delivered.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn is_healthy(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.client.server_info().connect_urls.into_iter().collect()
+    }
+}

@@ -1,0 +1,171 @@
+//! [`RedisSyncBus`]: the sync bus over Redis pub/sub (crate `redis`).
+//!
+//! Keys are channels `<prefix>.k<hex>` (leases `<prefix>.l<hex>`). Redis pub/sub has no
+//! acknowledgements — `PUBLISH` says how many connections received a message, not that
+//! any application handled it — so quorum and topology waits are
+//! [`SyncError::QuorumUnsupported`] rather than a count that would only look like one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use tokio::sync::mpsc;
+
+use super::{
+    encoded, AbortOnDrop, Coalescer, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError,
+    SyncEvent, SUBSCRIPTION_BUFFER,
+};
+
+/// A node's handle on a sync bus carried by Redis.
+#[derive(Clone)]
+pub struct RedisSyncBus {
+    client: redis::Client,
+    connection: redis::aio::MultiplexedConnection,
+    prefix: String,
+    publish_timeout: Duration,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    coalescer: Coalescer,
+    published: AtomicU64,
+    delivered: Arc<AtomicU64>,
+}
+
+fn backend(e: impl std::fmt::Display) -> SyncError {
+    SyncError::Backend(format!("Redis: {e}"))
+}
+
+impl RedisSyncBus {
+    /// A sync bus on channels under `prefix` through `client` (connects once, here).
+    pub async fn new(client: redis::Client, prefix: &str) -> Result<RedisSyncBus, SyncError> {
+        let connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(backend)?;
+        Ok(RedisSyncBus {
+            client,
+            connection,
+            prefix: prefix.to_owned(),
+            publish_timeout: Duration::from_secs(5),
+            state: Arc::default(),
+        })
+    }
+
+    /// The longest a publish may take before it fails with [`SyncError::Timeout`].
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> RedisSyncBus {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    fn channel(&self, kind: char, key: &str) -> String {
+        format!("{}.{}", self.prefix, encoded(kind, key))
+    }
+
+    async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
+        let payload = serde_json::to_vec(&SyncEvent {
+            key: key.to_owned(),
+            options,
+        })
+        .map_err(backend)?;
+        let mut connection = self.connection.clone();
+        let channel = self.channel(kind, key);
+        let published = tokio::time::timeout(
+            self.publish_timeout,
+            connection.publish::<_, _, i64>(channel, payload),
+        )
+        .await
+        .map_err(|_| SyncError::Timeout(self.publish_timeout))?;
+        published.map_err(backend)?;
+        self.state.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(backend)?;
+        // Redis confirms SUBSCRIBE before this returns: publishes from now on arrive.
+        pubsub
+            .subscribe(self.channel(kind, key))
+            .await
+            .map_err(backend)?;
+        let (sender, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let delivered = Arc::clone(&self.state.delivered);
+        let task = tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let Ok(event) = serde_json::from_slice::<SyncEvent>(message.get_payload_bytes())
+                else {
+                    continue;
+                };
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(KeySubscription::new(events, AbortOnDrop(task)))
+    }
+}
+
+impl SyncBus for RedisSyncBus {
+    async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
+        self.state
+            .coalescer
+            .publish(key, || self.send('k', key, options.clone()))
+            .await
+    }
+
+    async fn publish_and_await(
+        &self,
+        _key: &str,
+        _replicas: usize,
+        _timeout: Duration,
+    ) -> Result<(), SyncError> {
+        Err(SyncError::QuorumUnsupported)
+    }
+
+    async fn publish_and_await_topology(
+        &self,
+        _key: &str,
+        _min_zones: usize,
+        _timeout: Duration,
+    ) -> Result<(), SyncError> {
+        Err(SyncError::QuorumUnsupported)
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<KeySubscription, SyncError> {
+        self.subscribe_to('k', key).await
+    }
+
+    async fn revoke_lease(&self, id: &str) -> Result<(), SyncError> {
+        self.send('l', id, PublishOptions::default()).await
+    }
+
+    async fn subscribe_lease(&self, id: &str) -> Result<KeySubscription, SyncError> {
+        self.subscribe_to('l', id).await
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics {
+            published: self.state.published.load(Ordering::Relaxed),
+            delivered: self.state.delivered.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn is_healthy(&self) -> bool {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        matches!(
+            tokio::time::timeout(self.publish_timeout, ping).await,
+            Ok(Ok(_))
+        )
+    }
+
+    fn peers(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
