@@ -245,3 +245,41 @@ async fn request_and_reply_in_one_call_each() {
     assert_eq!(response.status(), 400);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_asks_and_answers_in_one_call_each() {
+    use bus::client::{AckMode, Client, NewEvent, Received, SubscribeOptions};
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &[]).await;
+    let client = Client::new(&server.url).unwrap();
+    let mut options = SubscribeOptions::new("app.ask");
+    options.ack = AckMode::Manual {
+        redelivery: None,
+        redelivery_count: None,
+    };
+    let mut worker = client.subscribe(options).await.unwrap();
+    let answering = tokio::spawn(async move {
+        let Some(Ok(Received::Event(event))) = worker.next().await else {
+            panic!("no request");
+        };
+        let answer = serde_json::value::to_raw_value(&json!({"echo": event.payload})).unwrap();
+        worker.reply(&event, &answer).await.unwrap();
+    });
+    let question = NewEvent {
+        subject: "app.ask".into(),
+        payload: Some(serde_json::value::to_raw_value(&json!(7)).unwrap()),
+        ..NewEvent::default()
+    };
+    let answer = client.request(&question, WAIT).await.unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&answer).unwrap(),
+        json!({"echo": 7})
+    );
+    answering.await.unwrap();
+    let unanswered = client.request(&question, Duration::from_millis(300)).await;
+    assert!(
+        matches!(unanswered, Err(bus::client::ClientError::Timeout(_))),
+        "{unanswered:?}"
+    );
+    server.stop().await;
+}

@@ -282,21 +282,11 @@ impl Client {
         zones: usize,
         timeout: Duration,
     ) -> Result<Confirmation, ClientError> {
-        let body = serde_json::to_vec(event)
-            .map_err(|e| ClientError::Protocol(format!("cannot encode the event: {e}")))?;
-        let mut url = self.base.clone();
-        url.query_pairs_mut()
-            .append_pair("confirm", &consumers.to_string())
-            .append_pair("confirm_zones", &zones.to_string())
-            .append_pair("timeout", &format!("{}ms", timeout.as_millis().max(1)));
-        let response = self
-            .http
-            .post(url)
-            .body(body)
-            .timeout(timeout + Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        let wait = [
+            ("confirm", consumers.to_string()),
+            ("confirm_zones", zones.to_string()),
+        ];
+        let response = self.publish_waiting(event, &wait, timeout).await?;
         let count = |name: &str| {
             response
                 .headers()
@@ -513,6 +503,70 @@ impl Client {
         Ok((consumer_id, Box::pin(response.bytes_stream())))
     }
 
+    /// Request/reply in one call: publishes `event` (the server gives it a fresh inbox as
+    /// its response subject) and returns the first reply's payload (JSON), or
+    /// [`ClientError::Timeout`] after `timeout` (the server's `POST /?reply=1`).
+    pub async fn request(&self, event: &NewEvent, timeout: Duration) -> Result<Bytes, ClientError> {
+        let response = self
+            .publish_waiting(event, &[("reply", "1".into())], timeout)
+            .await?;
+        if response.status() == StatusCode::GATEWAY_TIMEOUT {
+            return Err(ClientError::Timeout(format!("no reply within {timeout:?}")));
+        }
+        let response = expect_status(response, StatusCode::OK).await?;
+        response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))
+    }
+
+    /// Publishes `event` with `wait` parameters that make the server answer only once
+    /// they are met or `timeout` passed; the answer, whatever its status.
+    async fn publish_waiting(
+        &self,
+        event: &NewEvent,
+        wait: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
+        let body = serde_json::to_vec(event)
+            .map_err(|e| ClientError::Protocol(format!("cannot encode the event: {e}")))?;
+        let mut url = self.base.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            for (name, value) in wait {
+                query.append_pair(name, value);
+            }
+            query.append_pair("timeout", &format!("{}ms", timeout.as_millis().max(1)));
+        }
+        self.http
+            .post(url)
+            .body(body)
+            // The server answers within `timeout`; allow for the way there and back.
+            .timeout(timeout + Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))
+    }
+
+    /// Acknowledges `event` and replies to it with `payload` (JSON) in the same call: the
+    /// reply goes to the event's response subject.
+    pub async fn reply(&self, event: &Event, payload: &RawValue) -> Result<(), ClientError> {
+        let mut url = self.base.clone();
+        url.query_pairs_mut()
+            .append_pair("consumer_id", &event.consumer_id)
+            .append_pair("event_id", &event.id);
+        let response = self
+            .http
+            .put(url)
+            .body(payload.get().to_owned())
+            .send()
+            .await
+            .map_err(|e| ClientError::unreachable(&self.base, &e))?;
+        expect_status(response, StatusCode::ACCEPTED)
+            .await
+            .map(drop)
+    }
+
     /// Publishes `event` with a fresh inbox as its response subject and collects `count`
     /// answers (confirmations or replies) from it, or fails once `timeout` has passed.
     pub async fn publish_and_collect(
@@ -681,6 +735,14 @@ impl Subscription {
     /// resume after if the connection drops.
     pub async fn ack(&mut self, event: &Event) -> Result<(), ClientError> {
         self.client.ack(&event.consumer_id, &event.id).await?;
+        self.last_acked = Some(event.id.clone());
+        Ok(())
+    }
+
+    /// Acknowledges `event` and replies to it with `payload`, in one call (see
+    /// [`Client::reply`]).
+    pub async fn reply(&mut self, event: &Event, payload: &RawValue) -> Result<(), ClientError> {
+        self.client.reply(event, payload).await?;
         self.last_acked = Some(event.id.clone());
         Ok(())
     }
