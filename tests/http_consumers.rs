@@ -61,7 +61,7 @@ async fn a_window_holds_that_many_unacked_events_each_with_its_own_redelivery() 
     let mut server = TestServer::start(data.path(), &[]).await;
     publish_n(&server, "app.w", 0..10).await;
     let mut sse = server
-        .subscribe("subject=app.w&start=oldest&ack=manual&max_inflight=3&redelivery=700ms")
+        .subscribe("subject=app.w&start=oldest&ack=manual&max_inflight=3&redelivery=1500ms")
         .await;
     let first = sse.take(3).await;
     assert_eq!(first.iter().map(payload_n).collect::<Vec<_>>(), [0, 1, 2]);

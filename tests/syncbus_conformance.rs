@@ -18,6 +18,9 @@ use futures_util::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
 const SHORT: Duration = Duration::from_millis(300);
+/// How long a wait that cannot be satisfied lasts: long enough for every acknowledgement
+/// that can come to come, on a loaded machine.
+const UNSATISFIABLE: Duration = Duration::from_millis(1500);
 
 async fn next<S: futures_util::Stream + Unpin>(stream: &mut S) -> S::Item {
     tokio::time::timeout(WAIT, stream.next())
@@ -103,7 +106,7 @@ async fn quorum_and_unsubscribe<B: SyncBus>(
     // Quorum: two subscribers of the key acknowledge.
     a1.publish_and_await(key, 2, WAIT).await.unwrap();
     assert_eq!(
-        a1.publish_and_await(key, 3, SHORT).await,
+        a1.publish_and_await(key, 3, UNSATISFIABLE).await,
         Err(SyncError::QuorumNotSatisfied {
             acknowledged: 2,
             required: 3
@@ -112,7 +115,7 @@ async fn quorum_and_unsubscribe<B: SyncBus>(
     // Topology: they are in two zones.
     a1.publish_and_await_topology(key, 2, WAIT).await.unwrap();
     assert_eq!(
-        a1.publish_and_await_topology(key, 3, SHORT).await,
+        a1.publish_and_await_topology(key, 3, UNSATISFIABLE).await,
         Err(SyncError::QuorumNotSatisfied {
             acknowledged: 2,
             required: 3
