@@ -256,6 +256,37 @@ impl Poster {
     }
 }
 
+/// Opens a manual-ack subscription at `url`; its consumer id and its (streaming) answer.
+async fn subscribe_manual(url: &str) -> anyhow::Result<(String, reqwest::Response)> {
+    let response = reqwest::get(url).await?;
+    if response.status() != 200 {
+        bail!("subscribe answered {}", response.status());
+    }
+    let consumer_id = response
+        .headers()
+        .get("x-bus-consumer-id")
+        .and_then(|v| v.to_str().ok())
+        .context("no consumer id")?
+        .to_owned();
+    Ok((consumer_id, response))
+}
+
+/// Removes the complete SSE frames from `pending` and returns the ids of the events
+/// among them.
+fn take_event_ids(pending: &mut Vec<u8>) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(end) = find(pending, b"\n\n") {
+        let frame = pending.drain(..end + 2).collect::<Vec<u8>>();
+        if let Some(id) = frame
+            .split(|&b| b == b'\n')
+            .find_map(|line| line.strip_prefix(b"id: "))
+        {
+            ids.push(String::from_utf8_lossy(id).into_owned());
+        }
+    }
+    ids
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -652,16 +683,7 @@ pub async fn ack(args: AckBench) -> anyhow::Result<()> {
         server.host.trim_end_matches('/'),
         args.window
     );
-    let response = reqwest::get(&url).await?;
-    if response.status() != 200 {
-        bail!("subscribe answered {}", response.status());
-    }
-    let consumer_id = response
-        .headers()
-        .get("x-bus-consumer-id")
-        .and_then(|v| v.to_str().ok())
-        .context("no consumer id")?
-        .to_owned();
+    let (consumer_id, response) = subscribe_manual(&url).await?;
     let mut body = response.bytes_stream();
     let mut acker = Poster::connect(&server.host).await?;
     let started = Instant::now();
@@ -672,16 +694,7 @@ pub async fn ack(args: AckBench) -> anyhow::Result<()> {
         pending.extend_from_slice(&chunk);
         // Everything received so far is acked in one request (with a window of 1, that
         // is one event: stop-and-wait).
-        let mut ids = Vec::new();
-        while let Some(end) = find(&pending, b"\n\n") {
-            let frame = pending.drain(..end + 2).collect::<Vec<u8>>();
-            if let Some(id) = frame
-                .split(|&b| b == b'\n')
-                .find_map(|line| line.strip_prefix(b"id: "))
-            {
-                ids.push(String::from_utf8_lossy(id).into_owned());
-            }
-        }
+        let ids = take_event_ids(&mut pending);
         if !ids.is_empty() {
             acker.ack(&consumer_id, &ids.join(",")).await?;
             acked += ids.len() as u64;
@@ -716,37 +729,18 @@ pub async fn reply(args: ReplyBench) -> anyhow::Result<()> {
     let server = args.target.start().await?;
     let subject = subject(&args.target, "reply");
     let host = server.host.trim_end_matches('/').to_owned();
-    let response = reqwest::get(format!(
+    let (consumer_id, response) = subscribe_manual(&format!(
         "{host}/?subject={subject}&ack=manual&redelivery=30s"
     ))
     .await?;
-    if response.status() != 200 {
-        bail!("subscribe answered {}", response.status());
-    }
-    let consumer_id = response
-        .headers()
-        .get("x-bus-consumer-id")
-        .and_then(|v| v.to_str().ok())
-        .context("no consumer id")?
-        .to_owned();
     let mut replier = Poster::connect(&host).await?;
     let worker = tokio::spawn(async move {
         let mut body = response.bytes_stream();
         let mut pending = Vec::new();
         while let Some(chunk) = body.next().await {
             pending.extend_from_slice(&chunk?);
-            while let Some(end) = find(&pending, b"\n\n") {
-                let frame = pending.drain(..end + 2).collect::<Vec<u8>>();
-                let Some(id) = frame
-                    .split(|&b| b == b'\n')
-                    .find_map(|line| line.strip_prefix(b"id: "))
-                else {
-                    continue;
-                };
-                let target = format!(
-                    "/?consumer_id={consumer_id}&event_id={}",
-                    String::from_utf8_lossy(id)
-                );
+            for id in take_event_ids(&mut pending) {
+                let target = format!("/?consumer_id={consumer_id}&event_id={id}");
                 replier
                     .call("PUT", &target, b"{\"ok\":true}", "202")
                     .await?;
