@@ -8,7 +8,7 @@
 //! `confirm_zones=K` (the handle's zone is declared on every subscription).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{
-    encoded, AbortOnDrop, Coalescer, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError,
-    SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, AbortOnDrop, BackendState, KeySubscription, Metrics, PublishOptions, SyncBus,
+    SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 use crate::client::{AckMode, Client, ClientError, NewEvent, Received, SubscribeOptions};
 
@@ -28,14 +28,7 @@ pub struct BusSyncBus {
     namespace: String,
     zone: Option<String>,
     publish_timeout: Duration,
-    state: Arc<State>,
-}
-
-#[derive(Default)]
-struct State {
-    coalescer: Coalescer,
-    published: AtomicU64,
-    delivered: Arc<AtomicU64>,
+    state: Arc<BackendState>,
 }
 
 impl BusSyncBus {
@@ -202,10 +195,7 @@ impl SyncBus for BusSyncBus {
     }
 
     fn metrics(&self) -> Metrics {
-        Metrics {
-            published: self.state.published.load(Ordering::Relaxed),
-            delivered: self.state.delivered.load(Ordering::Relaxed),
-        }
+        self.state.metrics()
     }
 
     async fn is_healthy(&self) -> bool {

@@ -177,6 +177,26 @@ impl Stream for KeySubscription {
 /// Events a subscription may hold before a slow reader makes its backend wait.
 const SUBSCRIPTION_BUFFER: usize = 1024;
 
+/// What every remote backend's handle shares with its clones: its publish coalescing and
+/// its counts.
+#[derive(Default)]
+pub(crate) struct BackendState {
+    pub(crate) coalescer: Coalescer,
+    pub(crate) published: std::sync::atomic::AtomicU64,
+    /// Shared with the tasks that hand events to subscribers.
+    pub(crate) delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BackendState {
+    pub(crate) fn metrics(&self) -> Metrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        Metrics {
+            published: self.published.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+        }
+    }
+}
+
 /// Coalesces publishes of a key: while one is on its way, further ones return at once and
 /// make it send once more when it is done (so the last change is always announced after
 /// it happened, and a burst costs two messages, not N).

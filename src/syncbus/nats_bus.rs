@@ -6,7 +6,7 @@
 //! answers until it has enough or the timeout passes.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    encoded, AbortOnDrop, Coalescer, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError,
-    SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, AbortOnDrop, BackendState, KeySubscription, Metrics, PublishOptions, SyncBus,
+    SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 
 /// A node's handle on a sync bus carried by NATS.
@@ -26,14 +26,7 @@ pub struct NatsSyncBus {
     prefix: String,
     zone: String,
     publish_timeout: Duration,
-    state: Arc<State>,
-}
-
-#[derive(Default)]
-struct State {
-    coalescer: Coalescer,
-    published: AtomicU64,
-    delivered: Arc<AtomicU64>,
+    state: Arc<BackendState>,
 }
 
 /// What a subscriber answers to a publish that waits.
@@ -224,10 +217,7 @@ impl SyncBus for NatsSyncBus {
     }
 
     fn metrics(&self) -> Metrics {
-        Metrics {
-            published: self.state.published.load(Ordering::Relaxed),
-            delivered: self.state.delivered.load(Ordering::Relaxed),
-        }
+        self.state.metrics()
     }
 
     async fn is_healthy(&self) -> bool {

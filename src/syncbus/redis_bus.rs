@@ -5,7 +5,7 @@
 //! any application handled it — so quorum and topology waits are
 //! [`SyncError::QuorumUnsupported`] rather than a count that would only look like one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
 use super::{
-    encoded, AbortOnDrop, Coalescer, KeySubscription, Metrics, PublishOptions, SyncBus, SyncError,
-    SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, AbortOnDrop, BackendState, KeySubscription, Metrics, PublishOptions, SyncBus,
+    SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 
 /// A node's handle on a sync bus carried by Redis.
@@ -25,14 +25,7 @@ pub struct RedisSyncBus {
     connection: redis::aio::MultiplexedConnection,
     prefix: String,
     publish_timeout: Duration,
-    state: Arc<State>,
-}
-
-#[derive(Default)]
-struct State {
-    coalescer: Coalescer,
-    published: AtomicU64,
-    delivered: Arc<AtomicU64>,
+    state: Arc<BackendState>,
 }
 
 fn backend(e: impl std::fmt::Display) -> SyncError {
@@ -149,10 +142,7 @@ impl SyncBus for RedisSyncBus {
     }
 
     fn metrics(&self) -> Metrics {
-        Metrics {
-            published: self.state.published.load(Ordering::Relaxed),
-            delivered: self.state.delivered.load(Ordering::Relaxed),
-        }
+        self.state.metrics()
     }
 
     async fn is_healthy(&self) -> bool {
