@@ -128,15 +128,19 @@ impl AppState {
 
     /// A 400 if `subject` (a subject or pattern) is longer than allowed.
     pub fn check_subject_len(&self, what: &str, subject: &str) -> Result<(), error::ApiError> {
-        let max = self.limits.max_subject_len;
-        if subject.len() > max {
-            return Err(error::ApiError::bad_request(format!(
-                "{what} is {} bytes long; this server accepts at most {max} (--max-subject-len)",
-                subject.len()
-            )));
-        }
-        Ok(())
+        check_subject_len(what, subject, self.limits.max_subject_len)
     }
+}
+
+/// A 400 if `subject` (named `what` in the message) is longer than `max` bytes.
+pub fn check_subject_len(what: &str, subject: &str, max: usize) -> Result<(), error::ApiError> {
+    if subject.len() > max {
+        return Err(error::ApiError::bad_request(format!(
+            "{what} is {} bytes long; this server accepts at most {max} (--max-subject-len)",
+            subject.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The percent-decoded value of parameter `name` in a query string.

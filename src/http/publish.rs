@@ -68,14 +68,8 @@ impl WireEvent {
             ("subject", &self.subject),
             ("response_subject", &self.response_subject),
         ] {
-            if subject.len() > max_subject_len {
-                return Err(ApiError::bad_request(format!(
-                    "{}{name} is {} bytes long; this server accepts at most {max_subject_len} \
-                     (--max-subject-len)",
-                    which(),
-                    subject.len()
-                )));
-            }
+            super::check_subject_len(name, subject, max_subject_len)
+                .map_err(|e| ApiError::bad_request(format!("{}{}", which(), e.message)))?;
         }
         let created_at = match self.created_at.as_deref() {
             None | Some("") | Some(GO_ZERO_TIME) => None,
