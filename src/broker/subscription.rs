@@ -95,21 +95,18 @@ impl Cursor {
     /// The next non-empty batch of matching events; `Ok(None)` once shut down or
     /// [`finished`](Cursor::finished).
     /// Moves a cursor that points before the oldest kept event (retention removed what
-    /// it was to read) to that event, and says so; the notice is also kept for
-    /// [`Cursor::take_notice`].
-    pub(super) fn skip_removed(&mut self) -> Option<String> {
+    /// it was to read) to that event, keeping a notice for [`Cursor::take_notice`].
+    pub(super) fn skip_removed(&mut self) {
         let first = self.log.first_position();
         if self.next >= first {
-            return None;
+            return;
         }
-        let notice = format!(
+        self.notice = Some(format!(
             "events {} to {} were removed by retention; continuing from position {first}",
             self.next,
             first - 1
-        );
+        ));
         self.next = first;
-        self.notice = Some(notice.clone());
-        Some(notice)
     }
 
     /// The notice of the last [`Cursor::skip_removed`] that moved the cursor, once.
@@ -209,8 +206,9 @@ pub fn follow(
                 return;
             }
         };
-        if let Some(notice) = cursor.skip_removed() {
-            cursor.take_notice();
+        // Told before anything else, not with the first event, which may be long in coming.
+        cursor.skip_removed();
+        if let Some(notice) = cursor.take_notice() {
             yield Delivery::Notice(notice);
         }
         loop {
