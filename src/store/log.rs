@@ -313,35 +313,37 @@ impl Log {
         max_age: Option<std::time::Duration>,
         max_bytes: Option<u64>,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let segments: Vec<Arc<Segment>> = self
+            .shared
+            .segments
+            .read()
+            .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?
+            .clone();
+        // Sizes are read once; each deletion subtracts what it frees.
+        let mut total: u64 = match max_bytes {
+            Some(_) => segments.iter().map(|s| s.disk_bytes()).sum(),
+            None => 0,
+        };
+        let oldest_kept = max_age.map(|age| {
+            Timestamp::now()
+                .unix_nanos()
+                .saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX))
+        });
         let mut deleted = Vec::new();
-        loop {
-            let segments: Vec<Arc<Segment>> = self
-                .shared
-                .segments
-                .read()
-                .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?
-                .clone();
-            let [oldest, _, ..] = segments.as_slice() else {
-                return Ok(deleted); // only the active segment is left
-            };
-            let too_big = match max_bytes {
-                Some(max) => segments.iter().map(|s| s.disk_bytes()).sum::<u64>() > max,
-                None => false,
-            };
-            let too_old = match max_age {
-                Some(max_age) if oldest.count() > 0 => {
+        // Never the last segment: it is the one being written.
+        for oldest in segments.iter().take(segments.len().saturating_sub(1)) {
+            let too_big = max_bytes.is_some_and(|max| total > max);
+            let too_old = match oldest_kept {
+                Some(limit) if oldest.count() > 0 => {
                     let last = oldest.base + oldest.count() - 1;
                     let newest = self.read_blocking(last, 1)?;
                     let created_at = newest.first().and_then(StoredEvent::created_at);
-                    let limit = Timestamp::now()
-                        .unix_nanos()
-                        .saturating_sub(i64::try_from(max_age.as_nanos()).unwrap_or(i64::MAX));
                     created_at.is_some_and(|t| t.unix_nanos() < limit)
                 }
                 _ => false,
             };
             if !(too_big || too_old) {
-                return Ok(deleted);
+                break;
             }
             // Readers find the segment gone from the list first, then its files.
             {
@@ -351,13 +353,15 @@ impl Log {
                     .write()
                     .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?;
                 if list.first().map(|s| s.base) != Some(oldest.base) || list.len() < 2 {
-                    continue;
+                    break;
                 }
                 list.remove(0);
             }
+            total = total.saturating_sub(oldest.disk_bytes());
             oldest.remove_files()?;
             deleted.push((oldest.base, oldest.count()));
         }
+        Ok(deleted)
     }
 
     /// The position of the oldest event kept (0 unless retention deleted older ones).
