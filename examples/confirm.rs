@@ -1,5 +1,5 @@
 //! Confirmations with `bus::client`: two consumers acknowledge an event, and the publisher
-//! waits until both have (through an inbox subject, as the Go SDK's `WithConfirm` does).
+//! waits until both have. The server counts the acknowledgements (`confirm=2`).
 //!
 //! Needs a server with the `app` namespace; `BUS_HOST` names it (default
 //! `http://localhost:2021`).
@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use bus::client::{AckMode, Client, NewEvent, Received, SubscribeOptions};
+use bus::client::{Client, NewEvent, Received, SubscribeOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -19,39 +19,30 @@ async fn main() -> anyhow::Result<()> {
 
     let mut consumers = Vec::new();
     for name in ["billing", "shipping"] {
-        let mut options = SubscribeOptions::new("app.examples.orders");
-        options.ack = AckMode::Manual {
-            redelivery: None,
-            redelivery_count: None,
-        };
+        let options = SubscribeOptions::new("app.examples.orders").with_manual_ack();
         let mut subscription = client.subscribe(options).await?;
-        let client = client.clone();
         consumers.push(tokio::spawn(async move {
             while let Some(received) = subscription.next().await {
                 let Received::Event(event) = received? else {
                     continue;
                 };
                 println!("{name} handled {}", event.id);
-                subscription.ack(&event).await?;
-                // A bare response is a confirmation.
-                client.respond(&event, None).await?;
+                event.ack().await?;
             }
             anyhow::Ok(())
         }));
     }
 
-    let order = NewEvent {
-        subject: "app.examples.orders".into(),
-        ..NewEvent::default()
-    };
-    let (published, confirmations) = client
-        .publish_and_collect(order, 2, Duration::from_secs(10))
+    let order = NewEvent::new("app.examples.orders");
+    let confirmation = client
+        .publish_confirmed(&order, 2, 0, Duration::from_secs(10))
         .await?;
-    println!(
-        "{} confirmed by {} consumers",
-        published.id,
-        confirmations.len()
+    anyhow::ensure!(
+        confirmation.reached,
+        "only {} consumers confirmed",
+        confirmation.consumers
     );
+    println!("confirmed by {} consumers", confirmation.consumers);
     for consumer in consumers {
         consumer.abort();
     }

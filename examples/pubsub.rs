@@ -7,41 +7,43 @@
 //! cargo run --example pubsub
 //! ```
 
-use bus::client::{Client, NewEvent, Received, Start, SubscribeOptions};
-use serde_json::value::to_raw_value;
+use bus::client::{Client, NewEvent, Received, SubscribeOptions};
+use futures_util::StreamExt;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let host = std::env::var("BUS_HOST").unwrap_or_else(|_| bus::client::DEFAULT_HOST.into());
     let client = Client::new(&host)?;
 
-    // Subscribe first (from now on), then publish: the subscription sees every event.
-    let mut options = SubscribeOptions::new("app.examples.pubsub.>");
-    options.start = Start::Newest;
-    let mut subscription = client.subscribe(options).await?;
+    // Subscribe first (new events only), then publish: the subscription sees every event.
+    let subscription = client
+        .subscribe(SubscribeOptions::new("app.examples.pubsub.>"))
+        .await?;
 
     for n in 1..=3 {
-        let published = client
-            .publish(&NewEvent {
-                subject: format!("app.examples.pubsub.item{n}"),
-                payload: Some(to_raw_value(&serde_json::json!({ "n": n }))?),
-                ..NewEvent::default()
-            })
-            .await?;
+        let event = NewEvent::new(format!("app.examples.pubsub.item{n}"))
+            .with_payload(&serde_json::json!({ "n": n }))?;
+        let published = client.publish(&event).await?;
         println!("published {} at index {}", published.id, published.index);
     }
 
-    let mut received = 0;
-    while received < 3 {
-        match subscription.next().await {
-            Some(Ok(Received::Event(event))) => {
-                received += 1;
-                println!("received {} on {}: {}", event.id, event.subject, event.json);
+    // A subscription is a Stream: take the first three events.
+    let mut events = subscription
+        .filter_map(|received| async move {
+            match received {
+                Ok(Received::Event(event)) => Some(Ok(event)),
+                Ok(change) => {
+                    eprintln!("{change:?}");
+                    None
+                }
+                Err(e) => Some(Err(e)),
             }
-            Some(Ok(other)) => println!("{other:?}"),
-            Some(Err(e)) => return Err(e.into()),
-            None => anyhow::bail!("the subscription ended"),
-        }
+        })
+        .take(3)
+        .boxed();
+    while let Some(event) = events.next().await {
+        let event = event?;
+        println!("received {} on {}: {}", event.id, event.subject, event.json);
     }
     Ok(())
 }

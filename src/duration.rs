@@ -7,7 +7,12 @@
 
 use std::time::Duration;
 
-/// Why a string is not a Go duration.
+/// Why a string is not a Go duration; its message names the input and shows valid ones.
+///
+/// ```
+/// let error = bus::duration::parse_go_duration("5 minutes").unwrap_err();
+/// assert!(error.to_string().contains("examples: 500ms"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid duration {input:?}: {reason} (examples: 500ms, 5s, 1m30s, 1.5h)")]
 pub struct DurationError {
@@ -17,6 +22,15 @@ pub struct DurationError {
 
 /// Parses a Go duration: a sequence of decimal numbers, each with an optional fraction and
 /// a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`). A bare `0` is zero.
+///
+/// ```
+/// use std::time::Duration;
+/// use bus::duration::parse_go_duration;
+///
+/// assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+/// assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
+/// assert!(parse_go_duration("-5s").is_err());
+/// ```
 pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
     let fail = |reason| DurationError {
         input: input.to_owned(),
@@ -82,6 +96,14 @@ pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
 
 /// Formats a duration the way Go's `time.Duration.String` does for common values
 /// (`1m30s`, `500ms`, `1.5s`), for messages and documentation.
+///
+/// ```
+/// use std::time::Duration;
+/// use bus::duration::format_go_duration;
+///
+/// assert_eq!(format_go_duration(Duration::from_secs(90)), "1m30s");
+/// assert_eq!(format_go_duration(Duration::from_millis(500)), "500ms");
+/// ```
 pub fn format_go_duration(d: Duration) -> String {
     let nanos = d.as_nanos();
     if nanos == 0 {

@@ -18,8 +18,8 @@
 //!   cache-invalidation interface on top of it.
 //! - [`cli`]: the `bus` subcommands.
 //!
-//! With `default-features = false, features = ["client"]` only [`client`], [`syncbus`]
-//! and [`duration`] are built: what an application needs to talk to a server.
+//! With `default-features = false, features = ["client"]` only [`client`], [`syncbus`],
+//! [`duration`] and [`timestamp`] are built: what an application needs to talk to a server.
 
 #[cfg(feature = "server")]
 pub mod broker;
@@ -28,6 +28,9 @@ pub mod cli;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod doc_support;
 pub mod duration;
 #[cfg(feature = "server")]
 pub mod event;
@@ -42,5 +45,4 @@ pub mod store;
 #[cfg(feature = "server")]
 pub mod subject;
 pub mod syncbus;
-#[cfg(feature = "server")]
 pub mod timestamp;

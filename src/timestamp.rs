@@ -12,6 +12,14 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds since the Unix epoch, UTC.
+///
+/// ```
+/// use bus::timestamp::Timestamp;
+///
+/// let t = Timestamp::parse("2026-11-22T13:26:51.5+02:00")?;
+/// assert_eq!(t.to_string(), "2026-11-22T11:26:51.500000000Z");
+/// # Ok::<(), bus::timestamp::TimestampError>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(i64);
 
@@ -24,7 +32,12 @@ const SECS_PER_DAY: i64 = 86_400;
 const MIN_SECS: i64 = -62_167_219_200;
 const MAX_SECS: i64 = 253_402_300_799;
 
-/// Why a string is not an RFC 3339 date-time.
+/// Why a string is not an RFC 3339 date-time; its message names the input and the fault.
+///
+/// ```
+/// let error = bus::timestamp::Timestamp::parse("2026-13-01T00:00:00Z").unwrap_err();
+/// assert!(error.to_string().contains("month out of range"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid RFC 3339 timestamp {input:?}: {reason}")]
 pub struct TimestampError {
@@ -34,6 +47,13 @@ pub struct TimestampError {
 
 impl Timestamp {
     /// The current wall-clock time.
+    ///
+    /// ```
+    /// use bus::timestamp::Timestamp;
+    ///
+    /// assert!(Timestamp::now() > Timestamp::parse("2026-01-01T00:00:00Z")?);
+    /// # Ok::<(), bus::timestamp::TimestampError>(())
+    /// ```
     pub fn now() -> Timestamp {
         let nanos = match SystemTime::now().duration_since(UNIX_EPOCH) {
             Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
@@ -42,15 +62,37 @@ impl Timestamp {
         Timestamp(nanos)
     }
 
+    /// The instant `nanos` nanoseconds after (or, negative, before) 1970-01-01T00:00:00Z.
+    ///
+    /// ```
+    /// use bus::timestamp::Timestamp;
+    ///
+    /// assert_eq!(Timestamp::from_unix_nanos(1_500_000_000).to_string(), "1970-01-01T00:00:01.500000000Z");
+    /// ```
     pub fn from_unix_nanos(nanos: i64) -> Timestamp {
         Timestamp(nanos)
     }
 
+    /// Nanoseconds since 1970-01-01T00:00:00Z.
+    ///
+    /// ```
+    /// use bus::timestamp::Timestamp;
+    ///
+    /// assert_eq!(Timestamp::parse("1970-01-01T00:00:02Z")?.unix_nanos(), 2_000_000_000);
+    /// # Ok::<(), bus::timestamp::TimestampError>(())
+    /// ```
     pub fn unix_nanos(self) -> i64 {
         self.0
     }
 
     /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`; instants outside the RFC 3339 range are clamped.
+    ///
+    /// ```
+    /// use bus::timestamp::{Timestamp, FORMATTED_LEN};
+    ///
+    /// let bytes: [u8; FORMATTED_LEN] = Timestamp::from_unix_nanos(0).format();
+    /// assert_eq!(&bytes, b"1970-01-01T00:00:00.000000000Z");
+    /// ```
     pub fn format(self) -> [u8; FORMATTED_LEN] {
         let min = MIN_SECS.saturating_mul(NANOS_PER_SEC);
         let max = MAX_SECS
@@ -75,6 +117,15 @@ impl Timestamp {
     }
 
     /// Parses an RFC 3339 date-time such as `2026-11-22T11:26:51.5+02:00`.
+    ///
+    /// ```
+    /// use bus::timestamp::Timestamp;
+    ///
+    /// let utc = Timestamp::parse("2026-11-22T09:26:51.5Z")?;
+    /// assert_eq!(Timestamp::parse("2026-11-22T11:26:51.5+02:00")?, utc);
+    /// assert!(Timestamp::parse("2300-01-01T00:00:00Z").is_err()); // beyond 2262
+    /// # Ok::<(), bus::timestamp::TimestampError>(())
+    /// ```
     pub fn parse(input: &str) -> Result<Timestamp, TimestampError> {
         let fail = |reason| TimestampError {
             input: input.to_owned(),
