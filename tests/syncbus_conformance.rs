@@ -1,7 +1,8 @@
 //! One conformance suite for every sync-bus implementation: delivery by key (any
 //! characters), region and scope kept, unsubscribe, quorum and topology waits, leases,
-//! coalesced publishes, metrics and health. It runs against the in-memory bus and against
-//! `BusSyncBus` over a real server.
+//! coalesced publishes, metrics and health; and what each backend lists as its peers. It
+//! runs against the in-memory bus, `BusSyncBus` over a real server, and NATS and Redis
+//! where their servers are installed.
 
 mod common;
 
@@ -146,6 +147,25 @@ async fn in_memory_bus_conforms() {
     conformance(&hub.node("a"), &hub.node("a"), &hub.node("b"), true).await;
 }
 
+#[test]
+fn in_memory_peers_are_the_zones_of_the_other_live_nodes() {
+    let hub = InMemoryBus::new();
+    let eu = hub.node("eu");
+    let us = hub.node("us");
+    assert_eq!(eu.peers(), ["us"]);
+    assert_eq!(us.peers(), ["eu"]);
+    // Another node in the same zone is a peer; a clone of a handle is the same node.
+    let eu_again = hub.node("eu");
+    assert_eq!(eu.peers(), ["eu", "us"]);
+    assert_eq!(eu.clone().peers(), ["eu", "us"]);
+    // The hub's own handle lists every node and is not one.
+    assert_eq!(hub.peers(), ["eu", "us"]);
+    // Dropped nodes are gone.
+    drop((eu_again, us));
+    assert!(eu.peers().is_empty(), "{:?}", eu.peers());
+    assert_eq!(hub.peers(), ["eu"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bus_sync_bus_conforms() {
     let data = tempfile::tempdir().unwrap();
@@ -153,6 +173,8 @@ async fn bus_sync_bus_conforms() {
     let node =
         |zone: &str| BusSyncBus::new(Client::new(&server.url).unwrap(), "cache").with_zone(zone);
     conformance(&node("a"), &node("a"), &node("b"), true).await;
+    // The peer is the server the invalidations go through.
+    assert_eq!(node("a").peers(), [server.url.trim_end_matches('/')]);
 
     // A dead backend fails within the publish timeout instead of hanging.
     let dead = BusSyncBus::new(Client::new("127.0.0.1:9").unwrap(), "cache")
@@ -174,6 +196,11 @@ async fn nats_sync_bus_conforms() {
         nodes.push(NatsSyncBus::new(client, "sync").with_zone(zone));
     }
     conformance(&nodes[0], &nodes[1], &nodes[2], true).await;
+    // A server on its own announces itself alone.
+    assert_eq!(
+        nodes[0].peers(),
+        [format!("nats://127.0.0.1:{}", server.port)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,4 +215,8 @@ async fn redis_sync_bus_conforms() {
         nodes.push(RedisSyncBus::new(client, "sync").await.unwrap());
     }
     conformance(&nodes[0], &nodes[1], &nodes[2], false).await;
+    assert_eq!(
+        nodes[0].peers(),
+        [format!("redis://127.0.0.1:{}", server.port)]
+    );
 }

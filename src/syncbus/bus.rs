@@ -21,7 +21,27 @@ use super::{
 };
 use crate::client::{AckMode, Client, ClientError, NewEvent, Received, SubscribeOptions};
 
-/// A node's handle on a sync bus carried by a `bus` server.
+/// A node's handle on a sync bus carried by a `bus` server, through the HTTP client. Its
+/// clones share its counts and publish coalescing. Every call to the server is bounded
+/// by the publish timeout (5 s unless [`BusSyncBus::with_publish_timeout`] says
+/// otherwise); quorum and topology waits by their own timeout plus that.
+///
+/// ```
+/// use bus::client::Client;
+/// use bus::syncbus::{BusSyncBus, PublishOptions, SyncBus};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let server = bus::doc_support::server().await?; let host = server.host();
+/// let web = BusSyncBus::new(Client::new(host)?, "app");
+/// let worker = BusSyncBus::new(Client::new(host)?, "app");
+/// let mut invalidations = worker.subscribe("user:42").await?;
+/// web.publish("user:42", PublishOptions::default()).await?;
+/// let event = invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(event.key, "user:42");
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct BusSyncBus {
     client: Client,
@@ -32,7 +52,26 @@ pub struct BusSyncBus {
 }
 
 impl BusSyncBus {
-    /// A sync bus in `namespace` (which the server must serve) through `client`.
+    /// A sync bus in `namespace` through `client`. Nothing is sent yet: a namespace the
+    /// server does not serve makes each call fail with [`SyncError::Backend`].
+    ///
+    /// ```
+    /// use bus::client::Client;
+    /// use bus::syncbus::{BusSyncBus, PublishOptions, SyncBus, SyncError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::server().await?; let host = server.host();
+    /// let bus = BusSyncBus::new(Client::new(host)?, "app");
+    /// assert!(bus.is_healthy().await);
+    /// assert_eq!(bus.peers(), [host]);
+    /// bus.publish("user:42", PublishOptions::default()).await?;
+    ///
+    /// let elsewhere = BusSyncBus::new(Client::new(host)?, "not-served");
+    /// let result = elsewhere.publish("user:42", PublishOptions::default()).await;
+    /// assert!(matches!(result, Err(SyncError::Backend(_))));
+    /// # Ok(()) }
+    /// ```
     pub fn new(client: Client, namespace: &str) -> BusSyncBus {
         BusSyncBus {
             client,
@@ -43,13 +82,53 @@ impl BusSyncBus {
         }
     }
 
-    /// The zone this node is in, for [`SyncBus::publish_and_await_topology`].
+    /// The zone this node is in, declared on its subscriptions for
+    /// [`SyncBus::publish_and_await_topology`] to count (without one, a subscription
+    /// counts for no zone).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus::client::Client;
+    /// use bus::syncbus::{BusSyncBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::server().await?; let host = server.host();
+    /// let eu = BusSyncBus::new(Client::new(host)?, "app").with_zone("eu");
+    /// let us = BusSyncBus::new(Client::new(host)?, "app").with_zone("us");
+    /// let _in_eu = eu.subscribe("price:9").await?;
+    /// let _in_us = us.subscribe("price:9").await?;
+    /// eu.publish_and_await_topology("price:9", 2, Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn with_zone(mut self, zone: &str) -> BusSyncBus {
         self.zone = Some(zone.to_owned());
         self
     }
 
-    /// The longest a publish may take before it fails with [`SyncError::Timeout`].
+    /// The longest a call to the server may take (5 s by default) before it fails with
+    /// [`SyncError::Timeout`]: publishes, lease revocations and subscribing; quorum and
+    /// topology waits get it on top of their own timeout. A server that refuses
+    /// connections fails sooner, with [`SyncError::Backend`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus::client::Client;
+    /// use bus::syncbus::{BusSyncBus, PublishOptions, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::server().await?; let host = server.host();
+    /// let bus = BusSyncBus::new(Client::new(host)?, "app")
+    ///     .with_publish_timeout(Duration::from_millis(500));
+    /// bus.publish("user:42", PublishOptions::default()).await?;
+    ///
+    /// // Nothing listens on port 9: the publish fails instead of hanging.
+    /// let dead = BusSyncBus::new(Client::new("127.0.0.1:9")?, "app")
+    ///     .with_publish_timeout(Duration::from_millis(500));
+    /// assert!(dead.publish("user:42", PublishOptions::default()).await.is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn with_publish_timeout(mut self, timeout: Duration) -> BusSyncBus {
         self.publish_timeout = timeout;
         self
@@ -203,6 +282,6 @@ impl SyncBus for BusSyncBus {
     }
 
     fn peers(&self) -> Vec<String> {
-        Vec::new()
+        vec![self.client.host().to_owned()]
     }
 }

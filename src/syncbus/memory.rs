@@ -4,7 +4,7 @@
 //! zone. An event is acknowledged by a subscription when it is handed to it, at once; a
 //! subscription that is full (its reader far behind) does not acknowledge.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,15 +26,57 @@ struct Subscriber {
 struct Hub {
     /// By key ("k:…") or lease ("l:…").
     subscribers: Mutex<HashMap<String, Vec<Subscriber>>>,
+    /// The live nodes made by [`InMemoryBus::node`], by id: their zones.
+    nodes: Mutex<HashMap<u64, String>>,
+    /// Ids of subscriptions and nodes.
     next_id: AtomicU64,
 }
 
-/// A node's handle on an in-memory hub.
+impl Hub {
+    fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Lists a node on its hub for as long as any clone of its handle lives.
+struct Membership {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub.nodes().remove(&self.id);
+    }
+}
+
+/// A node's handle on an in-memory hub: the sync bus inside one process. Every handle
+/// made with [`InMemoryBus::node`] shares the hub of the handle it came from and stands
+/// for a node in a zone; a clone is the same node (its counts and membership shared).
+/// Calls never fail and never wait: a subscription acknowledges an event as it is handed
+/// to it, so quorum and topology waits answer at once, whatever their timeout.
+///
+/// ```
+/// use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = InMemoryBus::new();
+/// let (web, worker) = (hub.node("eu"), hub.node("eu"));
+/// let mut invalidations = worker.subscribe("user:42").await?;
+/// web.publish("user:42", PublishOptions::default()).await?;
+/// let event = invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(event.key, "user:42");
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct InMemoryBus {
     hub: Arc<Hub>,
     zone: String,
     counts: Arc<Counts>,
+    /// `None` for the hub's own handle (from [`InMemoryBus::new`]), which is not listed.
+    membership: Option<Arc<Membership>>,
 }
 
 #[derive(Default)]
@@ -50,21 +92,55 @@ impl Default for InMemoryBus {
 }
 
 impl InMemoryBus {
-    /// A new hub, and a handle on it in zone `default`.
+    /// A new hub, and a handle on it in zone `default`. That handle works as a node but
+    /// stands for the hub: other nodes do not list it among their [`SyncBus::peers`].
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    ///
+    /// let hub = InMemoryBus::new();
+    /// let node = hub.node("eu");
+    /// assert!(node.peers().is_empty());
+    /// assert_eq!(hub.peers(), ["eu"]);
+    /// ```
     pub fn new() -> InMemoryBus {
         InMemoryBus {
             hub: Arc::default(),
             zone: "default".into(),
             counts: Arc::default(),
+            membership: None,
         }
     }
 
-    /// Another node on the same hub, in `zone`.
+    /// Another node on the same hub, in `zone` (what [`SyncBus::publish_and_await_topology`]
+    /// counts). It is listed among the other nodes' [`SyncBus::peers`] until it and its
+    /// clones are dropped; its subscriptions go on after that.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let (eu, us) = (hub.node("eu"), hub.node("us"));
+    /// let _in_eu = eu.subscribe("price:9").await?;
+    /// let _in_us = us.subscribe("price:9").await?;
+    /// eu.publish_and_await_topology("price:9", 2, Duration::from_secs(1)).await?;
+    /// assert_eq!(eu.peers(), ["us"]);
+    /// # Ok(()) }
+    /// ```
     pub fn node(&self, zone: &str) -> InMemoryBus {
+        let id = self.hub.next_id.fetch_add(1, Ordering::Relaxed);
+        self.hub.nodes().insert(id, zone.to_owned());
         InMemoryBus {
             hub: Arc::clone(&self.hub),
             zone: zone.to_owned(),
             counts: Arc::default(),
+            membership: Some(Arc::new(Membership {
+                hub: Arc::clone(&self.hub),
+                id,
+            })),
         }
     }
 
@@ -221,6 +297,13 @@ impl SyncBus for InMemoryBus {
     }
 
     fn peers(&self) -> Vec<String> {
-        Vec::new()
+        let own = self.membership.as_ref().map(|m| m.id);
+        let nodes = self.hub.nodes();
+        let zones: BTreeSet<&String> = nodes
+            .iter()
+            .filter(|(id, _)| Some(**id) != own)
+            .map(|(_, zone)| zone)
+            .collect();
+        zones.into_iter().cloned().collect()
     }
 }

@@ -2,26 +2,31 @@
 //!
 //! A node that changes a key publishes an invalidation for it; every other node
 //! subscribed to the key drops its local copy. [`SyncBus`] is the interface applications
-//! program against; [`InMemoryBus`] serves tests and single-process use, and
-//! [`BusSyncBus`] runs it over a `bus` server, where quorum and topology waits are the
-//! server's confirmations.
+//! program against. [`InMemoryBus`] serves tests and single-process use; [`BusSyncBus`]
+//! runs it over a `bus` server, where quorum and topology waits are the server's
+//! confirmations; `NatsSyncBus` and `RedisSyncBus` (cargo features `nats` and `redis`)
+//! run it over NATS and Redis pub/sub.
 //!
 //! ```
 //! use std::time::Duration;
 //! use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus};
 //! use futures_util::StreamExt;
 //!
-//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let hub = InMemoryBus::new();
 //! let (node_a, node_b) = (hub.node("eu-1"), hub.node("us-1"));
-//! let mut invalidations = node_b.subscribe("user:42").await.unwrap();
-//! node_a.publish("user:42", PublishOptions::default()).await.unwrap();
-//! assert_eq!(invalidations.next().await.unwrap().key, "user:42");
+//! let mut invalidations = node_b.subscribe("user:42").await?;
+//! node_a.publish("user:42", PublishOptions::default()).await?;
+//! let event = invalidations.next().await.ok_or("subscription ended")?;
+//! assert_eq!(event.key, "user:42");
 //! // Both zones hold a subscriber of this key on another publish:
-//! let _also = node_a.subscribe("user:42").await.unwrap();
-//! node_a.publish_and_await_topology("user:42", 2, Duration::from_secs(1)).await.unwrap();
-//! # });
+//! let _also = node_a.subscribe("user:42").await?;
+//! node_a.publish_and_await_topology("user:42", 2, Duration::from_secs(1)).await?;
+//! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 mod bus;
 mod memory;
@@ -48,62 +53,207 @@ pub use self::nats_bus::NatsSyncBus;
 #[cfg(feature = "redis")]
 pub use self::redis_bus::RedisSyncBus;
 
-/// Where an invalidation applies, as the publisher says (both optional).
+/// Where an invalidation applies, as the publisher says (both optional). Subscribers
+/// receive it unchanged in [`SyncEvent::options`]; the bus itself does not filter on it.
+///
+/// ```
+/// use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = InMemoryBus::new();
+/// let (eu, us) = (hub.node("eu"), hub.node("us"));
+/// let mut invalidations = us.subscribe("user:42").await?;
+/// let options = PublishOptions {
+///     region: Some("eu-west".into()),
+///     scope: Some("profile".into()),
+/// };
+/// eu.publish("user:42", options.clone()).await?;
+/// let event = invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(event.options, options);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishOptions {
+    /// The region the change concerns (`eu-west`, say), for subscribers that care.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// What part of the cached value changed (`profile`, say), for subscribers that
+    /// invalidate selectively.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
 }
 
-/// An invalidation as subscribers receive it.
+/// An invalidation as subscribers receive it. The remote backends carry it as this JSON:
+/// the key, with the options beside it and left out when absent.
+///
+/// ```
+/// use bus::syncbus::{PublishOptions, SyncEvent};
+///
+/// # fn main() -> Result<(), serde_json::Error> {
+/// let event = SyncEvent {
+///     key: "user:42".into(),
+///     options: PublishOptions {
+///         region: Some("eu-west".into()),
+///         scope: None,
+///     },
+/// };
+/// let json = serde_json::to_string(&event)?;
+/// assert_eq!(json, r#"{"key":"user:42","region":"eu-west"}"#);
+/// assert_eq!(serde_json::from_str::<SyncEvent>(&json)?, event);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncEvent {
     /// The key (or, for a lease, the lease id).
     pub key: String,
+    /// The publisher's options (none for quorum and topology publishes and for leases).
     #[serde(flatten)]
     pub options: PublishOptions,
 }
 
-/// Published and delivered counts of one bus handle.
+/// Published and delivered counts of one bus handle, since it was made; its clones share
+/// them.
+///
+/// ```
+/// use bus::syncbus::{InMemoryBus, Metrics, PublishOptions, SyncBus};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = InMemoryBus::new();
+/// let (eu, us) = (hub.node("eu"), hub.node("us"));
+/// let mut invalidations = us.subscribe("user:42").await?;
+/// eu.publish("user:42", PublishOptions::default()).await?;
+/// invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(eu.metrics(), Metrics { published: 1, delivered: 0 });
+/// assert_eq!(us.metrics(), Metrics { published: 0, delivered: 1 });
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Metrics {
+    /// Messages this handle sent: invalidations (a coalesced burst counts the ones
+    /// actually sent), quorum and topology publishes, and lease revocations.
     pub published: u64,
+    /// Events this handle's subscriptions (of keys and leases) handed to their readers.
     pub delivered: u64,
 }
 
+/// Why a sync-bus operation failed.
+///
+/// ```
+/// use std::time::Duration;
+/// use bus::syncbus::{InMemoryBus, SyncBus, SyncError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), SyncError> {
+/// let hub = InMemoryBus::new();
+/// let (eu, us) = (hub.node("eu"), hub.node("us"));
+/// let _subscribed = us.subscribe("user:42").await?;
+/// let result = eu.publish_and_await("user:42", 2, Duration::from_secs(1)).await;
+/// let error = SyncError::QuorumNotSatisfied { acknowledged: 1, required: 2 };
+/// assert_eq!(result, Err(error.clone()));
+/// assert_eq!(error.to_string(), "quorum not satisfied: 1 of 2 acknowledged");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SyncError {
-    /// Fewer subscribers (or zones) than required acknowledged in time.
+    /// Fewer subscribers (or zones) than required acknowledged in time. The invalidation
+    /// was still published: those that acknowledged have it.
     #[error("quorum not satisfied: {acknowledged} of {required} acknowledged")]
     QuorumNotSatisfied {
+        /// How many subscribers (for a topology wait: distinct zones) acknowledged.
         acknowledged: usize,
+        /// How many the caller asked for.
         required: usize,
     },
-    /// This backend cannot count acknowledgements honestly.
+    /// This backend cannot count acknowledgements honestly (Redis), so it does not wait
+    /// for them. Nothing was published.
     #[error("this bus cannot wait for acknowledgements")]
     QuorumUnsupported,
-    /// The backend did not answer within the publish timeout.
+    /// The backend did not answer within the publish timeout (the duration given). The
+    /// invalidation may or may not have gone out.
     #[error("the bus did not answer within {0:?}")]
     Timeout(Duration),
-    /// The backend failed; the message says how.
+    /// The backend failed (unreachable, refused the request, …); the message says how.
     #[error("{0}")]
     Backend(String),
 }
 
-/// The operations of a sync bus.
+/// The operations of a sync bus, the same for every backend (the conformance tests hold
+/// them to it). Program against it with generics (`impl SyncBus`): its methods return
+/// futures, so it cannot be a `dyn` object.
+///
+/// ```
+/// use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus, SyncError};
+/// use futures_util::StreamExt;
+///
+/// /// Saves a user, then tells the other nodes to drop their copy.
+/// async fn save_user(bus: &impl SyncBus, id: u64) -> Result<(), SyncError> {
+///     // … write to the database …
+///     bus.publish(&format!("user:{id}"), PublishOptions::default()).await
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = InMemoryBus::new();
+/// let (eu, us) = (hub.node("eu"), hub.node("us"));
+/// let mut invalidations = us.subscribe("user:42").await?;
+/// save_user(&eu, 42).await?;
+/// let event = invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(event.key, "user:42");
+/// # Ok(()) }
+/// ```
 pub trait SyncBus: Send + Sync {
-    /// Publishes an invalidation for `key`. Publishes of a key made while one is on its
-    /// way are coalesced into one more publish after it.
+    /// Publishes an invalidation of `key` with `options` to every subscription of the key
+    /// (this node's own included), and returns once the backend has taken it — not once
+    /// subscribers have it. While a publish of a key is on its way, further publishes of
+    /// it return at once and make it publish once more when done, so the last change is
+    /// announced after it happened and a burst costs two messages. Fails with
+    /// [`SyncError::Timeout`] if the backend does not answer within the publish timeout,
+    /// [`SyncError::Backend`] if it fails.
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus};
+    /// use futures_util::StreamExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let (eu, us) = (hub.node("eu"), hub.node("us"));
+    /// let mut invalidations = us.subscribe("cart:7").await?;
+    /// eu.publish("cart:7", PublishOptions::default()).await?;
+    /// let event = invalidations.next().await.ok_or("subscription ended")?;
+    /// assert_eq!(event.key, "cart:7");
+    /// # Ok(()) }
+    /// ```
     fn publish(
         &self,
         key: &str,
         options: PublishOptions,
     ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
 
-    /// Publishes and returns once `replicas` subscribers acknowledged it, else
-    /// [`SyncError::QuorumNotSatisfied`] after `timeout`.
+    /// Publishes an invalidation of `key` (without options, and not coalesced) and returns
+    /// once `replicas` subscriptions have acknowledged it, that is handed it to their
+    /// readers. Fails with [`SyncError::QuorumNotSatisfied`] (saying how many did) if
+    /// fewer have after `timeout`, [`SyncError::QuorumUnsupported`] on a backend that
+    /// cannot count them, and as [`SyncBus::publish`] does if the backend fails.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let (writer, reader_1, reader_2) = (hub.node("eu"), hub.node("eu"), hub.node("us"));
+    /// let _first = reader_1.subscribe("price:9").await?;
+    /// let _second = reader_2.subscribe("price:9").await?;
+    /// // Returns once both readers have the invalidation.
+    /// writer.publish_and_await("price:9", 2, Duration::from_secs(1)).await?;
+    /// # Ok(()) }
+    /// ```
     fn publish_and_await(
         &self,
         key: &str,
@@ -111,8 +261,28 @@ pub trait SyncBus: Send + Sync {
         timeout: Duration,
     ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
 
-    /// Publishes and returns once subscribers in `min_zones` distinct zones acknowledged
-    /// it, else [`SyncError::QuorumNotSatisfied`] (counting zones) after `timeout`.
+    /// As [`SyncBus::publish_and_await`], but counts the distinct zones of the
+    /// acknowledging subscriptions (each subscription is in its node's zone) and returns
+    /// once there are `min_zones`; [`SyncError::QuorumNotSatisfied`] then counts zones.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus::syncbus::{InMemoryBus, SyncBus, SyncError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let (eu, us) = (hub.node("eu"), hub.node("us"));
+    /// let _in_eu = eu.subscribe("price:9").await?;
+    /// let _in_us = us.subscribe("price:9").await?;
+    /// let timeout = Duration::from_secs(1);
+    /// eu.publish_and_await_topology("price:9", 2, timeout).await?;
+    /// assert_eq!(
+    ///     eu.publish_and_await_topology("price:9", 3, timeout).await,
+    ///     Err(SyncError::QuorumNotSatisfied { acknowledged: 2, required: 3 })
+    /// );
+    /// # Ok(()) }
+    /// ```
     fn publish_and_await_topology(
         &self,
         key: &str,
@@ -120,34 +290,158 @@ pub trait SyncBus: Send + Sync {
         timeout: Duration,
     ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
 
-    /// The invalidations of `key`; dropping the subscription (or calling
-    /// [`KeySubscription::unsubscribe`]) ends it.
+    /// Subscribes to the invalidations of exactly `key` (its characters have no special
+    /// meaning: `user:*` is one key, not a pattern). Every invalidation published after
+    /// this returns is delivered; dropping the subscription (or calling
+    /// [`KeySubscription::unsubscribe`]) ends it. Fails as [`SyncBus::publish`] does if
+    /// the backend does.
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus};
+    /// use futures_util::StreamExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let node = hub.node("eu");
+    /// let mut invalidations = node.subscribe("user:42").await?;
+    /// hub.node("us").publish("user:42", PublishOptions::default()).await?;
+    /// if let Some(event) = invalidations.next().await {
+    ///     assert_eq!(event.key, "user:42"); // drop the cached user 42 here
+    /// }
+    /// # Ok(()) }
+    /// ```
     fn subscribe(
         &self,
         key: &str,
     ) -> impl std::future::Future<Output = Result<KeySubscription, SyncError>> + Send;
 
-    /// Revokes lease `id`: its subscribers receive one event.
+    /// Revokes lease `id`: each of its subscriptions receives one event whose key is
+    /// `id`. Leases are apart from keys: subscribers of a key named `id` receive nothing.
+    /// Fails as [`SyncBus::publish`] does.
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    /// use futures_util::StreamExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let (eu, us) = (hub.node("eu"), hub.node("us"));
+    /// let mut revocations = us.subscribe_lease("session-7").await?;
+    /// eu.revoke_lease("session-7").await?;
+    /// let revoked = revocations.next().await.ok_or("subscription ended")?;
+    /// assert_eq!(revoked.key, "session-7");
+    /// # Ok(()) }
+    /// ```
     fn revoke_lease(
         &self,
         id: &str,
     ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
 
-    /// Revocations of lease `id`.
+    /// Subscribes to the revocations of lease `id`, as [`SyncBus::subscribe`] does to
+    /// the invalidations of a key.
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    /// use futures_util::StreamExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let node = hub.node("eu");
+    /// let mut revocations = node.subscribe_lease("session-7").await?;
+    /// hub.node("us").revoke_lease("session-7").await?;
+    /// if let Some(revoked) = revocations.next().await {
+    ///     assert_eq!(revoked.key, "session-7"); // drop what the session held here
+    /// }
+    /// # Ok(()) }
+    /// ```
     fn subscribe_lease(
         &self,
         id: &str,
     ) -> impl std::future::Future<Output = Result<KeySubscription, SyncError>> + Send;
 
+    /// This handle's counts so far (see [`Metrics`]).
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, Metrics, PublishOptions, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let node = InMemoryBus::new().node("eu");
+    /// assert_eq!(node.metrics(), Metrics::default());
+    /// node.publish("user:42", PublishOptions::default()).await?;
+    /// node.revoke_lease("session-7").await?;
+    /// assert_eq!(node.metrics().published, 2);
+    /// # Ok(()) }
+    /// ```
     fn metrics(&self) -> Metrics;
 
+    /// Whether the backend answers now: always for [`InMemoryBus`]; for a remote backend,
+    /// whether the server answers a health check (`bus`: `GET /health`; Redis: `PING`,
+    /// within the publish timeout) or the connection is up (NATS). Never fails.
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let node = InMemoryBus::new().node("eu");
+    /// assert!(node.is_healthy().await);
+    /// # }
+    /// ```
     fn is_healthy(&self) -> impl std::future::Future<Output = bool> + Send;
 
-    /// The other nodes this bus knows of (empty where the backend does not say).
+    /// The other parties this handle exchanges invalidations through or with, sorted:
+    ///
+    /// - [`InMemoryBus`]: the zones of the hub's other live nodes (those made by
+    ///   [`InMemoryBus::node`] and not yet dropped, this node and its clones excepted),
+    ///   each zone once.
+    /// - [`BusSyncBus`]: the address of its server (`http://host:port`).
+    /// - `NatsSyncBus`: the server it is connected to and the other servers of its
+    ///   cluster, as they announce themselves (`nats://host:port`).
+    /// - `RedisSyncBus`: the Redis server it connects to (`redis://host:port`, without
+    ///   database or password).
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    ///
+    /// let hub = InMemoryBus::new();
+    /// let (eu, us, us_2) = (hub.node("eu"), hub.node("us"), hub.node("us"));
+    /// assert_eq!(eu.peers(), ["us"]);
+    /// assert_eq!(us.peers(), ["eu", "us"]);
+    /// drop((us, us_2));
+    /// assert!(eu.peers().is_empty());
+    /// ```
     fn peers(&self) -> Vec<String>;
 }
 
-/// A stream of [`SyncEvent`]s for one key or lease.
+/// A stream of [`SyncEvent`]s for one key or lease, from [`SyncBus::subscribe`] or
+/// [`SyncBus::subscribe_lease`]. Dropping it unsubscribes. It buffers up to 1024 events;
+/// a reader further behind makes a remote backend wait, and misses events on
+/// [`InMemoryBus`] (which then does not count them as acknowledged). The stream ends
+/// only if the backend ends it (its connection closed for good). It outlives the handle
+/// that made it.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use bus::syncbus::{InMemoryBus, PublishOptions, SyncBus};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = InMemoryBus::new();
+/// let (eu, us) = (hub.node("eu"), hub.node("us"));
+/// let mut cache = HashMap::from([("user:42".to_owned(), "Ada")]);
+/// let mut invalidations = us.subscribe("user:42").await?;
+/// eu.publish("user:42", PublishOptions::default()).await?;
+/// if let Some(event) = invalidations.next().await {
+///     cache.remove(&event.key);
+/// }
+/// assert!(cache.is_empty());
+/// # Ok(()) }
+/// ```
 pub struct KeySubscription {
     events: mpsc::Receiver<SyncEvent>,
     /// Dropped with the subscription: unregisters it from its backend.
@@ -162,7 +456,25 @@ impl KeySubscription {
         }
     }
 
-    /// Ends the subscription (the same as dropping it).
+    /// Ends the subscription, the same as dropping it: from then on it neither receives
+    /// nor acknowledges invalidations.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus::syncbus::{InMemoryBus, SyncBus, SyncError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), SyncError> {
+    /// let hub = InMemoryBus::new();
+    /// let (eu, us) = (hub.node("eu"), hub.node("us"));
+    /// let subscription = us.subscribe("user:42").await?;
+    /// subscription.unsubscribe();
+    /// assert_eq!(
+    ///     eu.publish_and_await("user:42", 1, Duration::from_millis(100)).await,
+    ///     Err(SyncError::QuorumNotSatisfied { acknowledged: 0, required: 1 })
+    /// );
+    /// # Ok(()) }
+    /// ```
     pub fn unsubscribe(self) {}
 }
 

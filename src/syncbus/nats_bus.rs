@@ -5,7 +5,7 @@
 //! zone once it has handed the event to the application, and the publisher counts the
 //! answers until it has enough or the timeout passes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,26 @@ use super::{
     SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 
-/// A node's handle on a sync bus carried by NATS.
+/// A node's handle on a sync bus carried by NATS core pub/sub. Its clones share its counts
+/// and publish coalescing. Every call to the server is bounded by the publish timeout
+/// (5 s unless [`NatsSyncBus::with_publish_timeout`] says otherwise); quorum and topology
+/// waits count the subscribers' answers until their own timeout.
+///
+/// ```no_run
+/// use bus::syncbus::{NatsSyncBus, PublishOptions, SyncBus};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let url = "nats://127.0.0.1:4222";
+/// let web = NatsSyncBus::new(async_nats::connect(url).await?, "warp.sync");
+/// let worker = NatsSyncBus::new(async_nats::connect(url).await?, "warp.sync");
+/// let mut invalidations = worker.subscribe("user:42").await?;
+/// web.publish("user:42", PublishOptions::default()).await?;
+/// let event = invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(event.key, "user:42");
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct NatsSyncBus {
     client: async_nats::Client,
@@ -40,7 +59,20 @@ fn backend(e: impl std::fmt::Display) -> SyncError {
 }
 
 impl NatsSyncBus {
-    /// A sync bus on subjects under `prefix` (`warp.sync`, say) through `client`.
+    /// A sync bus on subjects under `prefix` (`warp.sync`, say) through `client`, in zone
+    /// `default`. Nodes must share the prefix to see each other's invalidations.
+    ///
+    /// ```no_run
+    /// use bus::syncbus::{NatsSyncBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let bus = NatsSyncBus::new(client, "warp.sync");
+    /// assert!(bus.is_healthy().await);
+    /// assert!(bus.peers().contains(&"nats://127.0.0.1:4222".to_owned()));
+    /// # Ok(()) }
+    /// ```
     pub fn new(client: async_nats::Client, prefix: &str) -> NatsSyncBus {
         NatsSyncBus {
             client,
@@ -51,13 +83,44 @@ impl NatsSyncBus {
         }
     }
 
-    /// The zone this node is in, for [`SyncBus::publish_and_await_topology`].
+    /// The zone this node is in (`default` unless set), which its subscriptions answer
+    /// with for [`SyncBus::publish_and_await_topology`] to count.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bus::syncbus::{NatsSyncBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let url = "nats://127.0.0.1:4222";
+    /// let eu = NatsSyncBus::new(async_nats::connect(url).await?, "warp.sync").with_zone("eu");
+    /// let us = NatsSyncBus::new(async_nats::connect(url).await?, "warp.sync").with_zone("us");
+    /// let _in_eu = eu.subscribe("price:9").await?;
+    /// let _in_us = us.subscribe("price:9").await?;
+    /// eu.publish_and_await_topology("price:9", 2, Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn with_zone(mut self, zone: &str) -> NatsSyncBus {
         self.zone = zone.to_owned();
         self
     }
 
-    /// The longest a publish may take before it fails with [`SyncError::Timeout`].
+    /// The longest a call may wait for the NATS server (5 s by default) before it fails
+    /// with [`SyncError::Timeout`]: publishes, lease revocations, subscribing, and sending
+    /// the event of a quorum or topology wait (whose answers have their own timeout).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bus::syncbus::{NatsSyncBus, PublishOptions, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let bus = NatsSyncBus::new(client, "warp.sync")
+    ///     .with_publish_timeout(Duration::from_secs(1));
+    /// bus.publish("user:42", PublishOptions::default()).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn with_publish_timeout(mut self, timeout: Duration) -> NatsSyncBus {
         self.publish_timeout = timeout;
         self
@@ -77,18 +140,26 @@ impl NatsSyncBus {
 
     async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
         let payload = Self::payload(key, options)?;
-        let sent = async {
+        self.timed(async {
             self.client
                 .publish(self.subject(kind, key), payload.into())
                 .await
                 .map_err(backend)?;
             self.client.flush().await.map_err(backend)
-        };
-        tokio::time::timeout(self.publish_timeout, sent)
-            .await
-            .map_err(|_| SyncError::Timeout(self.publish_timeout))??;
+        })
+        .await?;
         self.state.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// `call`, failing with [`SyncError::Timeout`] once the publish timeout has passed.
+    async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, SyncError>>,
+    ) -> Result<T, SyncError> {
+        tokio::time::timeout(self.publish_timeout, call)
+            .await
+            .map_err(|_| SyncError::Timeout(self.publish_timeout))?
     }
 
     /// Publishes with a reply inbox and counts the answers: (subscribers, zones).
@@ -99,17 +170,22 @@ impl NatsSyncBus {
         timeout: Duration,
     ) -> Result<(usize, usize), SyncError> {
         let inbox = self.client.new_inbox();
-        let mut answers = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(backend)?;
         let payload = Self::payload(key, PublishOptions::default())?;
-        self.client
-            .publish_with_reply(self.subject('k', key), inbox, payload.into())
-            .await
-            .map_err(backend)?;
-        self.client.flush().await.map_err(backend)?;
+        let mut answers = self
+            .timed(async {
+                let answers = self
+                    .client
+                    .subscribe(inbox.clone())
+                    .await
+                    .map_err(backend)?;
+                self.client
+                    .publish_with_reply(self.subject('k', key), inbox, payload.into())
+                    .await
+                    .map_err(backend)?;
+                self.client.flush().await.map_err(backend)?;
+                Ok(answers)
+            })
+            .await?;
         self.state.published.fetch_add(1, Ordering::Relaxed);
         let (mut subscribers, mut zones) = (0, HashSet::new());
         let deadline = tokio::time::Instant::now() + timeout;
@@ -131,12 +207,17 @@ impl NatsSyncBus {
 
     async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
         let mut messages = self
-            .client
-            .subscribe(self.subject(kind, key))
-            .await
-            .map_err(backend)?;
-        // The subscription is in place at the server once this round trip is done.
-        self.client.flush().await.map_err(backend)?;
+            .timed(async {
+                let messages = self
+                    .client
+                    .subscribe(self.subject(kind, key))
+                    .await
+                    .map_err(backend)?;
+                // The subscription is in place at the server once this round trip is done.
+                self.client.flush().await.map_err(backend)?;
+                Ok(messages)
+            })
+            .await?;
         let (sender, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let client = self.client.clone();
         let delivered = Arc::clone(&self.state.delivered);
@@ -225,6 +306,24 @@ impl SyncBus for NatsSyncBus {
     }
 
     fn peers(&self) -> Vec<String> {
-        self.client.server_info().connect_urls.into_iter().collect()
+        let info = self.client.server_info();
+        let url = |address: &str| {
+            if address.contains("://") {
+                address.to_owned()
+            } else {
+                format!("nats://{address}")
+            }
+        };
+        let mut peers: BTreeSet<String> = info.connect_urls.iter().map(|a| url(a)).collect();
+        if !info.host.is_empty() {
+            // The server gives IPv6 hosts without brackets; a URL needs them.
+            let host = if info.host.contains(':') {
+                format!("[{}]", info.host)
+            } else {
+                info.host
+            };
+            peers.insert(url(&format!("{host}:{}", info.port)));
+        }
+        peers.into_iter().collect()
     }
 }

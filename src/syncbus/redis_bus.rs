@@ -18,7 +18,30 @@ use super::{
     SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 
-/// A node's handle on a sync bus carried by Redis.
+/// A node's handle on a sync bus carried by Redis pub/sub. Its clones share its counts,
+/// publish coalescing and connection; each subscription has a connection of its own.
+/// Redis cannot say whether anyone handled a message, so quorum and topology waits fail
+/// with [`SyncError::QuorumUnsupported`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use bus::syncbus::{PublishOptions, RedisSyncBus, SyncBus, SyncError};
+/// use futures_util::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+/// let bus = RedisSyncBus::new(client, "warp.sync").await?;
+/// let mut invalidations = bus.subscribe("user:42").await?;
+/// bus.publish("user:42", PublishOptions::default()).await?;
+/// let event = invalidations.next().await.ok_or("subscription ended")?;
+/// assert_eq!(event.key, "user:42");
+/// assert_eq!(
+///     bus.publish_and_await("user:42", 1, Duration::from_secs(1)).await,
+///     Err(SyncError::QuorumUnsupported)
+/// );
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RedisSyncBus {
     client: redis::Client,
@@ -32,8 +55,42 @@ fn backend(e: impl std::fmt::Display) -> SyncError {
     SyncError::Backend(format!("Redis: {e}"))
 }
 
+/// The URL of a Redis server's address, without database or credentials.
+fn address(addr: &redis::ConnectionAddr) -> String {
+    // Redis keeps IPv6 hosts without brackets; a URL needs them.
+    let bracketed = |host: &str| {
+        if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        }
+    };
+    match addr {
+        redis::ConnectionAddr::Tcp(host, port) => format!("redis://{}:{port}", bracketed(host)),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("rediss://{}:{port}", bracketed(host))
+        }
+        redis::ConnectionAddr::Unix(path) => format!("redis+unix://{}", path.display()),
+        other => other.to_string(),
+    }
+}
+
 impl RedisSyncBus {
-    /// A sync bus on channels under `prefix` through `client` (connects once, here).
+    /// A sync bus on channels under `prefix` (`warp.sync`, say) through `client`. It
+    /// connects here, once, and fails with [`SyncError::Backend`] if it cannot. Nodes
+    /// must share the prefix to see each other's invalidations.
+    ///
+    /// ```no_run
+    /// use bus::syncbus::{RedisSyncBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+    /// let bus = RedisSyncBus::new(client, "warp.sync").await?;
+    /// assert!(bus.is_healthy().await);
+    /// assert_eq!(bus.peers(), ["redis://127.0.0.1:6379"]);
+    /// # Ok(()) }
+    /// ```
     pub async fn new(client: redis::Client, prefix: &str) -> Result<RedisSyncBus, SyncError> {
         let connection = client
             .get_multiplexed_async_connection()
@@ -48,7 +105,23 @@ impl RedisSyncBus {
         })
     }
 
-    /// The longest a publish may take before it fails with [`SyncError::Timeout`].
+    /// The longest a publish or lease revocation may take before it fails with
+    /// [`SyncError::Timeout`] (5 s by default); it also bounds the `PING` of
+    /// [`SyncBus::is_healthy`].
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bus::syncbus::{PublishOptions, RedisSyncBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+    /// let bus = RedisSyncBus::new(client, "warp.sync")
+    ///     .await?
+    ///     .with_publish_timeout(Duration::from_secs(1));
+    /// bus.publish("user:42", PublishOptions::default()).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn with_publish_timeout(mut self, timeout: Duration) -> RedisSyncBus {
         self.publish_timeout = timeout;
         self
@@ -156,6 +229,6 @@ impl SyncBus for RedisSyncBus {
     }
 
     fn peers(&self) -> Vec<String> {
-        Vec::new()
+        vec![address(self.client.get_connection_info().addr())]
     }
 }
