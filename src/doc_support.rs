@@ -1,7 +1,7 @@
-//! A throwaway server for the SDK's documentation examples, so that they run against a
+//! Throwaway servers for the SDK's documentation examples, so that they run against a
 //! real server instead of pretending. Not part of the API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -17,9 +17,14 @@ pub struct DocServer {
 }
 
 impl DocServer {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` for [`tls_server`].
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The CA certificate (PEM) that signed [`tls_server`]'s certificate.
+    pub fn ca_pem_path(&self) -> PathBuf {
+        fixture("ca.pem")
     }
 }
 
@@ -29,26 +34,53 @@ impl Drop for DocServer {
     }
 }
 
-/// Starts a server for one example.
+/// Starts a plain-HTTP server for one example.
 pub async fn server() -> anyhow::Result<DocServer> {
+    start(&[], "http://127.0.0.1").await
+}
+
+/// Starts a server with TLS (the test certificate for `localhost`, signed by the test CA
+/// in `tests/fixtures/tls`).
+pub async fn tls_server() -> anyhow::Result<DocServer> {
+    let (cert, key) = (fixture("cert.pem"), fixture("key.pem"));
+    let flags = [
+        "--tls-cert",
+        &*cert.to_string_lossy(),
+        "--tls-key",
+        &*key.to_string_lossy(),
+    ]
+    .map(str::to_owned);
+    start(&flags, "https://localhost").await
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+async fn start(flags: &[String], scheme_and_host: &str) -> anyhow::Result<DocServer> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let dir = std::env::temp_dir().join(format!("bus-doc-{}-{nanos}", std::process::id()));
-    let config = ServerConfig::from_args([
+    let mut args = [
         "--addr",
         "127.0.0.1:0",
         "--namespaces",
         "app,orders",
         "--path",
         &dir.display().to_string(),
-    ])
-    .context("example server flags")?;
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(flags.iter().cloned());
+    let config = ServerConfig::from_args(args).context("example server flags")?;
     let server = crate::server::start(&config)
         .await
         .context("starting the example server")?;
     Ok(DocServer {
-        host: format!("http://{}", server.local_addr()),
+        host: format!("{scheme_and_host}:{}", server.local_addr().port()),
         dir,
         _server: server,
     })

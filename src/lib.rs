@@ -19,7 +19,8 @@
 //! - [`cli`]: the `bus` subcommands.
 //!
 //! With `default-features = false, features = ["client"]` only [`client`], [`syncbus`],
-//! [`duration`] and [`timestamp`] are built: what an application needs to talk to a server.
+//! [`duration`] and [`timestamp`] are built: what an application needs to talk to a server
+//! (feature `tls` adds `https://` servers; `nats` and `redis` the sync-bus backends).
 
 #[cfg(feature = "server")]
 pub mod broker;

@@ -1,5 +1,7 @@
-//! HTTPS with `--tls-cert`/`--tls-key`: publishing and streaming over TLS, plain HTTP
-//! refused on the TLS port, and clear start-up errors for bad certificate files.
+//! HTTPS with `--tls-cert`/`--tls-key`: publishing and streaming over TLS (raw, through
+//! the Rust SDK and through the CLI), plain HTTP refused on the TLS port, an unknown
+//! certificate authority refused by the clients, and clear start-up errors for bad
+//! certificate files.
 //! The fixtures in tests/fixtures/tls are a test CA and a localhost certificate it signed
 //! (valid until 2126); their keys protect nothing.
 
@@ -9,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bus::client::{Client, ClientError, NewEvent, Received, Start, SubscribeOptions};
 use bus::config::ServerConfig;
 use common::http::*;
 use rustls_pki_types::pem::PemObject;
@@ -89,6 +92,73 @@ async fn publish_and_stream_over_tls() {
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
 
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_and_the_cli_speak_https_with_a_private_ca() {
+    let data = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = (fixture("cert.pem"), fixture("key.pem"), fixture("ca.pem"));
+    let mut server =
+        TestServer::start(data.path(), &["--tls-cert", &cert, "--tls-key", &key]).await;
+    let port = server.server.as_ref().unwrap().local_addr().port();
+    let host = format!("https://localhost:{port}");
+
+    // Without the CA, the server's certificate is refused, and the error says why.
+    let error = Client::new(&host).unwrap().health().await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Unreachable { reason, .. } if reason.contains("certificate")),
+        "{error}"
+    );
+
+    let client = Client::new(&host)
+        .unwrap()
+        .with_root_certificate(&std::fs::read(&ca).unwrap())
+        .unwrap();
+    let event = NewEvent::new("app.tls").with_payload(&1).unwrap();
+    assert_eq!(client.publish(&event).await.unwrap().index, 0);
+
+    // The CLI, a real process, with --ca-cert.
+    let cli_host = host.clone();
+    let put = tokio::task::spawn_blocking(move || {
+        common::cli::run(
+            &[
+                "put",
+                "--host",
+                &cli_host,
+                "--ca-cert",
+                &ca,
+                "--subject",
+                "app.tls",
+                "--data",
+                "2",
+            ],
+            None,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(put.ok().contains(r#""index":1"#), "{put:?}");
+
+    let options = SubscribeOptions::new("app.tls")
+        .with_start(Start::Oldest)
+        .with_until_now();
+    let mut numbers = Vec::new();
+    let mut subscription = client.subscribe(options).await.unwrap();
+    while let Some(received) = subscription.next().await {
+        if let Received::Event(event) = received.unwrap() {
+            numbers.push(event.payload_as::<u32>().unwrap());
+        }
+    }
+    assert_eq!(numbers, [1, 2]);
+
+    // A file that holds no certificate is refused before anything is sent.
+    assert!(matches!(
+        Client::new(&host)
+            .unwrap()
+            .with_root_certificate(b"not a certificate"),
+        Err(ClientError::Certificate(_))
+    ));
     server.stop().await;
 }
 

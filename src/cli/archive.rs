@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::progress;
-use crate::client::{Client, DEFAULT_HOST};
+use crate::client::Client;
 use crate::client::{Received, Start, SubscribeOptions};
 use crate::event::{compact_json, EventDraft, PendingEvent};
 use crate::store::cipher::DEFAULT_BLOCK_SIZE;
@@ -38,12 +38,8 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Where events come from or go to: a server, or a data directory.
 #[derive(Debug, Args)]
 pub struct Source {
-    /// The server's address.
-    #[arg(long, env = "BUS_HOST", default_value = DEFAULT_HOST)]
-    pub host: String,
-    /// Token for a server that requires one (`--auth-file`).
-    #[arg(long, env = "BUS_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub server: super::HostArgs,
     /// Work on this data directory instead of a server (the server must be stopped).
     #[arg(long)]
     pub path: Option<PathBuf>,
@@ -133,7 +129,7 @@ pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
             if args.namespace.is_empty() {
                 bail!("name the namespaces to dump with --namespace (a server does not list them)");
             }
-            let client = super::client_for(&args.source.host, args.source.token.as_deref())?;
+            let client = args.source.server.client()?;
             let mut written = 0;
             for namespace in &args.namespace {
                 let mut options = SubscribeOptions::new(format!("{namespace}.>"));
@@ -253,10 +249,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             cipher: args.target.key.cipher()?,
             logs: BTreeMap::new(),
         },
-        None => Sink::Server(super::client_for(
-            &args.target.host,
-            args.target.token.as_deref(),
-        )?),
+        None => Sink::Server(args.target.server.client()?),
     };
     let bar = progress::events(None, "restoring");
     let mut restored = 0u64;

@@ -14,8 +14,10 @@ pub mod events;
 mod progress;
 pub mod server;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
@@ -87,20 +89,27 @@ pub struct HostArgs {
     /// Token for a server that requires one (`--auth-file`).
     #[arg(long, env = "BUS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to trust, besides the system's, for an https:// server whose
+    /// certificate a private CA signed (or a self-signed one).
+    #[arg(long, env = "BUS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl HostArgs {
-    pub fn client(&self) -> Result<Client, ClientError> {
-        client_for(&self.host, self.token.as_deref())
-    }
-}
-
-/// A client for `host`, presenting `token` if there is one.
-pub fn client_for(host: &str, token: Option<&str>) -> Result<Client, ClientError> {
-    let client = Client::new(host)?;
-    match token {
-        Some(token) if !token.trim().is_empty() => client.with_token(token),
-        _ => Ok(client),
+    /// A client for the server, presenting the token and trusting the CA if given.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let mut client = Client::new(&self.host)?;
+        if let Some(token) = self.token.as_deref().filter(|t| !t.trim().is_empty()) {
+            client = client.with_token(token)?;
+        }
+        if let Some(path) = &self.ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading --ca-cert {}", path.display()))?;
+            client = client
+                .with_root_certificate(&pem)
+                .with_context(|| format!("--ca-cert {}", path.display()))?;
+        }
+        Ok(client)
     }
 }
 
@@ -129,6 +138,8 @@ pub fn main(cli: Cli) -> ExitCode {
         eprintln!("bus: {message}");
         return ExitCode::from(2);
     }
+    // Before any HTTP client is built (the benchmarks build their own).
+    crate::client::install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

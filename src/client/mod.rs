@@ -14,7 +14,9 @@
 //!   `reply=1`) or, for servers without that, through an inbox subject subscribed to
 //!   *before* publishing ([`Client::publish_and_collect`]), so no answer can be missed.
 //!
-//! Build it without the server with `default-features = false, features = ["client"]`.
+//! Build it without the server with `default-features = false, features = ["client"]`;
+//! feature `tls` adds `https://` servers (see [`install_tls_provider`] for what that
+//! means for a program's other reqwest clients).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -92,9 +94,13 @@ const HEADER_CONSUMER_ID: &str = "x-bus-consumer-id";
 /// ```
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The address given to [`Client::new`] is not `http://host[:port]`.
-    #[error("invalid server address {0:?}: use http://host:port")]
+    /// The address given to [`Client::new`] is not `http://host[:port]` or
+    /// `https://host[:port]`.
+    #[error("invalid server address {0:?}: use http://host:port or https://host:port")]
     InvalidHost(String),
+    /// The certificate given to [`Client::with_root_certificate`] is not usable.
+    #[error("cannot use the CA certificate: {0}")]
+    Certificate(String),
     /// The server could not be reached, or the connection broke; `reason` is the
     /// innermost cause (connection refused, reset, …).
     #[error("cannot reach the bus server at {host}: {reason}")]
@@ -769,19 +775,33 @@ pub struct ConsumerInfo {
 pub struct Client {
     base: Url,
     http: reqwest::Client,
+    /// What `http` was built with, to build it again with one more setting.
+    settings: HttpSettings,
     /// How long a request may wait for the server's answer.
     timeout: Duration,
 }
 
+#[derive(Debug, Clone, Default)]
+struct HttpSettings {
+    /// `Authorization` on every request.
+    token: Option<HeaderValue>,
+    /// Certificate authorities trusted besides the system's.
+    #[cfg(feature = "tls")]
+    roots: Vec<reqwest::Certificate>,
+}
+
 impl Client {
-    /// A client for the server at `host` (`http://host:port`; `host:port` alone is taken
-    /// as http). Nothing is sent until the first call.
+    /// A client for the server at `host`: `http://host:port`, `https://host:port` for a
+    /// server with TLS (`--tls-cert`; its certificate is checked against the system's
+    /// authorities and [`Client::with_root_certificate`]), or `host:port`, taken as http.
+    /// Nothing is sent until the first call.
     ///
     /// ```
     /// use bus::client::{Client, ClientError};
     ///
     /// let client = Client::new("localhost:2021")?;
     /// assert_eq!(client.host(), "http://localhost:2021");
+    /// assert_eq!(Client::new("https://bus.example.com")?.host(), "https://bus.example.com");
     /// assert!(matches!(Client::new("ftp://x"), Err(ClientError::InvalidHost(_))));
     /// # Ok::<(), ClientError>(())
     /// ```
@@ -794,11 +814,18 @@ impl Client {
         };
         let base = Url::parse(&with_scheme)
             .ok()
-            .filter(|url| url.scheme() == "http" && url.host().is_some())
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
             .ok_or_else(|| ClientError::InvalidHost(host.to_owned()))?;
+        if base.scheme() == "https" && !cfg!(feature = "tls") {
+            return Err(ClientError::InvalidHost(format!(
+                "{host} (https needs the `tls` feature of the bus crate)"
+            )));
+        }
+        let settings = HttpSettings::default();
         Ok(Client {
             base,
-            http: http_client(None)?,
+            http: settings.client()?,
+            settings,
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -816,7 +843,41 @@ impl Client {
                 ClientError::Protocol("the token holds characters a header cannot carry".into())
             })?;
         value.set_sensitive(true);
-        self.http = http_client(Some(value))?;
+        self.settings.token = Some(value);
+        self.http = self.settings.client()?;
+        Ok(self)
+    }
+
+    /// The same client, also trusting the certificate authorities in `pem` (one or more
+    /// PEM certificates) for an `https://` server: a private CA, or a self-signed server
+    /// certificate.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::tls_server().await?; let host = server.host();
+    /// # let ca_pem_path = server.ca_pem_path();
+    /// use bus::client::Client;
+    ///
+    /// let ca = std::fs::read(ca_pem_path)?; // the CA that signed the server's certificate
+    /// let client = Client::new(host)?.with_root_certificate(&ca)?; // host: "https://localhost:…"
+    /// client.health().await?;
+    ///
+    /// // Without it, the server's certificate is refused.
+    /// assert!(Client::new(host)?.health().await.is_err());
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificate(mut self, pem: &[u8]) -> Result<Client, ClientError> {
+        let roots = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::Certificate(e.to_string()))?;
+        if roots.is_empty() {
+            return Err(ClientError::Certificate(
+                "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+            ));
+        }
+        self.settings.roots.extend(roots);
+        self.http = self.settings.client()?;
         Ok(self)
     }
 
@@ -1399,18 +1460,45 @@ impl Client {
     }
 }
 
-fn http_client(token: Option<HeaderValue>) -> Result<reqwest::Client, ClientError> {
-    let mut builder = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10));
-    if let Some(token) = token {
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, token);
-        builder = builder.default_headers(headers);
+impl HttpSettings {
+    fn client(&self) -> Result<reqwest::Client, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10));
+        #[cfg(feature = "tls")]
+        {
+            install_tls_provider();
+            builder = builder.tls_certs_merge(self.roots.iter().cloned());
+        }
+        if let Some(token) = &self.token {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, token.clone());
+            builder = builder.default_headers(headers);
+        }
+        builder
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("cannot set up HTTP: {e}")))
     }
-    builder
-        .build()
-        .map_err(|e| ClientError::Protocol(format!("cannot set up HTTP: {e}")))
+}
+
+/// Makes ring rustls's process-wide crypto provider, unless one is installed already.
+///
+/// With the `tls` feature, reqwest (in the whole program: cargo unifies its features)
+/// uses rustls without a provider of its own, and panics when a `reqwest::Client` is
+/// built before one is installed. A [`Client`] calls this itself; a program that builds
+/// its own reqwest clients calls it first (or installs the provider it prefers).
+///
+/// ```
+/// bus::client::install_tls_provider();
+/// let http = reqwest::Client::new(); // would panic without a provider
+/// # drop(http);
+/// ```
+#[cfg(feature = "tls")]
+pub fn install_tls_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may have installed one meanwhile; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, ClientError> {
@@ -1851,7 +1939,7 @@ mod tests {
         ] {
             assert_eq!(Client::new(given).unwrap().host(), expected);
         }
-        for bad in ["", "https://x", "ftp://x", "http://"] {
+        for bad in ["", "https://", "ftp://x", "http://"] {
             assert!(
                 matches!(Client::new(bad), Err(ClientError::InvalidHost(_))),
                 "{bad:?} accepted"

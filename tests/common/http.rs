@@ -20,6 +20,8 @@ impl TestServer {
     /// `args` are `bus server` flags besides `--addr`; `--namespaces` defaults to
     /// `app,orders`.
     pub async fn start(data: &std::path::Path, args: &[&str]) -> TestServer {
+        // Tests talk to it with reqwest, which needs a TLS provider installed.
+        bus::client::install_tls_provider();
         let mut all = vec![
             "--addr".to_owned(),
             "127.0.0.1:0".to_owned(),

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 /// The `bus` binary, with no `BUS_*` variable inherited from the test's environment.
 pub fn bus() -> Command {
+    // The tests talk to the processes with reqwest, which needs a TLS provider installed.
+    bus::client::install_tls_provider();
     let mut command = Command::new(env!("CARGO_BIN_EXE_bus"));
     for (key, _) in std::env::vars() {
         if key.starts_with("BUS_") {
