@@ -74,10 +74,24 @@ async fn conformance<B: SyncBus>(a1: &B, a2: &B, b: &B, counts: bool) {
 
     // Leases are apart from keys.
     let mut lease = b.subscribe_lease("lease-7").await.unwrap();
+    let mut other_lease = b.subscribe_lease("lease-7").await.unwrap();
     let mut same_name_key = b.subscribe("lease-7").await.unwrap();
     a1.revoke_lease("lease-7").await.unwrap();
     assert_eq!(next(&mut lease).await.key, "lease-7");
+    assert_eq!(next(&mut other_lease).await.key, "lease-7");
     nothing(&mut same_name_key).await;
+    // An unsubscribed lease receives nothing more; the other one still does.
+    b.unsubscribe_lease(lease);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let delivered = b.metrics().delivered;
+    a1.revoke_lease("lease-7").await.unwrap();
+    assert_eq!(next(&mut other_lease).await.key, "lease-7");
+    tokio::time::sleep(SHORT).await;
+    assert_eq!(
+        b.metrics().delivered,
+        delivered + 1,
+        "only the subscribed lease"
+    );
 
     // Concurrent publishes of one key all succeed; at least one reaches the subscriber.
     let mut hot = b.subscribe("hot").await.unwrap();

@@ -362,6 +362,27 @@ pub trait SyncBus: Send + Sync {
         id: &str,
     ) -> impl std::future::Future<Output = Result<KeySubscription, SyncError>> + Send;
 
+    /// Ends a lease subscription: the same as dropping it or calling
+    /// [`KeySubscription::unsubscribe`], under the name the seeds' `Bus` interface gives
+    /// it. The backend stops delivering to it at once.
+    ///
+    /// ```
+    /// use bus::syncbus::{InMemoryBus, SyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = InMemoryBus::new();
+    /// let node = hub.node("eu");
+    /// let revocations = node.subscribe_lease("session-7").await?;
+    /// node.unsubscribe_lease(revocations);
+    /// hub.node("us").revoke_lease("session-7").await?;
+    /// assert_eq!(node.metrics().delivered, 0);
+    /// # Ok(()) }
+    /// ```
+    fn unsubscribe_lease(&self, subscription: KeySubscription) {
+        subscription.unsubscribe();
+    }
+
     /// This handle's counts so far (see [`Metrics`]).
     ///
     /// ```
