@@ -1756,14 +1756,12 @@ impl Stream for Subscription {
 
 /// What a subscription's events share with it: the client to ack through, and how far
 /// acknowledgements have come (where to resume after a reconnection).
-#[derive(Debug)]
 struct Delivery {
     client: Client,
     manual: bool,
     progress: Mutex<Progress>,
 }
 
-#[derive(Debug)]
 struct Progress {
     consumer_id: String,
     /// Manual acks: ids delivered on this connection, in order, and whether each was
@@ -1772,6 +1770,15 @@ struct Progress {
     /// The event after which a reconnection resumes: the last delivered without acks,
     /// the last up to which all were acknowledged with them.
     resume_after: Option<String>,
+}
+
+impl std::fmt::Debug for Delivery {
+    // Every delivered event carries one: keep their debug output short.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("host", &self.client.host())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Delivery {
