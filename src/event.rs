@@ -403,7 +403,26 @@ fn push_member(out: &mut Vec<u8>, name: &str, value: &str) -> Option<Range<usize
 /// The compact form of valid JSON text: insignificant whitespace removed, everything else
 /// (numbers, escapes, member order) byte for byte as given.
 pub fn compact_json(json: &[u8]) -> Vec<u8> {
+    compact_and_measure(json).0
+}
+
+/// How deeply a payload may nest arrays and objects. Inside its event (one more level),
+/// that is the 127 levels that serde_json accepts by default (other common parsers accept
+/// more), so every subscriber can parse what it receives.
+pub const MAX_PAYLOAD_DEPTH: usize = 126;
+
+/// A payload (valid JSON text) as it is stored: compacted as by [`compact_json`], or
+/// `None` if it nests arrays and objects more than [`MAX_PAYLOAD_DEPTH`] levels deep.
+/// One pass over the bytes.
+pub fn compact_payload(json: &[u8]) -> Option<Vec<u8>> {
+    let (compact, depth) = compact_and_measure(json);
+    (depth <= MAX_PAYLOAD_DEPTH).then_some(compact)
+}
+
+/// [`compact_json`], and the deepest nesting of arrays and objects (0 for a scalar).
+fn compact_and_measure(json: &[u8]) -> (Vec<u8>, usize) {
     let mut out = Vec::with_capacity(json.len());
+    let (mut depth, mut deepest) = (0usize, 0usize);
     let mut in_string = false;
     let mut escaped = false;
     // Bytes are copied in runs between the whitespace that is dropped, not one by one.
@@ -417,39 +436,13 @@ pub fn compact_json(json: &[u8]) -> Vec<u8> {
             } else if b == b'"' {
                 in_string = false;
             }
-        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            out.extend_from_slice(&json[run_start..i]);
-            run_start = i + 1;
-        } else {
-            in_string = b == b'"';
-        }
-    }
-    out.extend_from_slice(&json[run_start..]);
-    out
-}
-
-/// How deeply a payload may nest arrays and objects. Inside its event (one more level),
-/// that is the 127 levels that serde_json accepts by default (other common parsers accept
-/// more), so every subscriber can parse what it receives.
-pub const MAX_PAYLOAD_DEPTH: usize = 126;
-
-/// The deepest nesting of arrays and objects in a valid JSON text (0 for a scalar).
-pub fn json_depth(json: &[u8]) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in json {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
             continue;
         }
         match b {
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                out.extend_from_slice(&json[run_start..i]);
+                run_start = i + 1;
+            }
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
@@ -459,7 +452,8 @@ pub fn json_depth(json: &[u8]) -> usize {
             _ => {}
         }
     }
-    deepest
+    out.extend_from_slice(&json[run_start..]);
+    (out, deepest)
 }
 
 /// Appends `value` as a JSON string literal.
@@ -668,6 +662,26 @@ mod tests {
             let pretty = serde_json::to_vec_pretty(&value).unwrap();
             assert_eq!(compact_json(&pretty), serde_json::to_vec(&value).unwrap());
         }
+    }
+
+    #[test]
+    fn payloads_deeper_than_the_limit_are_refused() {
+        let nested = |depth: usize| format!("{}1{}", "[ ".repeat(depth), " ]".repeat(depth));
+        let deepest = nested(MAX_PAYLOAD_DEPTH);
+        assert_eq!(
+            compact_payload(deepest.as_bytes()),
+            Some(deepest.replace(' ', "").into_bytes())
+        );
+        assert_eq!(
+            compact_payload(nested(MAX_PAYLOAD_DEPTH + 1).as_bytes()),
+            None
+        );
+        // Brackets inside strings do not nest.
+        let quoted = format!(r#"["{}"]"#, "[{".repeat(200));
+        assert_eq!(
+            compact_payload(quoted.as_bytes()),
+            Some(quoted.into_bytes())
+        );
     }
 
     #[test]

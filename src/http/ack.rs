@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::publish::read_body;
 use super::AppState;
 use crate::duration::parse_go_duration;
-use crate::event::{compact_json, json_depth, MAX_PAYLOAD_DEPTH};
+use crate::event::{compact_payload, MAX_PAYLOAD_DEPTH};
 
 pub async fn ack(
     State(app): State<AppState>,
@@ -89,11 +89,11 @@ pub async fn ack(
             )
             .into_response();
         }
-        let payload = match serde_json::from_slice::<&serde_json::value::RawValue>(&reply) {
-            Ok(raw) if json_depth(raw.get().as_bytes()) <= MAX_PAYLOAD_DEPTH => {
-                compact_json(raw.get().as_bytes())
-            }
-            Ok(_) => {
+        let payload = match serde_json::from_slice::<&serde_json::value::RawValue>(&reply)
+            .map(|raw| compact_payload(raw.get().as_bytes()))
+        {
+            Ok(Some(compact)) => compact,
+            Ok(None) => {
                 return ApiError::bad_request(format!(
                     "the reply nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep"
                 ))

@@ -21,7 +21,7 @@ use super::auth::Operation;
 use super::error::ApiError;
 use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX};
 use crate::broker::{NewEvent, Publication};
-use crate::event::{compact_json, json_depth, MAX_PAYLOAD_DEPTH};
+use crate::event::{compact_payload, MAX_PAYLOAD_DEPTH};
 use crate::timestamp::Timestamp;
 
 /// An event as clients send it. Fields the server assigns (`index`) and unknown fields
@@ -79,16 +79,12 @@ impl WireEvent {
             ),
         };
         let payload = match self.payload {
-            Some(raw) => {
-                let json = raw.get().as_bytes();
-                if json_depth(json) > MAX_PAYLOAD_DEPTH {
-                    return Err(ApiError::bad_request(format!(
-                        "{}payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep",
-                        which()
-                    )));
-                }
-                Some(compact_json(json))
-            }
+            Some(raw) => Some(compact_payload(raw.get().as_bytes()).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{}payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep",
+                    which()
+                ))
+            })?),
             None => None,
         };
         Ok(NewEvent {
