@@ -3,22 +3,13 @@
 #![no_main]
 
 use bus::broker::{NewEvent, Publication};
-use bus::event::{EventDraft, JsonLayout, PendingEvent};
+use bus::event::{JsonLayout, PendingEvent};
 use bus::timestamp::Timestamp;
 use libfuzzer_sys::fuzz_target;
 
 fn store(event: &NewEvent) {
-    let draft = EventDraft {
-        subject: &event.subject,
-        trace_id: &event.trace_id,
-        key: &event.key,
-        response_subject: &event.response_subject,
-        payload: event.payload.as_deref(),
-        id: event.id.as_deref(),
-        created_at: event.created_at,
-    };
     // The broker refuses what PendingEvent refuses (a bad id, say), with a 400.
-    let Ok(pending) = PendingEvent::new(&draft) else {
+    let Ok(pending) = PendingEvent::new(&event.draft()) else {
         return;
     };
     let mut json = Vec::new();

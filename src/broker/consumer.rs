@@ -514,12 +514,8 @@ impl Dispatcher {
         );
         let draft = EventDraft {
             subject: &subject,
-            trace_id: "",
-            key: "",
-            response_subject: "",
             payload: Some(payload.as_bytes()),
-            id: None,
-            created_at: None,
+            ..EventDraft::default()
         };
         let appended = match PendingEvent::new(&draft) {
             Ok(dead) => self

@@ -68,6 +68,21 @@ pub struct NewEvent {
     pub payload: Option<Vec<u8>>,
 }
 
+impl NewEvent {
+    /// The event's fields as the log's encoder takes them.
+    pub fn draft(&self) -> EventDraft<'_> {
+        EventDraft {
+            subject: &self.subject,
+            trace_id: &self.trace_id,
+            key: &self.key,
+            response_subject: &self.response_subject,
+            payload: self.payload.as_deref(),
+            id: self.id.as_deref(),
+            created_at: self.created_at,
+        }
+    }
+}
+
 /// What a publisher sends: one event, or a batch (a JSON array, even of one event) that
 /// is committed atomically.
 #[derive(Debug, Clone)]
@@ -340,18 +355,7 @@ impl Broker {
                 Subject::parse(&event.response_subject)
                     .map_err(|e| invalid(format!("response_subject: {e}")))?;
             }
-            pending.push(
-                PendingEvent::new(&EventDraft {
-                    subject: &event.subject,
-                    trace_id: &event.trace_id,
-                    key: &event.key,
-                    response_subject: &event.response_subject,
-                    payload: event.payload.as_deref(),
-                    id: event.id.as_deref(),
-                    created_at: event.created_at,
-                })
-                .map_err(|e| invalid(e.to_string()))?,
-            );
+            pending.push(PendingEvent::new(&event.draft()).map_err(|e| invalid(e.to_string()))?);
         }
 
         if first_subject.is_inbox() {
@@ -781,12 +785,8 @@ impl Broker {
             .ok_or_else(|| format!("event {event_id} has no response_subject to reply to"))?;
         let draft = EventDraft {
             subject: &subject,
-            trace_id: "",
-            key: "",
-            response_subject: "",
             payload: Some(payload),
-            id: None,
-            created_at: None,
+            ..EventDraft::default()
         };
         let reply = PendingEvent::new(&draft).map_err(|e| e.to_string())?;
         if Subject::parse(&subject).is_ok_and(|s| s.is_inbox()) {
