@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{Stream, StreamExt};
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -170,21 +169,9 @@ pub enum SubscribeError {
     Conflict(String),
 }
 
-/// A durable consumer as the admin listing shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConsumerInfo {
-    pub name: String,
-    pub pattern: String,
-    /// The first position not done (acknowledged, given up or not matching).
-    pub acked_floor: u64,
-    /// Events read and not acknowledged yet.
-    pub pending: u64,
-    /// Events in the log from the floor on, matching or not.
-    pub lag: u64,
-    /// Connections attached now.
-    pub members: u64,
-    pub dead_letter_subject: String,
-}
+/// A durable consumer as the admin listing shows it: the client's type, so that the two
+/// sides of `GET /consumers/{namespace}` cannot drift apart.
+pub use crate::client::ConsumerInfo;
 
 /// A durable consumer whose dispatcher runs.
 struct DurableEntry {

@@ -746,11 +746,12 @@ pub struct ConsumerInfo {
     pub name: String,
     /// The subject pattern it consumes.
     pub pattern: String,
-    /// The first position it has not had acknowledged (or given up).
+    /// The first position it is not done with (done: acknowledged, given up, or not
+    /// matching its pattern).
     pub acked_floor: u64,
     /// Events it has read and not had acknowledged.
     pub pending: u64,
-    /// Events in the log from its floor on.
+    /// Events in the log from its floor on, matching its pattern or not.
     pub lag: u64,
     /// Connections attached now.
     pub members: u64,
