@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{
-    encoded, AbortOnDrop, BackendState, KeySubscription, Metrics, PublishOptions, SyncBus,
-    SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, event_json, within, AbortOnDrop, BackendState, KeySubscription, Metrics,
+    PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 use crate::client::{AckMode, Client, ClientError, NewEvent, Received, SubscribeOptions};
 
@@ -140,12 +140,8 @@ impl BusSyncBus {
     }
 
     fn event(&self, kind: char, key: &str, options: PublishOptions) -> Result<NewEvent, SyncError> {
-        let payload = serde_json::to_string(&SyncEvent {
-            key: key.to_owned(),
-            options,
-        })
-        .and_then(RawValue::from_string)
-        .map_err(|e| SyncError::Backend(format!("encoding the event: {e}")))?;
+        let payload = RawValue::from_string(event_json(key, options)?)
+            .map_err(|e| SyncError::Backend(format!("encoding the event: {e}")))?;
         Ok(NewEvent {
             subject: self.subject(kind, key),
             payload: Some(payload),
@@ -158,10 +154,7 @@ impl BusSyncBus {
         &self,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T, SyncError> {
-        match tokio::time::timeout(self.publish_timeout, call).await {
-            Ok(result) => result.map_err(|e| SyncError::Backend(e.to_string())),
-            Err(_) => Err(SyncError::Timeout(self.publish_timeout)),
-        }
+        within(self.publish_timeout, backend(call)).await
     }
 
     async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
@@ -215,10 +208,7 @@ impl BusSyncBus {
         let call = self
             .client
             .publish_confirmed(&event, consumers, zones, timeout);
-        let confirmation = match tokio::time::timeout(timeout + self.publish_timeout, call).await {
-            Ok(result) => result.map_err(|e| SyncError::Backend(e.to_string()))?,
-            Err(_) => return Err(SyncError::Timeout(timeout + self.publish_timeout)),
-        };
+        let confirmation = within(timeout + self.publish_timeout, backend(call)).await?;
         self.state.published.fetch_add(1, Ordering::Relaxed);
         if confirmation.reached {
             return Ok(());
@@ -233,6 +223,11 @@ impl BusSyncBus {
             required,
         })
     }
+}
+
+/// The client's failures as the sync bus reports them.
+async fn backend<T>(call: impl Future<Output = Result<T, ClientError>>) -> Result<T, SyncError> {
+    call.await.map_err(|e| SyncError::Backend(e.to_string()))
 }
 
 impl SyncBus for BusSyncBus {

@@ -591,6 +591,27 @@ pub(crate) fn encoded(kind: char, key: &str) -> String {
     format!("{kind}{hex}")
 }
 
+/// The JSON the remote backends carry for an invalidation of `key` (or a lease's
+/// revocation): a [`SyncEvent`].
+pub(crate) fn event_json(key: &str, options: PublishOptions) -> Result<String, SyncError> {
+    serde_json::to_string(&SyncEvent {
+        key: key.to_owned(),
+        options,
+    })
+    .map_err(|e| SyncError::Backend(format!("encoding the event: {e}")))
+}
+
+/// `call`, or [`SyncError::Timeout`] once `limit` has passed: how the remote backends
+/// keep a slow or dead server from holding their callers.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, SyncError>>,
+) -> Result<T, SyncError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| SyncError::Timeout(limit))?
+}
+
 /// Stops a task when dropped.
 pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    encoded, AbortOnDrop, BackendState, KeySubscription, Metrics, PublishOptions, SyncBus,
-    SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, event_json, within, AbortOnDrop, BackendState, KeySubscription, Metrics,
+    PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 
 /// A node's handle on a sync bus carried by NATS core pub/sub. Its clones share its counts
@@ -130,17 +130,9 @@ impl NatsSyncBus {
         format!("{}.{}", self.prefix, encoded(kind, key))
     }
 
-    fn payload(key: &str, options: PublishOptions) -> Result<Vec<u8>, SyncError> {
-        serde_json::to_vec(&SyncEvent {
-            key: key.to_owned(),
-            options,
-        })
-        .map_err(backend)
-    }
-
     async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
-        let payload = Self::payload(key, options)?;
-        self.timed(async {
+        let payload = event_json(key, options)?;
+        within(self.publish_timeout, async {
             self.client
                 .publish(self.subject(kind, key), payload.into())
                 .await
@@ -152,16 +144,6 @@ impl NatsSyncBus {
         Ok(())
     }
 
-    /// `call`, failing with [`SyncError::Timeout`] once the publish timeout has passed.
-    async fn timed<T>(
-        &self,
-        call: impl std::future::Future<Output = Result<T, SyncError>>,
-    ) -> Result<T, SyncError> {
-        tokio::time::timeout(self.publish_timeout, call)
-            .await
-            .map_err(|_| SyncError::Timeout(self.publish_timeout))?
-    }
-
     /// Publishes with a reply inbox and counts the answers: (subscribers, zones).
     async fn counted(
         &self,
@@ -170,22 +152,21 @@ impl NatsSyncBus {
         timeout: Duration,
     ) -> Result<(usize, usize), SyncError> {
         let inbox = self.client.new_inbox();
-        let payload = Self::payload(key, PublishOptions::default())?;
-        let mut answers = self
-            .timed(async {
-                let answers = self
-                    .client
-                    .subscribe(inbox.clone())
-                    .await
-                    .map_err(backend)?;
-                self.client
-                    .publish_with_reply(self.subject('k', key), inbox, payload.into())
-                    .await
-                    .map_err(backend)?;
-                self.client.flush().await.map_err(backend)?;
-                Ok(answers)
-            })
-            .await?;
+        let payload = event_json(key, PublishOptions::default())?;
+        let mut answers = within(self.publish_timeout, async {
+            let answers = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(backend)?;
+            self.client
+                .publish_with_reply(self.subject('k', key), inbox, payload.into())
+                .await
+                .map_err(backend)?;
+            self.client.flush().await.map_err(backend)?;
+            Ok(answers)
+        })
+        .await?;
         self.state.published.fetch_add(1, Ordering::Relaxed);
         let (mut subscribers, mut zones) = (0, HashSet::new());
         let deadline = tokio::time::Instant::now() + timeout;
@@ -206,18 +187,17 @@ impl NatsSyncBus {
     }
 
     async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
-        let mut messages = self
-            .timed(async {
-                let messages = self
-                    .client
-                    .subscribe(self.subject(kind, key))
-                    .await
-                    .map_err(backend)?;
-                // The subscription is in place at the server once this round trip is done.
-                self.client.flush().await.map_err(backend)?;
-                Ok(messages)
-            })
-            .await?;
+        let mut messages = within(self.publish_timeout, async {
+            let messages = self
+                .client
+                .subscribe(self.subject(kind, key))
+                .await
+                .map_err(backend)?;
+            // The subscription is in place at the server once this round trip is done.
+            self.client.flush().await.map_err(backend)?;
+            Ok(messages)
+        })
+        .await?;
         let (sender, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let client = self.client.clone();
         let delivered = Arc::clone(&self.state.delivered);

@@ -14,8 +14,8 @@ use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
 use super::{
-    encoded, AbortOnDrop, BackendState, KeySubscription, Metrics, PublishOptions, SyncBus,
-    SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, event_json, within, AbortOnDrop, BackendState, KeySubscription, Metrics,
+    PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
 };
 
 /// A node's handle on a sync bus carried by Redis pub/sub. Its clones share its counts,
@@ -132,20 +132,16 @@ impl RedisSyncBus {
     }
 
     async fn send(&self, kind: char, key: &str, options: PublishOptions) -> Result<(), SyncError> {
-        let payload = serde_json::to_vec(&SyncEvent {
-            key: key.to_owned(),
-            options,
-        })
-        .map_err(backend)?;
+        let payload = event_json(key, options)?;
         let mut connection = self.connection.clone();
         let channel = self.channel(kind, key);
-        let published = tokio::time::timeout(
-            self.publish_timeout,
-            connection.publish::<_, _, i64>(channel, payload),
-        )
-        .await
-        .map_err(|_| SyncError::Timeout(self.publish_timeout))?;
-        published.map_err(backend)?;
+        within(self.publish_timeout, async {
+            connection
+                .publish::<_, _, i64>(channel, payload)
+                .await
+                .map_err(backend)
+        })
+        .await?;
         self.state.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
