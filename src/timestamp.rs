@@ -55,11 +55,7 @@ impl Timestamp {
     /// # Ok::<(), bus::timestamp::TimestampError>(())
     /// ```
     pub fn now() -> Timestamp {
-        let nanos = match SystemTime::now().duration_since(UNIX_EPOCH) {
-            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-            Err(before) => -i64::try_from(before.duration().as_nanos()).unwrap_or(i64::MAX),
-        };
-        Timestamp(nanos)
+        Timestamp::from(SystemTime::now())
     }
 
     /// The instant `nanos` nanoseconds after (or, negative, before) 1970-01-01T00:00:00Z.
@@ -195,6 +191,25 @@ impl Timestamp {
         i64::try_from(nanos)
             .map(Timestamp)
             .map_err(|_| fail("outside the years 1677 to 2262 that the server can store"))
+    }
+}
+
+/// Instants beyond the years 1677 to 2262 saturate at those ends.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use bus::timestamp::Timestamp;
+///
+/// let t = Timestamp::from(UNIX_EPOCH + Duration::from_millis(1500));
+/// assert_eq!(t.to_string(), "1970-01-01T00:00:01.500000000Z");
+/// ```
+impl From<SystemTime> for Timestamp {
+    fn from(time: SystemTime) -> Timestamp {
+        let nanos = match time.duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Err(before) => -i64::try_from(before.duration().as_nanos()).unwrap_or(i64::MAX),
+        };
+        Timestamp(nanos)
     }
 }
 

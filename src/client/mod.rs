@@ -1534,10 +1534,7 @@ fn published(response: &reqwest::Response) -> Result<Published, ClientError> {
 
 /// `time` as the server reads `start_time` (times before 1970 are taken as 1970).
 fn rfc3339(time: SystemTime) -> String {
-    let nanos = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-    crate::timestamp::Timestamp::from_unix_nanos(nanos).to_string()
+    crate::timestamp::Timestamp::from(time.max(SystemTime::UNIX_EPOCH)).to_string()
 }
 
 fn timed_out(timeout: Duration, got: usize, wanted: usize) -> ClientError {
