@@ -9,21 +9,12 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bus::client::{Client, Event, NewEvent, Received, Start, SubscribeOptions, Subscription};
-use bus::config::ServerConfig;
-use bus::server::RunningServer;
+use common::http::TestServer;
 use futures_util::StreamExt;
 
-async fn start_server(data: &Path, port: u16) -> RunningServer {
-    let config = ServerConfig::from_args([
-        "--addr".to_owned(),
-        format!("127.0.0.1:{port}"),
-        "--namespaces".to_owned(),
-        "app".to_owned(),
-        "--path".to_owned(),
-        data.display().to_string(),
-    ])
-    .expect("valid flags");
-    bus::server::start(&config).await.expect("server starts")
+/// A server with the namespace `app` on `addr`.
+async fn start_server(data: &Path, addr: &str) -> TestServer {
+    TestServer::start(data, &["--addr", addr, "--namespaces", "app"]).await
 }
 
 /// The payloads (numbers) of a subscription that ends by itself.
@@ -63,8 +54,8 @@ async fn next_event(subscription: &mut Subscription, changes: &mut Vec<String>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_start_at_a_position_or_a_time() {
     let data = tempfile::tempdir().unwrap();
-    let server = start_server(data.path(), 0).await;
-    let client = Client::new(&server.local_addr().to_string()).unwrap();
+    let mut server = start_server(data.path(), "127.0.0.1:0").await;
+    let client = Client::new(&server.url).unwrap();
 
     let batch: Vec<NewEvent> = (0..3)
         .map(|n| NewEvent::new("app.n").with_payload(&n).unwrap())
@@ -90,15 +81,15 @@ async fn subscriptions_start_at_a_position_or_a_time() {
         [1, 2, 3, 4]
     );
     assert_eq!(numbers(&client, from(Start::Time(between))).await, [3, 4]);
-    server.shutdown().await.unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_windowed_subscription_resumes_at_its_first_unacknowledged_event() {
     let data = tempfile::tempdir().unwrap();
-    let port = common::cli::free_port();
-    let server = start_server(data.path(), port).await;
-    let client = Client::new(&format!("127.0.0.1:{port}")).unwrap();
+    let addr = format!("127.0.0.1:{}", common::cli::free_port());
+    let mut server = start_server(data.path(), &addr).await;
+    let client = Client::new(&addr).unwrap();
     let batch: Vec<NewEvent> = (0..3)
         .map(|n| NewEvent::new("app.w").with_payload(&n).unwrap())
         .collect();
@@ -119,8 +110,8 @@ async fn a_windowed_subscription_resumes_at_its_first_unacknowledged_event() {
     window[0].ack().await.unwrap();
     subscription.ack(&window[2]).await.unwrap();
 
-    server.shutdown().await.unwrap();
-    let server = start_server(data.path(), port).await;
+    server.stop().await;
+    let mut server = start_server(data.path(), &addr).await;
 
     let again = next_event(&mut subscription, &mut changes).await;
     assert_eq!(changes, ["disconnected", "reconnected"]);
@@ -131,5 +122,5 @@ async fn a_windowed_subscription_resumes_at_its_first_unacknowledged_event() {
     );
     assert_ne!(again.consumer_id, window[1].consumer_id, "a new connection");
     again.ack().await.unwrap();
-    server.shutdown().await.unwrap();
+    server.stop().await;
 }

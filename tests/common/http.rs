@@ -17,17 +17,15 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// `args` are `bus server` flags besides `--addr`; `--namespaces` defaults to
-    /// `app,orders`.
+    /// `args` are `bus server` flags; `--addr` defaults to `127.0.0.1:0` (a fixed
+    /// address lets a restarted server be found again), `--namespaces` to `app,orders`.
     pub async fn start(data: &std::path::Path, args: &[&str]) -> TestServer {
         // Tests talk to it with reqwest, which needs a TLS provider installed.
         bus::client::install_tls_provider();
-        let mut all = vec![
-            "--addr".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--path".to_owned(),
-            data.display().to_string(),
-        ];
+        let mut all = vec!["--path".to_owned(), data.display().to_string()];
+        if !args.contains(&"--addr") {
+            all.extend(["--addr".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
         if !args.contains(&"--namespaces") {
             all.extend(["--namespaces".to_owned(), "app,orders".to_owned()]);
         }
