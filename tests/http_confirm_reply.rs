@@ -211,7 +211,8 @@ async fn request_and_reply_in_one_call_each() {
     let (status, _, body) = request.await.unwrap();
     assert_eq!(status, 504, "{body}");
 
-    // A reply to an event that asked for none is refused; so is a body that is not JSON.
+    // A reply to an event that asked for none is refused (409: the event's state, not the
+    // request, is wrong); so is a body that is not JSON (400).
     server
         .publish(&json!({"subject": "app.math", "payload": 0}))
         .await;
@@ -229,7 +230,7 @@ async fn request_and_reply_in_one_call_each() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 400);
+    assert_eq!(response.status(), 409);
     assert!(response
         .text()
         .await

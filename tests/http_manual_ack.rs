@@ -80,7 +80,7 @@ async fn a_count_of_zero_or_less_redelivers_without_limit() {
     for count in ["0", "-1"] {
         let mut sse = server
             .subscribe(&format!(
-                "{MANUAL}&redelivery=100ms&redelivery_count={count}"
+                "subject=app.jobs&start=oldest&ack=manual&redelivery=100ms&redelivery_count={count}"
             ))
             .await;
         let frames = sse.take(6).await;

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::consumer::Input;
+use super::consumer::{Input, Owner};
 
 /// Where a connection's acks go, and who may send them.
 struct Route {
     inputs: mpsc::Sender<Input>,
+    /// The connection's member id in its consumer's dispatcher.
+    member: u64,
     namespace: String,
-    owner: Option<u32>,
+    owner: Option<Owner>,
     /// The zone the connection declared, for topology-aware confirmations.
     zone: Option<String>,
 }
@@ -45,13 +47,15 @@ impl Drop for Registration {
 }
 
 impl Acks {
-    /// Routes the acks of `consumer_id` (a connection of a consumer of `namespace`, opened
-    /// by `owner`, an identity the HTTP layer gives when it authenticates) to `inputs`.
+    /// Routes the acks of `consumer_id` (member `member` of a consumer of `namespace`,
+    /// opened by `owner`, an identity the HTTP layer gives when it authenticates) to
+    /// `inputs`.
     pub fn register(
         &self,
         consumer_id: &str,
+        member: u64,
         namespace: &str,
-        owner: Option<u32>,
+        owner: Option<Owner>,
         zone: Option<String>,
         inputs: mpsc::Sender<Input>,
     ) -> Registration {
@@ -62,6 +66,7 @@ impl Acks {
                 consumer_id.to_owned(),
                 Route {
                     inputs,
+                    member,
                     namespace: namespace.to_owned(),
                     owner,
                     zone,
@@ -74,11 +79,19 @@ impl Acks {
     }
 
     /// The namespace and owner of a connected consumer.
-    pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<u32>)> {
+    pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<Owner>)> {
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         routes
             .get(consumer_id)
-            .map(|r| (r.namespace.clone(), r.owner))
+            .map(|r| (r.namespace.clone(), r.owner.clone()))
+    }
+
+    /// Where a connected consumer's inputs go, and its member id there.
+    pub fn dispatcher(&self, consumer_id: &str) -> Option<(mpsc::Sender<Input>, u64)> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes
+            .get(consumer_id)
+            .map(|r| (r.inputs.clone(), r.member))
     }
 
     /// Passes acks to their consumer, if it is connected.

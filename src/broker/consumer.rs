@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::confirm::Confirmations;
@@ -58,8 +58,29 @@ pub enum Input {
         event_id: String,
         delay: Duration,
     },
+    /// Member `member` wants to reply to `event_id`: answered with the event if it was
+    /// delivered to that member, is not acknowledged yet and has no reply yet (the event
+    /// is then marked as replied to), else with why not.
+    ClaimReply {
+        event_id: String,
+        member: u64,
+        answer: oneshot::Sender<Result<StoredEvent, ReplyRefused>>,
+    },
+    /// A claimed reply was not published after all: the event may be replied to again.
+    ReleaseReply {
+        event_id: String,
+    },
     /// Ends every member's stream and removes the stored progress.
     Delete,
+}
+
+/// Why a reply carried by an ack is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyRefused {
+    /// The event is not one this connection was delivered and has not acknowledged.
+    NotDelivered,
+    /// The event was replied to already.
+    Replied,
 }
 
 /// Capacity of a dispatcher's input queue; acks beyond it are dropped (and the events
@@ -84,6 +105,65 @@ pub struct Progress {
     pub pattern: String,
     pub next: u64,
     pub unacked: Vec<u64>,
+    /// Who created the consumer when requests are authenticated (an [`Owner`]); only
+    /// they, or a caller with the admin grant, may attach to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// Who opened a subscription or created a durable consumer, as the front end identifies
+/// callers when requests are authenticated: an opaque value, compared for equality only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Owner(pub String);
+
+/// A durable consumer's name: 1 to 64 ASCII letters, digits, `_` or `-`. It becomes a file
+/// name and a subject segment, so every name from a client goes through
+/// [`ConsumerName::parse`] before it is used, and nothing else can name a file.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsumerName(String);
+
+impl ConsumerName {
+    /// The name, or a message that says what a name may contain.
+    pub fn parse(text: &str) -> Result<ConsumerName, String> {
+        let valid = (1..=64).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+        if valid {
+            Ok(ConsumerName(text.to_owned()))
+        } else {
+            Err(format!(
+                "consumer: {text:?} is not a valid name (1 to 64 letters, digits, _ or -)"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Quoted, as a string is: messages write `consumer {name:?}`.
+impl std::fmt::Debug for ConsumerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::fmt::Display for ConsumerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A durable consumer's stored progress could not be read or written; it names the file,
+/// for the server's log (never for a client).
+#[derive(Debug, thiserror::Error)]
+#[error("consumer progress {}: {reason}", path.display())]
+pub struct ProgressError {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 impl Progress {
@@ -92,35 +172,37 @@ impl Progress {
         self.unacked.iter().copied().min().unwrap_or(self.next)
     }
 
-    fn path(dir: &Path, name: &str) -> PathBuf {
+    fn path(dir: &Path, name: &ConsumerName) -> PathBuf {
         dir.join("consumers").join(format!("{name}.json"))
     }
 
     /// The stored progress of consumer `name` of the log in `dir`, if it exists.
-    pub fn load(dir: &Path, name: &str) -> Result<Option<Progress>, String> {
+    pub fn load(dir: &Path, name: &ConsumerName) -> Result<Option<Progress>, ProgressError> {
         let path = Progress::path(dir, name);
+        let failed = |reason: String| ProgressError {
+            path: path.clone(),
+            reason,
+        };
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| format!("{} is damaged: {e}", path.display())),
+                .map_err(|e| failed(format!("damaged: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("reading {}: {e}", path.display())),
+            Err(e) => Err(failed(format!("reading failed: {e}"))),
         }
     }
 
     /// Every stored consumer of the log in `dir`, by name.
-    pub fn load_all(dir: &Path) -> Vec<(String, Progress)> {
+    pub fn load_all(dir: &Path) -> Vec<(ConsumerName, Progress)> {
         let Ok(entries) = std::fs::read_dir(dir.join("consumers")) else {
             return Vec::new();
         };
-        let mut all: Vec<(String, Progress)> = entries
+        let mut all: Vec<(ConsumerName, Progress)> = entries
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
-                let name = path
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".json")?
-                    .to_owned();
+                let name = path.file_name()?.to_str()?.strip_suffix(".json")?;
+                // Only files a consumer can have written (not the temporary `.name.json.new`).
+                let name = ConsumerName::parse(name).ok()?;
                 match Progress::load(dir, &name) {
                     Ok(progress) => Some((name, progress?)),
                     Err(e) => {
@@ -135,7 +217,7 @@ impl Progress {
     }
 
     /// Writes the progress atomically (a new file renamed over the old one, synced).
-    pub fn save(&self, dir: &Path, name: &str) -> std::io::Result<()> {
+    pub fn save(&self, dir: &Path, name: &ConsumerName) -> std::io::Result<()> {
         let path = Progress::path(dir, name);
         let consumers = dir.join("consumers");
         std::fs::create_dir_all(&consumers)?;
@@ -150,7 +232,7 @@ impl Progress {
         std::fs::File::open(&consumers)?.sync_all()
     }
 
-    pub fn remove(dir: &Path, name: &str) -> std::io::Result<()> {
+    pub fn remove(dir: &Path, name: &ConsumerName) -> std::io::Result<()> {
         match std::fs::remove_file(Progress::path(dir, name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -169,13 +251,13 @@ pub struct ConsumerStats {
 }
 
 /// The dead-letter subject of a durable consumer: `<namespace>._dead.<consumer>`.
-pub fn dead_letter_subject(namespace: &str, consumer: &str) -> String {
+pub fn dead_letter_subject(namespace: &str, consumer: &ConsumerName) -> String {
     format!("{namespace}._dead.{consumer}")
 }
 
 /// A durable consumer's identity, for its stored progress and dead letters.
 pub struct Durable {
-    pub name: String,
+    pub name: ConsumerName,
     pub progress: Progress,
     pub stats: Arc<ConsumerStats>,
 }
@@ -188,6 +270,10 @@ struct Pending {
     /// Held: when its redelivery is due. Waiting: when it may be handed out (a nak's
     /// delay), if later than now.
     due: Option<Instant>,
+    /// The members it was delivered to (a reply is taken only from one of them).
+    delivered_to: Vec<u64>,
+    /// A reply to it was claimed (replies are taken once).
+    replied: bool,
 }
 
 struct Member {
@@ -290,6 +376,8 @@ impl Dispatcher {
                 member: None,
                 deliveries: 0,
                 due: None,
+                delivered_to: Vec::new(),
+                replied: false,
             },
         );
     }
@@ -309,7 +397,7 @@ impl Dispatcher {
             }
             self.publish_stats();
             if self.dirty && save_at.is_none() {
-                save_at = Some(now + SAVE_EVERY);
+                save_at = Some(later(now, SAVE_EVERY));
             }
             let wake = self.next_due().into_iter().chain(save_at).min();
             let want_more = self.wants_events();
@@ -402,7 +490,7 @@ impl Dispatcher {
             } => {
                 // A durable consumer confirms as one, whichever member acked.
                 let confirmer = match &self.durable {
-                    Some(durable) => durable.name.clone(),
+                    Some(durable) => durable.name.to_string(),
                     None => consumer_id,
                 };
                 for id in event_ids {
@@ -428,12 +516,41 @@ impl Dispatcher {
                             pending.due = Some(Instant::now());
                             return;
                         }
-                        pending.due = Some(Instant::now() + delay);
+                        pending.due = Some(later(Instant::now(), delay));
                         pending.member.take()
                     }
                     _ => return,
                 };
                 self.release(member);
+            }
+            Input::ClaimReply {
+                event_id,
+                member,
+                answer,
+            } => {
+                let pending = self
+                    .ids
+                    .get(&event_id)
+                    .and_then(|position| self.pending.get_mut(position))
+                    .filter(|pending| pending.delivered_to.contains(&member));
+                let claimed = match pending {
+                    None => Err(ReplyRefused::NotDelivered),
+                    Some(pending) if pending.replied => Err(ReplyRefused::Replied),
+                    Some(pending) => {
+                        pending.replied = true;
+                        Ok(pending.event.clone())
+                    }
+                };
+                let _ = answer.send(claimed);
+            }
+            Input::ReleaseReply { event_id } => {
+                if let Some(pending) = self
+                    .ids
+                    .get(&event_id)
+                    .and_then(|position| self.pending.get_mut(position))
+                {
+                    pending.replied = false;
+                }
             }
             Input::Delete => {}
         }
@@ -500,7 +617,7 @@ impl Dispatcher {
         };
         let subject = dead_letter_subject(self.log.namespace(), &durable.name);
         tracing::warn!(
-            consumer = durable.name,
+            consumer = %durable.name,
             event_id = event.id(),
             deliveries = pending.deliveries,
             dead_letter_subject = subject,
@@ -527,7 +644,7 @@ impl Dispatcher {
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = appended {
-            tracing::error!(consumer = durable.name, event_id = event.id(), error = %e, "appending a dead letter failed");
+            tracing::error!(consumer = %durable.name, event_id = event.id(), error = %e, "appending a dead letter failed");
         }
     }
 
@@ -565,11 +682,14 @@ impl Dispatcher {
                 .collect();
             match member.deliveries.try_send(Delivery::Events(events)) {
                 Ok(()) => {
-                    let due = now + self.redelivery.every;
+                    let due = later(now, self.redelivery.every);
                     for position in &chosen {
                         if let Some(pending) = self.pending.get_mut(position) {
                             if pending.deliveries > 0 {
                                 self.redeliveries.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if !pending.delivered_to.contains(&member_id) {
+                                pending.delivered_to.push(member_id);
                             }
                             pending.member = Some(member_id);
                             pending.deliveries = pending.deliveries.saturating_add(1);
@@ -615,7 +735,7 @@ impl Dispatcher {
         self.end_members("the consumer was deleted");
         if let Some(durable) = &self.durable {
             if let Err(e) = Progress::remove(self.log.dir(), &durable.name) {
-                tracing::warn!(consumer = durable.name, error = %e, "removing a deleted consumer's progress failed");
+                tracing::warn!(consumer = %durable.name, error = %e, "removing a deleted consumer's progress failed");
             }
         }
     }
@@ -663,11 +783,20 @@ impl Dispatcher {
         match durable.progress.save(self.log.dir(), &durable.name) {
             Ok(()) => self.dirty = false,
             Err(e) => {
-                tracing::error!(consumer = durable.name, error = %e, "saving a consumer's progress failed; retrying")
+                tracing::error!(consumer = %durable.name, error = %e, "saving a consumer's progress failed; retrying")
             }
         }
         self.publish_stats();
     }
+}
+
+/// `now + wait`, or a time beyond any server's lifetime if that cannot be represented:
+/// durations come from clients, and overflowing `Instant` would panic the dispatcher.
+fn later(now: Instant, wait: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(wait.min(CENTURY))
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -677,11 +806,41 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Whether `name` can name a durable consumer (it becomes a file name and a subject
-/// segment).
-pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_beyond_the_clock_saturate_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        for huge in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+            let at = later(now, huge);
+            assert!(at > now + Duration::from_secs(365 * 24 * 3600), "{huge:?}");
+        }
+    }
+
+    #[test]
+    fn consumer_names_are_file_names_of_their_own_directory_only() {
+        for good in ["billing", "a", "Invoice_2-x", &"n".repeat(64)] {
+            assert_eq!(ConsumerName::parse(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/b",
+            "a.b",
+            "a\\b",
+            "a\0",
+            "é",
+            &"n".repeat(65),
+        ] {
+            let error = ConsumerName::parse(bad).unwrap_err();
+            assert!(error.contains("not a valid name"), "{bad:?}: {error}");
+        }
+    }
 }

@@ -31,12 +31,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::acks::{Acks, Registration};
 use self::confirm::{ConfirmWait, Confirmations};
-use self::consumer::{ConsumerStats, Dispatcher, Input, Progress};
+pub use self::consumer::{ConsumerName, Owner};
+use self::consumer::{ConsumerStats, Dispatcher, Input, Progress, ReplyRefused};
 use self::dedup::Dedup;
 use self::inbox::InboxSubscription;
 use self::inbox::Inboxes;
@@ -48,6 +49,10 @@ use crate::timestamp::Timestamp;
 /// Defaults of the reference server, used when a client leaves a parameter empty.
 pub const DEFAULT_REDELIVERY: Duration = Duration::from_secs(5);
 pub const DEFAULT_REDELIVERY_COUNT: i64 = 3;
+/// The longest redelivery time a subscriber may ask for.
+pub const MAX_REDELIVERY: Duration = Duration::from_secs(24 * 3600);
+/// The longest a negative ack may delay an event's redelivery.
+pub const MAX_NAK_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Events a subscription reads from its log at a time.
 const READ_BATCH: usize = 256;
@@ -151,22 +156,38 @@ pub struct SubscribeRequest {
     /// subscriptions ignore it.
     pub until_now: bool,
     /// Who opens the subscription, if requests are authenticated: only they may ack its
-    /// deliveries.
-    pub owner: Option<u32>,
+    /// deliveries, and a durable consumer it creates belongs to them.
+    pub owner: Option<Owner>,
+    /// The caller may attach to durable consumers that belong to others (the admin
+    /// grant).
+    pub admin: bool,
     /// The durable consumer to create or attach to (manual ack only).
-    pub consumer: Option<String>,
+    pub consumer: Option<ConsumerName>,
     /// The zone this connection is in, for `confirm_zones` (manual ack only).
     pub zone: Option<String>,
 }
 
-/// Why a subscription cannot be opened.
+/// Why the broker refused or could not do what it was asked (apart from publishing, see
+/// [`PublishError`]). Each variant is a kind of answer; its message says what to fix and
+/// never shows a server path (details of storage failures go to the server's log).
 #[derive(Debug, thiserror::Error)]
-pub enum SubscribeError {
+pub enum BrokerError {
+    /// The request is malformed or names what does not exist (a namespace).
     #[error("{0}")]
     Invalid(String),
-    /// It contradicts what exists (a durable consumer's pattern).
+    /// The caller may not do this (a durable consumer that belongs to someone else).
+    #[error("{0}")]
+    Forbidden(String),
+    /// What the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It contradicts what exists (a durable consumer's pattern, an event already
+    /// acknowledged or replied to).
     #[error("{0}")]
     Conflict(String),
+    /// Storage failed; the server's log has the details.
+    #[error("{0}")]
+    Storage(String),
 }
 
 /// A durable consumer as the admin listing shows it: the client's type, so that the two
@@ -177,6 +198,7 @@ pub use crate::client::ConsumerInfo;
 struct DurableEntry {
     inputs: mpsc::Sender<Input>,
     pattern: String,
+    owner: Option<Owner>,
     stats: Arc<ConsumerStats>,
 }
 
@@ -223,7 +245,7 @@ pub struct Broker {
     /// Deliveries repeated because no ack came in time.
     redeliveries: Arc<AtomicU64>,
     /// Running durable consumers, by (namespace, name).
-    durables: Mutex<HashMap<(String, String), DurableEntry>>,
+    durables: Mutex<HashMap<(String, ConsumerName), DurableEntry>>,
     /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
     /// and append dead letters).
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
@@ -405,7 +427,7 @@ impl Broker {
 
     /// Opens a subscription. Its stream starts right away; a start id that does not exist
     /// is reported as the stream's only delivery, an [`Delivery::Error`].
-    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, SubscribeError> {
+    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, BrokerError> {
         let consumer_id = random_id("c_");
         let shutdown = self.shutdown.subscribe();
         let namespace = if request.pattern.is_inbox() {
@@ -428,7 +450,7 @@ impl Broker {
         }
         let log = Arc::clone(
             self.log(request.pattern.namespace())
-                .map_err(SubscribeError::Invalid)?,
+                .map_err(BrokerError::Invalid)?,
         );
         // "newest" means: what is published from now on.
         let start = match &request.start {
@@ -481,7 +503,7 @@ impl Broker {
             }
             Some(name) => {
                 if request.until_now {
-                    return Err(SubscribeError::Invalid(
+                    return Err(BrokerError::Invalid(
                         "until=now cannot be combined with consumer=: a durable consumer has no end".into(),
                     ));
                 }
@@ -490,8 +512,9 @@ impl Broker {
         };
         let registration = self.acks.register(
             &consumer_id,
+            member,
             namespace,
-            request.owner,
+            request.owner.clone(),
             request.zone.clone(),
             inputs.clone(),
         );
@@ -516,35 +539,41 @@ impl Broker {
     fn attach(
         &self,
         log: &Arc<Log>,
-        name: &str,
+        name: &ConsumerName,
         request: &SubscribeRequest,
         start: subscription::From,
         redelivery: consumer::Redelivery,
         join: Input,
         member_tx: mpsc::Sender<Delivery>,
-    ) -> Result<mpsc::Sender<Input>, SubscribeError> {
-        if !consumer::valid_name(name) {
-            return Err(SubscribeError::Invalid(format!(
-                "consumer: {name:?} is not a valid name (1 to 64 letters, digits, _ or -)"
-            )));
-        }
+    ) -> Result<mpsc::Sender<Input>, BrokerError> {
         let pattern = request.pattern.as_str();
         let conflict = |stored: &str| {
-            SubscribeError::Conflict(format!(
+            BrokerError::Conflict(format!(
                 "consumer {name:?} reads {stored:?}, not {pattern:?}: attach with its pattern, or delete it first"
             ))
         };
-        let key = (log.namespace().to_owned(), name.to_owned());
+        // Ownership is checked before anything about the consumer is told.
+        let check_owner = |owner: &Option<Owner>| match (owner, &request.owner) {
+            (Some(owner), Some(caller)) if owner != caller && !request.admin => {
+                Err(BrokerError::Forbidden(format!(
+                    "consumer {name:?} belongs to another token; attach with the token that \
+                     created it (or one with the admin grant)"
+                )))
+            }
+            _ => Ok(()),
+        };
+        let key = (log.namespace().to_owned(), name.clone());
         let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
         let mut join = join;
         if let Some(entry) = durables.get(&key) {
+            check_owner(&entry.owner)?;
             if entry.pattern != pattern {
                 return Err(conflict(&entry.pattern));
             }
             match entry.inputs.try_send(join) {
                 Ok(()) => return Ok(entry.inputs.clone()),
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    return Err(SubscribeError::Invalid(format!(
+                    return Err(BrokerError::Conflict(format!(
                         "consumer {name:?} is too busy to take a new member; retry"
                     )))
                 }
@@ -555,20 +584,33 @@ impl Broker {
                 }
             }
         }
-        let stored = Progress::load(log.dir(), name).map_err(SubscribeError::Invalid)?;
+        let stored = Progress::load(log.dir(), name).map_err(|e| progress_unreadable(name, &e))?;
+        if let Some(progress) = &stored {
+            check_owner(&progress.owner)?;
+        }
         let (from, progress) = match stored {
             Some(progress) if progress.pattern != pattern => {
                 return Err(conflict(&progress.pattern))
             }
-            Some(progress) => (subscription::From::Position(progress.next), progress),
+            Some(mut progress) => {
+                // A consumer created while requests were not authenticated belongs to the
+                // first token that attaches to it once they are.
+                if progress.owner.is_none() && request.owner.is_some() {
+                    tracing::info!(consumer = %name, "a durable consumer without an owner now belongs to the token that attached to it");
+                    progress.owner = request.owner.clone();
+                }
+                (subscription::From::Position(progress.next), progress)
+            }
             None => (
                 start,
                 Progress {
                     pattern: pattern.to_owned(),
+                    owner: request.owner.clone(),
                     ..Progress::default()
                 },
             ),
         };
+        let owner = progress.owner.clone();
         let stats = Arc::new(ConsumerStats::default());
         stats.floor.store(progress.floor(), Ordering::Relaxed);
         let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
@@ -581,7 +623,7 @@ impl Broker {
             redelivery,
             receiver,
             Some(consumer::Durable {
-                name: name.to_owned(),
+                name: name.clone(),
                 progress,
                 stats: Arc::clone(&stats),
             }),
@@ -592,6 +634,7 @@ impl Broker {
             DurableEntry {
                 inputs: inputs.clone(),
                 pattern: pattern.to_owned(),
+                owner,
                 stats,
             },
         );
@@ -640,10 +683,10 @@ impl Broker {
     }
 
     /// The durable consumers of `namespace`: running ones and stored ones.
-    pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, String> {
-        let log = self.log(namespace)?;
+    pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, BrokerError> {
+        let log = self.log(namespace).map_err(BrokerError::Invalid)?;
         let committed = log.committed();
-        let running: HashMap<String, (String, Arc<ConsumerStats>)> = self
+        let running: HashMap<ConsumerName, (String, Arc<ConsumerStats>)> = self
             .durables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -669,7 +712,7 @@ impl Broker {
                 };
                 ConsumerInfo {
                     dead_letter_subject: consumer::dead_letter_subject(namespace, &name),
-                    name,
+                    name: name.to_string(),
                     pattern: progress.pattern,
                     acked_floor: floor,
                     pending,
@@ -680,13 +723,13 @@ impl Broker {
             .collect();
         // A consumer started a moment ago may not have stored its progress yet.
         for (name, (pattern, stats)) in running {
-            if all.iter().any(|c| c.name == name) {
+            if all.iter().any(|c| c.name == name.as_str()) {
                 continue;
             }
             let floor = stats.floor.load(Ordering::Relaxed);
             all.push(ConsumerInfo {
                 dead_letter_subject: consumer::dead_letter_subject(namespace, &name),
-                name,
+                name: name.to_string(),
                 pattern,
                 acked_floor: floor,
                 pending: stats.pending.load(Ordering::Relaxed),
@@ -699,23 +742,38 @@ impl Broker {
     }
 
     /// Deletes durable consumer `name` of `namespace`: its members' streams end and its
-    /// progress is removed. `Ok(false)` if there was no such consumer.
-    pub async fn delete_consumer(&self, namespace: &str, name: &str) -> Result<bool, String> {
-        let log = self.log(namespace)?;
-        let key = (namespace.to_owned(), name.to_owned());
+    /// progress is removed.
+    pub async fn delete_consumer(
+        &self,
+        namespace: &str,
+        name: &ConsumerName,
+    ) -> Result<(), BrokerError> {
+        let log = self.log(namespace).map_err(BrokerError::Invalid)?;
+        // A damaged progress file is deleted like any other.
+        let stored = !matches!(Progress::load(log.dir(), name), Ok(None));
+        let key = (namespace.to_owned(), name.clone());
         let running = self
             .durables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        let stored = Progress::load(log.dir(), name)?.is_some();
         if let Some(entry) = &running {
             // Its dispatcher removes the stored progress as it ends.
             let _ = entry.inputs.send(Input::Delete).await;
             entry.inputs.closed().await;
         }
-        Progress::remove(log.dir(), name).map_err(|e| format!("removing consumer {name}: {e}"))?;
-        Ok(running.is_some() || stored)
+        Progress::remove(log.dir(), name).map_err(|e| {
+            tracing::error!(consumer = %name, namespace, error = %e, "removing a consumer's stored progress failed");
+            BrokerError::Storage(format!(
+                "consumer {name}'s stored progress could not be removed (see the server's log)"
+            ))
+        })?;
+        if running.is_none() && !stored {
+            return Err(BrokerError::NotFound(format!(
+                "namespace {namespace} has no consumer {name:?}"
+            )));
+        }
+        Ok(())
     }
 
     /// Waits for the consumers' dispatchers to store their progress and end (after
@@ -741,59 +799,87 @@ impl Broker {
         (subject, inbox)
     }
 
-    /// Publishes `payload` as the reply to `event_id`, delivered to the connection
-    /// `consumer_id`: to the event's `response_subject`. An error if the consumer is not
-    /// connected, the event is unknown or asked for no reply.
-    pub async fn reply_to(
+    /// Claims the one reply to `event_id` for the connection `consumer_id`: the event
+    /// must have been delivered to that connection, not be acknowledged yet, not have
+    /// been replied to, and name a `response_subject`. The claim tells where the reply
+    /// goes (for the front end to authorize); [`Broker::publish_reply`] publishes it, and
+    /// a claim dropped unpublished lets the event be replied to again.
+    pub async fn claim_reply(
         &self,
         consumer_id: &str,
         event_id: &str,
-        payload: &[u8],
-    ) -> Result<(), String> {
-        let (namespace, _) = self
+    ) -> Result<ReplyClaim, BrokerError> {
+        let not_delivered = || {
+            BrokerError::Conflict(format!(
+                "event {event_id} is not waiting for an ack from consumer {consumer_id}: a reply goes \
+                 with the ack of an event delivered to that connection and not yet acknowledged"
+            ))
+        };
+        let (inputs, member) = self
             .acks
-            .consumer(consumer_id)
-            .ok_or_else(|| format!("consumer {consumer_id} is not connected"))?;
-        let log = self.log(&namespace)?;
-        let position = log
-            .find_id(event_id)
-            .await
-            .map_err(|e| format!("looking up {event_id}: {e}"))?
-            .ok_or_else(|| format!("event {event_id} is not in namespace {namespace}"))?;
-        let event = log
-            .read(position, 1)
-            .await
-            .map_err(|e| format!("reading {event_id}: {e}"))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("event {event_id} cannot be read"))?;
-        let subject = event
-            .response_subject()
-            .ok_or_else(|| format!("event {event_id} has no response_subject to reply to"))?;
+            .dispatcher(consumer_id)
+            .ok_or_else(not_delivered)?;
+        let (answer, answered) = oneshot::channel();
+        let claim = Input::ClaimReply {
+            event_id: event_id.to_owned(),
+            member,
+            answer,
+        };
+        if inputs.send(claim).await.is_err() {
+            return Err(not_delivered());
+        }
+        let event = match answered.await {
+            Ok(Ok(event)) => event,
+            Ok(Err(ReplyRefused::Replied)) => {
+                return Err(BrokerError::Conflict(format!(
+                    "event {event_id} was replied to already; an event takes one reply"
+                )))
+            }
+            Ok(Err(ReplyRefused::NotDelivered)) | Err(_) => return Err(not_delivered()),
+        };
+        let mut claim = ReplyClaim {
+            subject: String::new(),
+            event_id: event_id.to_owned(),
+            inputs: Some(inputs),
+        };
+        claim.subject = event.response_subject().ok_or_else(|| {
+            BrokerError::Conflict(format!(
+                "event {event_id} has no response_subject: its publisher asked for no reply"
+            ))
+        })?;
+        Ok(claim)
+    }
+
+    /// Publishes `payload` as the claimed reply, to the event's `response_subject`.
+    pub async fn publish_reply(
+        &self,
+        mut claim: ReplyClaim,
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
+        let subject = Subject::parse(&claim.subject)
+            .map_err(|e| PublishError::Invalid(format!("response_subject: {e}")))?;
         let draft = EventDraft {
-            subject: &subject,
+            subject: &claim.subject,
             payload: Some(payload),
             ..EventDraft::default()
         };
-        let reply = PendingEvent::new(&draft).map_err(|e| e.to_string())?;
-        if Subject::parse(&subject).is_ok_and(|s| s.is_inbox()) {
-            self.publish_to_inbox(&subject, &reply);
-            Ok(())
+        let reply = PendingEvent::new(&draft).map_err(|e| PublishError::Invalid(e.to_string()))?;
+        if subject.is_inbox() {
+            self.publish_to_inbox(&claim.subject, &reply);
         } else {
-            let log = self.log(
-                Subject::parse(&subject)
-                    .map_err(|e| e.to_string())?
-                    .namespace(),
-            )?;
+            let log = self
+                .log(subject.namespace())
+                .map_err(PublishError::Invalid)?;
             log.append(vec![reply])
                 .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+                .map_err(PublishError::Storage)?;
         }
+        claim.inputs = None;
+        Ok(())
     }
 
     /// The namespace and owner of a connected manual-ack consumer.
-    pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<u32>)> {
+    pub fn consumer(&self, consumer_id: &str) -> Option<(String, Option<Owner>)> {
         self.acks.consumer(consumer_id)
     }
 
@@ -813,8 +899,44 @@ impl Broker {
     }
 }
 
-/// `prefix` followed by 20 random lowercase base32hex characters, like the reference's
-/// xid-based ids.
+/// The one reply to an event, claimed by a connection it was delivered to
+/// ([`Broker::claim_reply`]); dropped without being published, it is given back.
+pub struct ReplyClaim {
+    /// Where the reply goes: the event's `response_subject`.
+    pub subject: String,
+    event_id: String,
+    /// The dispatcher to give the claim back to; `None` once published.
+    inputs: Option<mpsc::Sender<Input>>,
+}
+
+impl Drop for ReplyClaim {
+    fn drop(&mut self) {
+        let Some(inputs) = self.inputs.take() else {
+            return;
+        };
+        let release = Input::ReleaseReply {
+            event_id: std::mem::take(&mut self.event_id),
+        };
+        if let Err(mpsc::error::TrySendError::Full(release)) = inputs.try_send(release) {
+            // A busy dispatcher gets it as soon as it has room.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = inputs.send(release).await;
+                });
+            }
+        }
+    }
+}
+
+/// The stored progress of a durable consumer could not be read: logged with its path, told
+/// to the client without it.
+fn progress_unreadable(name: &ConsumerName, error: &consumer::ProgressError) -> BrokerError {
+    tracing::error!(consumer = %name, error = %error, "reading a consumer's stored progress failed");
+    BrokerError::Storage(format!(
+        "consumer {name}'s stored progress cannot be read (see the server's log)"
+    ))
+}
+
 /// Held by a manual-ack connection's stream: when the stream is dropped (the client left
 /// or the server shut down), its consumer id stops taking acks and its dispatcher hands
 /// what it held to others.
@@ -840,6 +962,8 @@ pub fn new_event_id() -> String {
     random_id("e_")
 }
 
+/// `prefix` followed by 20 random lowercase base32hex characters, like the reference's
+/// xid-based ids.
 fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 16];
     if getrandom::fill(&mut bytes).is_err() {

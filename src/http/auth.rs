@@ -25,11 +25,12 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::query::Params;
+use crate::broker::Owner;
 
 /// What a token may be allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -64,9 +65,22 @@ impl Operation {
     }
 }
 
-/// Which token made a request: its line in the auth file. Subscriptions remember it, so
-/// that only the token that opened a consumer can ack its deliveries.
-pub type TokenId = u32;
+/// Which token made a request: the grant line it matched, and its identity as an owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenId {
+    line: u32,
+    owner: Owner,
+}
+
+impl TokenId {
+    /// The token as the owner of what it opens and creates: subscriptions (only it acks
+    /// their deliveries) and durable consumers (only it, or an admin, attaches to them).
+    /// It is a fingerprint of the token's SHA-256, the same whether the file writes the
+    /// token literally or hashed, and stays the same when the file's lines move.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+}
 
 #[derive(Debug)]
 struct Grant {
@@ -74,31 +88,13 @@ struct Grant {
     /// `None`: every namespace.
     namespaces: Option<BTreeSet<String>>,
     operations: BTreeSet<Operation>,
-    line: TokenId,
+    line: u32,
 }
 
 /// The grants of an auth file.
 #[derive(Debug)]
 pub struct AuthTable {
     grants: Vec<Grant>,
-}
-
-/// A refused request: 401 (who are you?) or 403 (not allowed).
-#[derive(Debug)]
-pub struct Denied(ApiError);
-
-impl IntoResponse for Denied {
-    fn into_response(self) -> Response {
-        let unauthenticated = self.0.status == StatusCode::UNAUTHORIZED;
-        let mut response = self.0.into_response();
-        if unauthenticated {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"bus\""),
-            );
-        }
-        response
-    }
 }
 
 impl AuthTable {
@@ -154,7 +150,7 @@ impl AuthTable {
                 digest,
                 namespaces,
                 operations,
-                line: TokenId::try_from(number).unwrap_or(TokenId::MAX),
+                line: u32::try_from(number).unwrap_or(u32::MAX),
             });
         }
         if grants.is_empty() {
@@ -164,14 +160,13 @@ impl AuthTable {
     }
 
     /// Which grant `token` matches; a 401 if none does.
-    pub fn authenticate(&self, token: Option<&str>) -> Result<TokenId, Denied> {
+    pub fn authenticate(&self, token: Option<&str>) -> Result<TokenId, ApiError> {
         let Some(token) = token else {
-            return Err(Denied(ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "this server requires a token: send Authorization: Bearer <token> \
-                          (or ?access_token=<token> from a browser's EventSource)"
-                    .into(),
-            }));
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this server requires a token: send Authorization: Bearer <token> \
+                 (or ?access_token=<token> from a browser's EventSource)",
+            ));
         };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Every grant is compared in full, so the time taken says nothing about the token.
@@ -181,23 +176,27 @@ impl AuthTable {
                 found = Some(grant.line);
             }
         }
-        found.ok_or_else(|| {
-            Denied(ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "the token is not valid on this server".into(),
-            })
+        let line = found.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the token is not valid on this server",
+            )
+        })?;
+        Ok(TokenId {
+            line,
+            owner: owner_of(&digest),
         })
     }
 
     /// A 403 unless the token's grant allows `operation` on `namespace`.
     pub fn authorize(
         &self,
-        token: TokenId,
+        token: &TokenId,
         operation: Operation,
         namespace: Option<&str>,
-    ) -> Result<(), Denied> {
+    ) -> Result<(), ApiError> {
         let allowed = self.grants.iter().any(|grant| {
-            grant.line == token
+            grant.line == token.line
                 && grant.operations.contains(&operation)
                 && match (&grant.namespaces, namespace) {
                     (None, _) | (_, None) => true,
@@ -211,28 +210,40 @@ impl AuthTable {
             Some(namespace) => format!("{} in namespace {namespace:?}", operation.name()),
             None => operation.name().to_owned(),
         };
-        Err(Denied(ApiError {
-            status: StatusCode::FORBIDDEN,
-            message: format!(
-                "this token may not {what}; ask for a grant in the server's auth file"
-            ),
-        }))
+        Err(ApiError::forbidden(format!(
+            "this token may not {what}; ask for a grant in the server's auth file"
+        )))
     }
 }
 
+/// A token's identity as an owner: 16 hex digits of a hash of its SHA-256 (with a label of
+/// its own, so that it is not the `sha256:` form an auth file may hold).
+fn owner_of(digest: &[u8; 32]) -> Owner {
+    let mut hasher = Sha256::new();
+    hasher.update(b"bus token owner\0");
+    hasher.update(digest);
+    let fingerprint: String = hasher.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Owner(fingerprint)
+}
+
 /// The token a request presents: `Authorization: Bearer …`, else `access_token` in the
-/// query string.
-pub fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+/// query string (a 400 if it is given twice).
+pub fn presented_token(headers: &HeaderMap, params: &Params) -> Result<Option<String>, ApiError> {
     if let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
-        let (scheme, token) = value.trim().split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_owned());
+        let token = value
+            .trim()
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim().to_owned());
+        return Ok(token);
     }
-    super::query_value(query?, "access_token")
+    Ok(params.get("access_token")?.map(str::to_owned))
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
@@ -268,29 +279,27 @@ sha256:0b8b9b9f3ef9a7b0e3a35e8a40f4d8f1d2e3a1e7c2b1f6a7f8e9d0c1b2a39485 * metric
         let publisher = table.authenticate(Some("pub-token")).unwrap();
         let subscriber = table.authenticate(Some("sub-token")).unwrap();
         assert_ne!(publisher, subscriber);
+        assert_ne!(publisher.owner(), subscriber.owner());
         assert!(table
-            .authorize(publisher, Operation::Publish, Some("orders"))
+            .authorize(&publisher, Operation::Publish, Some("orders"))
             .is_ok());
         assert!(table
-            .authorize(publisher, Operation::Publish, Some("_bus_"))
+            .authorize(&publisher, Operation::Publish, Some("_bus_"))
             .is_ok());
         let denied = table
-            .authorize(publisher, Operation::Publish, Some("billing"))
+            .authorize(&publisher, Operation::Publish, Some("billing"))
             .unwrap_err();
-        assert_eq!(denied.0.status, StatusCode::FORBIDDEN);
-        assert!(denied
-            .0
-            .message
-            .contains("publish in namespace \"billing\""));
+        assert_eq!(denied.status, StatusCode::FORBIDDEN);
+        assert!(denied.message.contains("publish in namespace \"billing\""));
         assert!(table
-            .authorize(publisher, Operation::Subscribe, Some("orders"))
+            .authorize(&publisher, Operation::Subscribe, Some("orders"))
             .is_err());
         assert!(table
-            .authorize(subscriber, Operation::Ack, Some("orders"))
+            .authorize(&subscriber, Operation::Ack, Some("orders"))
             .is_ok());
         for bad in [None, Some("nope"), Some("pub-token ")] {
             let denied = table.authenticate(bad).unwrap_err();
-            assert_eq!(denied.0.status, StatusCode::UNAUTHORIZED, "{bad:?}");
+            assert_eq!(denied.status, StatusCode::UNAUTHORIZED, "{bad:?}");
         }
     }
 
@@ -300,8 +309,13 @@ sha256:0b8b9b9f3ef9a7b0e3a35e8a40f4d8f1d2e3a1e7c2b1f6a7f8e9d0c1b2a39485 * metric
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         let table = AuthTable::parse(&format!("sha256:{hex} * metrics")).unwrap();
         let id = table.authenticate(Some("scraper")).unwrap();
-        assert!(table.authorize(id, Operation::Metrics, None).is_ok());
+        assert!(table.authorize(&id, Operation::Metrics, None).is_ok());
         assert!(table.authenticate(Some(&format!("sha256:{hex}"))).is_err());
+        // The same token owns the same things whether the file hashes it or not.
+        let literal = AuthTable::parse("scraper * metrics").unwrap();
+        let literal_id = literal.authenticate(Some("scraper")).unwrap();
+        assert_eq!(literal_id.owner(), id.owner());
+        assert!(!id.owner().0.contains(&hex[..16]));
     }
 
     #[test]
@@ -322,21 +336,28 @@ sha256:0b8b9b9f3ef9a7b0e3a35e8a40f4d8f1d2e3a1e7c2b1f6a7f8e9d0c1b2a39485 * metric
 
     #[test]
     fn tokens_come_from_the_header_or_the_query() {
+        use axum::http::HeaderValue;
+        let query = |text| Params::parse(Some(text)).unwrap();
         let mut headers = HeaderMap::new();
         assert_eq!(
-            presented_token(&headers, Some("subject=a&access_token=x%2By")),
+            presented_token(&headers, &query("subject=a&access_token=x%2By")).unwrap(),
             Some("x+y".into())
         );
-        assert_eq!(presented_token(&headers, Some("subject=a")), None);
+        assert_eq!(
+            presented_token(&headers, &query("subject=a")).unwrap(),
+            None
+        );
+        let twice = presented_token(&headers, &query("access_token=a&access_token=b"));
+        assert_eq!(twice.unwrap_err().status, StatusCode::BAD_REQUEST);
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),
         );
         assert_eq!(
-            presented_token(&headers, Some("access_token=x")),
+            presented_token(&headers, &query("access_token=x")).unwrap(),
             Some("abc".into())
         );
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(presented_token(&headers, None), None);
+        assert_eq!(presented_token(&headers, &Params::default()).unwrap(), None);
     }
 }

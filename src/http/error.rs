@@ -4,7 +4,7 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::broker::PublishError;
+use crate::broker::{BrokerError, PublishError};
 use crate::store::StoreError;
 
 /// A plain-text error response.
@@ -15,11 +15,23 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
         }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, message)
     }
 }
 
@@ -44,12 +56,33 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = self.message;
         body.push('\n');
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             body,
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // A 401 says how to authenticate.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"bus\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(error: BrokerError) -> ApiError {
+        let status = match &error {
+            BrokerError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BrokerError::Forbidden(_) => StatusCode::FORBIDDEN,
+            BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+            BrokerError::Conflict(_) => StatusCode::CONFLICT,
+            BrokerError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, error.to_string())
     }
 }
 

@@ -16,6 +16,7 @@ pub mod error;
 pub mod listener;
 pub mod ops;
 pub mod publish;
+pub mod query;
 pub mod serve;
 pub mod subscribe;
 pub mod tls;
@@ -31,7 +32,9 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::{watch, Semaphore};
 
-use self::auth::{AuthTable, Denied, Operation, TokenId};
+use self::auth::{AuthTable, Operation, TokenId};
+use self::error::ApiError;
+use self::query::Params;
 use crate::broker::Broker;
 use crate::metrics::{self, Histogram};
 
@@ -102,40 +105,54 @@ impl AppState {
     pub fn authenticate(
         &self,
         headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Result<Option<TokenId>, Denied> {
+        params: &Params,
+    ) -> Result<Option<TokenId>, ApiError> {
         match &self.auth {
             None => Ok(None),
             Some(table) => {
-                let token = auth::presented_token(headers, query);
+                let token = auth::presented_token(headers, params)?;
                 table.authenticate(token.as_deref()).map(Some)
             }
         }
     }
 
-    /// A 403 unless `who` may do `operation` in `namespace` (always allowed without auth).
+    /// A 403 unless `who` may do `operation` in `namespace` (always allowed without auth;
+    /// `None` for the namespace: in some namespace).
     pub fn authorize(
         &self,
-        who: Option<TokenId>,
+        who: Option<&TokenId>,
         operation: Operation,
         namespace: Option<&str>,
-    ) -> Result<(), Denied> {
+    ) -> Result<(), ApiError> {
         match (&self.auth, who) {
             (Some(table), Some(who)) => table.authorize(who, operation, namespace),
             _ => Ok(()),
         }
     }
 
+    /// Authenticates the request and checks that it may do `operation` in `namespace`.
+    pub fn admit(
+        &self,
+        headers: &HeaderMap,
+        params: &Params,
+        operation: Operation,
+        namespace: Option<&str>,
+    ) -> Result<Option<TokenId>, ApiError> {
+        let who = self.authenticate(headers, params)?;
+        self.authorize(who.as_ref(), operation, namespace)?;
+        Ok(who)
+    }
+
     /// A 400 if `subject` (a subject or pattern) is longer than allowed.
-    pub fn check_subject_len(&self, what: &str, subject: &str) -> Result<(), error::ApiError> {
+    pub fn check_subject_len(&self, what: &str, subject: &str) -> Result<(), ApiError> {
         check_subject_len(what, subject, self.limits.max_subject_len)
     }
 }
 
 /// A 400 if `subject` (named `what` in the message) is longer than `max` bytes.
-pub fn check_subject_len(what: &str, subject: &str, max: usize) -> Result<(), error::ApiError> {
+pub fn check_subject_len(what: &str, subject: &str, max: usize) -> Result<(), ApiError> {
     if subject.len() > max {
-        return Err(error::ApiError::bad_request(format!(
+        return Err(ApiError::bad_request(format!(
             "{what} is {} bytes long; this server accepts at most {max} (--max-subject-len)",
             subject.len()
         )));
@@ -143,37 +160,14 @@ pub fn check_subject_len(what: &str, subject: &str, max: usize) -> Result<(), er
     Ok(())
 }
 
-/// The percent-decoded value of parameter `name` in a query string.
-pub(crate) fn query_value(query: &str, name: &str) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(key, _)| *key == name)
-        .and_then(|(_, value)| percent_decode(value))
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+/// A short digest of a secret-like value (a consumer id) for logs: it tells values apart
+/// and cannot be used in their place.
+pub(crate) fn digest(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn router(state: AppState) -> Router {
@@ -204,7 +198,7 @@ async fn preflight() -> StatusCode {
 }
 
 async fn not_found() -> Response {
-    error::ApiError {
+    ApiError {
         status: StatusCode::NOT_FOUND,
         message: "not found: the bus API is served at / (POST publishes, GET subscribes, PUT acknowledges)".into(),
     }
@@ -221,7 +215,7 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
         (Some(_), None) => None,
         (Some(allowed), Some(origin)) if allowed.contains(&origin) => Some(origin),
         (Some(_), Some(origin)) => {
-            return error::ApiError {
+            return ApiError {
                 status: StatusCode::FORBIDDEN,
                 message: format!(
                     "requests from origin {:?} are not allowed (--cors-origins)",

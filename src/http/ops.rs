@@ -11,12 +11,13 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Operation;
 use super::error::ApiError;
+use super::query::Params;
 use super::AppState;
 use crate::broker::ConsumerInfo;
 use crate::metrics::{family, label, Histogram};
@@ -48,15 +49,8 @@ fn not_ready(message: String) -> Response {
     .into_response()
 }
 
-pub async fn metrics(
-    State(app): State<AppState>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    let allowed = app
-        .authenticate(&headers, query.as_deref())
-        .and_then(|who| app.authorize(who, Operation::Metrics, None));
-    if let Err(denied) = allowed {
+pub async fn metrics(State(app): State<AppState>, params: Params, headers: HeaderMap) -> Response {
+    if let Err(denied) = app.admit(&headers, &params, Operation::Metrics, None) {
         return denied.into_response();
     }
     let broker = Arc::clone(&app.broker);

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 
 use super::auth::Operation;
 use super::error::ApiError;
+use super::query::Params;
 use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX};
 use crate::broker::{NewEvent, Publication};
 use crate::event::{compact_payload, MAX_PAYLOAD_DEPTH};
@@ -187,11 +188,11 @@ pub async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Byte
 pub async fn publish(
     State(app): State<AppState>,
     request_headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    params: Params,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let response = publish_body(&app, &request_headers, query.as_deref(), body).await;
+    let response = publish_body(&app, &request_headers, &params, body).await;
     app.publish_micros.observe_duration(started.elapsed());
     response
 }
@@ -199,11 +200,11 @@ pub async fn publish(
 async fn publish_body(
     app: &AppState,
     request_headers: &HeaderMap,
-    query: Option<&str>,
+    params: &Params,
     body: Body,
 ) -> Response {
     // Who asks is checked before the body is read; what they may publish, after.
-    let who = match app.authenticate(request_headers, query) {
+    let who = match app.authenticate(request_headers, params) {
         Ok(who) => who,
         Err(denied) => return denied.into_response(),
     };
@@ -216,15 +217,24 @@ async fn publish_body(
         Ok(events) => events,
         Err(e) => return e.into_response(),
     };
-    let first_subject = match &events {
-        Publication::One(event) => Some(event.subject.as_str()),
-        Publication::Batch(events) => events.first().map(|e| e.subject.as_str()),
+    // Every namespace the publication writes to needs the grant: its events', and where
+    // replies to them will be published (the namespace of a response_subject, `_bus_`
+    // for inboxes).
+    let written = match &events {
+        Publication::One(event) => std::slice::from_ref(event),
+        Publication::Batch(events) => events.as_slice(),
     };
-    let namespace = first_subject.and_then(|s| s.split('.').next());
-    if let Err(denied) = app.authorize(who, Operation::Publish, namespace) {
-        return denied.into_response();
+    let namespaces = written
+        .iter()
+        .flat_map(|e| [&e.subject, &e.response_subject])
+        .filter(|subject| !subject.is_empty())
+        .filter_map(|subject| subject.split('.').next());
+    for namespace in namespaces {
+        if let Err(denied) = app.authorize(who.as_ref(), Operation::Publish, Some(namespace)) {
+            return denied.into_response();
+        }
     }
-    let wait = match Wait::parse(query) {
+    let wait = match Wait::parse(params) {
         Ok(wait) => wait,
         Err(e) => return e.into_response(),
     };
@@ -334,40 +344,29 @@ struct Wait {
 }
 
 impl Wait {
-    fn parse(query: Option<&str>) -> Result<Option<Wait>, ApiError> {
-        let values: Vec<(&str, Option<String>)> = ["confirm", "confirm_zones", "reply", "timeout"]
-            .into_iter()
-            .map(|name| (name, query.and_then(|q| super::query_value(q, name))))
-            .collect();
-        let get = |name: &str| {
-            values
-                .iter()
-                .find(|(n, _)| *n == name)
-                .and_then(|(_, v)| v.as_deref())
-                .map(str::trim)
-        };
+    fn parse(params: &Params) -> Result<Option<Wait>, ApiError> {
         let count = |name: &str| -> Result<usize, ApiError> {
-            match get(name) {
-                None | Some("") => Ok(0),
-                Some(text) => text.parse::<usize>().map_err(|_| {
+            match params.text(name)? {
+                "" => Ok(0),
+                text => text.parse::<usize>().map_err(|_| {
                     ApiError::bad_request(format!("{name}: {text:?} is not a number of consumers"))
                 }),
             }
         };
         let consumers = count("confirm")?;
         let zones = count("confirm_zones")?;
-        let reply = match get("reply") {
-            None | Some("" | "0" | "false") => false,
-            Some("1" | "true") => true,
-            Some(other) => {
+        let reply = match params.text("reply")? {
+            "" | "0" | "false" => false,
+            "1" | "true" => true,
+            other => {
                 return Err(ApiError::bad_request(format!(
                     "reply: {other:?} is not 1 or 0"
                 )))
             }
         };
-        let timeout = match get("timeout") {
-            None | Some("") => DEFAULT_WAIT,
-            Some(text) => match crate::duration::parse_go_duration(text) {
+        let timeout = match params.text("timeout")? {
+            "" => DEFAULT_WAIT,
+            text => match crate::duration::parse_go_duration(text) {
                 Ok(d) if !d.is_zero() && d <= MAX_WAIT => d,
                 _ => {
                     return Err(ApiError::bad_request(format!(

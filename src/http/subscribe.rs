@@ -14,13 +14,12 @@
 //! subscription cannot go on (an unknown start id), one `event: error` frame before the
 //! stream ends. Shutting the server down ends every stream cleanly.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures_util::{stream, StreamExt};
@@ -28,10 +27,11 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Operation;
 use super::error::{at_limit, ApiError};
+use super::query::Params;
 use super::{AppState, HEADER_CONSUMER_ID};
 use crate::broker::{
-    AckMode, Delivery, Start, SubscribeError, SubscribeRequest, DEFAULT_REDELIVERY,
-    DEFAULT_REDELIVERY_COUNT, MAX_WINDOW,
+    AckMode, ConsumerName, Delivery, Start, SubscribeRequest, DEFAULT_REDELIVERY,
+    DEFAULT_REDELIVERY_COUNT, MAX_REDELIVERY, MAX_WINDOW,
 };
 use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
@@ -44,12 +44,9 @@ const PING: &[u8] = b": ping\n\n";
 const DONE: &[u8] = b"event: done\ndata: end\n\n";
 
 /// Reads the subscription request from the query string and headers.
-pub fn parse_request(
-    query: &HashMap<String, String>,
-    headers: &HeaderMap,
-) -> Result<SubscribeRequest, ApiError> {
-    let param = |name: &str| query.get(name).map(|v| v.trim()).unwrap_or("");
-    let subject = param("subject");
+pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRequest, ApiError> {
+    let param = |name: &str| params.text(name);
+    let subject = param("subject")?;
     if subject.is_empty() {
         return Err(ApiError::bad_request(
             "missing subject: subscribe with ?subject=<pattern>, e.g. ?subject=orders.>",
@@ -62,7 +59,7 @@ pub fn parse_request(
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let from_position = match param("start_index") {
+    let from_position = match param("start_index")? {
         "" => None,
         text => Some(Start::Position(text.parse().map_err(|_| {
             ApiError::bad_request(format!(
@@ -70,7 +67,7 @@ pub fn parse_request(
             ))
         })?)),
     };
-    let from_time = match param("start_time") {
+    let from_time = match param("start_time")? {
         "" => None,
         text => {
             Some(Start::Time(Timestamp::parse(text).map_err(|e| {
@@ -82,12 +79,13 @@ pub fn parse_request(
         .into_iter()
         .flatten()
         .collect::<Vec<_>>();
-    if explicit.len() > 1 || (!explicit.is_empty() && !param("start").is_empty()) {
+    let start = param("start")?;
+    if explicit.len() > 1 || (!explicit.is_empty() && !start.is_empty()) {
         return Err(ApiError::bad_request(
             "give one of start, start_index and start_time",
         ));
     }
-    let start = match (last_event_id, param("start"), explicit.into_iter().next()) {
+    let start = match (last_event_id, start, explicit.into_iter().next()) {
         (Some(id), _, _) => Start::After(event_id(id, "Last-Event-ID")?),
         (None, _, Some(start)) => start,
         (None, "" | "newest", None) => Start::Newest,
@@ -96,15 +94,21 @@ pub fn parse_request(
     };
 
     // Parsed whatever the ack mode, so that a typo never goes unnoticed.
-    let redelivery = match param("redelivery") {
+    let redelivery = match param("redelivery")? {
         "" => DEFAULT_REDELIVERY,
         text => match parse_go_duration(text) {
             Ok(d) if d.is_zero() => DEFAULT_REDELIVERY,
-            Ok(d) => d,
+            Ok(d) if d <= MAX_REDELIVERY => d,
+            Ok(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "redelivery: {text:?} is longer than the longest allowed, {}",
+                    crate::duration::format_go_duration(MAX_REDELIVERY)
+                )))
+            }
             Err(e) => return Err(ApiError::bad_request(format!("redelivery: {e}"))),
         },
     };
-    let redelivery_count = match param("redelivery_count") {
+    let redelivery_count = match param("redelivery_count")? {
         "" => DEFAULT_REDELIVERY_COUNT,
         text => text.parse::<i64>().map_err(|_| {
             ApiError::bad_request(format!(
@@ -112,7 +116,7 @@ pub fn parse_request(
             ))
         })?,
     };
-    let window = match param("max_inflight") {
+    let window = match param("max_inflight")? {
         "" => 1,
         text => match text.parse::<usize>() {
             Ok(n) if (1..=MAX_WINDOW).contains(&n) => n,
@@ -123,7 +127,7 @@ pub fn parse_request(
             }
         },
     };
-    let ack = match param("ack") {
+    let ack = match param("ack")? {
         "" | "none" => AckMode::None,
         "manual" => AckMode::Manual {
             redelivery,
@@ -137,7 +141,7 @@ pub fn parse_request(
             )))
         }
     };
-    let until_now = match param("until") {
+    let until_now = match param("until")? {
         "" => false,
         "now" => true,
         other => {
@@ -146,7 +150,7 @@ pub fn parse_request(
             )))
         }
     };
-    let zone = match param("zone") {
+    let zone = match param("zone")? {
         "" => None,
         zone => {
             if ack == AckMode::None {
@@ -157,7 +161,7 @@ pub fn parse_request(
             Some(zone.to_owned())
         }
     };
-    let consumer = match param("consumer") {
+    let consumer = match param("consumer")? {
         "" => None,
         name => {
             if ack == AckMode::None {
@@ -165,7 +169,7 @@ pub fn parse_request(
                     "consumer: a durable consumer needs ack=manual",
                 ));
             }
-            Some(name.to_owned())
+            Some(ConsumerName::parse(name).map_err(ApiError::bad_request)?)
         }
     };
     Ok(SubscribeRequest {
@@ -174,6 +178,7 @@ pub fn parse_request(
         ack,
         until_now,
         owner: None,
+        admin: false,
         consumer,
         zone,
     })
@@ -189,30 +194,45 @@ fn event_id(text: &str, what: &str) -> Result<String, ApiError> {
         })
 }
 
+/// What a subscription request is checked for before it opens: who asks, whether the
+/// request is well-formed, and whether they may.
+fn admit(
+    app: &AppState,
+    params: &Params,
+    headers: &HeaderMap,
+) -> Result<SubscribeRequest, ApiError> {
+    let who = app.authenticate(headers, params)?;
+    app.check_subject_len("the subject pattern", params.text("subject")?)?;
+    let mut request = parse_request(params, headers)?;
+    let namespace = request.pattern.as_str().split('.').next();
+    app.authorize(who.as_ref(), Operation::Subscribe, namespace)?;
+    if request.ack != AckMode::None {
+        // Manual acks are sent with the same token (see `PUT /`).
+        app.authorize(who.as_ref(), Operation::Ack, namespace)?;
+    }
+    request.admin = request.consumer.is_some()
+        && app
+            .authorize(who.as_ref(), Operation::Admin, namespace)
+            .is_ok();
+    request.owner = who.map(|who| who.owner().clone());
+    Ok(request)
+}
+
 pub async fn subscribe(
     State(app): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-    RawQuery(raw_query): RawQuery,
+    method: Method,
+    params: Params,
     headers: HeaderMap,
 ) -> Response {
-    let who = match app.authenticate(&headers, raw_query.as_deref()) {
-        Ok(who) => who,
-        Err(denied) => return denied.into_response(),
-    };
-    if let Some(subject) = query.get("subject") {
-        if let Err(e) = app.check_subject_len("the subject pattern", subject.trim()) {
-            return e.into_response();
-        }
-    }
-    let mut request = match parse_request(&query, &headers) {
+    let request = match admit(&app, &params, &headers) {
         Ok(request) => request,
         Err(e) => return e.into_response(),
     };
-    let namespace = request.pattern.as_str().split('.').next();
-    if let Err(denied) = app.authorize(who, Operation::Subscribe, namespace) {
-        return denied.into_response();
+    if method == Method::HEAD {
+        // The head a subscription would get, without subscribing: HEAD changes nothing
+        // (no consumer is created, no stream held open).
+        return event_stream_response(Body::empty(), None);
     }
-    request.owner = who;
     let Ok(permit) = Arc::clone(&app.subscriptions).try_acquire_owned() else {
         return at_limit(format!(
             "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",
@@ -222,16 +242,7 @@ pub async fn subscribe(
     let pattern = request.pattern.to_string();
     let subscription = match app.broker.subscribe(request) {
         Ok(subscription) => subscription,
-        Err(SubscribeError::Invalid(message)) => {
-            return ApiError::bad_request(message).into_response()
-        }
-        Err(SubscribeError::Conflict(message)) => {
-            return ApiError {
-                status: StatusCode::CONFLICT,
-                message,
-            }
-            .into_response()
-        }
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let lifetime = StreamLifetime::new(&subscription.consumer_id, &pattern, permit);
 
@@ -266,7 +277,12 @@ pub async fn subscribe(
             Ok::<Bytes, std::convert::Infallible>(frame)
         });
 
-    let mut response = Response::new(Body::from_stream(body));
+    event_stream_response(Body::from_stream(body), Some(&subscription.consumer_id))
+}
+
+/// `200` with the head of an event stream.
+fn event_stream_response(body: Body, consumer_id: Option<&str>) -> Response {
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(
@@ -275,7 +291,7 @@ pub async fn subscribe(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-    if let Ok(id) = HeaderValue::from_str(&subscription.consumer_id) {
+    if let Some(id) = consumer_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         headers.insert(HEADER_CONSUMER_ID, id);
     }
     response
@@ -290,7 +306,10 @@ struct StreamLifetime {
 
 impl StreamLifetime {
     fn new(consumer_id: &str, pattern: &str, permit: OwnedSemaphorePermit) -> StreamLifetime {
-        let span = tracing::debug_span!("subscription", consumer_id, subject = pattern);
+        // Without authentication a consumer id is enough to ack its events, so the log
+        // shows a digest that tells streams apart and acks nothing.
+        let consumer = super::digest(consumer_id);
+        let span = tracing::debug_span!("subscription", consumer, subject = pattern);
         tracing::debug!(parent: &span, "stream opened");
         StreamLifetime {
             span,

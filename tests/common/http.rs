@@ -68,7 +68,24 @@ impl TestServer {
 
     /// Publishes a JSON value; panics unless it is accepted.
     pub async fn publish(&self, event: &Value) -> Published {
-        let response = self.post(event.to_string()).await;
+        self.accepted(event, self.post(event.to_string()).await)
+            .await
+    }
+
+    /// Publishes a JSON value with a bearer token; panics unless it is accepted.
+    pub async fn publish_with_token(&self, event: &Value, token: &str) -> Published {
+        let response = self
+            .client
+            .post(&self.url)
+            .bearer_auth(token)
+            .body(event.to_string())
+            .send()
+            .await
+            .expect("POST");
+        self.accepted(event, response).await
+    }
+
+    async fn accepted(&self, event: &Value, response: reqwest::Response) -> Published {
         let status = response.status();
         let published = Published {
             id: header(&response, "x-bus-event-id"),
