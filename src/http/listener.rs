@@ -41,6 +41,8 @@ pub struct LenientRequests<S> {
     /// Bytes ready to be read, and how many of them were.
     ready: Vec<u8>,
     ready_from: usize,
+    /// What each read from the connection goes into (allocated once, not zeroed per read).
+    chunk: Box<[u8]>,
 }
 
 impl<S> LenientRequests<S> {
@@ -51,6 +53,7 @@ impl<S> LenientRequests<S> {
             line: Vec::new(),
             ready: Vec::new(),
             ready_from: 0,
+            chunk: vec![0u8; 8192].into_boxed_slice(),
         }
     }
 
@@ -79,11 +82,13 @@ impl<S> LenientRequests<S> {
                     };
                     self.line.extend_from_slice(part);
                     input = &input[part.len()..];
-                    if end_of_line {
-                        self.finish_line();
-                    } else if self.line.len() > MAX_LINE {
+                    // The limit holds however the line arrived: in one read or several.
+                    let content_len = self.line.len() - usize::from(end_of_line);
+                    if content_len > MAX_LINE {
                         self.ready.append(&mut self.line);
                         self.state = State::Verbatim;
+                    } else if end_of_line {
+                        self.finish_line();
                     }
                 }
             }
@@ -191,11 +196,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for LenientRequests<S> {
             if let State::Verbatim = this.state {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut chunk = [0u8; 8192];
-            let mut chunk_buf = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk_buf))?;
-            let filled = chunk_buf.filled();
-            if filled.is_empty() {
+            // Read into the reused buffer, which is taken out while `absorb` borrows `this`.
+            let mut chunk = std::mem::take(&mut this.chunk);
+            let mut chunk_buf = ReadBuf::new(&mut chunk[..]);
+            let read = Pin::new(&mut this.inner).poll_read(cx, &mut chunk_buf);
+            let filled = chunk_buf.filled().len();
+            if let Poll::Ready(Ok(())) = read {
+                this.absorb(&chunk[..filled]);
+            }
+            this.chunk = chunk;
+            ready!(read)?;
+            if filled == 0 {
                 // End of the connection: hand over any unfinished line as it is.
                 if !this.line.is_empty() {
                     this.ready.append(&mut this.line);
@@ -203,8 +214,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for LenientRequests<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let filled = filled.to_vec();
-            this.absorb(&filled);
         }
     }
 }
@@ -296,6 +305,18 @@ mod tests {
                 expected,
                 "chunks of {chunk}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_passes_through_however_it_arrives() {
+        let long = format!("GET /?s={}> HTTP/1.1\r\n", "a".repeat(MAX_LINE));
+        let input = format!("{long}Host: h\r\n\r\nGET /?s=a.> HTTP/1.1\r\n\r\n");
+        // Once over the limit, the rest of the connection is passed through as it is,
+        // whether the long line came in one read or in many.
+        for chunk in [1, 4096, 1 << 16] {
+            let out = rewrite(input.as_bytes(), chunk).await;
+            assert_eq!(String::from_utf8(out).unwrap(), input, "chunks of {chunk}");
         }
     }
 
