@@ -4,18 +4,21 @@
 //! forgets a key that long after it was published. A publish is checked and its keys
 //! reserved in one step under one lock, so two concurrent publishes of the same key
 //! cannot both pass; a batch is checked whole before any of its keys is reserved, so a
-//! refused batch registers nothing. If the append then fails, the reservation is released.
+//! refused batch registers nothing. A reservation is a guard: it gives its keys back when
+//! it is dropped, unless [`Reservation::commit`] says the events were stored.
 //! At start-up the window is rebuilt from the newest events of each log.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+type Subjects = Arc<Mutex<HashMap<String, Window>>>;
 
 /// The dedup window of one namespace.
 pub struct Dedup {
     size: usize,
     ttl: Option<Duration>,
-    subjects: Mutex<HashMap<String, Window>>,
+    subjects: Subjects,
 }
 
 #[derive(Default)]
@@ -56,10 +59,51 @@ impl Window {
     }
 }
 
-/// Keys a publish reserved; give them back with [`Dedup::release`] if it fails.
-#[derive(Debug, Default)]
+/// Keys a publish reserved, held until its events are stored ([`Reservation::commit`]);
+/// dropped before that (the append failed, or the publish was abandoned), it releases
+/// them, so that a retry is not refused for events that were never stored.
+#[must_use = "dropping a reservation releases its keys"]
+#[derive(Default)]
 pub struct Reservation {
+    subjects: Option<Subjects>,
     keys: Vec<(String, String)>,
+}
+
+impl Reservation {
+    /// Whether it holds no key (a publish without keys, or deduplication off).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The events were stored: the keys stay registered.
+    pub fn commit(mut self) {
+        self.keys.clear();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let Some(subjects) = &self.subjects else {
+            return;
+        };
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut subjects = subjects.lock().unwrap_or_else(|p| p.into_inner());
+        for (subject, key) in self.keys.drain(..) {
+            if let Some(window) = subjects.get_mut(&subject) {
+                window.remove(&key);
+            }
+        }
+    }
+}
+
+/// A key that was published to its subject before: the key, and the event of the batch
+/// that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    pub key: String,
+    pub event: usize,
 }
 
 impl Dedup {
@@ -68,7 +112,7 @@ impl Dedup {
         Dedup {
             size,
             ttl,
-            subjects: Mutex::new(HashMap::new()),
+            subjects: Subjects::default(),
         }
     }
 
@@ -81,14 +125,14 @@ impl Dedup {
     pub fn reserve<'a>(
         &self,
         batch: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
-    ) -> Result<Reservation, String> {
+    ) -> Result<Reservation, Duplicate> {
         if !self.enabled() || batch.clone().into_iter().all(|(_, key)| key.is_empty()) {
             return Ok(Reservation::default());
         }
         let now = Instant::now();
         let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
         let mut in_batch = HashSet::new();
-        for (subject, key) in batch.clone() {
+        for (event, (subject, key)) in batch.clone().into_iter().enumerate() {
             if key.is_empty() {
                 continue;
             }
@@ -97,10 +141,16 @@ impl Dedup {
                 window.keys.contains(key)
             });
             if taken || !in_batch.insert((subject, key)) {
-                return Err(key.to_owned());
+                return Err(Duplicate {
+                    key: key.to_owned(),
+                    event,
+                });
             }
         }
-        let mut reservation = Reservation::default();
+        let mut reservation = Reservation {
+            subjects: Some(Arc::clone(&self.subjects)),
+            keys: Vec::new(),
+        };
         for (subject, key) in batch {
             if key.is_empty() {
                 continue;
@@ -112,16 +162,6 @@ impl Dedup {
             reservation.keys.push((subject.to_owned(), key.to_owned()));
         }
         Ok(reservation)
-    }
-
-    /// Forgets the keys of a publish that failed.
-    pub fn release(&self, reservation: Reservation) {
-        let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
-        for (subject, key) in reservation.keys {
-            if let Some(window) = subjects.get_mut(&subject) {
-                window.remove(&key);
-            }
-        }
     }
 
     /// Registers a key found in the log at start-up, `age` after it was published.
@@ -150,52 +190,80 @@ mod tests {
     #[test]
     fn rejects_repeats_per_subject() {
         let dedup = Dedup::new(2, None);
-        dedup.reserve([("a.b", "k1")]).unwrap();
-        assert_eq!(dedup.reserve([("a.b", "k1")]).unwrap_err(), "k1");
-        dedup.reserve([("a.c", "k1")]).expect("other subject");
-        dedup.reserve([("a.b", "")]).expect("no key");
-        dedup.reserve([("a.b", "")]).expect("no key, twice");
-        dedup.reserve([("a.b", "k2")]).unwrap();
-        dedup.reserve([("a.b", "k3")]).unwrap();
+        dedup.reserve([("a.b", "k1")]).unwrap().commit();
+        assert_eq!(
+            dedup.reserve([("a.b", "k1")]).err(),
+            Some(Duplicate {
+                key: "k1".into(),
+                event: 0
+            })
+        );
+        dedup
+            .reserve([("a.c", "k1")])
+            .expect("other subject")
+            .commit();
+        dedup.reserve([("a.b", "")]).expect("no key").commit();
+        dedup
+            .reserve([("a.b", "")])
+            .expect("no key, twice")
+            .commit();
+        dedup.reserve([("a.b", "k2")]).unwrap().commit();
+        dedup.reserve([("a.b", "k3")]).unwrap().commit();
         dedup
             .reserve([("a.b", "k1")])
-            .expect("k1 pushed out by k2, k3");
+            .expect("k1 pushed out by k2, k3")
+            .commit();
     }
 
     #[test]
     fn a_refused_batch_registers_nothing() {
         let dedup = Dedup::new(10, None);
-        dedup.reserve([("a.b", "old")]).unwrap();
-        assert!(dedup.reserve([("a.b", "new"), ("a.b", "old")]).is_err());
+        dedup.reserve([("a.b", "old")]).unwrap().commit();
+        let refused = dedup.reserve([("a.b", "new"), ("a.b", "old")]).err();
+        assert_eq!(refused.map(|d| d.event), Some(1));
         dedup
             .reserve([("a.b", "new")])
-            .expect("new was not registered");
+            .expect("new was not registered")
+            .commit();
         assert!(dedup.reserve([("a.b", "x"), ("a.b", "x")]).is_err());
-        dedup.reserve([("a.b", "x")]).expect("x was not registered");
+        dedup
+            .reserve([("a.b", "x")])
+            .expect("x was not registered")
+            .commit();
     }
 
     #[test]
-    fn released_keys_can_be_used_again() {
+    fn a_reservation_dropped_uncommitted_releases_its_keys() {
         let dedup = Dedup::new(10, None);
         let reservation = dedup.reserve([("a.b", "k"), ("a.c", "k")]).unwrap();
-        dedup.release(reservation);
-        dedup.reserve([("a.b", "k"), ("a.c", "k")]).unwrap();
+        assert!(
+            dedup.reserve([("a.b", "k")]).is_err(),
+            "held while it lives"
+        );
+        drop(reservation);
+        let reservation = dedup.reserve([("a.b", "k"), ("a.c", "k")]).unwrap();
+        reservation.commit();
+        assert!(
+            dedup.reserve([("a.b", "k")]).is_err(),
+            "kept once committed"
+        );
+        assert!(dedup.reserve([("a.c", "k")]).is_err());
     }
 
     #[test]
     fn keys_expire_after_the_ttl() {
         let dedup = Dedup::new(10, Some(Duration::from_millis(30)));
-        dedup.reserve([("a.b", "k")]).unwrap();
+        dedup.reserve([("a.b", "k")]).unwrap().commit();
         assert!(dedup.reserve([("a.b", "k")]).is_err());
         std::thread::sleep(Duration::from_millis(40));
-        dedup.reserve([("a.b", "k")]).unwrap();
+        dedup.reserve([("a.b", "k")]).unwrap().commit();
     }
 
     #[test]
     fn disabled_with_size_zero() {
         let dedup = Dedup::new(0, None);
-        dedup.reserve([("a.b", "k")]).unwrap();
-        dedup.reserve([("a.b", "k")]).unwrap();
+        dedup.reserve([("a.b", "k")]).unwrap().commit();
+        dedup.reserve([("a.b", "k")]).unwrap().commit();
     }
 
     #[test]
@@ -213,8 +281,8 @@ mod tests {
         );
         assert!(dedup.reserve([("a.b", "newest")]).is_err());
         assert!(dedup.reserve([("a.b", "older")]).is_err());
-        dedup.reserve([("a.b", "oldest")]).unwrap();
+        dedup.reserve([("a.b", "oldest")]).unwrap().commit();
         // "older" is pushed out first: it is the oldest registered key.
-        dedup.reserve([("a.b", "older")]).unwrap();
+        dedup.reserve([("a.b", "older")]).unwrap().commit();
     }
 }

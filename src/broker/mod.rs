@@ -253,6 +253,10 @@ pub struct Broker {
     confirmations: Arc<Confirmations>,
 }
 
+/// How a refusal of a duplicate key starts: the words of the reference server, which its
+/// clients match.
+pub const DUPLICATE_KEY: &str = "key was processed before";
+
 /// The namespace of inbox subjects in the broker's counters.
 pub const INBOX_NAMESPACE: &str = "_bus_";
 
@@ -380,12 +384,37 @@ impl Broker {
         let reservation = self
             .dedup
             .reserve(batch.iter().map(|e| (e.subject.as_str(), e.key.as_str())))
-            .map_err(|key| {
+            .map_err(|duplicate| {
+                // The reference's clients match the first words.
+                let which = if is_batch {
+                    format!(" (event {} of the batch)", duplicate.event)
+                } else {
+                    String::new()
+                };
                 PublishError::Duplicate(format!(
-                    "duplicate key {key:?}: an event with this key was already published to this subject"
+                    "{DUPLICATE_KEY}: {:?} was already published to this subject{which}",
+                    duplicate.key
                 ))
             })?;
-        match log.append(pending).await {
+        let appended = if reservation.is_empty() {
+            log.append(pending).await
+        } else {
+            // The keys must stay reserved exactly when the events are stored. Once they
+            // are reserved the append runs to its end on its own task, so that a request
+            // dropped while it waits (the client left, shutdown) neither keeps keys for
+            // events that were never stored nor releases those of events that were.
+            let log = Arc::clone(log);
+            tokio::spawn(async move {
+                let appended = log.append(pending).await;
+                if appended.is_ok() {
+                    reservation.commit();
+                }
+                appended
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unusable(format!("the append task failed: {e}"))))
+        };
+        match appended {
             Ok(appended) => Ok(appended
                 .into_iter()
                 .map(|a| Published {
@@ -394,15 +423,10 @@ impl Broker {
                     index: a.position as i64,
                 })
                 .collect()),
-            Err(e) => {
-                self.dedup.release(reservation);
-                Err(match e {
-                    StoreError::DuplicateId(_) | StoreError::ReservedId(_) => {
-                        PublishError::Duplicate(e.to_string())
-                    }
-                    other => PublishError::Storage(other),
-                })
+            Err(e @ (StoreError::DuplicateId(_) | StoreError::ReservedId(_))) => {
+                Err(PublishError::Duplicate(e.to_string()))
             }
+            Err(other) => Err(PublishError::Storage(other)),
         }
     }
 
@@ -1028,4 +1052,110 @@ fn keyed_entry(json: &[u8], layout: &JsonLayout) -> Option<(String, String, Time
     let created_at =
         Timestamp::parse(std::str::from_utf8(&json[layout.created_at.clone()]).ok()?).ok()?;
     Some((subject, key, created_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn keyed(key: &str) -> Publication {
+        Publication::One(NewEvent {
+            subject: "orders.paid".into(),
+            key: key.into(),
+            payload: Some(b"1".to_vec()),
+            ..NewEvent::default()
+        })
+    }
+
+    /// Polls `future` once, then drops it: a request abandoned at that await point.
+    fn poll_once_and_drop<F: Future>(future: F) {
+        let mut future = std::pin::pin!(future);
+        let mut context = Context::from_waker(Waker::noop());
+        assert!(
+            matches!(future.as_mut().poll(&mut context), Poll::Pending),
+            "the publish must be waiting for the writer"
+        );
+    }
+
+    /// Events stored with key `key`.
+    fn stored_with_key(log: &Log, key: &str) -> usize {
+        let mut found = 0;
+        log.scan_blocking(0, |_, json, layout| {
+            if let Some(range) = layout.key.clone() {
+                if json[range] == *format!("\"{key}\"").as_bytes() {
+                    found += 1;
+                }
+            }
+        })
+        .expect("scan");
+        found
+    }
+
+    /// A publish dropped while it waits for room in the writer's queue, or for the writer
+    /// to commit it, leaves its key reserved exactly when its event is stored: the retry
+    /// is refused only if the event is in the log, and the log holds it once either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_publish_keeps_its_keys_exactly_when_its_event_is_stored() {
+        for queue_full in [true, false] {
+            let data = tempfile::tempdir().expect("tempdir");
+            let config = StoreConfig::new(data.path());
+            let log =
+                Arc::new(Log::open(&data.path().join("orders"), "orders", &config).expect("open"));
+            let broker = Broker::new(
+                [Arc::clone(&log)],
+                &BrokerConfig {
+                    dup_size: 100,
+                    dup_ttl: None,
+                },
+            );
+            let resume = log.pause_writer().await;
+            let mut fillers = Vec::new();
+            if queue_full {
+                for _ in 0..log.queue_room() {
+                    let log = Arc::clone(&log);
+                    let event = PendingEvent::new(&EventDraft {
+                        subject: "orders.filler",
+                        ..EventDraft::default()
+                    })
+                    .expect("event");
+                    fillers.push(tokio::spawn(async move { log.append(vec![event]).await }));
+                }
+                while log.queue_room() > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            poll_once_and_drop(broker.publish(keyed("k")));
+            // Whatever was started in the background may now finish.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(resume);
+            for filler in fillers {
+                filler.await.expect("join").expect("filler stored");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+
+            let before = stored_with_key(&log, "k");
+            let retry = broker.publish(keyed("k")).await;
+            let after = stored_with_key(&log, "k");
+            match retry {
+                Err(PublishError::Duplicate(message)) => {
+                    assert!(message.starts_with(DUPLICATE_KEY), "{message}");
+                    assert_eq!(
+                        before, 1,
+                        "refused although nothing was stored (queue full: {queue_full})"
+                    );
+                }
+                Ok(_) => assert_eq!(
+                    before, 0,
+                    "accepted a second copy (queue full: {queue_full})"
+                ),
+                Err(other) => panic!("{other}"),
+            }
+            assert_eq!(after, 1, "queue full: {queue_full}");
+            log.close().await.expect("close");
+        }
+    }
 }

@@ -100,6 +100,12 @@ impl<T> Inbox<T> {
         self.lock().closed
     }
 
+    /// Items that can be queued right now without waiting.
+    #[cfg(test)]
+    pub fn room(&self) -> usize {
+        self.room.available_permits()
+    }
+
     /// Moves every queued item into `out`, first waiting until there is one (or until
     /// `deadline`, if given).
     pub fn take(&self, out: &mut Vec<T>, deadline: Option<Instant>) -> Taken {

@@ -518,6 +518,23 @@ impl Log {
         Ok(())
     }
 
+    /// Tests only: the writer takes no more commands (appends queue up, then wait for room)
+    /// until the returned sender is dropped.
+    #[cfg(test)]
+    pub(crate) async fn pause_writer(&self) -> std::sync::mpsc::Sender<()> {
+        let (resume, until) = std::sync::mpsc::channel();
+        let (paused, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Pause { paused, until }).await;
+        let _ = answer.await;
+        resume
+    }
+
+    /// Tests only: appends that can be queued right now without waiting for room.
+    #[cfg(test)]
+    pub(crate) fn queue_room(&self) -> usize {
+        self.commands.room()
+    }
+
     /// Commits what is queued, syncs, and records a clean shutdown. Appends after this
     /// fail with [`StoreError::Closed`]; reads keep working.
     pub async fn close(&self) -> Result<(), StoreError> {

@@ -65,6 +65,13 @@ pub(crate) enum Command {
     Shutdown {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Tests only: stop taking commands until the sender is dropped, so that a test can
+    /// hold appends queued (or the queue full).
+    #[cfg(test)]
+    Pause {
+        paused: oneshot::Sender<()>,
+        until: std::sync::mpsc::Receiver<()>,
+    },
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
@@ -225,6 +232,11 @@ impl Writer {
                         }
                     }
                     Command::SyncTick => tick = true,
+                    #[cfg(test)]
+                    Command::Pause { paused, until } => {
+                        let _ = paused.send(());
+                        let _ = until.recv();
+                    }
                     Command::Shutdown { reply } => {
                         self.commit(&mut group);
                         let result = self.close();
