@@ -359,3 +359,24 @@ async fn consumers_are_listed_and_deleted() {
     assert_eq!(payload_n(&fresh.next(WAIT).await.unwrap()), 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_progress_cannot_be_read_is_storage_trouble_not_a_bad_request() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &[]).await;
+    // Where the progress file of consumer "stuck" would be, a directory: reading and
+    // removing it fail with an I/O error, which is the server's trouble, not the caller's.
+    std::fs::create_dir_all(data.path().join("app/consumers/stuck.json")).unwrap();
+    let response = server
+        .client
+        .delete(format!("{}consumers/app/stuck", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "retry-after"), "1");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("server's log"), "{text}");
+    assert!(!text.contains(data.path().to_str().unwrap()), "{text}");
+    server.stop().await;
+}

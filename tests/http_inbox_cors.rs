@@ -197,3 +197,50 @@ async fn every_response_carries_the_cors_headers() {
     drop(stream);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflights_are_answered_on_every_route() {
+    let (_data, mut server) = server().await;
+    for path in [
+        "",
+        "metrics",
+        "readyz",
+        "healthz",
+        "consumers/app",
+        "consumers/app/billing",
+        "elsewhere",
+    ] {
+        let preflight = server
+            .client
+            .request(reqwest::Method::OPTIONS, format!("{}{path}", server.url))
+            .header("Origin", "https://app.example")
+            .header("Access-Control-Request-Method", "GET")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(preflight.status(), 204, "/{path}");
+        assert_cors(&format!("preflight of /{path}"), &preflight);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflights_from_origins_not_allowed_are_refused_on_every_route() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server =
+        TestServer::start(data.path(), &["--cors-origins", "https://app.example"]).await;
+    for (origin, status) in [("https://app.example", 204), ("https://evil.example", 403)] {
+        for path in ["", "metrics", "consumers/app"] {
+            let preflight = server
+                .client
+                .request(reqwest::Method::OPTIONS, format!("{}{path}", server.url))
+                .header("Origin", origin)
+                .header("Access-Control-Request-Method", "GET")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(preflight.status(), status, "{origin} /{path}");
+        }
+    }
+    server.stop().await;
+}

@@ -151,3 +151,62 @@ fn logs_can_be_json_lines() {
         .unwrap();
     assert_eq!(listening["fields"]["addr"], addr);
 }
+
+/// Sets or clears the immutable attribute of a directory: nothing, not even root, can
+/// then create a file in it.
+fn immutable(dir: &std::path::Path, on: bool) -> bool {
+    std::process::Command::new("chattr")
+        .arg(if on { "+i" } else { "-i" })
+        .arg(dir)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+struct Mutable(std::path::PathBuf);
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        immutable(&self.0, false);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_log_answers_503_with_retry_after() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &["--segment-size", "4KiB"]).await;
+    server
+        .publish(&json!({"subject": "app.a", "payload": 0}))
+        .await;
+    let namespace = data.path().join("app");
+    if !immutable(&namespace, true) {
+        eprintln!("skipped: chattr +i needs root on ext4 or similar (CI runs as root)");
+        server.stop().await;
+        return;
+    }
+    let _mutable = Mutable(namespace.clone());
+    // Sealing a full segment creates files: with the directory immutable, it fails and
+    // the log halts.
+    let payload = "x".repeat(500);
+    let mut refused = None;
+    for n in 0..100 {
+        let response = server
+            .post(json!({"subject": "app.a", "payload": [n, payload]}).to_string())
+            .await;
+        if response.status() != 202 {
+            refused = Some(response.status());
+            break;
+        }
+    }
+    assert!(refused.is_some(), "the log never needed a new segment");
+    let response = server
+        .post(json!({"subject": "app.a", "payload": "after"}).to_string())
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "retry-after"), "1");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("must be restarted"), "{text}");
+    let ready = reqwest::get(format!("{}readyz", server.url)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(header(&ready, "retry-after"), "1");
+    server.stop().await;
+}

@@ -481,3 +481,29 @@ async fn a_batch_is_atomic_ordered_and_contiguous() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_key_refusals_start_with_the_reference_wording() {
+    // The Go SDK makes the 409 body its error text; applications match its first words.
+    let (_data, mut server) = server().await;
+    server
+        .publish(&json!({"subject": "app.a", "key": "k1"}))
+        .await;
+    let (status, _, text) = post(
+        &server,
+        json!({"subject": "app.a", "key": "k1"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert!(text.starts_with("key was processed before"), "{text}");
+    assert!(text.contains("k1"), "{text}");
+    let (status, _, text) = post(
+        &server,
+        json!([{"subject": "app.a", "key": "k2"}, {"subject": "app.a", "key": "k1"}]).to_string(),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert!(text.starts_with("key was processed before"), "{text}");
+    assert!(text.contains("event 1 of the batch"), "{text}");
+    server.stop().await;
+}

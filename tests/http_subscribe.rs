@@ -504,3 +504,25 @@ async fn until_now_ends_after_the_events_stored_when_it_opened() {
     assert!(response.text().await.unwrap().contains("until=now"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_with_spaces_is_refused_like_a_subject_with_them() {
+    let (_data, mut server) = server_with(&[]).await;
+    for (encoded, text) in [
+        ("%20app.b", " app.b"),
+        ("app.b%20", "app.b "),
+        ("app.%20b", "app. b"),
+    ] {
+        let subscribed = server
+            .request(reqwest::Method::GET, &format!("subject={encoded}"))
+            .await;
+        assert_eq!(subscribed.status(), 400, "{encoded}");
+        let subscribe_error = subscribed.text().await.unwrap();
+        let published = server
+            .post(serde_json::json!({"subject": text}).to_string())
+            .await;
+        assert_eq!(published.status(), 400, "{text:?}");
+        assert_eq!(subscribe_error, published.text().await.unwrap(), "{text:?}");
+    }
+    server.stop().await;
+}

@@ -1,5 +1,11 @@
 //! Turning failures into HTTP responses: a status code and a plain-text body that says
 //! what to fix. The Go SDK uses the body as its error message, so it is one sentence.
+//!
+//! The statuses: 400 for the caller's mistakes, 401/403 for authentication, 404, 409 for
+//! conflicts with what exists, 413 for sizes, 503 (always with `Retry-After`) when the
+//! server cannot serve now — at a limit, shutting down, or its storage failed — 507 for a
+//! full disk, 500 for anything else. Storage details go to the server's log, never into
+//! a body.
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,21 +41,13 @@ impl ApiError {
     }
 }
 
-/// 503 with `Retry-After`: the server is at a limit, not broken; the client may retry.
-pub fn at_limit(message: String) -> Response {
-    let mut response = ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message,
-    }
-    .into_response();
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
-    );
-    response
+/// 503: the server cannot serve this now (a limit, shutdown, a storage failure); the
+/// answer says when to retry.
+pub fn unavailable(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
 }
 
-/// What a 503 at a limit suggests waiting, in seconds.
+/// What a 503 suggests waiting before a retry, in seconds (`Retry-After`).
 pub const RETRY_AFTER_SECONDS: &str = "1";
 
 impl IntoResponse for ApiError {
@@ -69,6 +67,13 @@ impl IntoResponse for ApiError {
                 header::HeaderValue::from_static("Bearer realm=\"bus\""),
             );
         }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 is a "not now": it says when to ask again.
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
         response
     }
 }
@@ -80,7 +85,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden(_) => StatusCode::FORBIDDEN,
             BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
             BrokerError::Conflict(_) => StatusCode::CONFLICT,
-            BrokerError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            BrokerError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, error.to_string())
     }
@@ -100,7 +105,8 @@ impl From<PublishError> for ApiError {
 }
 
 /// A storage failure: 507 when the disk is full (the client may retry later), 503 when
-/// the log is closing or halted, 500 otherwise. The details are logged, not sent.
+/// the log is closing or halted (another node, or this one once restarted, may take the
+/// retry), 500 otherwise. The details are logged, not sent.
 fn storage_error(error: &StoreError) -> ApiError {
     tracing::error!(error = %error, "publish failed in the storage layer");
     let (status, message) = match error {
@@ -113,8 +119,8 @@ fn storage_error(error: &StoreError) -> ApiError {
             "the server is shutting down; the events were not stored",
         ),
         StoreError::Halted { .. } => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the server stopped storing events after a storage failure and must be restarted (see its log)",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server stopped storing events after a storage failure and must be restarted (see its log); the events were not stored",
         ),
         _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,5 +130,50 @@ fn storage_error(error: &StoreError) -> ApiError {
     ApiError {
         status,
         message: message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(error: PublishError) -> Response {
+        ApiError::from(error).into_response()
+    }
+
+    #[test]
+    fn a_halted_or_closing_log_is_503_with_retry_after() {
+        for error in [
+            StoreError::Halted {
+                namespace: "app".into(),
+                cause: "syncing failed".into(),
+            },
+            StoreError::Closed("app".into()),
+        ] {
+            let response = answer(PublishError::Storage(error));
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
+        }
+    }
+
+    #[test]
+    fn broker_errors_map_to_their_kind_of_answer() {
+        for (error, status) in [
+            (BrokerError::Invalid("x".into()), StatusCode::BAD_REQUEST),
+            (BrokerError::Forbidden("x".into()), StatusCode::FORBIDDEN),
+            (BrokerError::NotFound("x".into()), StatusCode::NOT_FOUND),
+            (BrokerError::Conflict("x".into()), StatusCode::CONFLICT),
+            (
+                BrokerError::Storage("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ] {
+            let response = ApiError::from(error).into_response();
+            assert_eq!(response.status(), status);
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                status == StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
     }
 }

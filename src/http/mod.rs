@@ -1,7 +1,8 @@
 //! The HTTP front end: one path, `/`, four methods.
 //!
 //! - `POST /` publishes ([`publish`]), `GET /` subscribes with Server-Sent Events
-//!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]), `OPTIONS /` answers CORS preflights.
+//!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]); `OPTIONS` on any path answers CORS
+//!   preflights.
 //! - `GET /healthz` (and `/health`), `GET /readyz` and `GET /metrics` are for operators
 //!   ([`ops`]; not in the reference).
 //! - Every response carries the same CORS headers, so browsers on any origin can publish,
@@ -176,8 +177,7 @@ pub fn router(state: AppState) -> Router {
             "/",
             get(subscribe::subscribe)
                 .post(publish::publish)
-                .put(ack::ack)
-                .options(preflight),
+                .put(ack::ack),
         )
         .route("/health", get(ops::healthz))
         .route("/healthz", get(ops::healthz))
@@ -193,10 +193,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn preflight() -> StatusCode {
-    StatusCode::NO_CONTENT
-}
-
 async fn not_found() -> Response {
     ApiError {
         status: StatusCode::NOT_FOUND,
@@ -208,6 +204,7 @@ async fn not_found() -> Response {
 /// CORS: with `--cors-origins` unset every origin may read responses (`*`, as the
 /// reference); with a list, only those, and a request from another origin is refused
 /// (browsers would hide the answer, but a simple POST would still have taken effect).
+/// Preflights (`OPTIONS`) are answered here, for every path, by the same rules.
 async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let allow = match (&app.cors_origins, origin) {
@@ -225,7 +222,11 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
             .into_response();
         }
     };
-    let mut response = next.run(request).await;
+    let mut response = if request.method() == axum::http::Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
     let headers = response.headers_mut();
     if app.cors_origins.is_some() {
         headers.append(header::VARY, HeaderValue::from_static("Origin"));

@@ -12,11 +12,11 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Operation;
-use super::error::ApiError;
+use super::error::unavailable;
 use super::query::Params;
 use super::AppState;
 use crate::broker::ConsumerInfo;
@@ -42,11 +42,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 fn not_ready(message: String) -> Response {
-    ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message,
-    }
-    .into_response()
+    unavailable(message).into_response()
 }
 
 pub async fn metrics(State(app): State<AppState>, params: Params, headers: HeaderMap) -> Response {

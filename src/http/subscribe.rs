@@ -26,7 +26,7 @@ use futures_util::{stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Operation;
-use super::error::{at_limit, ApiError};
+use super::error::{unavailable, ApiError};
 use super::query::Params;
 use super::{AppState, HEADER_CONSUMER_ID};
 use crate::broker::{
@@ -46,7 +46,9 @@ const DONE: &[u8] = b"event: done\ndata: end\n\n";
 /// Reads the subscription request from the query string and headers.
 pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRequest, ApiError> {
     let param = |name: &str| params.text(name);
-    let subject = param("subject")?;
+    // Not trimmed: a pattern follows the grammar of subjects, in which a space is invalid
+    // (publishing to " a.b" is refused, so subscribing to it is too).
+    let subject = params.get("subject")?.unwrap_or("");
     if subject.is_empty() {
         return Err(ApiError::bad_request(
             "missing subject: subscribe with ?subject=<pattern>, e.g. ?subject=orders.>",
@@ -202,7 +204,7 @@ fn admit(
     headers: &HeaderMap,
 ) -> Result<SubscribeRequest, ApiError> {
     let who = app.authenticate(headers, params)?;
-    app.check_subject_len("the subject pattern", params.text("subject")?)?;
+    app.check_subject_len("the subject pattern", params.get("subject")?.unwrap_or(""))?;
     let mut request = parse_request(params, headers)?;
     let namespace = request.pattern.as_str().split('.').next();
     app.authorize(who.as_ref(), Operation::Subscribe, namespace)?;
@@ -234,10 +236,11 @@ pub async fn subscribe(
         return event_stream_response(Body::empty(), None);
     }
     let Ok(permit) = Arc::clone(&app.subscriptions).try_acquire_owned() else {
-        return at_limit(format!(
+        return unavailable(format!(
             "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",
             app.limits.max_subscriptions
-        ));
+        ))
+        .into_response();
     };
     let pattern = request.pattern.to_string();
     let subscription = match app.broker.subscribe(request) {
