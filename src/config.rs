@@ -68,13 +68,14 @@ pub struct ServerConfig {
     #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
 
-    /// Largest request body accepted (bytes, or with a KiB/MiB/GiB suffix); a larger one
-    /// is answered 413.
-    #[arg(long, env = "BUS_MAX_BODY", default_value = "8MiB", value_parser = parse_size)]
+    /// Largest request body accepted (bytes, or with a KiB/MiB/GiB suffix, at most
+    /// 2147483647 bytes); a larger one is answered 413.
+    #[arg(long, env = "BUS_MAX_BODY", default_value = "8MiB", value_parser = parse_max_body)]
     pub max_body: u64,
 
-    /// Longest subject or subject pattern accepted, in bytes; a longer one is answered 400.
-    #[arg(long, env = "BUS_MAX_SUBJECT_LEN", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Longest subject or subject pattern accepted, in bytes (1 to 65535); a longer one is
+    /// answered 400.
+    #[arg(long, env = "BUS_MAX_SUBJECT_LEN", default_value_t = 1024, value_parser = parse_max_subject_len)]
     pub max_subject_len: u32,
 
     /// Connections served at once; beyond it a new connection is answered 503 with
@@ -334,6 +335,35 @@ impl<T: Copy> PerNamespace<T> {
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     parse_go_duration(text).map_err(|e| e.to_string())
+}
+
+/// `--max-body`: a size no larger than one event's record can be (its length field has
+/// 31 bits), so that a body the server accepts is never one it cannot store.
+fn parse_max_body(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    let max = crate::store::segment::MAX_BODY_LEN as u64;
+    if size > max {
+        return Err(format!(
+            "{text:?} is too large: at most {max} bytes (2 GiB minus one byte), the largest event the log can store"
+        ));
+    }
+    Ok(size)
+}
+
+/// `--max-subject-len`: 1 to 65535, the longest subject a stored event can hold (its
+/// length is kept in 16 bits).
+fn parse_max_subject_len(text: &str) -> Result<u32, String> {
+    let max = crate::event::MAX_SUBJECT_LEN;
+    let digits = text.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{text:?} is not a number of bytes (1 to {max})"));
+    }
+    match digits.parse::<u32>() {
+        Ok(len) if (1..=max).contains(&(len as usize)) => Ok(len),
+        _ => Err(format!(
+            "{text:?} is out of range: use 1 to {max} bytes (the longest subject an event can be stored with)"
+        )),
+    }
 }
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {

@@ -22,11 +22,17 @@ use crate::timestamp::{Timestamp, FORMATTED_LEN};
 /// Longest id a client may supply.
 pub const MAX_ID_LEN: usize = 128;
 
+/// Longest subject an event may have: a [`StoredEvent`] keeps its subject's length in 16
+/// bits. (`--max-subject-len` cannot be set higher.)
+pub const MAX_SUBJECT_LEN: usize = u16::MAX as usize;
+
 /// Why an event cannot be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
     #[error("invalid event id {0:?}: ids start with \"e_\" and use only letters, digits and _ - . ~ : (at most 128 characters)")]
     InvalidId(String),
+    #[error("the subject is {0} bytes long; an event's subject may have at most {max} bytes", max = MAX_SUBJECT_LEN)]
+    SubjectTooLong(usize),
 }
 
 /// The fields of an event as a publisher gives them. `payload` must be one compact JSON
@@ -62,6 +68,9 @@ impl PendingEvent {
     pub fn new(draft: &EventDraft<'_>) -> Result<PendingEvent, EventError> {
         if let Some(id) = draft.id {
             validate_client_id(id)?;
+        }
+        if draft.subject.len() > MAX_SUBJECT_LEN {
+            return Err(EventError::SubjectTooLong(draft.subject.len()));
         }
         let mut members = Vec::with_capacity(
             64 + draft.subject.len()
@@ -110,6 +119,27 @@ impl PendingEvent {
     /// Upper bound of the encoded JSON's length, for buffer sizing.
     pub(crate) fn encoded_len_hint(&self) -> usize {
         self.members.len() + self.payload_member.len() + MAX_ID_LEN + FORMATTED_LEN + 64
+    }
+
+    /// The exact length of the JSON [`PendingEvent::write_json`] writes with an id of
+    /// `id_len` bytes at `index`, without writing it.
+    pub fn json_len(&self, id_len: usize, index: i64) -> usize {
+        let digits = index
+            .unsigned_abs()
+            .checked_ilog10()
+            .map_or(1, |d| d as usize + 1);
+        b"{\"id\":\"".len()
+            + id_len
+            + 1
+            + self.members.len()
+            + b",\"created_at\":\"".len()
+            + FORMATTED_LEN
+            + 1
+            + self.payload_member.len()
+            + b",\"index\":".len()
+            + usize::from(index < 0)
+            + digits
+            + 1
     }
 
     /// Appends the event's compact JSON to `out` and returns its layout (relative to the
@@ -510,6 +540,11 @@ mod tests {
         let mut out = Vec::new();
         let layout = pending.write_json(&mut out, id, &created, index);
         assert_eq!(
+            pending.json_len(id.len(), index),
+            out.len(),
+            "json_len is exact"
+        );
+        assert_eq!(
             JsonLayout::parse(&out),
             Some(layout),
             "written and parsed layouts agree"
@@ -682,6 +717,23 @@ mod tests {
             compact_payload(quoted.as_bytes()),
             Some(quoted.into_bytes())
         );
+    }
+
+    #[test]
+    fn json_len_is_exact_for_any_index() {
+        let pending = PendingEvent::new(&EventDraft {
+            subject: "a.b",
+            key: "k\"",
+            payload: Some(b"[1]"),
+            ..Default::default()
+        })
+        .unwrap();
+        let created = Timestamp::from_unix_nanos(0).format();
+        for index in [0, 1, 9, 10, 99, 100, 12345, -1, -10, i64::MAX, i64::MIN] {
+            let mut out = Vec::new();
+            pending.write_json(&mut out, "e_x", &created, index);
+            assert_eq!(pending.json_len(3, index), out.len(), "index {index}");
+        }
     }
 
     #[test]

@@ -94,6 +94,32 @@ async fn oversized_bodies_subjects_and_heads_are_refused_with_reasons() {
     server.stop().await;
 }
 
+#[test]
+fn limits_the_stored_format_cannot_hold_are_refused_at_start_up() {
+    use bus::config::ServerConfig;
+
+    let parse = |flag: &str, value: &str| {
+        ServerConfig::from_args(["--namespaces", "app", flag, value]).map(|_| ())
+    };
+    // A subject's length is kept in 16 bits with each stored event.
+    let err = parse("--max-subject-len", "65536").unwrap_err().to_string();
+    assert!(
+        err.contains("--max-subject-len") && err.contains("65535"),
+        "{err}"
+    );
+    parse("--max-subject-len", "65535").unwrap();
+    // An event is stored as one record, whose length field has 31 bits.
+    for too_big in ["2GiB", "2147483648", "4G"] {
+        let err = parse("--max-body", too_big).unwrap_err().to_string();
+        assert!(
+            err.contains("--max-body") && err.contains("2147483647"),
+            "{err}"
+        );
+    }
+    parse("--max-body", "2147483647").unwrap();
+    parse("--max-body", "1GiB").unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_streams_over_their_limits_get_503_with_retry_after() {
     let data = tempfile::tempdir().unwrap();

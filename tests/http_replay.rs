@@ -84,3 +84,34 @@ async fn replay_from_a_position_or_a_time() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_time_is_not_misled_by_an_event_the_client_dated() {
+    const EVENTS: i64 = 150;
+    const CLIENT_DATED: i64 = 75;
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &["--fsync", "never"]).await;
+    let mut times = Vec::new();
+    for n in 0..EVENTS {
+        let event = if n == CLIENT_DATED {
+            // Restored from an old archive, say.
+            json!({"subject": "app.t", "payload": n, "created_at": "1700-01-01T00:00:00Z"})
+        } else {
+            json!({"subject": "app.t", "payload": n})
+        };
+        times.push(server.publish(&event).await.created_at);
+    }
+    // A binary search over created_at probes the middle, event 75, first: dated 1700, it
+    // sent the search past every event before it.
+    let at = |i: usize| format!("start_time={}", times[i].replace('+', "%2B"));
+    assert_eq!(
+        replay(&server, &at(5)).await,
+        (5..EVENTS).collect::<Vec<_>>(),
+        "from event 5, the client-dated event included"
+    );
+    assert_eq!(
+        replay(&server, &at(100)).await,
+        (100..EVENTS).collect::<Vec<_>>()
+    );
+    server.stop().await;
+}

@@ -196,3 +196,54 @@ async fn age_retention_keeps_the_segment_being_written() {
     .unwrap();
     assert!(config.retention().unwrap_err().contains("billing"));
 }
+
+/// Publishes events `from..from + count` of about 200 bytes to `subject`, one by one,
+/// each with the `created_at` the client chose.
+async fn publish_dated(server: &TestServer, subject: &str, created_at: &str, count: i64) {
+    let padding = "p".repeat(150);
+    for n in 0..count {
+        let response = server
+            .post(
+                json!({"subject": subject, "created_at": created_at, "payload": {"n": n, "pad": padding}})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(response.status(), 202);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_retention_goes_by_the_servers_commit_time_not_client_dates() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(
+        data.path(),
+        &[
+            SMALL_SEGMENTS[0],
+            SMALL_SEGMENTS[1],
+            "--retention-age",
+            "app:700ms,orders:1h",
+            "--retention-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    // Events restored from long ago, into a namespace that keeps an hour: every sealed
+    // segment ends with an event dated 2001, but all were stored just now.
+    publish_dated(&server, "orders.restored", "2001-01-01T00:00:00Z", 60).await;
+    // Events dated in the future, into a namespace that keeps 700 ms: their date does not
+    // keep them.
+    publish_dated(&server, "app.r", "2200-01-01T00:00:00Z", 60).await;
+
+    wait_until("the future-dated segments are deleted", async || {
+        oldest_index(&server).await > 0
+    })
+    .await;
+    // Several retention passes have run since: nothing of `orders` was deleted.
+    let mut sse = server
+        .subscribe("subject=orders.>&start=oldest&until=now")
+        .await;
+    let first = sse.next(Duration::from_secs(5)).await.expect("an event");
+    assert_eq!(first.json()["index"], 0, "{first:?}");
+    assert_eq!(first.json()["created_at"], "2001-01-01T00:00:00.000000000Z");
+    server.stop().await;
+}

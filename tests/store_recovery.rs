@@ -374,3 +374,136 @@ async fn space_prepared_ahead_is_trimmed_at_seal_and_close_and_dropped_after_a_c
     assert_eq!(reopened.recovery().truncated, None);
     assert_eq!(read_all(&reopened, 50).len(), 200);
 }
+
+/// The commit times in a segment's `.tim` file (16-byte header, then one little-endian
+/// 64-bit count of nanoseconds since the Unix epoch per event).
+fn commit_times(log_file: &Path) -> Vec<i64> {
+    let bytes = std::fs::read(log_file.with_extension("tim")).unwrap();
+    assert_eq!(&bytes[..8], b"BUSTIM\x00\x01");
+    bytes[16..]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn lost_commit_times_are_filled_with_the_recovery_time_and_extra_ones_dropped() {
+    let data = tempfile::tempdir().unwrap();
+    log_with(data.path(), 10).await;
+    let segment = &segment_files(data.path())[0];
+    let written = commit_times(segment);
+    assert_eq!(written.len(), 10);
+    assert!(written.windows(2).all(|w| w[0] <= w[1]), "{written:?}");
+    let tim = segment.with_extension("tim");
+
+    // A crash lost the last five entries, and left zeros where the third was.
+    let f = OpenOptions::new().write(true).open(&tim).unwrap();
+    f.set_len(16 + 5 * 8).unwrap();
+    f.write_all_at(&[0u8; 8], 16 + 2 * 8).unwrap();
+    drop(f);
+    let recovery_started = bus::timestamp::Timestamp::now().unix_nanos();
+    let log = open(data.path(), SEGMENT);
+    let recovered = commit_times(segment);
+    assert_eq!(recovered.len(), 10);
+    assert_eq!(recovered[..2], written[..2], "the valid entries are kept");
+    // The others are dated no earlier than the truth: such events are kept longer and
+    // delivered to a start time before the recovery, never skipped.
+    for (i, &time) in recovered.iter().enumerate().skip(2) {
+        assert!(time >= recovery_started, "entry {i}");
+    }
+    let start = bus::timestamp::Timestamp::from_unix_nanos(written[7]);
+    assert_eq!(log.first_committed_at_or_after(start).await.unwrap(), 2);
+    // Commit times go on from there.
+    let appended = log.append(vec![event(&json!("next"))]).await.unwrap();
+    assert!(appended[0].created_at.unix_nanos() >= recovered[9]);
+    log.close().await.unwrap();
+    drop(log);
+    assert_eq!(commit_times(segment).len(), 11);
+
+    // Entries past the events kept (their records were lost) are dropped.
+    let offsets = record_offsets(segment);
+    OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .unwrap()
+        .set_len(offsets[10] + 5)
+        .unwrap();
+    let log = open(data.path(), SEGMENT);
+    assert_eq!(log.committed(), 10);
+    assert_eq!(commit_times(segment).len(), 10);
+    assert_eq!(commit_times(segment)[..], recovered[..]);
+}
+
+#[tokio::test]
+async fn commit_times_never_go_backwards_across_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    log_with(data.path(), 3).await;
+    let segment = &segment_files(data.path())[0];
+    // The last commit was an hour ahead of the clock as it is now (the clock was put
+    // back since).
+    let ahead = bus::timestamp::Timestamp::now().unix_nanos() + 3_600_000_000_000;
+    let tim = OpenOptions::new()
+        .write(true)
+        .open(segment.with_extension("tim"))
+        .unwrap();
+    tim.write_all_at(&ahead.to_le_bytes(), 16 + 2 * 8).unwrap();
+    drop(tim);
+
+    let log = open(data.path(), SEGMENT);
+    let appended = log.append(vec![event(&json!("after"))]).await.unwrap();
+    assert!(appended[0].created_at.unix_nanos() >= ahead);
+    assert!(commit_times(segment).windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[tokio::test]
+async fn verification_checks_the_commit_times() {
+    use bus::store::inspect::LogFiles;
+
+    let data = tempfile::tempdir().unwrap();
+    let log = open(data.path(), 512);
+    for i in 0..20 {
+        log.append(vec![event(&json!({"n": i}))]).await.unwrap();
+    }
+    log.close().await.unwrap();
+    drop(log);
+    let verify = || {
+        LogFiles::open(&log_dir(data.path()), None)
+            .unwrap()
+            .verify(|_| {})
+            .unwrap()
+    };
+    let clean = verify();
+    assert!(
+        clean.damage.is_empty() && clean.repairable.is_empty(),
+        "{clean:?}"
+    );
+
+    let segments = segment_files(data.path());
+    assert!(segments.len() > 2);
+    let sealed = segments[0].with_extension("tim");
+    let active = segments.last().unwrap().with_extension("tim");
+    // A sealed segment's time goes backwards: the server would not notice.
+    let f = OpenOptions::new().write(true).open(&sealed).unwrap();
+    f.write_all_at(&1i64.to_le_bytes(), 16 + 8).unwrap();
+    drop(f);
+    // The active segment lost an entry: the server dates it when it opens the log.
+    let len = file_len(&active);
+    OpenOptions::new()
+        .write(true)
+        .open(&active)
+        .unwrap()
+        .set_len(len - 8)
+        .unwrap();
+    let found = verify();
+    assert_eq!(found.damage.len(), 1, "{found:?}");
+    assert_eq!(found.damage[0].file, sealed);
+    assert_eq!(found.damage[0].offset, 16 + 8);
+    assert!(found.damage[0].reason.contains("backwards"), "{found:?}");
+    assert_eq!(found.repairable.len(), 1, "{found:?}");
+    assert_eq!(found.repairable[0].file, active);
+
+    // A segment sealed by a version without commit times is not a problem.
+    std::fs::remove_file(&sealed).unwrap();
+    let found = verify();
+    assert!(found.damage.is_empty(), "{found:?}");
+}

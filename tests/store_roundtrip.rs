@@ -210,3 +210,74 @@ async fn a_closed_log_refuses_appends_but_still_reads() {
     assert_eq!(log.read(0, 10).await.unwrap().len(), 1);
     log.close().await.unwrap(); // closing twice is harmless
 }
+
+#[tokio::test]
+async fn an_event_too_large_for_a_record_is_refused_whole() {
+    use bus::event::{EventDraft, PendingEvent};
+    use bus::store::segment::MAX_BODY_LEN;
+    use bus::store::StoreError;
+
+    let data = tempfile::tempdir().unwrap();
+    let log = open(data.path(), 1 << 20);
+    log.append(vec![event(&json!("before"))]).await.unwrap();
+    // A payload as long as the longest record body: with the rest of its event, its
+    // record would not fit. (Zeros are allocated lazily, and the log does not parse
+    // payloads; the event itself takes 2 GiB of memory for a moment.)
+    let payload = vec![0u8; MAX_BODY_LEN];
+    let huge = PendingEvent::new(&EventDraft {
+        subject: "orders.big",
+        payload: Some(&payload),
+        ..EventDraft::default()
+    })
+    .unwrap();
+    drop(payload);
+    let err = log
+        .append(vec![event(&json!("with it")), huge])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::EventTooLarge { len, max }
+            if len > MAX_BODY_LEN as u64 && max == MAX_BODY_LEN as u64),
+        "{err}"
+    );
+    assert_eq!(log.committed(), 1, "nothing of the batch is stored");
+
+    // The log goes on, and a reopen finds exactly what was acknowledged.
+    log.append(vec![event(&json!("after"))]).await.unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let log = open(data.path(), 1 << 20);
+    assert_eq!(log.recovery().truncated, None);
+    let payloads: Vec<_> = read_all(&log, 10)
+        .iter()
+        .map(|e| json(e)["payload"].clone())
+        .collect();
+    assert_eq!(payloads, [json!("before"), json!("after")]);
+}
+
+#[tokio::test]
+async fn subjects_longer_than_the_stored_layout_holds_are_refused() {
+    use bus::event::{EventDraft, PendingEvent, MAX_SUBJECT_LEN};
+
+    assert_eq!(MAX_SUBJECT_LEN, 65535);
+    let subject = |len: usize| format!("orders.{}", "s".repeat(len - "orders.".len()));
+    let too_long = subject(MAX_SUBJECT_LEN + 1);
+    let err = PendingEvent::new(&EventDraft {
+        subject: &too_long,
+        ..EventDraft::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("65535"), "{err}");
+
+    // The longest one is stored and read back whole.
+    let data = tempfile::tempdir().unwrap();
+    let log = open(data.path(), 1 << 20);
+    let longest = subject(MAX_SUBJECT_LEN);
+    let event = PendingEvent::new(&EventDraft {
+        subject: &longest,
+        ..EventDraft::default()
+    })
+    .unwrap();
+    log.append(vec![event]).await.unwrap();
+    assert_eq!(log.read(0, 1).await.unwrap()[0].subject(), longest);
+}

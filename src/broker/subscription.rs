@@ -29,7 +29,8 @@ pub enum From {
     Position(u64),
     /// Strictly after the event with this id (which must exist).
     After(String),
-    /// At the first event created at or after this time.
+    /// At the first event the log committed at or after this time (the server's commit
+    /// time, not a `created_at` the client chose).
     Time(Timestamp),
 }
 
@@ -68,7 +69,10 @@ impl Cursor {
                 }
                 Err(e) => return Err(format!("cannot look up event {id}: {e}")),
             },
-            From::Time(time) => first_at_or_after(&log, time).await?,
+            From::Time(time) => log
+                .first_committed_at_or_after(time)
+                .await
+                .map_err(|e| format!("reading the log failed: {e}"))?,
         };
         let watermark = log.watch_committed();
         Ok(Cursor {
@@ -162,32 +166,6 @@ impl Cursor {
             }
         }
     }
-}
-
-/// The position of the first event created at or after `time`, by binary search over the
-/// log: O(log n) reads of one event. Server-assigned creation times follow log order;
-/// events published with an earlier `created_at` of their own may be passed over.
-async fn first_at_or_after(log: &Log, time: Timestamp) -> Result<u64, String> {
-    let (mut low, mut high) = (log.first_position(), log.committed());
-    while low < high {
-        let middle = low + (high - low) / 2;
-        let event = log
-            .read(middle, 1)
-            .await
-            .map_err(|e| format!("reading the log failed: {e}"))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("position {middle} cannot be read"))?;
-        let created_at = event
-            .created_at()
-            .ok_or_else(|| format!("event {} has no readable created_at", event.id()))?;
-        if created_at < time {
-            low = middle + 1;
-        } else {
-            high = middle;
-        }
-    }
-    Ok(low)
 }
 
 /// `ack=none`: every matching event, once, in log order.

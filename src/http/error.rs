@@ -99,6 +99,10 @@ impl From<PublishError> for ApiError {
                 status: StatusCode::CONFLICT,
                 message,
             },
+            // The caller's event, not the server's storage, is at fault.
+            PublishError::Storage(error @ StoreError::EventTooLarge { .. }) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error.to_string())
+            }
             PublishError::Storage(error) => storage_error(&error),
         }
     }
@@ -154,6 +158,16 @@ mod tests {
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
         }
+    }
+
+    #[test]
+    fn an_event_too_large_to_store_is_413() {
+        let error = StoreError::EventTooLarge {
+            len: 3 << 30,
+            max: (1 << 31) - 1,
+        };
+        let response = answer(PublishError::Storage(error));
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[test]

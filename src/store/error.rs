@@ -36,6 +36,12 @@ pub enum StoreError {
     #[error("event id {0} has the form of ids this namespace assigns itself; choose another id")]
     ReservedId(String),
 
+    /// An event of the batch would take more bytes in the log than one record can hold
+    /// (its length field has 31 bits). The whole batch is refused; nothing of it is
+    /// written.
+    #[error("an event of {len} bytes is too large to store: one event takes at most {max} bytes in the log")]
+    EventTooLarge { len: u64, max: u64 },
+
     /// An earlier write or sync failed in a way that leaves the log's on-disk state
     /// uncertain; appends are refused until the server restarts and recovers it.
     #[error("the log of namespace {namespace} stopped accepting events after a storage failure ({cause}); restart the server to recover it")]
@@ -74,6 +80,10 @@ impl StoreError {
             StoreError::Unusable(m) => StoreError::Unusable(m.clone()),
             StoreError::DuplicateId(id) => StoreError::DuplicateId(id.clone()),
             StoreError::ReservedId(id) => StoreError::ReservedId(id.clone()),
+            StoreError::EventTooLarge { len, max } => StoreError::EventTooLarge {
+                len: *len,
+                max: *max,
+            },
             StoreError::Halted { namespace, cause } => StoreError::Halted {
                 namespace: namespace.clone(),
                 cause: cause.clone(),

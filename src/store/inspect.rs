@@ -334,12 +334,14 @@ impl LogFiles {
         Ok(end)
     }
 
-    /// Checks every record of every segment and the indexes, and reports everything
-    /// found rather than stopping at the first problem. `progress` is called with the
-    /// bytes of each segment once checked.
+    /// Checks every record of every segment and the indexes (commit times included), and
+    /// reports everything found rather than stopping at the first problem. `progress` is
+    /// called with the bytes of each segment once checked.
     pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<Verification, StoreError> {
         let mut found = Verification::default();
         let mut expected_base = self.first_position();
+        // The last commit time of the previous segment, if it has commit times.
+        let mut previous_time = None;
         for (i, segment) in self.segments.iter().enumerate() {
             let is_last = i + 1 == self.segments.len();
             if segment.base != expected_base {
@@ -438,11 +440,85 @@ impl LogFiles {
                     }),
                 }
             }
+            // Recovery keeps the complete batches of the last segment.
+            let events = match is_last {
+                true => walk
+                    .records
+                    .iter()
+                    .rposition(|r| !r.continues)
+                    .map_or(0, |i| i + 1),
+                false => walk.records.len(),
+            };
+            let times = SegmentPaths::new(&self.dir, segment.base).times;
+            previous_time = check_times(
+                &times,
+                segment.base,
+                events,
+                is_last,
+                previous_time,
+                &mut found,
+            )?;
             expected_base = segment.base + walk.records.len() as u64;
             progress(segment.bytes);
         }
         Ok(found)
     }
+}
+
+/// Checks a segment's `.tim` file against its `events` (see [`segment`]); returns its last
+/// commit time if it is usable, for the next segment's check.
+fn check_times(
+    path: &Path,
+    base: u64,
+    events: usize,
+    is_last: bool,
+    previous: Option<i64>,
+    found: &mut Verification,
+) -> Result<Option<i64>, StoreError> {
+    let problem = |reason: String| Damage {
+        file: path.to_owned(),
+        offset: 0,
+        reason,
+    };
+    let entries = match segment::read_times_file(path, base)? {
+        // Sealed by a version before commit times: their created_at stands in.
+        segment::TimesFile::Missing if !is_last => return Ok(None),
+        segment::TimesFile::Missing => {
+            found.repairable.push(problem(
+                "the commit times are missing (the server creates them when it opens the log, dating these events by that time)".into(),
+            ));
+            return Ok(None);
+        }
+        segment::TimesFile::Malformed => Vec::new(),
+        segment::TimesFile::Entries(entries) => entries,
+    };
+    let floor = previous.map(crate::timestamp::Timestamp::from_unix_nanos);
+    let believable = segment::valid_times(&entries, floor);
+    if is_last {
+        if entries.len() != events || believable < events {
+            found.repairable.push(problem(format!(
+                "commit times for {} of the segment's {events} events (the server keeps the believable ones and dates the rest by the time it opens the log)",
+                believable.min(events)
+            )));
+        }
+        return Ok(None);
+    }
+    if entries.len() != events {
+        found.repairable.push(problem(format!(
+            "{} commit times for {events} events, or a malformed file: the server ignores it and judges this segment by its events' created_at",
+            entries.len()
+        )));
+        return Ok(None);
+    }
+    if believable < events {
+        found.damage.push(Damage {
+            file: path.to_owned(),
+            offset: segment::times_entry_offset(believable as u64),
+            reason: "commit time goes backwards (or is not a time); delete this .tim file so that the server judges this segment by its events' created_at".into(),
+        });
+        return Ok(None);
+    }
+    Ok(entries.last().copied())
 }
 
 fn damage_of(error: StoreError, file: &Path) -> Damage {

@@ -9,6 +9,20 @@
 //!
 //! Reads never pass the committed watermark. Recent events come from the in-memory tail;
 //! older ones from the segment files, one index read and one data read per chunk.
+//!
+//! Time: every event has a commit time, the server's own (see the `.tim` file in
+//! [`segment`]), which never decreases along the log. Retention by age judges a sealed
+//! segment by its last event's commit time, and [`Log::first_committed_at_or_after`]
+//! (behind `start_time`) is a binary search over the segments' last commit times, then
+//! over the commit times of one segment: O(log n) 8-byte reads. A client-supplied
+//! `created_at` (publishers may set one, `bus restore` does) plays no part in either.
+//! Recovery keeps the active segment's `.tim` parallel to its records: entries past them
+//! are dropped, missing or unbelievable ones are dated by the recovery time (never earlier
+//! than the last time kept), so such events are kept longer and delivered rather than
+//! skipped. Sealed segments written by versions before `.tim` existed have none, and
+//! nothing is migrated (that would read whole segments): for them the `created_at` of
+//! their events stands in, as it did in those versions — a segment's newest event for
+//! retention, the events' own times for the search.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -45,6 +59,9 @@ pub struct Recovery {
     pub truncated: Option<Truncation>,
     /// Index files that were missing or inconsistent and were rebuilt from their segment.
     pub rebuilt_indexes: Vec<PathBuf>,
+    /// Events of the active segment whose commit time was missing (an interrupted write,
+    /// or a segment written by an older version) and that were dated by the recovery.
+    pub commit_times_filled: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +197,66 @@ impl Shared {
         Ok(None)
     }
 
+    /// The time the event at `position` (committed, in `segment`) is judged by: its commit
+    /// time, or in a segment without commit times its `created_at` (`None` if unreadable).
+    pub fn time_of(
+        &self,
+        segment: &Segment,
+        position: u64,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        if let Some(time) = segment.commit_time(position)? {
+            return Ok(Some(time));
+        }
+        let event = segment.read(position, position + 1, 1, self.cipher.as_ref())?;
+        Ok(event.first().and_then(StoredEvent::created_at))
+    }
+
+    /// See [`Log::first_committed_at_or_after`]. Blocking.
+    pub fn first_committed_at_or_after(&self, time: Timestamp) -> Result<u64, StoreError> {
+        let committed = self.committed();
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?
+            .iter()
+            .filter(|s| s.base < committed)
+            .cloned()
+            .collect();
+        // The committed events of a segment: base..end.
+        let end = |s: &Segment| (s.base + s.count()).min(committed);
+        // Whether the event at `position` is judged earlier than `time`. An unreadable
+        // created_at (only in segments without commit times) counts as not earlier: the
+        // search errs on delivering.
+        let earlier = |s: &Segment, position: u64| -> Result<bool, StoreError> {
+            Ok(self.time_of(s, position)?.is_some_and(|t| t < time))
+        };
+        // The first segment whose last event is not earlier than `time`…
+        let (mut low, mut high) = (0, segments.len());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let s = &segments[middle];
+            if end(s) > s.base && earlier(s, end(s) - 1)? {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        let Some(segment) = segments.get(low) else {
+            return Ok(committed);
+        };
+        // …and in it, the first event not earlier than `time`.
+        let (mut low, mut high) = (segment.base, end(segment));
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if earlier(segment, middle)? {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        Ok(low)
+    }
+
     /// Whether `id` is a server-assigned id of this log at `position`.
     pub fn is_native_at(meta: &Meta, id: &str, position: u64) -> bool {
         ids::decode(id).is_some_and(|(generation, encoded)| {
@@ -281,8 +358,27 @@ impl Log {
             disk_reads: AtomicU64::new(0),
             halted: OnceLock::new(),
         });
-        let (commands, writer) =
-            writer::start(Arc::clone(&shared), meta, config, active_files, lock)?;
+        let last_commit = last_commit_time(&shared)?;
+        if let Some(last) = last_commit {
+            let ahead = last
+                .unix_nanos()
+                .saturating_sub(Timestamp::now().unix_nanos());
+            if ahead > 60_000_000_000 {
+                tracing::warn!(
+                    namespace,
+                    last_commit = %last,
+                    "the last commit time stored is ahead of the clock; new events are dated from it until the clock catches up"
+                );
+            }
+        }
+        let (commands, writer) = writer::start(
+            Arc::clone(&shared),
+            meta,
+            config,
+            active_files,
+            lock,
+            last_commit,
+        )?;
         if let Some(t) = &recovery.truncated {
             tracing::warn!(
                 namespace,
@@ -306,8 +402,10 @@ impl Log {
     }
 
     /// Deletes the oldest sealed segments while the log holds more than `max_bytes` or
-    /// their newest event is older than `max_age`; never the segment being written.
-    /// Returns the (first position, events) of each segment deleted. Blocking.
+    /// their last event was committed more than `max_age` ago (for segments without
+    /// commit times, written by older versions: their newest event's `created_at`); never
+    /// the segment being written. Returns the (first position, events) of each segment
+    /// deleted. Blocking.
     pub fn enforce_retention(
         &self,
         max_age: Option<std::time::Duration>,
@@ -336,9 +434,8 @@ impl Log {
             let too_old = match oldest_kept {
                 Some(limit) if oldest.count() > 0 => {
                     let last = oldest.base + oldest.count() - 1;
-                    let newest = self.read_blocking(last, 1)?;
-                    let created_at = newest.first().and_then(StoredEvent::created_at);
-                    created_at.is_some_and(|t| t.unix_nanos() < limit)
+                    let time = self.shared.time_of(oldest, last)?;
+                    time.is_some_and(|t| t.unix_nanos() < limit)
                 }
                 _ => false,
             };
@@ -478,6 +575,16 @@ impl Log {
         self.shared.read_disk(from, until, max_events)
     }
 
+    /// The position of the first event committed at or after `time` (the committed
+    /// watermark if there is none): where a subscription with this `start_time` starts.
+    /// O(log n) small reads (see the module docs).
+    pub async fn first_committed_at_or_after(&self, time: Timestamp) -> Result<u64, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.first_committed_at_or_after(time))
+            .await
+            .map_err(|e| StoreError::Unusable(format!("search task failed: {e}")))?
+    }
+
     /// The position of the committed event with this id.
     pub async fn find_id(&self, id: &str) -> Result<Option<u64>, StoreError> {
         let limit = self.committed();
@@ -597,6 +704,13 @@ impl EventLog for Log {
     fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(Log::find_id(self, id))
     }
+
+    fn first_committed_at_or_after(
+        &self,
+        time: Timestamp,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(Log::first_committed_at_or_after(self, time))
+    }
 }
 
 /// Refuses to open a log with a key it was not encrypted with, or without its key, or a
@@ -624,6 +738,18 @@ pub fn check_key(
         ),
     };
     Err(StoreError::Unusable(message))
+}
+
+/// The log's last stored commit time: the last event's, if its segment has commit times.
+fn last_commit_time(shared: &Shared) -> Result<Option<Timestamp>, StoreError> {
+    let segments = shared
+        .segments
+        .read()
+        .map_err(|_| StoreError::Unusable("segment list lock poisoned".into()))?;
+    match segments.iter().rev().find(|s| s.count() > 0) {
+        Some(segment) => segment.last_commit_time(),
+        None => Ok(None),
+    }
 }
 
 fn take_lock(dir: &Path) -> Result<File, StoreError> {
@@ -665,7 +791,7 @@ fn open_segments(
             .len();
         if len < LOG_HEADER_LEN {
             tracing::warn!(file = %last.log.display(), "removing a segment whose creation was interrupted");
-            for path in [&last.log, &last.index, &last.ids] {
+            for path in [&last.log, &last.index, &last.times, &last.ids] {
                 if let Err(e) = fs::remove_file(path) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         return Err(StoreError::io(format!("removing {}", path.display()), e));
@@ -690,7 +816,14 @@ fn open_segments(
                 .ok_or_else(|| StoreError::Unusable("new segment has no files".into()))?;
             (segment, files)
         }
-        Some(&base) => open_active(dir, base, &is_native, recovery, cipher)?,
+        Some(&base) => {
+            // The active segment's commit times start no earlier than the last sealed one.
+            let floor = match segments.last() {
+                Some(sealed) => sealed.last_commit_time()?,
+                None => None,
+            };
+            open_active(dir, base, &is_native, recovery, cipher, floor)?
+        }
     };
     segments.push(Arc::new(active));
     Ok((segments, files))
@@ -757,7 +890,20 @@ fn open_sealed(
         }
         recovery.rebuilt_indexes.push(paths.index.clone());
     }
-    Ok(Segment::sealed(paths, base, expected))
+    // Commit times: checked by length only (cheap open). A segment sealed by an older
+    // version has none; one whose file is inconsistent is judged as if it had none.
+    let has_times = match segment::times_file_entries(&paths.times, base)? {
+        segment::TimesFile::Entries(n) if n == expected => true,
+        segment::TimesFile::Missing => false,
+        _ => {
+            tracing::warn!(
+                file = %paths.times.display(),
+                "commit times of a sealed segment are malformed or do not match its events; judging its events by their created_at instead"
+            );
+            false
+        }
+    };
+    Ok(Segment::sealed(paths, base, expected, has_times))
 }
 
 /// Checks every record of the active segment, truncates an interrupted last write and
@@ -768,6 +914,7 @@ fn open_active(
     is_native: &dyn Fn(&str, u64) -> bool,
     recovery: &mut Recovery,
     cipher: Option<&Cipher>,
+    floor: Option<Timestamp>,
 ) -> Result<(Segment, Arc<ActiveFiles>), StoreError> {
     let paths = SegmentPaths::new(dir, base);
     let scan = segment::scan(&paths.log, base, true, is_native, cipher)?;
@@ -811,7 +958,18 @@ fn open_active(
         }
     }
     let count = scan.ends.len() as u64;
-    let files = ActiveFiles { log, index };
+    let (times, recovered) =
+        segment::recover_times_file(&paths.times, base, count, floor, Timestamp::now())?;
+    if recovered.filled > 0 {
+        tracing::warn!(
+            file = %paths.times.display(),
+            events = recovered.filled,
+            dated = %recovered.fill,
+            "commit times of the last events were missing (an interrupted write, or a segment written by an older version); dated them by the recovery"
+        );
+        recovery.commit_times_filled = recovered.filled;
+    }
+    let files = ActiveFiles { log, index, times };
     let segment = Segment::active(paths, base, count, files, scan.client_ids, scan.frames);
     let files = segment
         .active_files()

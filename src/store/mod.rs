@@ -17,10 +17,14 @@
 //!   the records of the active one (at most one segment's worth, not the whole log).
 //!   Finding a position is a binary search over segments and one index read; finding a
 //!   server-assigned id is a decode; finding a client-supplied id is a binary search per
-//!   segment in its id index.
+//!   segment in its id index; finding a time is a binary search over commit times.
+//! - **The server's own clock.** Every event has a commit time, assigned by the writer and
+//!   never decreasing along the log, also across restarts. Retention by age and searches
+//!   by time use it, never the `created_at` a client may set (segments written before
+//!   commit times were stored fall back to `created_at`; see [`log`]).
 //!
 //! The broker uses a log through the narrow [`EventLog`] interface (append a batch, read
-//! from a position, the committed watermark, find an id), so that another backend can take
+//! from a position, the committed watermark, find an id or a time), so that another backend can take
 //! this one's place. This module does not know subjects or subscriptions.
 //!
 //! Layout: [`segment`] owns the file formats, [`log`] opening, recovery and reads,
@@ -177,6 +181,14 @@ pub trait EventLog: Send + Sync {
 
     /// The position of the committed event with this id.
     fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+
+    /// The position of the first event committed at or after `time`, by the log's own
+    /// commit times (never a `created_at` a client chose); the committed watermark if
+    /// there is none.
+    fn first_committed_at_or_after(
+        &self,
+        time: Timestamp,
+    ) -> BoxFuture<'_, Result<u64, StoreError>>;
 }
 
 /// The logs of all declared namespaces.

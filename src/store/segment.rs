@@ -13,6 +13,14 @@
 //!   the byte offset where that event's record *ends* (which is where the next one starts).
 //!   Finding an event is one 8-byte read; a run of events is one read of their offsets and
 //!   one read of their bytes.
+//! - `.tim` — a 16-byte header (`BUSTIM\0\x01`, base), then one little-endian i64 per event,
+//!   parallel to `.idx`: when the server committed the event, in nanoseconds since the Unix
+//!   epoch. Each group commit has one time, the `created_at` of the group's server-dated
+//!   events, and the times never decrease along the log (across restarts too). Unlike
+//!   `created_at`, which clients may set (restores do), these times are the server's own:
+//!   retention by age and `start_time` go by them. They are written in clear in encrypted
+//!   logs, as `.idx` offsets are. Segments written by versions before `.tim` existed have
+//!   none; for them, the `created_at` of their events stands in (see [`super::log`]).
 //! - `.ids` — written when the segment is sealed: a 16-byte header (`BUSIDS\0\x01`, base),
 //!   then sorted (hash, position) pairs of u64 for the events whose ids clients supplied.
 //!   Server-assigned ids need no index (they encode their position).
@@ -38,12 +46,15 @@ use super::error::{IoContext, StoreError};
 use super::ids;
 use super::meta::sync_dir;
 use crate::event::{self, JsonLayout, StoredEvent};
+use crate::timestamp::Timestamp;
 
 pub const LOG_HEADER_LEN: u64 = 24;
 pub const INDEX_HEADER_LEN: u64 = 16;
+pub const TIMES_HEADER_LEN: u64 = 16;
 const IDS_HEADER_LEN: u64 = 16;
 pub const RECORD_HEADER_LEN: u64 = 8;
 const INDEX_ENTRY_LEN: u64 = 8;
+const TIMES_ENTRY_LEN: u64 = 8;
 const IDS_ENTRY_LEN: u64 = 16;
 const CONTINUES: u32 = 1 << 31;
 /// Reads of an encrypted segment spanning at least this many blocks open them on two
@@ -54,14 +65,17 @@ pub const MAX_BODY_LEN: usize = (CONTINUES - 1) as usize;
 
 const LOG_MAGIC: &[u8; 8] = b"BUSLOG\x00\x01";
 const INDEX_MAGIC: &[u8; 8] = b"BUSIDX\x00\x01";
+const TIMES_MAGIC: &[u8; 8] = b"BUSTIM\x00\x01";
 const IDS_MAGIC: &[u8; 8] = b"BUSIDS\x00\x01";
 const FRAMES_MAGIC: &[u8; 8] = b"BUSFRM\x00\x01";
 
-/// The three files of a segment.
+/// The files of a segment.
 #[derive(Debug, Clone)]
 pub struct SegmentPaths {
     pub log: PathBuf,
     pub index: PathBuf,
+    /// Commit times (absent in segments written by older versions).
+    pub times: PathBuf,
     pub ids: PathBuf,
     /// Encrypted segments only, once sealed.
     pub frames: PathBuf,
@@ -72,6 +86,7 @@ impl SegmentPaths {
         SegmentPaths {
             log: dir.join(format!("{base:020}.log")),
             index: dir.join(format!("{base:020}.idx")),
+            times: dir.join(format!("{base:020}.tim")),
             ids: dir.join(format!("{base:020}.ids")),
             frames: dir.join(format!("{base:020}.frm")),
         }
@@ -168,6 +183,8 @@ pub fn begin_record(out: &mut Vec<u8>) -> usize {
 }
 
 /// Fills in the header of the record that starts at `start` and runs to the end of `out`.
+/// The body must be at most [`MAX_BODY_LEN`] bytes: the writer refuses larger events
+/// before it encodes them (see [`check_body_len`]).
 pub fn finish_record(out: &mut [u8], start: usize, continues: bool) {
     let body_len = out.len() - start - RECORD_HEADER_LEN as usize;
     debug_assert!(body_len <= MAX_BODY_LEN);
@@ -179,6 +196,18 @@ pub fn finish_record(out: &mut [u8], start: usize, continues: bool) {
     );
     out[start..start + 4].copy_from_slice(&word);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Refuses a record body the framing cannot express: its length would spill into the
+/// "continues" flag.
+pub fn check_body_len(body_len: usize) -> Result<(), StoreError> {
+    if body_len > MAX_BODY_LEN {
+        return Err(StoreError::EventTooLarge {
+            len: body_len as u64,
+            max: MAX_BODY_LEN as u64,
+        });
+    }
+    Ok(())
 }
 
 /// What the bytes at a record's start hold.
@@ -232,12 +261,18 @@ pub struct Segment {
     /// Of an encrypted segment: where its frames end. The writer extends it for the
     /// active segment; a sealed one's is loaded from its `.frm` file on first read.
     frames: RwLock<Option<Arc<Vec<FrameEnd>>>>,
+    /// Whether the segment has a `.tim` file with an entry per event: always for segments
+    /// this version writes, not for those sealed by older versions.
+    has_times: bool,
+    /// The last commit time of a sealed segment, once read.
+    last_time: OnceLock<Timestamp>,
 }
 
 #[derive(Debug)]
 pub struct ActiveFiles {
     pub log: File,
     pub index: File,
+    pub times: File,
 }
 
 impl Segment {
@@ -246,20 +281,24 @@ impl Segment {
         let paths = SegmentPaths::new(dir, base);
         let log = create_with_header(&paths.log, &log_header(base, encrypted))?;
         let index = create_with_header(&paths.index, &small_header(INDEX_MAGIC, base))?;
+        let times = create_with_header(&paths.times, &small_header(TIMES_MAGIC, base))?;
         sync_dir(dir)?;
         Ok(Segment {
             base,
             paths,
             count: AtomicU64::new(0),
-            active: RwLock::new(Some(Arc::new(ActiveFiles { log, index }))),
+            active: RwLock::new(Some(Arc::new(ActiveFiles { log, index, times }))),
             live_ids: RwLock::new(Some(BTreeSet::new())),
             sealed_ids: OnceLock::new(),
             frames: RwLock::new(encrypted.then(|| Arc::new(Vec::new()))),
+            has_times: true,
+            last_time: OnceLock::new(),
         })
     }
 
-    /// A sealed segment of `count` events whose files are known to be consistent.
-    pub fn sealed(paths: SegmentPaths, base: u64, count: u64) -> Segment {
+    /// A sealed segment of `count` events whose files are known to be consistent;
+    /// `has_times` if its `.tim` file holds an entry per event.
+    pub fn sealed(paths: SegmentPaths, base: u64, count: u64, has_times: bool) -> Segment {
         Segment {
             base,
             paths,
@@ -268,6 +307,8 @@ impl Segment {
             live_ids: RwLock::new(None),
             sealed_ids: OnceLock::new(),
             frames: RwLock::new(None),
+            has_times,
+            last_time: OnceLock::new(),
         }
     }
 
@@ -289,6 +330,8 @@ impl Segment {
             live_ids: RwLock::new(Some(live_ids)),
             sealed_ids: OnceLock::new(),
             frames: RwLock::new(frames.map(Arc::new)),
+            has_times: true,
+            last_time: OnceLock::new(),
         }
     }
 
@@ -359,14 +402,58 @@ impl Segment {
         Ok(())
     }
 
+    /// When the event at `position` (committed, in this segment) was committed; `None` if
+    /// the segment has no commit times (written by an older version). One 8-byte read
+    /// (none for the last event of a sealed segment once it was read).
+    pub fn commit_time(&self, position: u64) -> Result<Option<Timestamp>, StoreError> {
+        if !self.has_times {
+            return Ok(None);
+        }
+        let sealed_last = self.base + self.count() == position + 1 && !self.is_active();
+        if sealed_last {
+            if let Some(&time) = self.last_time.get() {
+                return Ok(Some(time));
+            }
+        }
+        let mut raw = [0u8; TIMES_ENTRY_LEN as usize];
+        self.file(Part::Times)?
+            .get()
+            .read_exact_at(&mut raw, times_entry_offset(position - self.base))
+            .context(|| format!("reading {}", self.paths.times.display()))?;
+        let time = Timestamp::from_unix_nanos(i64::from_le_bytes(raw));
+        if sealed_last {
+            let _ = self.last_time.set(time);
+        }
+        Ok(Some(time))
+    }
+
+    /// When the segment's last event was committed: `Ok(None)` if it is empty or has no
+    /// commit times.
+    pub fn last_commit_time(&self) -> Result<Option<Timestamp>, StoreError> {
+        match self.count() {
+            0 => Ok(None),
+            count => self.commit_time(self.base + count - 1),
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.read().is_ok_and(|a| a.is_some())
+    }
+
     /// Bytes of the segment's files on disk.
     pub fn disk_bytes(&self) -> u64 {
         let paths = &self.paths;
-        [&paths.log, &paths.index, &paths.ids, &paths.frames]
-            .into_iter()
-            .filter_map(|path| fs::metadata(path).ok())
-            .map(|m| m.len())
-            .sum()
+        [
+            &paths.log,
+            &paths.index,
+            &paths.times,
+            &paths.ids,
+            &paths.frames,
+        ]
+        .into_iter()
+        .filter_map(|path| fs::metadata(path).ok())
+        .map(|m| m.len())
+        .sum()
     }
 
     /// Deletes a sealed segment's files (retention); readers that still hold it get a
@@ -375,6 +462,7 @@ impl Segment {
         // The log file last: a segment whose .log exists is never half deleted.
         for path in [
             &self.paths.index,
+            &self.paths.times,
             &self.paths.ids,
             &self.paths.frames,
             &self.paths.log,
@@ -398,6 +486,7 @@ impl Segment {
         let path = match part {
             Part::Log => &self.paths.log,
             Part::Index => &self.paths.index,
+            Part::Times => &self.paths.times,
         };
         File::open(path)
             .map(Handle::Opened)
@@ -625,6 +714,7 @@ impl Segment {
 enum Part {
     Log,
     Index,
+    Times,
 }
 
 enum Handle {
@@ -637,6 +727,7 @@ impl Handle {
         match self {
             Handle::Active(files, Part::Log) => &files.log,
             Handle::Active(files, Part::Index) => &files.index,
+            Handle::Active(files, Part::Times) => &files.times,
             Handle::Opened(file) => file,
         }
     }
@@ -1090,6 +1181,150 @@ pub fn write_index_file(path: &Path, base: u64, ends: &[u64]) -> Result<File, St
 /// Offset in a `.idx` file of the entry for the `n`th event of the segment.
 pub fn index_entry_offset(n: u64) -> u64 {
     INDEX_HEADER_LEN + n * INDEX_ENTRY_LEN
+}
+
+/// Offset in a `.tim` file of the entry for the `n`th event of the segment.
+pub fn times_entry_offset(n: u64) -> u64 {
+    TIMES_HEADER_LEN + n * TIMES_ENTRY_LEN
+}
+
+/// What a segment's `.tim` file holds: `T` is its entries, or their number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimesFile<T> {
+    /// No such file: the segment was written by a version without commit times.
+    Missing,
+    /// A wrong header, or a length that is not a whole number of entries.
+    Malformed,
+    Entries(T),
+}
+
+/// Reads a whole `.tim` file (the offline tools, and recovery of the active segment): the
+/// commit times in nanoseconds since the Unix epoch.
+pub fn read_times_file(path: &Path, base: u64) -> Result<TimesFile<Vec<i64>>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TimesFile::Missing),
+        Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+    };
+    let header = TIMES_HEADER_LEN as usize;
+    if bytes.get(..header) != Some(&small_header(TIMES_MAGIC, base)[..])
+        || !(bytes.len() - header).is_multiple_of(TIMES_ENTRY_LEN as usize)
+    {
+        return Ok(TimesFile::Malformed);
+    }
+    Ok(TimesFile::Entries(
+        bytes[header..]
+            .chunks_exact(TIMES_ENTRY_LEN as usize)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+    ))
+}
+
+/// The number of entries of a `.tim` file, from its length, without reading them.
+pub fn times_file_entries(path: &Path, base: u64) -> Result<TimesFile<u64>, StoreError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TimesFile::Missing),
+        Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
+    };
+    let len = file
+        .metadata()
+        .context(|| format!("reading {}", path.display()))?
+        .len();
+    let mut header = [0u8; TIMES_HEADER_LEN as usize];
+    let whole = len >= TIMES_HEADER_LEN && (len - TIMES_HEADER_LEN).is_multiple_of(TIMES_ENTRY_LEN);
+    if !whole
+        || file.read_exact_at(&mut header, 0).is_err()
+        || header != small_header(TIMES_MAGIC, base)
+    {
+        return Ok(TimesFile::Malformed);
+    }
+    Ok(TimesFile::Entries(
+        (len - TIMES_HEADER_LEN) / TIMES_ENTRY_LEN,
+    ))
+}
+
+/// How many of `entries` are believable commit times: the longest prefix of positive
+/// times that never decrease, starting no earlier than `floor` (the previous segment's
+/// last commit time). A crash can leave a `.tim` file short, or (power loss) holding
+/// zeros where its last writes were.
+pub fn valid_times(entries: &[i64], floor: Option<Timestamp>) -> usize {
+    let mut previous = floor.map_or(1, Timestamp::unix_nanos).max(1);
+    entries
+        .iter()
+        .take_while(|&&time| {
+            let ok = time >= previous;
+            previous = time;
+            ok
+        })
+        .count()
+}
+
+/// What recovery did to the commit times of the active segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimesRecovery {
+    /// Entries that were missing or unbelievable and were dated `fill`.
+    pub filled: u64,
+    /// The time given to them: the later of the recovery time and the last one kept.
+    pub fill: Timestamp,
+}
+
+/// Makes the active segment's `.tim` file hold exactly `count` entries, its events
+/// having been recovered: entries past them are dropped, believable ones kept (see
+/// [`valid_times`]), missing or unbelievable ones given a time no earlier than the truth —
+/// `now`, or the last time kept if that is later — so that such events are kept longer by
+/// retention and delivered to a `start_time` before the recovery, never skipped. Rewrites
+/// only what must change, and syncs it; returns the open file.
+pub fn recover_times_file(
+    path: &Path,
+    base: u64,
+    count: u64,
+    floor: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<(File, TimesRecovery), StoreError> {
+    let found = read_times_file(path, base)?;
+    let entries = match &found {
+        TimesFile::Entries(entries) => entries.as_slice(),
+        TimesFile::Missing | TimesFile::Malformed => &[],
+    };
+    let count_usize = usize::try_from(count).unwrap_or(usize::MAX);
+    let kept = valid_times(&entries[..entries.len().min(count_usize)], floor);
+    let last_kept = kept
+        .checked_sub(1)
+        .map(|i| Timestamp::from_unix_nanos(entries[i]))
+        .or(floor);
+    let fill = last_kept.map_or(now, |last| last.max(now));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .context(|| format!("opening {}", path.display()))?;
+    let filled = count - kept as u64;
+    let exact = matches!(found, TimesFile::Entries(_)) && entries.len() == count_usize;
+    if filled > 0 || !exact {
+        let mut tail = Vec::with_capacity(16 + filled as usize * 8);
+        if !matches!(found, TimesFile::Entries(_)) {
+            tail.extend_from_slice(&small_header(TIMES_MAGIC, base));
+        }
+        for _ in 0..filled {
+            tail.extend_from_slice(&fill.unix_nanos().to_le_bytes());
+        }
+        let at = if matches!(found, TimesFile::Entries(_)) {
+            times_entry_offset(kept as u64)
+        } else {
+            0
+        };
+        file.set_len(at)
+            .and_then(|()| file.write_all_at(&tail, at))
+            .and_then(|()| file.sync_all())
+            .context(|| format!("writing {}", path.display()))?;
+    }
+    if matches!(found, TimesFile::Missing) {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok((file, TimesRecovery { filled, fill }))
 }
 
 #[cfg(test)]

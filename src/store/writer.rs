@@ -15,7 +15,14 @@
 //! append is taken at once; the wait only ever costs a fraction of the sync it shares.
 //!
 //! Batch atomicity on disk: every record of a batch but the last carries the
-//! "continues" flag; recovery drops a batch whose last record is missing.
+//! "continues" flag; recovery drops a batch whose last record is missing. A batch with an
+//! event too large for a record is refused whole before anything of it is encoded.
+//!
+//! Commit times: the group's one time (the wall clock, but never earlier than the
+//! previous group's, also across restarts) is the `created_at` of its server-dated events
+//! and goes into the segment's `.tim` file for every event of the group, client-dated ones
+//! included, with one write next to the `.idx` entries. Like `.idx`, `.tim` is synced when
+//! the segment is sealed and when the log is closed; recovery makes it whole again.
 //!
 //! Failures: if a write fails (a full disk, say) the segment is truncated back to where
 //! the group started, every waiter of the group gets the error, and the next group is
@@ -81,13 +88,15 @@ struct Request {
     reply: Reply,
 }
 
-/// Starts the writer thread (and, for `interval` syncing, its ticker).
+/// Starts the writer thread (and, for `interval` syncing, its ticker). `last_commit` is
+/// the log's last stored commit time, if it has one: commit times go on from it.
 pub(crate) fn start(
     shared: Arc<Shared>,
     meta: Meta,
     config: &StoreConfig,
     files: Arc<ActiveFiles>,
     lock: File,
+    last_commit: Option<Timestamp>,
 ) -> Result<(Arc<Inbox<Command>>, JoinHandle<()>), StoreError> {
     let active = shared
         .segments
@@ -117,13 +126,14 @@ pub(crate) fn start(
         meta,
         fsync: config.fsync,
         segment_size: config.segment_size,
-        last_created: Timestamp::from_unix_nanos(i64::MIN),
+        last_created: last_commit.unwrap_or(Timestamp::from_unix_nanos(i64::MIN)),
         unsynced: false,
         last_sync: Instant::now(),
         halted: None,
         lock: Some(lock),
         records: Vec::new(),
         index: Vec::new(),
+        times: Vec::new(),
         sealed: Vec::new(),
         frame_ends: Vec::new(),
         sync_time: Duration::ZERO,
@@ -182,7 +192,8 @@ struct Writer {
     count: u64,
     /// The next position to assign.
     next: u64,
-    /// Server-assigned creation times never go backwards within a run.
+    /// Commit times (and server-assigned creation times) never go backwards, also across
+    /// restarts.
     last_created: Timestamp,
     unsynced: bool,
     last_sync: Instant,
@@ -190,10 +201,11 @@ struct Writer {
     halted: Option<String>,
     /// Held until the writer stops: the directory's lock.
     lock: Option<File>,
-    /// Reused buffers: the group's records and its index entries; encrypted, the frames
-    /// that seal the records and where they end.
+    /// Reused buffers: the group's records, its index entries and its commit times;
+    /// encrypted, the frames that seal the records and where they end.
     records: Vec<u8>,
     index: Vec<u8>,
+    times: Vec<u8>,
     sealed: Vec<u8>,
     frame_ends: Vec<FrameEnd>,
     /// Moving average of recent sync durations.
@@ -300,8 +312,10 @@ impl Writer {
         let created = Timestamp::now().max(self.last_created);
         self.last_created = created;
         let created_text = created.format();
+        let commit_time = created.unix_nanos().to_le_bytes();
         self.records.clear();
         self.index.clear();
+        self.times.clear();
         let mut frames = BytesMut::new();
         // (position, start of its frame, layout of its JSON) per event of the group.
         let mut spans: Vec<(u64, usize, JsonLayout)> = Vec::new();
@@ -311,7 +325,9 @@ impl Writer {
         let mut position = self.next;
 
         for request in group.drain(..) {
-            if let Err(e) = self.check_client_ids(&request.events, &claimed) {
+            let checked = check_sizes(&request.events, position)
+                .and_then(|()| self.check_client_ids(&request.events, &claimed));
+            if let Err(e) = checked {
                 let _ = request.reply.send(Err(e));
                 continue;
             }
@@ -338,6 +354,7 @@ impl Writer {
                 segment::finish_record(&mut self.records, start, i < last);
                 let end = self.log_len + self.records.len() as u64;
                 self.index.extend_from_slice(&end.to_le_bytes());
+                self.times.extend_from_slice(&commit_time);
 
                 let json = &self.records[start + RECORD_HEADER_LEN as usize..];
                 frames.reserve(event::sse_frame_len(&id, json));
@@ -450,7 +467,11 @@ impl Writer {
         self.files
             .index
             .write_all_at(&self.index, segment::index_entry_offset(self.count))
-            .context(|| format!("writing {}", self.active.paths.index.display()))
+            .context(|| format!("writing {}", self.active.paths.index.display()))?;
+        self.files
+            .times
+            .write_all_at(&self.times, segment::times_entry_offset(self.count))
+            .context(|| format!("writing {}", self.active.paths.times.display()))
     }
 
     /// Keeps written zeros at least half of [`SPACE_AHEAD`] past `end`, the end of the
@@ -504,7 +525,10 @@ impl Writer {
         let undo = self.files.log.set_len(self.disk_len).and_then(|()| {
             self.files
                 .index
-                .set_len(segment::index_entry_offset(self.count))
+                .set_len(segment::index_entry_offset(self.count))?;
+            self.files
+                .times
+                .set_len(segment::times_entry_offset(self.count))
         });
         if let Err(e) = undo {
             self.halt(&format!(
@@ -550,10 +574,7 @@ impl Writer {
     fn roll(&mut self) -> Result<(), StoreError> {
         self.trim_prepared_space(self.disk_len)?;
         self.sync_log()?;
-        self.files
-            .index
-            .sync_data()
-            .context(|| format!("syncing {}", self.active.paths.index.display()))?;
+        self.sync_indexes()?;
         self.active.seal()?;
         let encrypted = self.shared.cipher.is_some();
         let segment = Arc::new(Segment::create(&self.shared.dir, self.next, encrypted)?);
@@ -575,6 +596,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Syncs the active segment's `.idx` and `.tim` files (when it is sealed, and at close).
+    fn sync_indexes(&self) -> Result<(), StoreError> {
+        let paths = &self.active.paths;
+        self.files
+            .index
+            .sync_data()
+            .context(|| format!("syncing {}", paths.index.display()))?;
+        self.files
+            .times
+            .sync_data()
+            .context(|| format!("syncing {}", paths.times.display()))
+    }
+
     /// Syncs and records a clean shutdown (unless halted: then the next open must recover).
     fn close(&mut self) -> Result<(), StoreError> {
         let result = if self.halted.is_some() {
@@ -582,12 +616,7 @@ impl Writer {
         } else {
             self.trim_prepared_space(self.disk_len)
                 .and_then(|()| self.sync_log())
-                .and_then(|()| {
-                    self.files
-                        .index
-                        .sync_data()
-                        .context(|| format!("syncing {}", self.active.paths.index.display()))
-                })
+                .and_then(|()| self.sync_indexes())
                 .and_then(|()| {
                     let mut meta = self.meta.clone();
                     meta.clean_end = Some(self.next);
@@ -597,6 +626,17 @@ impl Writer {
         drop(self.lock.take());
         result
     }
+}
+
+/// Refuses a batch with an event whose record would be larger than the framing can
+/// express (`position` is the first event's), before anything of it is encoded.
+fn check_sizes(events: &[PendingEvent], position: u64) -> Result<(), StoreError> {
+    for (i, pending) in events.iter().enumerate() {
+        let id_len = pending.client_id().map_or(ids::NATIVE_ID_LEN, str::len);
+        let index = i64::try_from(position + i as u64).unwrap_or(i64::MAX);
+        segment::check_body_len(pending.json_len(id_len, index))?;
+    }
+    Ok(())
 }
 
 fn fail_all(replies: impl Iterator<Item = Reply>, error: &StoreError) {
