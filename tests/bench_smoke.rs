@@ -64,4 +64,29 @@ fn every_http_benchmark_runs_and_checks_its_work() {
     let idle = bench(&["idle", "--subscribers", "20"]);
     assert_eq!(idle["subscriptions"], 20);
     assert!(idle["server_rss_open_mib"].as_f64().unwrap() > 0.0);
+
+    let acks = bench(&[
+        "durable-acks",
+        "--consumers",
+        "3",
+        "--backlog",
+        "2000",
+        "--window",
+        "10",
+        "--ack-interval-ms",
+        "20",
+        "--seconds",
+        "0.3",
+        "--warmup-ms",
+        "100",
+        "--connections",
+        "2",
+    ]);
+    assert_eq!(acks["consumers"], 3);
+    assert!(acks["events"].as_u64().unwrap() > 0);
+    assert!(acks["acks_while_publishing"].as_u64().unwrap() > 0);
+
+    let catchup = bench(&["durable-catchup", "--events", "3000", "--window", "100"]);
+    assert_eq!(catchup["events"], 3000);
+    assert_eq!(catchup["durable_consumer_disk_reads"], 0);
 }

@@ -194,6 +194,9 @@ pub enum BrokerError {
 /// sides of `GET /consumers/{namespace}` cannot drift apart.
 pub use crate::client::ConsumerInfo;
 
+/// A durable consumer: (namespace, name).
+type DurableKey = (String, ConsumerName);
+
 /// A durable consumer whose dispatcher runs.
 struct DurableEntry {
     inputs: mpsc::Sender<Input>,
@@ -245,7 +248,14 @@ pub struct Broker {
     /// Deliveries repeated because no ack came in time.
     redeliveries: Arc<AtomicU64>,
     /// Running durable consumers, by (namespace, name).
-    durables: Mutex<HashMap<(String, ConsumerName), DurableEntry>>,
+    durables: Mutex<HashMap<DurableKey, DurableEntry>>,
+    /// One lock per durable consumer being started or deleted: both read or remove its
+    /// stored progress on the blocking pool, with no lock of `durables` held meanwhile,
+    /// and must not interleave. An entry lives while someone holds or waits for it (or,
+    /// if a request was dropped while it waited, until that consumer's next change).
+    changing: Mutex<HashMap<DurableKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Stores durable consumers' progress.
+    saver: Arc<consumer::Saver>,
     /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
     /// and append dead letters).
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
@@ -277,7 +287,7 @@ impl Broker {
             .into_iter()
             .map(|log| (log.namespace().to_owned(), log))
             .collect();
-        let dedup = Dedup::new(config.dup_size, config.dup_ttl);
+        let dedup = Dedup::new(config.dup_size, config.dup_ttl, dedup::DEFAULT_BUDGET);
         if dedup.enabled() {
             for log in logs.values() {
                 rebuild_dedup(log, &dedup);
@@ -298,6 +308,8 @@ impl Broker {
             delivered,
             redeliveries: Arc::default(),
             durables: Mutex::default(),
+            changing: Mutex::default(),
+            saver: Arc::new(consumer::Saver::new(consumer::SAVER_THREADS)),
             dispatchers: Mutex::default(),
             next_member: AtomicU64::new(0),
             confirmations: Arc::default(),
@@ -450,8 +462,11 @@ impl Broker {
     }
 
     /// Opens a subscription. Its stream starts right away; a start id that does not exist
-    /// is reported as the stream's only delivery, an [`Delivery::Error`].
-    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, BrokerError> {
+    /// is reported as the stream's only delivery, an [`Delivery::Error`]. Attaching to a
+    /// durable consumer that is not running reads its stored progress first (on the
+    /// blocking pool), since whether the caller may attach, and with which pattern, is
+    /// stored there.
+    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, BrokerError> {
         let consumer_id = random_id("c_");
         let shutdown = self.shutdown.subscribe();
         let namespace = if request.pattern.is_inbox() {
@@ -531,7 +546,8 @@ impl Broker {
                         "until=now cannot be combined with consumer=: a durable consumer has no end".into(),
                     ));
                 }
-                self.attach(&log, name, &request, start, redelivery, join, member_tx)?
+                self.attach(&log, name, &request, start, redelivery, join, member_tx)
+                    .await?
             }
         };
         let registration = self.acks.register(
@@ -559,8 +575,10 @@ impl Broker {
     }
 
     /// Attaches a connection to durable consumer `name`, starting it if it is not running.
+    /// A running consumer is joined at once; starting one reads its stored progress on the
+    /// blocking pool, holding the consumer's lock against a concurrent start or delete.
     #[allow(clippy::too_many_arguments)]
-    fn attach(
+    async fn attach(
         &self,
         log: &Arc<Log>,
         name: &ConsumerName,
@@ -587,28 +605,49 @@ impl Broker {
             _ => Ok(()),
         };
         let key = (log.namespace().to_owned(), name.clone());
-        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
-        let mut join = join;
-        if let Some(entry) = durables.get(&key) {
+        // Joins the consumer if it runs; gives `join` back if it does not.
+        let join_running = |join: &mut Option<Input>| {
+            let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = durables.get(&key) else {
+                return Ok(None);
+            };
             check_owner(&entry.owner)?;
             if entry.pattern != pattern {
                 return Err(conflict(&entry.pattern));
             }
-            match entry.inputs.try_send(join) {
-                Ok(()) => return Ok(entry.inputs.clone()),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    return Err(BrokerError::Conflict(format!(
-                        "consumer {name:?} is too busy to take a new member; retry"
-                    )))
-                }
-                // Its dispatcher ended (a read failed): start it again.
+            let Some(input) = join.take() else {
+                return Ok(None);
+            };
+            match entry.inputs.try_send(input) {
+                Ok(()) => Ok(Some(entry.inputs.clone())),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(BrokerError::Conflict(format!(
+                    "consumer {name:?} is too busy to take a new member; retry"
+                ))),
+                // Its dispatcher ended (a read failed), after its last save: start it again.
                 Err(mpsc::error::TrySendError::Closed(returned)) => {
-                    join = returned;
+                    *join = Some(returned);
                     durables.remove(&key);
+                    Ok(None)
                 }
             }
+        };
+        let mut join = Some(join);
+        if let Some(inputs) = join_running(&mut join)? {
+            return Ok(inputs);
         }
-        let stored = Progress::load(log.dir(), name).map_err(|e| progress_unreadable(name, &e))?;
+        let _changing = self.lock_changes(&key).await;
+        // Someone may have started it while this waited.
+        if let Some(inputs) = join_running(&mut join)? {
+            return Ok(inputs);
+        }
+        let stored = {
+            let (dir, name) = (log.dir().to_owned(), name.clone());
+            tokio::task::spawn_blocking(move || Progress::load(&dir, &name)).await
+        };
+        let stored = match stored {
+            Ok(loaded) => loaded.map_err(|e| progress_unreadable(name, &e))?,
+            Err(e) => return Err(blocking_task_failed(name, &e)),
+        };
         if let Some(progress) = &stored {
             check_owner(&progress.owner)?;
         }
@@ -638,7 +677,9 @@ impl Broker {
         let stats = Arc::new(ConsumerStats::default());
         stats.floor.store(progress.floor(), Ordering::Relaxed);
         let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
-        let _ = inputs.try_send(join);
+        if let Some(join) = join {
+            let _ = inputs.try_send(join);
+        }
         self.spawn_dispatcher(
             Arc::clone(log),
             request.pattern.clone(),
@@ -650,18 +691,22 @@ impl Broker {
                 name: name.clone(),
                 progress,
                 stats: Arc::clone(&stats),
+                saver: Arc::clone(&self.saver),
             }),
             member_tx,
         );
-        durables.insert(
-            key,
-            DurableEntry {
-                inputs: inputs.clone(),
-                pattern: pattern.to_owned(),
-                owner,
-                stats,
-            },
-        );
+        self.durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key,
+                DurableEntry {
+                    inputs: inputs.clone(),
+                    pattern: pattern.to_owned(),
+                    owner,
+                    stats,
+                },
+            );
         Ok(inputs)
     }
 
@@ -706,7 +751,9 @@ impl Broker {
         dispatchers.push(task);
     }
 
-    /// The durable consumers of `namespace`: running ones and stored ones.
+    /// The durable consumers of `namespace`: running ones and stored ones. Reads the log's
+    /// directory: blocking, for the blocking pool (`tokio::task::spawn_blocking`), never
+    /// an async worker.
     pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, BrokerError> {
         let log = self.log(namespace).map_err(BrokerError::Invalid)?;
         let committed = log.committed();
@@ -766,27 +813,38 @@ impl Broker {
     }
 
     /// Deletes durable consumer `name` of `namespace`: its members' streams end and its
-    /// progress is removed.
+    /// progress is removed (on the blocking pool, after the dispatcher's last save).
     pub async fn delete_consumer(
         &self,
         namespace: &str,
         name: &ConsumerName,
     ) -> Result<(), BrokerError> {
         let log = self.log(namespace).map_err(BrokerError::Invalid)?;
-        // A damaged progress file is deleted like any other.
-        let stored = !matches!(Progress::load(log.dir(), name), Ok(None));
         let key = (namespace.to_owned(), name.clone());
+        let _changing = self.lock_changes(&key).await;
+        let (dir, file) = (log.dir().to_owned(), name.clone());
+        // A damaged progress file is deleted like any other.
+        let stored = tokio::task::spawn_blocking(move || {
+            let stored = !matches!(Progress::load(&dir, &file), Ok(None));
+            (stored, dir, file)
+        })
+        .await;
+        let (stored, dir, file) = stored.map_err(|e| blocking_task_failed(name, &e))?;
         let running = self
             .durables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         if let Some(entry) = &running {
-            // Its dispatcher removes the stored progress as it ends.
+            // Its dispatcher ends its members' streams and waits for its running save; its
+            // queue closes when it has ended.
             let _ = entry.inputs.send(Input::Delete).await;
             entry.inputs.closed().await;
         }
-        Progress::remove(log.dir(), name).map_err(|e| {
+        let removed = tokio::task::spawn_blocking(move || Progress::remove(&dir, &file))
+            .await
+            .map_err(|e| blocking_task_failed(name, &e))?;
+        removed.map_err(|e| {
             tracing::error!(consumer = %name, namespace, error = %e, "removing a consumer's stored progress failed");
             BrokerError::Storage(format!(
                 "consumer {name}'s stored progress could not be removed (see the server's log)"
@@ -798,6 +856,23 @@ impl Broker {
             )));
         }
         Ok(())
+    }
+
+    /// Holds durable consumer `key` against other starts and deletes until dropped (see
+    /// `changing`).
+    async fn lock_changes(&self, key: &DurableKey) -> ChangeGuard<'_> {
+        let lock = Arc::clone(
+            self.changing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        ChangeGuard {
+            changing: &self.changing,
+            key: key.clone(),
+            guard: Some(lock.lock_owned().await),
+        }
     }
 
     /// Waits for the consumers' dispatchers to store their progress and end (after
@@ -952,6 +1027,36 @@ impl Drop for ReplyClaim {
     }
 }
 
+/// A durable consumer held against other starts and deletes ([`Broker::lock_changes`]).
+struct ChangeGuard<'a> {
+    changing: &'a Mutex<HashMap<DurableKey, Arc<tokio::sync::Mutex<()>>>>,
+    key: DurableKey,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        // The lock goes when no one else holds or waits for it: they hold a clone.
+        if changing
+            .get(&self.key)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            changing.remove(&self.key);
+        }
+    }
+}
+
+/// A blocking task reading or removing a consumer's progress failed (panicked or was
+/// cancelled at shutdown).
+fn blocking_task_failed(name: &ConsumerName, error: &tokio::task::JoinError) -> BrokerError {
+    tracing::error!(consumer = %name, error = %error, "a task storing a consumer's progress failed");
+    BrokerError::Storage(format!(
+        "consumer {name}'s stored progress could not be read or written (see the server's log)"
+    ))
+}
+
 /// The stored progress of a durable consumer could not be read: logged with its path, told
 /// to the client without it.
 fn progress_unreadable(name: &ConsumerName, error: &consumer::ProgressError) -> BrokerError {
@@ -1028,7 +1133,7 @@ fn rebuild_dedup(log: &Log, dedup: &Dedup) {
                 .saturating_sub(created_at.unix_nanos())
                 .max(0) as u64,
         );
-        if dedup.restore(&subject, key, age) {
+        if dedup.restore(&subject, &key, age) {
             *restored.entry(subject).or_default() += 1;
         }
     }

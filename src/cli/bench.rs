@@ -44,6 +44,10 @@ pub enum BenchKind {
     Reply(bench_http::ReplyBench),
     /// Hold idle subscriptions and read the server's memory.
     Idle(bench_http::IdleBench),
+    /// Single-event publish latency while durable consumers ack (and store progress).
+    DurableAcks(bench_http::DurableAcksBench),
+    /// A durable consumer catching up a log from disk while acking, against a replay.
+    DurableCatchup(bench_http::DurableCatchupBench),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +92,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Ack(bench) => bench_http::ack(bench).await,
         BenchKind::Reply(bench) => bench_http::reply(bench).await,
         BenchKind::Idle(bench) => bench_http::idle(bench).await,
+        BenchKind::DurableAcks(bench) => bench_http::durable_acks(bench).await,
+        BenchKind::DurableCatchup(bench) => bench_http::durable_catchup(bench).await,
     }
 }
 

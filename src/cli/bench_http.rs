@@ -1,4 +1,5 @@
-//! `bus bench publish|fanout|replay|resume|ack|idle`: end-to-end measurements over HTTP,
+//! `bus bench publish|fanout|replay|resume|ack|reply|idle|durable-acks|durable-catchup`:
+//! end-to-end measurements over HTTP,
 //! against a running server (`--host`) or one started for the run (`--embedded`: a
 //! `bus server` child process on a temporary directory, so that its CPU and memory are its
 //! own and not the load generator's).
@@ -50,15 +51,33 @@ pub struct Target {
 struct Embedded {
     child: Child,
     dir: PathBuf,
+    /// The server's log lines with its statistics, written as it shuts down.
+    statistics: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Drains the server's standard error.
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Embedded {
+    /// Stops the server (SIGTERM, as an operator would) and waits for it to exit.
+    fn stop(&mut self) {
+        // Once reaped, its process id may be another process's: signal it only while it
+        // has not been (`try_wait` answers from what `wait` kept, without a system call).
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill only sends a signal to the child we started.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            let _ = self.child.wait();
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
 }
 
 impl Drop for Embedded {
     fn drop(&mut self) {
-        // SAFETY: kill only sends a signal to the child we started.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -68,6 +87,26 @@ struct Server {
     host: String,
     pid: Option<u32>,
     _embedded: Option<Embedded>,
+}
+
+impl Server {
+    /// Stops an embedded server; the reads it made from its segment files (rather than
+    /// its in-memory tail) in `namespace`, from the statistics it logs as it stops.
+    fn stop(mut self, namespace: &str) -> Option<u64> {
+        let embedded = self._embedded.as_mut()?;
+        embedded.stop();
+        let lines = embedded
+            .statistics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let wanted = format!("namespace=\"{namespace}\"");
+        let wanted_plain = format!("namespace={namespace} ");
+        lines
+            .iter()
+            .find(|line| line.contains(&wanted) || line.contains(&wanted_plain))
+            .and_then(|line| number_after(line.as_bytes(), b"disk_reads="))
+    }
 }
 
 impl Target {
@@ -104,9 +143,15 @@ impl Target {
         let mut child = command.spawn().context("starting bus server")?;
         let stderr = child.stderr.take().context("server stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let statistics = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::clone(&statistics);
+        let reader = std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("namespace statistics") {
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    continue;
+                }
                 if !sent {
                     if let Some(addr) = line
                         .split_whitespace()
@@ -119,7 +164,12 @@ impl Target {
             }
         });
         let pid = child.id();
-        let embedded = Embedded { child, dir };
+        let embedded = Embedded {
+            child,
+            dir,
+            statistics,
+            reader: Some(reader),
+        };
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
             .await?
             .context("the embedded server did not start")?;
@@ -275,15 +325,20 @@ async fn subscribe_manual(url: &str) -> anyhow::Result<(String, reqwest::Respons
 /// among them.
 fn take_event_ids(pending: &mut Vec<u8>) -> Vec<String> {
     let mut ids = Vec::new();
-    while let Some(end) = find(pending, b"\n\n") {
-        let frame = pending.drain(..end + 2).collect::<Vec<u8>>();
+    // One pass, and one drain at the end: draining frame by frame moves the rest of a
+    // large chunk once per frame.
+    let mut start = 0;
+    while let Some(end) = find(&pending[start..], b"\n\n") {
+        let frame = &pending[start..start + end];
         if let Some(id) = frame
             .split(|&b| b == b'\n')
             .find_map(|line| line.strip_prefix(b"id: "))
         {
             ids.push(String::from_utf8_lossy(id).into_owned());
         }
+        start += end + 2;
     }
+    pending.drain(..start);
     ids
 }
 
@@ -847,6 +902,291 @@ pub async fn idle(args: IdleBench) -> anyhow::Result<()> {
         }),
     );
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DurableAcksBench {
+    #[command(flatten)]
+    pub target: Target,
+    /// Durable consumers acking while the publishers run (0: the publishers alone).
+    #[arg(long, default_value_t = 200)]
+    pub consumers: usize,
+    /// Events stored before the run for the consumers to work through (each consumer
+    /// reads all of them; enough that none runs dry while the publishers run).
+    #[arg(long, default_value_t = 20_000)]
+    pub backlog: u64,
+    /// Each consumer's window (`max_inflight`).
+    #[arg(long, default_value_t = 100)]
+    pub window: usize,
+    /// Pause between a consumer's acks, in milliseconds (0: each acks what it has
+    /// received as soon as its previous ack is answered).
+    #[arg(long, default_value_t = 0)]
+    pub ack_interval_ms: u64,
+    /// How long the publishers run, in seconds (a time, not a count: with the consumers
+    /// taking most of the CPU, a count would take minutes).
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Keep-alive connections publishing single events, each as fast as its answers come.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    #[arg(long, default_value_t = 128)]
+    pub payload: usize,
+    /// How long the consumers ack before the publishers start, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub warmup_ms: u64,
+}
+
+/// Single-event publish latency while durable consumers ack: every consumer's progress
+/// changes all the time, so each one stores it every 50 ms (a write, two fsyncs and a
+/// rename) while the publishers run.
+pub async fn durable_acks(args: DurableAcksBench) -> anyhow::Result<()> {
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    crate::cli::server::raise_open_file_limit();
+    let server = args.target.start().await?;
+    let host = server.host.trim_end_matches('/').to_owned();
+    let acks_subject = subject(&args.target, "acks");
+    if args.consumers > 0 {
+        fill(&host, &acks_subject, args.backlog, 64).await?;
+    }
+    let http = reqwest::Client::new();
+    let acked = Arc::new(AtomicU64::new(0));
+    let dry = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::with_capacity(args.consumers);
+    for i in 0..args.consumers {
+        let url = format!(
+            "{host}/?subject={acks_subject}&start=oldest&ack=manual&consumer=acker-{i}&max_inflight={}&redelivery=60s",
+            args.window
+        );
+        let response = http.get(&url).send().await?;
+        if response.status() != 200 {
+            bail!("subscribe answered {}", response.status());
+        }
+        let consumer_id = response
+            .headers()
+            .get("x-bus-consumer-id")
+            .and_then(|v| v.to_str().ok())
+            .context("no consumer id")?
+            .to_owned();
+        let mut acker = Poster::connect(&host).await?;
+        let (acked, dry) = (Arc::clone(&acked), Arc::clone(&dry));
+        let (backlog, pause) = (args.backlog, Duration::from_millis(args.ack_interval_ms));
+        consumers.push(tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            let (mut pending, mut mine) = (Vec::new(), 0u64);
+            while let Some(chunk) = body.next().await {
+                pending.extend_from_slice(&chunk?);
+                let ids = take_event_ids(&mut pending);
+                if ids.is_empty() {
+                    continue;
+                }
+                acker.ack(&consumer_id, &ids.join(",")).await?;
+                acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                mine += ids.len() as u64;
+                if mine >= backlog {
+                    dry.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(args.warmup_ms)).await;
+
+    let subject = subject(&args.target, "publish");
+    let body = Arc::new(event_body(&subject, args.payload, 0).into_bytes());
+    let acked_before = acked.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let body = Arc::clone(&body);
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut poster = Poster::connect(&host).await?;
+            let mut latencies = Vec::new();
+            while Instant::now() < until {
+                let sent = Instant::now();
+                poster.post(&body).await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    let acks = acked.load(Ordering::Relaxed) - acked_before;
+    let dry = dry.load(Ordering::Relaxed);
+    for consumer in consumers {
+        if consumer.is_finished() {
+            // It ran dry (reported below) or failed.
+            consumer.await??;
+        } else {
+            consumer.abort();
+        }
+    }
+    latencies.sort_unstable();
+    report(
+        &args.target,
+        "durable-acks",
+        json!({
+            "consumers": args.consumers,
+            "window": args.window,
+            "ack_interval_ms": args.ack_interval_ms,
+            "connections": args.connections,
+            "events": latencies.len(),
+            "seconds": elapsed.as_secs_f64(),
+            "events_per_sec": latencies.len() as f64 / elapsed.as_secs_f64(),
+            "latency_p50_ms": ms(percentile(&latencies, 0.50)),
+            "latency_p99_ms": ms(percentile(&latencies, 0.99)),
+            "latency_p999_ms": ms(percentile(&latencies, 0.999)),
+            "acks_while_publishing": acks,
+            "acks_per_sec": acks as f64 / elapsed.as_secs_f64(),
+            "consumers_run_dry": dry,
+        }),
+    );
+    if dry > 0 {
+        bail!("{dry} consumers ran out of events: give a larger --backlog");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DurableCatchupBench {
+    #[command(flatten)]
+    pub target: Target,
+    /// Events in the namespace. For the reads to go to the segment files, their frames
+    /// must take more than the server's in-memory tail (`--tail-size`, 16 MiB by
+    /// default): 1,000,000 events of 128-byte payloads take ~250 MB.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 128)]
+    pub payload: usize,
+    /// The durable consumer's window (`max_inflight`).
+    #[arg(long, default_value_t = 100)]
+    pub window: usize,
+}
+
+/// A durable consumer catching up a whole log while acking everything, against a replay
+/// (`start=oldest`, no acks) of the same log. With --embedded, each runs on a server of
+/// its own, filled the same way, so that the disk reads each server reports at shutdown
+/// are that reader's.
+pub async fn durable_catchup(args: DurableCatchupBench) -> anyhow::Result<()> {
+    let subject = subject(&args.target, "catchup");
+    let mut fields = serde_json::Map::new();
+    fields.insert("events".into(), json!(args.events));
+    fields.insert("window".into(), json!(args.window));
+    let mut rates = Vec::new();
+    for reader in ["replay", "durable_consumer"] {
+        let server = args.target.start().await?;
+        let host = server.host.trim_end_matches('/').to_owned();
+        fill(&host, &subject, args.events, args.payload).await?;
+        let started = Instant::now();
+        let read = if reader == "replay" {
+            replay_all(&host, &subject).await?
+        } else {
+            let (acked, requests) = catch_up(&host, &subject, args.window, args.events).await?;
+            fields.insert("ack_requests".into(), json!(requests));
+            acked
+        };
+        let elapsed = started.elapsed();
+        if read < args.events {
+            bail!("{reader} read {read} of {} events", args.events);
+        }
+        let rate = read as f64 / elapsed.as_secs_f64();
+        rates.push(rate);
+        fields.insert(format!("{reader}_seconds"), json!(elapsed.as_secs_f64()));
+        fields.insert(format!("{reader}_events_per_sec"), json!(rate));
+        if let Some(reads) = server.stop(&args.target.namespace) {
+            fields.insert(format!("{reader}_disk_reads"), json!(reads));
+        }
+    }
+    fields.insert("replay_over_consumer".into(), json!(rates[0] / rates[1]));
+    report(
+        &args.target,
+        "durable-catchup",
+        serde_json::Value::Object(fields),
+    );
+    Ok(())
+}
+
+/// Reads `subject` from the oldest event to the end (`until=now`); the events read.
+async fn replay_all(host: &str, subject: &str) -> anyhow::Result<u64> {
+    let response =
+        reqwest::get(format!("{host}/?subject={subject}&start=oldest&until=now")).await?;
+    if response.status() != 200 {
+        bail!("subscribe answered {}", response.status());
+    }
+    let mut body = response.bytes_stream();
+    let (mut frames, mut tail) = (0u64, Vec::new());
+    while let Some(chunk) = body.next().await {
+        tail.extend_from_slice(&chunk?);
+        frames += tail.windows(2).filter(|w| w == b"\n\n").count() as u64;
+        let keep = tail.len().min(1);
+        tail.drain(..tail.len() - keep);
+    }
+    // Every event, then the `done` frame.
+    Ok(frames.saturating_sub(1))
+}
+
+/// A new durable consumer reads `subject` from the oldest event and acks every event,
+/// until `events` are acked; the events acked and the ack requests. Acks are pipelined:
+/// the stream is read on while the previous ack is on its way, and each ack carries every
+/// event received since.
+async fn catch_up(
+    host: &str,
+    subject: &str,
+    window: usize,
+    events: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let (consumer_id, response) = subscribe_manual(&format!(
+        "{host}/?subject={subject}&start=oldest&ack=manual&consumer=catchup&max_inflight={window}&redelivery=60s"
+    ))
+    .await?;
+    let (ids_tx, mut ids_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+    let mut acker = Poster::connect(host).await?;
+    let acking = tokio::spawn(async move {
+        let (mut acked, mut requests) = (0u64, 0u64);
+        while let Some(mut ids) = ids_rx.recv().await {
+            // Everything received meanwhile goes in the same request (an ack's line is
+            // limited, hence at most 500 ids).
+            while ids.len() < 500 {
+                match ids_rx.try_recv() {
+                    Ok(more) => ids.extend(more),
+                    Err(_) => break,
+                }
+            }
+            acker.ack(&consumer_id, &ids.join(",")).await?;
+            acked += ids.len() as u64;
+            requests += 1;
+            if acked >= events {
+                break;
+            }
+        }
+        anyhow::Ok((acked, requests))
+    });
+    let mut body = response.bytes_stream();
+    let (mut pending, mut received) = (Vec::new(), 0u64);
+    while received < events {
+        let Some(chunk) = body.next().await else {
+            bail!("the stream ended after {received} events");
+        };
+        pending.extend_from_slice(&chunk?);
+        let ids = take_event_ids(&mut pending);
+        received += ids.len() as u64;
+        if !ids.is_empty() && ids_tx.send(ids).is_err() {
+            break;
+        }
+    }
+    drop(ids_tx);
+    acking.await?
 }
 
 /// A process's resident memory in KiB, from /proc.

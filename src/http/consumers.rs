@@ -29,7 +29,20 @@ pub async fn list(
     if let Err(denied) = app.admit(&headers, &params, Operation::Admin, Some(&namespace)) {
         return denied.into_response();
     }
-    match app.broker.consumers(&namespace) {
+    // Stored consumers are read from the namespace's directory: off the async workers.
+    let broker = std::sync::Arc::clone(&app.broker);
+    let listed = tokio::task::spawn_blocking(move || broker.consumers(&namespace)).await;
+    let listed = match listed {
+        Ok(listed) => listed,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("listing consumers failed: {e}"),
+            )
+            .into_response()
+        }
+    };
+    match listed {
         Ok(consumers) => match serde_json::to_string(&consumers) {
             Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
             Err(e) => ApiError::new(

@@ -243,7 +243,7 @@ pub async fn subscribe(
         .into_response();
     };
     let pattern = request.pattern.to_string();
-    let subscription = match app.broker.subscribe(request) {
+    let subscription = match app.broker.subscribe(request).await {
         Ok(subscription) => subscription,
         Err(e) => return ApiError::from(e).into_response(),
     };
