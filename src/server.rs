@@ -95,6 +95,9 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     );
     state.auth = auth;
     state.cors_origins = cors_origins.map(Arc::new);
+    // Only glibc has malloc_trim; with other C libraries (musl, macOS) the task is not
+    // built and their allocators keep their own policy.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
     if retention.is_set() {
         let logs: Vec<Arc<Log>> = store.logs().cloned().collect();
@@ -214,12 +217,16 @@ async fn enforce_retention(
 }
 
 /// How often the server checks whether many streams closed since its last look.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_CHECK: Duration = Duration::from_secs(5);
 /// Closed streams that make it worth handing freed memory back to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_AFTER_CLOSED: u64 = 256;
 
 /// Thousands of subscribers leaving free their buffers, but the C allocator keeps the
-/// pages for reuse: after a burst of disconnects, ask it to return what is free.
+/// pages for reuse: after a burst of disconnects, ask it to return what is free. glibc
+/// only: `libc` defines `malloc_trim` for no other C library.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn trim_memory_after_disconnects(mut shutdown: watch::Receiver<bool>) {
     use std::sync::atomic::Ordering;
     let mut trimmed_at = 0;

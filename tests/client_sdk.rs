@@ -1,16 +1,21 @@
 //! The Rust SDK (`bus::client`) against a real server in this process: replay from a log
 //! position or a time, and a windowed manual-ack subscription that survives a server
-//! restart without losing the event it had not acknowledged. (Each public item's own
-//! behaviour is covered by the runnable examples in its rustdoc.)
+//! restart without losing the event it had not acknowledged; and against a fake server
+//! whose event stream never ends a line, which must not make the client buffer without
+//! end. (Each public item's own behaviour is covered by the runnable examples in its
+//! rustdoc.)
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use bus::client::{Client, Event, NewEvent, Received, Start, SubscribeOptions, Subscription};
+use bus::client::{
+    Client, ClientError, Event, NewEvent, Received, Start, SubscribeOptions, Subscription,
+};
 use common::http::TestServer;
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A server with the namespace `app` on `addr`.
 async fn start_server(data: &Path, addr: &str) -> TestServer {
@@ -123,4 +128,92 @@ async fn a_windowed_subscription_resumes_at_its_first_unacknowledged_event() {
     assert_ne!(again.consumer_id, window[1].consumer_id, "a new connection");
     again.ack().await.unwrap();
     server.stop().await;
+}
+
+/// A server (broken, or not a bus server) that sends a stream line without end: the
+/// subscription reads up to the client's size limit, then fails with an error naming it
+/// and hangs up, instead of buffering whatever comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_stream_line_fails_the_subscription_at_the_size_limit() {
+    const LIMIT: usize = 1 << 20;
+    /// What the fake server sends at most: far more than the limit and the sockets'
+    /// buffers, so that reaching it means that the client kept reading.
+    const CAP: usize = 256 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let go_on = std::sync::Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn({
+        let go_on = std::sync::Arc::clone(&go_on);
+        async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before its request head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                      x-bus-consumer-id: c_fake\r\n\r\n: ping\n\nevent: msg\ndata: ",
+                )
+                .await
+                .unwrap();
+            // First a line just under the limit, then (once the test has seen that it is
+            // accepted) more of it without end.
+            let mut sent = 0;
+            let under = LIMIT - 100;
+            socket.write_all(&vec![b'x'; under]).await.unwrap();
+            sent += under;
+            go_on.notified().await;
+            let chunk = vec![b'x'; 64 << 10];
+            while sent < CAP && socket.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+            }
+            // The connection stays open: a client that read everything waits on.
+            (sent, socket)
+        }
+    });
+
+    let client = Client::new(&addr.to_string())
+        .unwrap()
+        .with_max_event_size(LIMIT);
+    let mut subscription = client
+        .subscribe(SubscribeOptions::new("app.>"))
+        .await
+        .unwrap();
+    // Under the limit: still waiting for the line to end.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), subscription.next())
+            .await
+            .is_err(),
+        "the subscription gave up under its limit"
+    );
+    go_on.notify_one();
+    let ended = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+        .await
+        .expect("the subscription fails instead of buffering the endless line");
+    match ended {
+        Some(Err(error @ ClientError::EventTooLarge { limit })) => {
+            assert_eq!(limit, LIMIT);
+            let message = error.to_string();
+            assert!(
+                message.contains("1048576 bytes") && message.contains("with_max_event_size"),
+                "{message}"
+            );
+        }
+        other => panic!("expected EventTooLarge, got {other:?}"),
+    }
+    // It ends there: reconnecting would only bring the same line again.
+    let after = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await;
+    assert!(matches!(after, Ok(None)), "{after:?}");
+    // And it hung up: the server could not send on anywhere near its cap (what it did
+    // send beyond the limit sat in the sockets' buffers).
+    let (sent, _socket) = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the fake server's writes fail once the client has hung up")
+        .unwrap();
+    assert!(sent < CAP, "the client read all {sent} bytes sent");
+    eprintln!("the fake server sent {sent} bytes of the line before the client hung up");
 }

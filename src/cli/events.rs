@@ -312,15 +312,3 @@ pub async fn ack(args: AckArgs) -> anyhow::Result<()> {
     client.ack(&args.consumer_id, &args.event_id).await?;
     Ok(())
 }
-
-#[derive(Debug, Args)]
-pub struct HealthArgs {
-    #[command(flatten)]
-    pub host: HostArgs,
-}
-
-/// Exits 0 if the server answers its health check (for container health checks).
-pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
-    args.host.client()?.health().await?;
-    Ok(())
-}

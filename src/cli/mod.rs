@@ -11,6 +11,7 @@ mod bench_http;
 mod consumers;
 pub mod debug;
 pub mod events;
+mod health;
 mod progress;
 pub mod server;
 
@@ -72,8 +73,9 @@ pub enum Command {
     Copy(archive::CopyArgs),
     /// Show, list or verify what a data directory holds.
     Debug(debug::DebugArgs),
-    /// Check that a server is up (exit code 0) or not (1).
-    Health(events::HealthArgs),
+    /// Check that the server is ready (exit code 0) or not (1), found from its own
+    /// settings (BUS_ADDR, BUS_TLS_CERT): the container health check.
+    Health(health::HealthArgs),
     /// List or delete durable consumers.
     Consumers(consumers::ConsumersArgs),
     /// Measure performance.
@@ -160,7 +162,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Restore(args) => archive::restore(args).await,
             Command::Copy(args) => archive::copy(args).await,
             Command::Debug(args) => debug::run(args).await,
-            Command::Health(args) => events::health(args).await,
+            Command::Health(args) => health::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }

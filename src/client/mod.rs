@@ -58,7 +58,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use self::sse::{SseMessage, SseParser};
+use self::sse::{SseMessage, SseParser, TooLarge};
 use crate::duration::format_go_duration;
 
 /// The address clients use when none is given.
@@ -67,6 +67,11 @@ pub const DEFAULT_HOST: &str = "http://localhost:2021";
 /// How long a request may wait for the server unless [`Client::with_timeout`] says
 /// otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest event a subscription accepts unless [`Client::with_max_event_size`] says
+/// otherwise: 16 MiB, twice the server's default `--max-body` (8 MiB), which bounds an
+/// event's JSON but for the few bytes the server adds (its id, time and index).
+pub const DEFAULT_MAX_EVENT_SIZE: usize = 16 << 20;
 
 const HEADER_EVENT_ID: &str = "x-bus-event-id";
 const HEADER_EVENT_CREATED_AT: &str = "x-bus-event-created-at";
@@ -125,6 +130,17 @@ pub enum ClientError {
     /// The server ended a subscription with an error event.
     #[error("the server ended the subscription: {0}")]
     Subscription(String),
+    /// A subscription's stream brought an event (or a line) larger than the client's
+    /// limit ([`Client::with_max_event_size`]); the subscription ends, since reconnecting
+    /// would bring the same event again.
+    #[error(
+        "an event on the stream is larger than the client's limit of {limit} bytes \
+         (Client::with_max_event_size); the subscription ends"
+    )]
+    EventTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The server did not answer in time, or the answers waited for did not all come.
     #[error("{0}")]
     Timeout(String),
@@ -780,6 +796,8 @@ pub struct Client {
     settings: HttpSettings,
     /// How long a request may wait for the server's answer.
     timeout: Duration,
+    /// The largest event (SSE message) a subscription buffers.
+    max_event_size: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -828,6 +846,7 @@ impl Client {
             http: settings.client()?,
             settings,
             timeout: DEFAULT_TIMEOUT,
+            max_event_size: DEFAULT_MAX_EVENT_SIZE,
         })
     }
 
@@ -903,6 +922,37 @@ impl Client {
     /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
+        self
+    }
+
+    /// The same client, accepting events of up to `limit` bytes on its subscriptions
+    /// (default [`DEFAULT_MAX_EVENT_SIZE`], 16 MiB). A subscription buffers an event until
+    /// it is complete, and never more than this: a larger one (or a stream line that never
+    /// ends) fails the subscription with [`ClientError::EventTooLarge`]. Raise it for a
+    /// server whose `--max-body` is above 16 MiB.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::server().await?; let host = server.host();
+    /// use futures_util::StreamExt;
+    /// use bus::client::{Client, ClientError, NewEvent, Start, SubscribeOptions};
+    ///
+    /// let client = Client::new(host)?.with_max_event_size(1024);
+    /// let big = NewEvent::new("app.big").with_payload(&"x".repeat(2000))?;
+    /// client.publish(&big).await?;
+    /// let mut events = client
+    ///     .subscribe(SubscribeOptions::new("app.big").with_start(Start::Oldest))
+    ///     .await?;
+    /// assert!(matches!(
+    ///     events.next().await,
+    ///     Some(Err(ClientError::EventTooLarge { limit: 1024 }))
+    /// ));
+    /// assert!(events.next().await.is_none(), "the subscription has ended");
+    /// # Ok(()) }
+    /// ```
+    pub fn with_max_event_size(mut self, limit: usize) -> Client {
+        self.max_event_size = limit;
         self
     }
 
@@ -1264,8 +1314,9 @@ impl Client {
             options,
             delivery: Arc::clone(&delivery),
             body: Some(body),
-            parser: SseParser::new(),
+            parser: SseParser::new(self.max_event_size),
             pending: VecDeque::new(),
+            refused: None,
             finished: false,
         };
         let events = futures_util::stream::unfold(reader, |mut reader| async move {
@@ -1820,8 +1871,12 @@ struct Reader {
     delivery: Arc<Delivery>,
     /// `None` while disconnected.
     body: Option<ByteStream>,
+    /// Bounded: it holds at most the client's `max_event_size`.
     parser: SseParser,
     pending: VecDeque<SseMessage>,
+    /// The stream went past the size limit: the error to end with once the messages
+    /// completed before it are delivered.
+    refused: Option<ClientError>,
     finished: bool,
 }
 
@@ -1845,6 +1900,10 @@ impl Reader {
             if self.finished {
                 return None;
             }
+            if let Some(refused) = self.refused.take() {
+                self.finish();
+                return Some(Err(refused));
+            }
             let Some(body) = self.body.as_mut() else {
                 return Some(self.reconnect().await);
             };
@@ -1852,8 +1911,13 @@ impl Reader {
             let lost = match body.next().await {
                 Some(Ok(chunk)) => {
                     let mut messages = Vec::new();
-                    self.parser.push(&chunk, &mut messages);
+                    let pushed = self.parser.push(&chunk, &mut messages);
                     self.pending.extend(messages);
+                    if let Err(TooLarge { limit }) = pushed {
+                        // Stop reading (dropping the connection) before buffering more.
+                        self.body = None;
+                        self.refused = Some(ClientError::EventTooLarge { limit });
+                    }
                     continue;
                 }
                 Some(Err(e)) => ClientError::unreachable(&client.base, &e),
@@ -1863,7 +1927,7 @@ impl Reader {
                 },
             };
             self.body = None;
-            self.parser = SseParser::new();
+            self.parser = SseParser::new(client.max_event_size);
             if self.options.reconnect_for.is_zero() {
                 self.finish();
                 return Some(Err(lost));
