@@ -507,3 +507,45 @@ async fn duplicate_key_refusals_start_with_the_reference_wording() {
     assert!(text.contains("event 1 of the batch"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_data, mut server) = server().await;
+    let address = server
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    for n in 0..10 {
+        let body = json!({"subject": "app.half", "payload": n}).to_string();
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap(); // as `nc -N` does
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("the answer comes")
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 202"),
+            "publish {n}: {answer:?}"
+        );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains(&format!("x-bus-event-index: {n}")),
+            "{answer}"
+        );
+    }
+    server.stop().await;
+}

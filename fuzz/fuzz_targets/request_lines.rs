@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 
 use bus::http::listener::LenientRequests;
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The adapter's limit: a line with more bytes than this before its `\n` is not examined.
 const MAX_LINE: usize = 16 << 10;
@@ -142,8 +142,29 @@ impl AsyncRead for Connection<'_> {
     }
 }
 
+/// The server's answers: taken whole.
+impl AsyncWrite for Connection<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Everything the adapter hands out for `stream` until its end: read in 64 KiB at a time
-/// without `rng`, else as `rng` chooses.
+/// without `rng`, else as `rng` chooses. The end of a connection whose last request was
+/// complete is held back until an answer is written, as a server would: when the input
+/// is used up and the adapter waits, the test answers.
 fn run(stream: &[u8], mut rng: Option<Rng>) -> Vec<u8> {
     let connection = Connection {
         rest: stream,
@@ -168,6 +189,7 @@ fn run(stream: &[u8], mut rng: Option<Rng>) -> Vec<u8> {
             .checked_sub(1)
             .expect("the adapter makes progress");
         match Pin::new(&mut lenient).poll_read(&mut cx, &mut read) {
+            Poll::Pending if lenient.get_ref().rest.is_empty() => answer(&mut lenient, &mut cx),
             Poll::Pending => continue,
             Poll::Ready(Err(e)) => panic!("the connection does not fail, yet: {e}"),
             Poll::Ready(Ok(())) if read.filled().is_empty() => break,
@@ -178,7 +200,7 @@ fn run(stream: &[u8], mut rng: Option<Rng>) -> Vec<u8> {
     let mut read = ReadBuf::new(&mut buf[..1]);
     loop {
         match Pin::new(&mut lenient).poll_read(&mut cx, &mut read) {
-            Poll::Pending => continue,
+            Poll::Pending => answer(&mut lenient, &mut cx),
             Poll::Ready(result) => {
                 result.expect("no error after the end");
                 assert!(read.filled().is_empty(), "bytes after the end");
@@ -189,35 +211,67 @@ fn run(stream: &[u8], mut rng: Option<Rng>) -> Vec<u8> {
     out
 }
 
+/// Writes and flushes an answer, as the server does for each request.
+fn answer(lenient: &mut LenientRequests<Connection<'_>>, cx: &mut Context<'_>) {
+    let written = Pin::new(&mut *lenient).poll_write(cx, b"HTTP/1.1 200 OK\r\n\r\n");
+    assert!(matches!(written, Poll::Ready(Ok(_))));
+    assert!(matches!(
+        Pin::new(lenient).poll_flush(cx),
+        Poll::Ready(Ok(()))
+    ));
+}
+
 /// The documented rules applied to the whole input at once: request line, header lines
-/// up to an empty one, `Content-Length` bytes of body, and again; the rest as it is
-/// after a `Transfer-Encoding` or a Content-Length that is not a number, from a line
-/// longer than 16 KiB, and from an unfinished line at the end.
+/// up to an empty one, `Content-Length` bytes of body, and again; a line longer than
+/// 16 KiB as it is; the rest as it is after a `Transfer-Encoding`, a Content-Length that
+/// is not a number or one longer than 16 KiB, and from an unfinished line at the end.
 fn model(input: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = input;
     loop {
-        // The request line, after any blank lines (passed on).
-        let Some(line) = take_line(&mut rest) else {
-            out.extend_from_slice(rest);
-            return out;
+        // The request line, after any blank lines (passed on); one over the limit is passed
+        // on as it is, and its headers follow.
+        let line = match take_line(&mut rest) {
+            Line::End => {
+                out.extend_from_slice(rest);
+                return out;
+            }
+            Line::Long(line) => line.to_vec(),
+            Line::Normal(line) => {
+                let is_blank = line
+                    .iter()
+                    .all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'\x0c'));
+                if is_blank {
+                    out.extend_from_slice(line);
+                    continue;
+                }
+                encode_target(line)
+            }
         };
-        let is_blank = line
-            .iter()
-            .all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'\x0c'));
-        if is_blank {
-            out.extend_from_slice(line);
-            continue;
-        }
-        out.extend_from_slice(&encode_target(line));
+        out.extend_from_slice(&line);
 
         // The header lines, up to an empty one, which ends the head.
         let mut body_len = 0u64;
         let mut framed = true;
         loop {
-            let Some(line) = take_line(&mut rest) else {
-                out.extend_from_slice(rest);
-                return out;
+            let line = match take_line(&mut rest) {
+                Line::End => {
+                    out.extend_from_slice(rest);
+                    return out;
+                }
+                Line::Long(line) => {
+                    // Passed on unread; if it is a framing header, what follows is too.
+                    out.extend_from_slice(line);
+                    let name = line.split(|&b| b == b':').next().unwrap_or_default();
+                    if name.eq_ignore_ascii_case(b"content-length")
+                        || name.eq_ignore_ascii_case(b"transfer-encoding")
+                    {
+                        framed = false;
+                        break;
+                    }
+                    continue;
+                }
+                Line::Normal(line) => line,
             };
             out.extend_from_slice(line);
             let mut text = line;
@@ -254,16 +308,32 @@ fn model(input: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Takes the next line (with its `\n`) off `rest`; `None` if there is no complete line
-/// of at most `MAX_LINE` bytes before its `\n`, which leaves the rest to pass as it is.
-fn take_line<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let newline = rest.iter().position(|&b| b == b'\n')?;
-    if newline > MAX_LINE {
-        return None;
+/// The next line of the input.
+enum Line<'a> {
+    /// A line (with its `\n`) of at most `MAX_LINE` bytes before its `\n`.
+    Normal(&'a [u8]),
+    /// A line with more than `MAX_LINE` bytes before its `\n` (or before the end of the
+    /// input, if it has none): passed on as it is.
+    Long(&'a [u8]),
+    /// No complete line of at most `MAX_LINE` bytes: the rest passes as it is.
+    End,
+}
+
+/// Takes the next line off `rest`.
+fn take_line<'a>(rest: &mut &'a [u8]) -> Line<'a> {
+    let end = rest.iter().position(|&b| b == b'\n');
+    let content = end.unwrap_or(rest.len());
+    if content > MAX_LINE {
+        let (line, tail) = rest.split_at(end.map_or(rest.len(), |newline| newline + 1));
+        *rest = tail;
+        return Line::Long(line);
     }
+    let Some(newline) = end else {
+        return Line::End;
+    };
     let (line, tail) = rest.split_at(newline + 1);
     *rest = tail;
-    Some(line)
+    Line::Normal(line)
 }
 
 /// A Content-Length value as a number. Its surrounding whitespace and a leading `+` are

@@ -1,7 +1,7 @@
 //! Endpoints for operators, on paths that the event API (all of it at `/`) never uses:
 //!
 //! - `GET /healthz` — liveness: `200 ok` while the process serves HTTP (`/health` is the
-//!   same, kept for the Docker health check and earlier clients).
+//!   same, kept for earlier clients and health checks).
 //! - `GET /readyz` — readiness: `200 ready` while every namespace's log takes appends;
 //!   `503` with the reason when one has halted after a storage failure or the server is
 //!   shutting down.
