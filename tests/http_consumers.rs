@@ -378,5 +378,16 @@ async fn a_consumer_whose_progress_cannot_be_read_is_storage_trouble_not_a_bad_r
     let text = response.text().await.unwrap();
     assert!(text.contains("server's log"), "{text}");
     assert!(!text.contains(data.path().to_str().unwrap()), "{text}");
+    // Attaching to it needs its progress read: the same trouble, the same answer.
+    let response = server
+        .request(
+            reqwest::Method::GET,
+            "subject=app.>&ack=manual&consumer=stuck",
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("server's log"), "{text}");
+    assert!(!text.contains(data.path().to_str().unwrap()), "{text}");
     server.stop().await;
 }
