@@ -55,6 +55,39 @@ pub struct ServerConfig {
     #[arg(long, env = "BUS_DUP_TTL", default_value = "0", value_parser = parse_duration)]
     pub dup_ttl: Duration,
 
+    /// Memory the deduplication window may use across all subjects (bytes, or with a
+    /// KiB/MiB/GiB suffix); beyond it the oldest keys of any subject are forgotten first.
+    #[arg(long, env = "BUS_DUP_MEMORY", default_value = "64MiB", value_parser = parse_size)]
+    pub dup_memory: u64,
+
+    /// Longest deduplication key accepted, in bytes; a longer one is answered 400.
+    #[arg(long, env = "BUS_MAX_KEY_LEN", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_key_len: u32,
+
+    /// Most events in one batch; a larger batch is answered 413.
+    #[arg(long, env = "BUS_MAX_BATCH", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch: u32,
+
+    /// Memory the server may use (bytes, or with a KiB/MiB/GiB suffix); beyond it new
+    /// publishes and subscriptions are answered 503 with `Retry-After` until memory is
+    /// freed. `auto`: half of the machine's memory, or of the container's limit.
+    #[arg(long, env = "BUS_MAX_MEMORY", default_value = "auto", value_parser = parse_memory_budget)]
+    pub max_memory: MemoryLimit,
+
+    /// Durable consumers a namespace may have; creating one more is answered 409.
+    #[arg(long, env = "BUS_MAX_CONSUMERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_consumers: u32,
+
+    /// Durable consumers one token may own (with --auth-file); creating one more is
+    /// answered 409.
+    #[arg(long, env = "BUS_MAX_CONSUMERS_PER_TOKEN", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_consumers_per_token: u32,
+
+    /// Bytes of unacknowledged events one manual-ack connection may hold, whatever its
+    /// `max_inflight` (at least one event is always delivered).
+    #[arg(long, env = "BUS_MAX_INFLIGHT_BYTES", default_value = "16MiB", value_parser = parse_size)]
+    pub max_inflight_bytes: u64,
+
     /// Interval of the `: ping` keep-alive comment on event streams.
     #[arg(long, env = "BUS_PING_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
     pub ping_interval: Duration,
@@ -179,6 +212,8 @@ impl ServerConfig {
             max_subject_len: self.max_subject_len as usize,
             max_connections: self.max_connections as usize,
             max_subscriptions: self.max_subscriptions as usize,
+            max_key_len: self.max_key_len as usize,
+            max_batch: self.max_batch as usize,
             idle_timeout: self.idle_timeout,
             body_timeout: self.body_timeout,
         }
@@ -240,6 +275,10 @@ impl ServerConfig {
         BrokerConfig {
             dup_size: self.dup_size,
             dup_ttl: (!self.dup_ttl.is_zero()).then_some(self.dup_ttl),
+            dup_memory: usize::try_from(self.dup_memory).unwrap_or(usize::MAX),
+            max_consumers: self.max_consumers as usize,
+            max_consumers_per_owner: self.max_consumers_per_token as usize,
+            max_inflight_bytes: usize::try_from(self.max_inflight_bytes).unwrap_or(usize::MAX),
         }
     }
 
@@ -376,6 +415,23 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses a byte size: a number of bytes, optionally followed by `K`, `M` or `G` (also
 /// written `KB`/`KiB`, …; all are powers of 1024).
+/// `--max-memory`: decided from the machine at start-up, or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    Auto,
+    Bytes(u64),
+}
+
+fn parse_memory_budget(text: &str) -> Result<MemoryLimit, String> {
+    match text.trim() {
+        "auto" | "" => Ok(MemoryLimit::Auto),
+        size => match parse_size(size)? {
+            0 => Err("must be greater than zero (or auto)".into()),
+            bytes => Ok(MemoryLimit::Bytes(bytes)),
+        },
+    }
+}
+
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let split = trimmed

@@ -281,3 +281,39 @@ async fn idle_slow_and_stalled_clients_are_cut_off() {
     assert_healthy(&server).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_keys_and_large_batches_are_refused_before_they_cost_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server =
+        TestServer::start(data.path(), &["--max-key-len", "64", "--max-batch", "1000"]).await;
+    let long_key = "k".repeat(65);
+    let response = server
+        .post(serde_json::json!({"subject": "app.a", "key": long_key}).to_string())
+        .await;
+    assert_eq!(response.status(), 400);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("--max-key-len") && text.contains("65"),
+        "{text}"
+    );
+    server
+        .publish(&serde_json::json!({"subject": "app.a", "key": "k".repeat(64)}))
+        .await;
+
+    let batch = |n: usize| {
+        let event = r#"{"subject":"app.b"}"#;
+        format!("[{}]", vec![event; n].join(","))
+    };
+    let response = server.post(batch(1001)).await;
+    assert_eq!(response.status(), 413);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("--max-batch") && text.contains("1000"),
+        "{text}"
+    );
+    let response = server.post(batch(1000)).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(header(&response, "x-bus-event-index"), "1000");
+    server.stop().await;
+}

@@ -25,7 +25,12 @@ fn store(event: &NewEvent) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    match bus::http::publish::parse_body(data, 1024) {
+    let limits = bus::http::publish::BodyLimits {
+        max_subject_len: 1024,
+        max_key_len: 1024,
+        max_batch: 10_000,
+    };
+    match bus::http::publish::parse_body(data, &limits) {
         Ok(Publication::One(event)) => store(&event),
         Ok(Publication::Batch(events)) => events.iter().for_each(store),
         Err(_) => {}

@@ -1096,7 +1096,7 @@ mod tests {
             [Arc::clone(&log)],
             &BrokerConfig {
                 dup_size: 0,
-                dup_ttl: None,
+                ..BrokerConfig::default()
             },
         );
         (Arc::new(broker), log)

@@ -234,6 +234,29 @@ pub struct BrokerConfig {
     pub dup_size: usize,
     /// How long a key is remembered (`None`: until pushed out).
     pub dup_ttl: Option<Duration>,
+    /// Bytes the deduplication window may hold across all subjects.
+    pub dup_memory: usize,
+    /// Durable consumers a namespace may have.
+    pub max_consumers: usize,
+    /// Durable consumers one owner (token) may have, when requests are authenticated.
+    pub max_consumers_per_owner: usize,
+    /// Bytes of unacknowledged events one manual-ack connection may hold (at least one
+    /// event is always delivered).
+    pub max_inflight_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    /// The server's defaults.
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            dup_size: 1000,
+            dup_ttl: None,
+            dup_memory: dedup::DEFAULT_BUDGET,
+            max_consumers: 1000,
+            max_consumers_per_owner: 100,
+            max_inflight_bytes: 16 << 20,
+        }
+    }
 }
 
 pub struct Broker {
@@ -287,7 +310,7 @@ impl Broker {
             .into_iter()
             .map(|log| (log.namespace().to_owned(), log))
             .collect();
-        let dedup = Dedup::new(config.dup_size, config.dup_ttl, dedup::DEFAULT_BUDGET);
+        let dedup = Dedup::new(config.dup_size, config.dup_ttl, config.dup_memory);
         if dedup.enabled() {
             for log in logs.values() {
                 rebuild_dedup(log, &dedup);
@@ -1214,7 +1237,7 @@ mod tests {
                 [Arc::clone(&log)],
                 &BrokerConfig {
                     dup_size: 100,
-                    dup_ttl: None,
+                    ..BrokerConfig::default()
                 },
             );
             let resume = log.pause_writer().await;

@@ -55,6 +55,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Event streams open at once.
     pub max_subscriptions: usize,
+    /// Longest deduplication key, in bytes.
+    pub max_key_len: usize,
+    /// Most events in one batch.
+    pub max_batch: usize,
     /// How long a connection may go without sending a whole request head.
     pub idle_timeout: Duration,
     /// How long a request's body may take to arrive.

@@ -49,11 +49,22 @@ struct WireEvent {
 /// Go's zero `time.Time`, which Go clients send when they leave `created_at` unset.
 const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
+/// What a publish body may hold (from the server's limits).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Longest subject or response_subject, in bytes.
+    pub max_subject_len: usize,
+    /// Longest deduplication key, in bytes.
+    pub max_key_len: usize,
+    /// Most events in a batch.
+    pub max_batch: usize,
+}
+
 impl WireEvent {
     fn into_new_event(
         self,
         position_in_batch: Option<usize>,
-        max_subject_len: usize,
+        limits: &BodyLimits,
     ) -> Result<NewEvent, ApiError> {
         let which = || match position_in_batch {
             Some(i) => format!("event {i} of the batch: "),
@@ -69,8 +80,16 @@ impl WireEvent {
             ("subject", &self.subject),
             ("response_subject", &self.response_subject),
         ] {
-            super::check_subject_len(name, subject, max_subject_len)
+            super::check_subject_len(name, subject, limits.max_subject_len)
                 .map_err(|e| ApiError::bad_request(format!("{}{}", which(), e.message)))?;
+        }
+        if self.key.len() > limits.max_key_len {
+            return Err(ApiError::bad_request(format!(
+                "{}key is {} bytes long; this server accepts at most {} (--max-key-len)",
+                which(),
+                self.key.len(),
+                limits.max_key_len
+            )));
         }
         let created_at = match self.created_at.as_deref() {
             None | Some("") | Some(GO_ZERO_TIME) => None,
@@ -101,7 +120,7 @@ impl WireEvent {
 }
 
 /// Parses a publish body: one event object or an array of them.
-pub fn parse_body(body: &[u8], max_subject_len: usize) -> Result<Publication, ApiError> {
+pub fn parse_body(body: &[u8], limits: &BodyLimits) -> Result<Publication, ApiError> {
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::bad_request("the body is not valid UTF-8"));
     }
@@ -110,23 +129,27 @@ pub fn parse_body(body: &[u8], max_subject_len: usize) -> Result<Publication, Ap
     match first {
         Some(b'{') => {
             let event: WireEvent = serde_json::from_slice(body).map_err(bad_json)?;
-            Ok(Publication::One(
-                event.into_new_event(None, max_subject_len)?,
-            ))
+            Ok(Publication::One(event.into_new_event(None, limits)?))
         }
         Some(b'[') => {
-            let events: Vec<WireEvent> = serde_json::from_slice(body).map_err(bad_json)?;
+            let refusal = std::cell::RefCell::new(None);
+            let mut parser = serde_json::Deserializer::from_slice(body);
+            let batch = BatchSeed {
+                limits,
+                refusal: &refusal,
+            };
+            let parsed = serde::de::DeserializeSeed::deserialize(batch, &mut parser)
+                .and_then(|events| parser.end().map(|()| events));
+            if let Some(refusal) = refusal.into_inner() {
+                return Err(refusal);
+            }
+            let events = parsed.map_err(bad_json)?;
             if events.is_empty() {
                 return Err(ApiError::bad_request(
                     "empty batch: send at least one event",
                 ));
             }
-            events
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| e.into_new_event(Some(i), max_subject_len))
-                .collect::<Result<_, _>>()
-                .map(Publication::Batch)
+            Ok(Publication::Batch(events))
         }
         None => Err(ApiError::bad_request(
             "empty body: send an event as a JSON object, or a batch as a JSON array",
@@ -134,6 +157,60 @@ pub fn parse_body(body: &[u8], max_subject_len: usize) -> Result<Publication, Ap
         Some(_) => Err(ApiError::bad_request(
             "the body must be an event (a JSON object) or a batch (a JSON array)",
         )),
+    }
+}
+
+/// Reads a batch's events one by one, each checked and converted as it comes: a refused
+/// event or one event too many stops the parse at once, and the batch never exists in
+/// two forms at the same time (what one publish costs in memory stays a small multiple
+/// of its body, however many tiny events it holds).
+struct BatchSeed<'a> {
+    limits: &'a BodyLimits,
+    /// Why the batch was refused, when that is not a JSON syntax error.
+    refusal: &'a std::cell::RefCell<Option<ApiError>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = Vec<NewEvent>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
+    type Value = Vec<NewEvent>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut events = Vec::new();
+        while let Some(event) = seq.next_element::<WireEvent>()? {
+            let refuse = |refusal: ApiError| {
+                *self.refusal.borrow_mut() = Some(refusal);
+                A::Error::custom("refused")
+            };
+            if events.len() == self.limits.max_batch {
+                return Err(refuse(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the batch has more than {} events (--max-batch); split it",
+                        self.limits.max_batch
+                    ),
+                )));
+            }
+            let event = event
+                .into_new_event(Some(events.len()), self.limits)
+                .map_err(refuse)?;
+            events.push(event);
+        }
+        Ok(events)
     }
 }
 
@@ -213,7 +290,12 @@ async fn publish_body(
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    let events = match parse_body(&body, limits.max_subject_len) {
+    let body_limits = BodyLimits {
+        max_subject_len: limits.max_subject_len,
+        max_key_len: limits.max_key_len,
+        max_batch: limits.max_batch,
+    };
+    let events = match parse_body(&body, &body_limits) {
         Ok(events) => events,
         Err(e) => return e.into_response(),
     };
