@@ -130,3 +130,27 @@ pub fn raise_open_file_limit() {
         }
     }
 }
+
+impl ServerProcess {
+    /// The server's resident memory now (`VmRSS` of `/proc/PID/status`), in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        status_bytes(self.child.id(), "VmRSS:")
+    }
+
+    /// The server's peak resident memory so far (`VmHWM`), in bytes.
+    pub fn peak_resident_bytes(&self) -> u64 {
+        status_bytes(self.child.id(), "VmHWM:")
+    }
+}
+
+/// A `kB` line of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
