@@ -359,3 +359,74 @@ async fn a_full_disk_refuses_publishes_clearly_and_publishing_resumes_with_space
         server = start_server(&addr, &path, &segments);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_starts_on_a_full_disk_serves_reads_and_refuses_publishes_until_space_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let mount = root.path().join("disk");
+    std::fs::create_dir(&mount).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !mount_tmpfs(&mount, "4m", false) {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let _unmount = Unmount(mount.clone());
+    let path = mount.join("data");
+    let path = path.display().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{addr}/");
+    bus::client::install_tls_provider();
+    let client = reqwest::Client::new();
+    let publish = |n: u64| {
+        client
+            .post(&url)
+            .body(json!({"subject": "app.disk", "payload": n}).to_string())
+            .send()
+    };
+
+    let mut server = start_server(&addr, &path, &[]);
+    for n in 0..10 {
+        assert_eq!(publish(n).await.unwrap().status(), 202);
+    }
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.wait(), 0);
+
+    // Fill the disk to the last byte.
+    let filler = mount.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&[0u8]);
+        let _ = file.sync_all();
+    }
+
+    // It starts, writing nothing, and serves what is stored.
+    let mut server = start_server(&addr, &path, &[]);
+    assert_eq!(read_log(&url).await.len(), 10);
+    let refused = publish(10).await.unwrap();
+    assert_eq!(refused.status(), 507);
+    assert!(refused.text().await.unwrap().contains("disk is full"));
+    let leftovers: Vec<_> = std::fs::read_dir(mount.join("data/app"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Space returns: publishing resumes, and a restart keeps everything.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(publish(10).await.unwrap().status(), 202);
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.wait(), 0);
+    let mut server = start_server(&addr, &path, &[]);
+    let events = read_log(&url).await;
+    let payloads: Vec<i64> = events
+        .iter()
+        .map(|f| f.json()["payload"].as_i64().unwrap())
+        .collect();
+    assert_eq!(payloads, (0..=10).collect::<Vec<_>>());
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.wait(), 0);
+}

@@ -5,13 +5,11 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// An I/O operation failed; `context` says what was being done to which file.
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    /// An I/O operation failed; `context` says what was being done to which file. The
+    /// message holds the cause, which is therefore not also given as the error's source
+    /// (an error chain would print it twice).
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: io::Error },
 
     /// Stored bytes are damaged somewhere a crash cannot explain. The log refuses to serve
     /// or overwrite them; nothing is skipped silently.
@@ -56,7 +54,7 @@ impl StoreError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> StoreError {
         StoreError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -64,9 +62,9 @@ impl StoreError {
     /// full disk stays recognisable).
     pub(crate) fn copy(&self) -> StoreError {
         match self {
-            StoreError::Io { context, source } => StoreError::Io {
+            StoreError::Io { context, cause } => StoreError::Io {
                 context: context.clone(),
-                source: io::Error::new(source.kind(), source.to_string()),
+                cause: io::Error::new(cause.kind(), cause.to_string()),
             },
             StoreError::Corrupt {
                 file,
@@ -113,5 +111,21 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T, StoreError> {
         self.map_err(|source| StoreError::io(what(), source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_names_its_cause_once_in_a_chain() {
+        let error = StoreError::io(
+            "writing meta.tmp",
+            io::Error::from(io::ErrorKind::StorageFull),
+        );
+        let chain = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(chain.matches("no storage space").count(), 1, "{chain}");
+        assert!(chain.starts_with("writing meta.tmp: "), "{chain}");
     }
 }

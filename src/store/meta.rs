@@ -148,11 +148,19 @@ impl Meta {
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     let tmp: PathBuf = path.with_extension("tmp");
     let mut file = fs::File::create(&tmp).context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(contents)
+    let written = file
+        .write_all(contents)
         .and_then(|()| file.sync_all())
-        .context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        .context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            fs::rename(&tmp, path)
+                .context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if written.is_err() {
+        // A full disk, say: leave nothing half written behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
     }
