@@ -276,6 +276,7 @@ impl ServerConfig {
             dup_size: self.dup_size,
             dup_ttl: (!self.dup_ttl.is_zero()).then_some(self.dup_ttl),
             dup_memory: usize::try_from(self.dup_memory).unwrap_or(usize::MAX),
+            max_key_len: self.max_key_len as usize,
             max_consumers: self.max_consumers as usize,
             max_consumers_per_owner: self.max_consumers_per_token as usize,
             max_inflight_bytes: usize::try_from(self.max_inflight_bytes).unwrap_or(usize::MAX),

@@ -353,6 +353,16 @@ impl StoredEvent {
         }
     }
 
+    /// The event with a frame of its own, of its exact size: for holding an event long
+    /// (an unacknowledged delivery) without keeping alive the larger buffer its frame may
+    /// share with other events (a read of the log, a group commit in the tail).
+    pub fn detached(&self) -> StoredEvent {
+        StoredEvent {
+            frame: Bytes::copy_from_slice(&self.frame),
+            ..self.clone()
+        }
+    }
+
     /// The event's position in its namespace's log (also its `index`).
     pub fn position(&self) -> u64 {
         self.position

@@ -12,7 +12,8 @@
 //!   the time formats of the wire contract.
 //! - [`subject`]: subjects and subscription patterns.
 //! - [`broker`]: publish, subscribe, manual acks, inboxes and deduplication on the logs.
-//! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle.
+//! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle; [`memory`] the memory budget
+//!   that decides when new work must wait.
 //! - [`config`]: server settings from flags and `BUS_*` environment variables.
 //! - [`client`]: an HTTP client for the server, which the CLI tools use; [`syncbus`] the
 //!   cache-invalidation interface on top of it.
@@ -37,6 +38,8 @@ pub mod duration;
 pub mod event;
 #[cfg(feature = "server")]
 pub mod http;
+#[cfg(feature = "server")]
+pub mod memory;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]

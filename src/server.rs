@@ -16,9 +16,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
-use crate::config::{Retention, ServerConfig};
+use crate::config::{format_size, MemoryLimit, Retention, ServerConfig};
 use crate::http::auth::AuthTable;
 use crate::http::{self, AppState};
+use crate::memory::{self, MemoryBudget};
 use crate::store::{Log, Store};
 
 /// How long shutting down waits for open connections to finish.
@@ -35,6 +36,7 @@ pub struct RunningServer {
 
 /// Opens the data directory and starts serving.
 pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
+    memory::tune_allocator();
     let namespaces = config.namespaces();
     if namespaces.is_empty() {
         bail!("no namespaces declared: pass --namespaces or set BUS_NAMESPACES (e.g. app,orders)");
@@ -87,18 +89,18 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .context("reading the listening address")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let limits = config.limits();
+    let memory = Arc::new(memory_budget(config.max_memory).await);
+    memory.sample_now();
+    tokio::spawn(Arc::clone(&memory).watch(shutdown_rx.clone()));
     let mut state = AppState::new(
         Arc::clone(&broker),
         config.ping_interval,
         shutdown_rx.clone(),
         limits.clone(),
+        memory,
     );
     state.auth = auth;
     state.cors_origins = cors_origins.map(Arc::new);
-    // Only glibc has malloc_trim; with other C libraries (musl, macOS) the task is not
-    // built and their allocators keep their own policy.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tokio::spawn(trim_memory_after_disconnects(shutdown_rx.clone()));
     if retention.is_set() {
         let logs: Vec<Arc<Log>> = store.logs().cloned().collect();
         tokio::spawn(enforce_retention(logs, retention, shutdown_rx.clone()));
@@ -216,33 +218,49 @@ async fn enforce_retention(
     }
 }
 
-/// How often the server checks whether many streams closed since its last look.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_CHECK: Duration = Duration::from_secs(5);
-/// Closed streams that make it worth handing freed memory back to the system.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_AFTER_CLOSED: u64 = 256;
+/// The memory budget `--max-memory` asks for, logged: `auto` is decided from the machine
+/// (see [`crate::memory`]).
+async fn memory_budget(limit: MemoryLimit) -> MemoryBudget {
+    let (bytes, source) = match limit {
+        MemoryLimit::Bytes(bytes) => (Some(bytes), "--max-memory"),
+        MemoryLimit::Auto => {
+            let auto = tokio::task::spawn_blocking(memory::detect_auto_budget)
+                .await
+                .unwrap_or(memory::AutoBudget {
+                    bytes: None,
+                    source: "auto: the memory size is unknown",
+                });
+            (auto.bytes, auto.source)
+        }
+    };
+    match bytes {
+        Some(bytes) => {
+            tracing::info!(
+                budget = %approximate_size(bytes),
+                budget_bytes = bytes,
+                from = source,
+                "memory budget: beyond it new publishes and subscriptions are answered 503"
+            );
+            MemoryBudget::new(bytes)
+        }
+        None => {
+            tracing::warn!(
+                "the machine's memory size is unknown: no memory budget (set --max-memory)"
+            );
+            MemoryBudget::unlimited()
+        }
+    }
+}
 
-/// Thousands of subscribers leaving free their buffers, but the C allocator keeps the
-/// pages for reuse: after a burst of disconnects, ask it to return what is free. glibc
-/// only: `libc` defines `malloc_trim` for no other C library.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-async fn trim_memory_after_disconnects(mut shutdown: watch::Receiver<bool>) {
-    use std::sync::atomic::Ordering;
-    let mut trimmed_at = 0;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(TRIM_CHECK) => {}
-            _ = shutdown.wait_for(|down| *down) => return,
-        }
-        let closed = http::subscribe::CLOSED_STREAMS.load(Ordering::Relaxed);
-        if closed - trimmed_at >= TRIM_AFTER_CLOSED {
-            trimmed_at = closed;
-            let _ = tokio::task::spawn_blocking(|| {
-                // SAFETY: malloc_trim only releases free memory; it has no preconditions.
-                unsafe { libc::malloc_trim(0) }
-            })
-            .await;
-        }
+/// A size for people: exact when it is a whole number of MiB (or smaller than one), else
+/// in GiB or MiB with one decimal.
+fn approximate_size(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) || bytes < 1 << 20 {
+        return format_size(bytes);
+    }
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
     }
 }

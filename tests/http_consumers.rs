@@ -391,3 +391,21 @@ async fn a_consumer_whose_progress_cannot_be_read_is_storage_trouble_not_a_bad_r
     assert!(!text.contains(data.path().to_str().unwrap()), "{text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_consumer_can_always_be_deleted() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(data.path(), &[]).await;
+    let file = data.path().join("app/consumers/broken.json");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"{ not json").unwrap();
+    let response = server
+        .client
+        .delete(format!("{}consumers/app/broken", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204, "{}", response.text().await.unwrap());
+    assert!(!file.exists());
+    server.stop().await;
+}

@@ -12,9 +12,21 @@
 //!
 //! - **Ephemeral** consumers (no `consumer=` name) have exactly one member and end with
 //!   it. With a window of 1 this is the reference's stop-and-wait.
-//! - **Durable** consumers have a name and a stored progress (see [`Progress`]); they
-//!   live from their first attachment until the server stops or they are deleted, and
-//!   any number of connections may attach (a queue group).
+//! - **Durable** consumers have a name and a stored progress (see [`Progress`]), and any
+//!   number of connections may attach (a queue group). Their dispatcher runs while they
+//!   have members: when the last one leaves, it stores the progress and ends, freeing
+//!   what it held, and the next attachment starts it again from what it stored. The
+//!   progress keeps what the dispatcher knew of each unacknowledged event (deliveries so
+//!   far, a negative ack's delay, a reply taken), so an idle consumer that ends changes
+//!   nothing a client can see: no timer runs for an event no member holds, and an event
+//!   still goes to its dead-letter subject after its last delivery.
+//!
+//! Memory: a member holds at most its window of events and at most `max_bytes` of them
+//! (their frames), beyond its first, which is always delivered however large. The
+//! dispatcher reads ahead only while its members have room, in events and in bytes, for
+//! more than what already waits; so what it holds is bounded by its members' windows plus
+//! one read. Events are held as shared frames: the members of a durable consumer, and the
+//! log's in-memory tail, share them rather than copy them.
 //!
 //! Order: each member receives events in log order, except redeliveries, which come back
 //! when they are due. Across a group's members there is no order between events handed
@@ -44,7 +56,7 @@ use tokio::time::Instant;
 
 use super::confirm::Confirmations;
 use super::subscription::{Cursor, From};
-use super::Delivery;
+use super::{Delivery, READ_BATCH};
 use crate::event::{EventDraft, PendingEvent, StoredEvent};
 use crate::store::Log;
 use crate::subject::Pattern;
@@ -98,6 +110,9 @@ pub enum ReplyRefused {
 /// Capacity of a dispatcher's input queue; acks beyond it are dropped (and the events
 /// redelivered), so that a client flooding acks cannot grow the server's memory.
 pub const INPUT_QUEUE: usize = 4096;
+/// Bytes of frames sent to a member in one delivery: small events go together (the front
+/// end writes them as one chunk, a copy), a larger event goes alone (its shared frame).
+const DELIVERY_BYTES: usize = 64 << 10;
 /// How often a durable consumer's progress is written when it changed.
 const SAVE_EVERY: Duration = Duration::from_millis(50);
 /// Threads writing durable consumers' progress, across the broker (see [`Saver`]).
@@ -123,6 +138,17 @@ pub struct Progress {
     /// they, or a caller with the admin grant, may attach to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// `[position, deliveries]` of the unacknowledged events delivered so far: an event
+    /// is given up after its last delivery whether or not its consumer stopped meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered: Vec<[u64; 2]>,
+    /// `[position, unix milliseconds]` of events a negative ack delayed: not delivered
+    /// before then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delayed: Vec<[u64; 2]>,
+    /// Unacknowledged events whose one reply was taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replied: Vec<u64>,
 }
 
 /// Who opened a subscription or created a durable consumer, as the front end identifies
@@ -335,6 +361,28 @@ pub fn dead_letter_subject(namespace: &str, consumer: &ConsumerName) -> String {
     format!("{namespace}._dead.{consumer}")
 }
 
+/// Takes an idle durable consumer out of the broker's running ones, given its input
+/// queue and its last save (if one runs): the broker answers under the lock that
+/// attachments send their joins under, so that a join is either queued before (and
+/// taken) or finds the consumer gone. When it retires, the broker takes the save, which
+/// the next start (or a delete) of the consumer waits for before it reads (or removes)
+/// the stored progress: a retiring consumer does not wait for its disk.
+pub type Retire =
+    Box<dyn Fn(&mut mpsc::Receiver<Input>, &mut Option<Save>) -> Retired + Send + Sync>;
+
+/// What came of asking to retire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The consumer is no longer running, its queue is closed and its last save is the
+    /// broker's: the dispatcher ends.
+    Yes,
+    /// Inputs (a join, say) are queued: the dispatcher takes them first.
+    InputsQueued,
+    /// It is no longer the running consumer (being deleted): the dispatcher waits for
+    /// what comes.
+    NotRunning,
+}
+
 /// A durable consumer's identity, for its stored progress and dead letters.
 pub struct Durable {
     pub name: ConsumerName,
@@ -342,6 +390,11 @@ pub struct Durable {
     pub stats: Arc<ConsumerStats>,
     /// The broker's saver threads, which store the progress.
     pub saver: Arc<Saver>,
+    /// Takes the consumer out of the broker's running ones when it is idle.
+    pub retire: Retire,
+    /// Called after each of its saves (the broker forgets a retired consumer's last save
+    /// once it landed).
+    pub landed: Landed,
 }
 
 struct Pending {
@@ -361,7 +414,28 @@ struct Pending {
 struct Member {
     window: usize,
     in_flight: usize,
+    /// Bytes of the frames it holds.
+    bytes: usize,
     deliveries: mpsc::Sender<Delivery>,
+}
+
+impl Member {
+    /// Events it may be handed now, and bytes of them (the first is handed whatever its
+    /// size).
+    fn room(&self, max_bytes: usize) -> (usize, usize) {
+        let events = self.window.saturating_sub(self.in_flight);
+        let bytes = match (events, self.in_flight) {
+            (0, _) => 0,
+            (_, 0) => max_bytes.max(1),
+            _ => max_bytes.saturating_sub(self.bytes),
+        };
+        (events, bytes)
+    }
+}
+
+/// The bytes an event takes while a consumer holds it: its frame.
+fn size(event: &StoredEvent) -> usize {
+    event.sse_frame().len()
 }
 
 /// A read of the log, owning the cursor until it completes.
@@ -426,8 +500,9 @@ impl Reader {
     }
 }
 
-/// A save of a durable consumer's progress, queued or running on a saver thread.
-type Save = oneshot::Receiver<std::io::Result<()>>;
+/// A save of a durable consumer's progress, queued or running on a saver thread; the
+/// answer says how it went.
+pub type Save = oneshot::Receiver<std::io::Result<()>>;
 
 /// Stores durable consumers' progress on threads of its own, like the log's writer: a
 /// save (write, fsync, rename, directory fsync) takes the disk for a millisecond or more,
@@ -443,7 +518,12 @@ struct SaveJob {
     name: ConsumerName,
     progress: Progress,
     done: oneshot::Sender<std::io::Result<()>>,
+    /// Called once the answer is sent.
+    landed: Landed,
 }
+
+/// Called on a saver thread after each save of a durable consumer was answered.
+pub type Landed = Arc<dyn Fn() + Send + Sync>;
 
 impl Saver {
     /// Starts `threads` saver threads; they end when the saver is dropped.
@@ -460,6 +540,7 @@ impl Saver {
                         return;
                     };
                     let _ = job.done.send(job.progress.save(&job.dir, &job.name));
+                    (job.landed)();
                 });
             if let Err(e) = spawned {
                 // Saves then fail (and are retried) rather than the server failing.
@@ -469,8 +550,9 @@ impl Saver {
         Saver { jobs }
     }
 
-    /// Queues a save of `progress`; the answer says how it went.
-    fn save(&self, dir: PathBuf, name: ConsumerName, progress: Progress) -> Save {
+    /// Queues a save of `progress`; the answer says how it went, then `landed` is
+    /// called.
+    fn save(&self, dir: PathBuf, name: ConsumerName, progress: Progress, landed: Landed) -> Save {
         let (done, answer) = oneshot::channel();
         // Without a thread to take it, `done` is dropped and the save reported failed.
         let _ = self.jobs.send(SaveJob {
@@ -478,24 +560,30 @@ impl Saver {
             name,
             progress,
             done,
+            landed,
         });
         answer
     }
 }
 
 /// Runs a consumer until it ends: an ephemeral one when its member leaves, a durable one
-/// when the server shuts down or it is deleted.
+/// when its last member leaves (it retires, see [`Retire`]), when the server shuts down
+/// or when it is deleted.
 ///
 /// A durable consumer's progress is written by one save at a time on the broker's
 /// [`Saver`] threads (write, fsync, rename, directory fsync), never on the dispatcher's
 /// task: acks go on being taken while a save runs. A save takes a copy of the progress as
 /// it is when it starts; changes made meanwhile wait for it to end and go into the next
 /// one, so saves land in the order they were taken and an older one never overwrites a
-/// newer one. The dispatcher ends only after its last save has ended.
+/// newer one. The dispatcher ends only after its last save has ended, except when it
+/// retires: then the broker takes that save, and whatever reads or removes the stored
+/// progress next (a start, a delete, shutdown) waits for it first.
 pub struct Dispatcher {
     log: Arc<Log>,
     reader: Reader,
     redelivery: Redelivery,
+    /// Bytes of frames one member may hold beyond its first event.
+    max_bytes: usize,
     inputs: mpsc::Receiver<Input>,
     shutdown: watch::Receiver<bool>,
     pending: BTreeMap<u64, Pending>,
@@ -504,6 +592,8 @@ pub struct Dispatcher {
     /// Where the last assignment round started, so that members take turns.
     next_member: u64,
     durable: Option<Durable>,
+    /// A durable consumer whose last member left: it retires once its progress is stored.
+    idle: bool,
     /// The progress changed since the last save started.
     dirty: bool,
     saving: Option<Save>,
@@ -512,8 +602,9 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A consumer reading `pattern` from `from`; an error message if `from` names an
-    /// event that does not exist.
+    /// A consumer reading `pattern` from `from`, whose members each hold at most
+    /// `max_bytes` of events beyond their first; an error message if `from` names an event
+    /// that does not exist. A durable consumer's unacknowledged events are read again.
     #[allow(clippy::too_many_arguments)]
     pub async fn open(
         log: Arc<Log>,
@@ -521,6 +612,7 @@ impl Dispatcher {
         from: From,
         stop_at: Option<u64>,
         redelivery: Redelivery,
+        max_bytes: usize,
         inputs: mpsc::Receiver<Input>,
         shutdown: watch::Receiver<bool>,
         durable: Option<Durable>,
@@ -533,12 +625,14 @@ impl Dispatcher {
             log,
             reader: Reader::new(cursor),
             redelivery,
+            max_bytes,
             inputs,
             shutdown,
             pending: BTreeMap::new(),
             ids: HashMap::new(),
             members: BTreeMap::new(),
             next_member: 0,
+            idle: false,
             // A durable consumer is stored as soon as it exists.
             dirty: durable.is_some(),
             durable,
@@ -551,34 +645,71 @@ impl Dispatcher {
     }
 
     /// A durable consumer reopened: the events it had read but not had acknowledged are
-    /// read again, to be delivered first.
+    /// read again (a read per run of consecutive positions), to be delivered first, with
+    /// their deliveries so far, delays and replies.
     async fn restore_unacked(&mut self) -> Result<(), String> {
         let Some(durable) = &self.durable else {
             return Ok(());
         };
+        let progress = &durable.progress;
         // Events that retention removed since cannot be delivered any more.
         let first = self.log.first_position();
-        let unacked: Vec<u64> = durable
-            .progress
+        let mut unacked: Vec<u64> = progress
             .unacked
             .iter()
             .copied()
             .filter(|&position| position >= first)
             .collect();
-        for position in unacked {
+        unacked.sort_unstable();
+        unacked.dedup();
+        let delivered: HashMap<u64, u32> = progress
+            .delivered
+            .iter()
+            .map(|&[position, n]| (position, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect();
+        let (now, now_ms) = (Instant::now(), unix_millis());
+        let delayed: HashMap<u64, Instant> = progress
+            .delayed
+            .iter()
+            .filter(|&&[_, until]| until > now_ms)
+            .map(|&[position, until]| (position, later(now, Duration::from_millis(until - now_ms))))
+            .collect();
+        let replied: std::collections::HashSet<u64> = progress.replied.iter().copied().collect();
+        let mut i = 0;
+        while i < unacked.len() {
+            let mut run = 1;
+            while i + run < unacked.len()
+                && run < READ_BATCH
+                && unacked[i + run] == unacked[i] + run as u64
+            {
+                run += 1;
+            }
             let events = self
                 .log
-                .read(position, 1)
+                .read(unacked[i], run)
                 .await
                 .map_err(|e| format!("reading the log failed: {e}"))?;
-            if let Some(event) = events.into_iter().next() {
+            // Reads stop at a byte limit: what was not read is read next.
+            let read = events.len().clamp(1, run);
+            for event in events.into_iter().take(run) {
+                let position = event.position();
                 self.hold(event);
+                if let Some(pending) = self.pending.get_mut(&position) {
+                    pending.deliveries = delivered.get(&position).copied().unwrap_or(0);
+                    pending.due = delayed.get(&position).copied();
+                    pending.replied = replied.contains(&position);
+                }
             }
+            i += read;
         }
         Ok(())
     }
 
     fn hold(&mut self, event: StoredEvent) {
+        // Held until acknowledged, perhaps long: with a frame of its own, not one that
+        // keeps a whole read of the log or a group commit alive (windows are counted in
+        // events' own bytes).
+        let event = event.detached();
         self.ids.insert(event.id().to_owned(), event.position());
         self.pending.insert(
             event.position(),
@@ -597,6 +728,9 @@ impl Dispatcher {
         let mut save_at: Option<Instant> = None;
         loop {
             let now = Instant::now();
+            if self.forget_closed_members() && self.durable.is_none() && self.members.is_empty() {
+                return;
+            }
             self.expire(now).await;
             self.assign(now);
             if self.finished() {
@@ -605,6 +739,15 @@ impl Dispatcher {
                 }
                 self.save_last().await;
                 return;
+            }
+            if self.idle && self.members.is_empty() {
+                match self.retire().await {
+                    Retired::Yes => return,
+                    // Taken below; it tries again when it is idle again.
+                    Retired::InputsQueued => {}
+                    // Being deleted: the delete comes.
+                    Retired::NotRunning => self.idle = false,
+                }
             }
             self.publish_stats();
             if self.dirty && self.durable.is_some() && save_at.is_none() {
@@ -685,6 +828,29 @@ impl Dispatcher {
         }
     }
 
+    /// A durable consumer without members leaves the broker's running consumers, unless
+    /// someone joined meanwhile, handing the broker the save of what changed; its pending
+    /// events are freed when it ends. Saves of one consumer never overlap: a save that
+    /// runs ends first.
+    async fn retire(&mut self) -> Retired {
+        if let Some(saving) = self.saving.take() {
+            let result = saving.await;
+            self.saved(result);
+        }
+        self.start_save();
+        // The figures the admin listing shows until the save lands.
+        self.publish_stats();
+        let Some(durable) = &self.durable else {
+            return Retired::NotRunning;
+        };
+        // Not retired: the save is still this dispatcher's, awaited as any other.
+        let retired = (durable.retire)(&mut self.inputs, &mut self.saving);
+        if retired == Retired::Yes {
+            tracing::debug!(consumer = %durable.name, "durable consumer idle: its dispatcher ends");
+        }
+        retired
+    }
+
     fn take(&mut self, input: Input) {
         match input {
             Input::Join {
@@ -697,6 +863,7 @@ impl Dispatcher {
                     Member {
                         window: window.max(1),
                         in_flight: 0,
+                        bytes: 0,
                         deliveries,
                     },
                 );
@@ -717,7 +884,7 @@ impl Dispatcher {
                         continue; // late, repeated or unknown: acks are idempotent
                     };
                     if let Some(pending) = self.pending.remove(&position) {
-                        self.release(pending.member);
+                        self.release(pending.member, size(&pending.event));
                         self.dirty = true;
                         self.confirmations.record(&id, &confirmer, zone.as_deref());
                     }
@@ -728,7 +895,7 @@ impl Dispatcher {
                     return;
                 };
                 let max_deliveries = self.redelivery.max_deliveries;
-                let member = match self.pending.get_mut(&position) {
+                let (member, bytes) = match self.pending.get_mut(&position) {
                     Some(pending) if pending.member.is_some() => {
                         if max_deliveries.is_some_and(|max| pending.deliveries >= max) {
                             // Its last delivery failed: given up at once, as on a timeout.
@@ -736,11 +903,13 @@ impl Dispatcher {
                             return;
                         }
                         pending.due = Some(later(Instant::now(), delay));
-                        pending.member.take()
+                        (pending.member.take(), size(&pending.event))
                     }
                     _ => return,
                 };
-                self.release(member);
+                self.release(member, bytes);
+                // The delay is part of the stored progress.
+                self.dirty = true;
             }
             Input::ClaimReply {
                 event_id,
@@ -760,6 +929,7 @@ impl Dispatcher {
                         Ok(pending.event.clone())
                     }
                 };
+                self.dirty |= claimed.is_ok();
                 let _ = answer.send(claimed);
             }
             Input::ReleaseReply { event_id } => {
@@ -769,17 +939,36 @@ impl Dispatcher {
                     .and_then(|position| self.pending.get_mut(position))
                 {
                     pending.replied = false;
+                    self.dirty = true;
                 }
             }
             Input::Delete => {}
         }
     }
 
-    /// A member's slot frees up.
-    fn release(&mut self, member: Option<u64>) {
+    /// A member's slot, and the bytes of the event in it, free up.
+    fn release(&mut self, member: Option<u64>, bytes: usize) {
         if let Some(member) = member.and_then(|m| self.members.get_mut(&m)) {
             member.in_flight = member.in_flight.saturating_sub(1);
+            member.bytes = member.bytes.saturating_sub(bytes);
         }
+    }
+
+    /// Members whose stream is gone without a word (their leave was dropped with the
+    /// input queue full) leave now, rather than at the next delivery to them, which may
+    /// never come: an idle durable consumer must see its last member go. Whether any
+    /// left.
+    fn forget_closed_members(&mut self) -> bool {
+        let closed: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|(_, member)| member.deliveries.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for &member in &closed {
+            self.leave(member);
+        }
+        !closed.is_empty()
     }
 
     /// A member left: what it held goes to the others at once.
@@ -791,6 +980,7 @@ impl Dispatcher {
                 pending.due = None;
             }
         }
+        self.idle = self.durable.is_some() && self.members.is_empty();
     }
 
     /// Held events whose redelivery is due go back to the waiting ones, or are given up
@@ -807,12 +997,13 @@ impl Dispatcher {
                 continue;
             };
             let member = pending.member.take();
+            let bytes = size(&pending.event);
             pending.due = None;
             let exhausted = self
                 .redelivery
                 .max_deliveries
                 .is_some_and(|max| pending.deliveries >= max);
-            self.release(member);
+            self.release(member, bytes);
             if exhausted {
                 if let Some(pending) = self.pending.remove(&position) {
                     self.ids.remove(pending.event.id());
@@ -823,9 +1014,20 @@ impl Dispatcher {
         }
     }
 
-    /// Hands waiting events to members with room, lowest position first, members taking
-    /// turns.
+    /// Hands waiting events to members with room (in events and bytes), lowest position
+    /// first, members taking turns. Each member takes a prefix of what waits, so that it
+    /// receives events in log order; small events go in deliveries of up to
+    /// `DELIVERY_BYTES`, a larger one alone.
     fn assign(&mut self, now: Instant) {
+        let mut ready: std::collections::VecDeque<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.member.is_none() && p.due.is_none_or(|due| due <= now))
+            .map(|(&position, _)| position)
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
         let member_ids: Vec<u64> = self
             .members
             .range(self.next_member..)
@@ -834,50 +1036,85 @@ impl Dispatcher {
             .collect();
         let mut gone = Vec::new();
         for member_id in member_ids {
+            if ready.is_empty() {
+                break;
+            }
             let Some(member) = self.members.get(&member_id) else {
                 continue;
             };
-            let room = member.window.saturating_sub(member.in_flight);
-            if room == 0 {
-                continue;
-            }
-            let chosen: Vec<u64> = self
-                .pending
-                .iter()
-                .filter(|(_, p)| p.member.is_none() && p.due.is_none_or(|due| due <= now))
-                .take(room)
-                .map(|(&position, _)| position)
-                .collect();
-            if chosen.is_empty() {
-                break;
-            }
-            let events: Vec<StoredEvent> = chosen
-                .iter()
-                .filter_map(|p| self.pending.get(p).map(|p| p.event.clone()))
-                .collect();
-            match member.deliveries.try_send(Delivery::Events(events)) {
-                Ok(()) => {
-                    let due = later(now, self.redelivery.every);
-                    for position in &chosen {
-                        if let Some(pending) = self.pending.get_mut(position) {
-                            if pending.deliveries > 0 {
-                                self.redeliveries.fetch_add(1, Ordering::Relaxed);
-                            }
-                            if !pending.delivered_to.contains(&member_id) {
-                                pending.delivered_to.push(member_id);
-                            }
-                            pending.member = Some(member_id);
-                            pending.deliveries = pending.deliveries.saturating_add(1);
-                            pending.due = Some(due);
-                        }
-                    }
-                    if let Some(member) = self.members.get_mut(&member_id) {
-                        member.in_flight += chosen.len();
-                    }
-                    self.next_member = member_id + 1;
+            let (room, room_bytes) = member.room(self.max_bytes);
+            let first_free = member.in_flight == 0;
+            // Deliveries of up to DELIVERY_BYTES, the events chosen for this member.
+            let mut deliveries: Vec<Vec<u64>> = Vec::new();
+            let (mut chosen, mut bytes, mut chunk_bytes) = (0, 0usize, 0usize);
+            while let Some(&position) = ready.front() {
+                if chosen == room {
+                    break;
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(member_id),
+                let Some(pending) = self.pending.get(&position) else {
+                    ready.pop_front();
+                    continue;
+                };
+                let size = size(&pending.event);
+                let always = first_free && chosen == 0;
+                if !always && bytes.saturating_add(size) > room_bytes {
+                    break;
+                }
+                ready.pop_front();
+                chosen += 1;
+                bytes = bytes.saturating_add(size);
+                match deliveries.last_mut() {
+                    Some(chunk) if chunk_bytes.saturating_add(size) <= DELIVERY_BYTES => {
+                        chunk.push(position);
+                        chunk_bytes += size;
+                    }
+                    _ => {
+                        deliveries.push(vec![position]);
+                        chunk_bytes = size;
+                    }
+                }
+            }
+            let due = later(now, self.redelivery.every);
+            for chunk in deliveries {
+                let events: Vec<StoredEvent> = chunk
+                    .iter()
+                    .filter_map(|p| self.pending.get(p).map(|p| p.event.clone()))
+                    .collect();
+                let Some(member) = self.members.get(&member_id) else {
+                    break;
+                };
+                match member.deliveries.try_send(Delivery::Events(events)) {
+                    Ok(()) => {
+                        let mut sent_bytes = 0;
+                        for position in &chunk {
+                            if let Some(pending) = self.pending.get_mut(position) {
+                                if pending.deliveries > 0 {
+                                    self.redeliveries.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if !pending.delivered_to.contains(&member_id) {
+                                    pending.delivered_to.push(member_id);
+                                }
+                                pending.member = Some(member_id);
+                                pending.deliveries = pending.deliveries.saturating_add(1);
+                                pending.due = Some(due);
+                                sent_bytes += size(&pending.event);
+                            }
+                        }
+                        if let Some(member) = self.members.get_mut(&member_id) {
+                            member.in_flight += chunk.len();
+                            member.bytes += sent_bytes;
+                        }
+                        self.next_member = member_id + 1;
+                        // Deliveries so far are part of the stored progress.
+                        self.dirty = true;
+                    }
+                    // What was not sent waits for the next round.
+                    Err(mpsc::error::TrySendError::Full(_)) => break,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        gone.push(member_id);
+                        break;
+                    }
+                }
             }
         }
         for member in gone {
@@ -885,15 +1122,28 @@ impl Dispatcher {
         }
     }
 
-    /// Whether reading further is useful: members have room beyond what waits already.
+    /// Whether reading further is useful: members have room beyond what waits already,
+    /// in events and in bytes (so a dispatcher holds at most its members' windows and
+    /// one read more).
     fn wants_events(&self) -> bool {
-        let room: usize = self
+        if self.reader.finished {
+            return false;
+        }
+        let (room, room_bytes) = self
             .members
             .values()
-            .map(|m| m.window.saturating_sub(m.in_flight))
-            .sum();
-        let waiting = self.pending.values().filter(|p| p.member.is_none()).count();
-        room > waiting && !self.reader.finished
+            .map(|m| m.room(self.max_bytes))
+            .fold((0usize, 0usize), |(events, bytes), (e, b)| {
+                (events + e, bytes.saturating_add(b))
+            });
+        let (waiting, waiting_bytes) = self
+            .pending
+            .values()
+            .filter(|p| p.member.is_none())
+            .fold((0usize, 0usize), |(events, bytes), p| {
+                (events + 1, bytes.saturating_add(size(&p.event)))
+            });
+        room > waiting && room_bytes > waiting_bytes
     }
 
     /// An ephemeral consumer asked to stop at the log's end, that got there.
@@ -957,12 +1207,37 @@ impl Dispatcher {
             self.dirty = false;
             return false;
         };
-        durable.progress.next = self.reader.next;
-        durable.progress.unacked = self.pending.keys().copied().collect();
+        let progress = &mut durable.progress;
+        progress.next = self.reader.next;
+        progress.unacked = self.pending.keys().copied().collect();
+        progress.delivered = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deliveries > 0)
+            .map(|(&position, p)| [position, u64::from(p.deliveries)])
+            .collect();
+        let (now, now_ms) = (Instant::now(), unix_millis());
+        progress.delayed = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.member.is_none())
+            .filter_map(|(&position, p)| {
+                let wait = p.due?.checked_duration_since(now)?;
+                let wait = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                Some([position, now_ms.saturating_add(wait.max(1))])
+            })
+            .collect();
+        progress.replied = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.replied)
+            .map(|(&position, _)| position)
+            .collect();
         self.saving = Some(durable.saver.save(
             self.log.dir().to_owned(),
             durable.name.clone(),
             durable.progress.clone(),
+            Arc::clone(&durable.landed),
         ));
         self.dirty = false;
         self.publish_stats();
@@ -973,7 +1248,13 @@ impl Dispatcher {
     fn saved(&mut self, result: Result<std::io::Result<()>, oneshot::error::RecvError>) {
         self.saving = None;
         let error = match result {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                // An idle consumer whose earlier save failed may retire now.
+                if self.durable.is_some() && self.members.is_empty() {
+                    self.idle = true;
+                }
+                return;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "no thread took the save".to_owned(),
         };
@@ -1053,6 +1334,11 @@ async fn give_up(log: &Log, durable: Option<&Durable>, pending: &Pending) {
     }
 }
 
+/// The system clock in milliseconds since the Unix epoch (a delay's end, as stored).
+fn unix_millis() -> u64 {
+    u64::try_from(crate::timestamp::Timestamp::now().unix_nanos() / 1_000_000).unwrap_or(0)
+}
+
 /// `now + wait`, or a time beyond any server's lifetime if that cannot be represented:
 /// durations come from clients, and overflowing `Instant` would panic the dispatcher.
 fn later(now: Instant, wait: Duration) -> Instant {
@@ -1078,7 +1364,7 @@ mod tests {
 
     use super::*;
     use crate::broker::{
-        AckMode, Broker, BrokerConfig, NewEvent, Publication, Start, SubscribeRequest,
+        AckMode, Broker, BrokerConfig, BrokerError, NewEvent, Publication, Start, SubscribeRequest,
         Subscription, READ_BATCH,
     };
     use crate::store::{FsyncPolicy, StoreConfig};
@@ -1086,17 +1372,25 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(10);
 
     fn broker_over(data: &Path, tail_bytes: usize) -> (Arc<Broker>, Arc<Log>) {
-        let config = StoreConfig {
+        broker_with(data, tail_bytes, BrokerConfig::default())
+    }
+
+    fn broker_with(
+        data: &Path,
+        tail_bytes: usize,
+        config: BrokerConfig,
+    ) -> (Arc<Broker>, Arc<Log>) {
+        let store = StoreConfig {
             fsync: FsyncPolicy::Never,
             tail_bytes,
             ..StoreConfig::new(data)
         };
-        let log = Arc::new(Log::open(&data.join("orders"), "orders", &config).expect("open"));
+        let log = Arc::new(Log::open(&data.join("orders"), "orders", &store).expect("open"));
         let broker = Broker::new(
             [Arc::clone(&log)],
             &BrokerConfig {
                 dup_size: 0,
-                ..BrokerConfig::default()
+                ..config
             },
         );
         (Arc::new(broker), log)
@@ -1367,6 +1661,418 @@ mod tests {
         );
         broker.shut_down();
         broker.wait_for_consumers().await;
+    }
+
+    /// Events with a payload of `bytes` bytes (a JSON string).
+    async fn publish_large(broker: &Broker, events: usize, bytes: usize) {
+        for _ in 0..events {
+            let event = NewEvent {
+                subject: "orders.big".into(),
+                payload: Some(format!("\"{}\"", "x".repeat(bytes)).into_bytes()),
+                ..NewEvent::default()
+            };
+            broker
+                .publish(Publication::One(event))
+                .await
+                .expect("publish");
+        }
+    }
+
+    /// Every event delivered until none comes for a while.
+    async fn drain(subscription: &mut Subscription) -> Vec<StoredEvent> {
+        let mut events = Vec::new();
+        while let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_millis(300), subscription.deliveries.next()).await
+        {
+            match delivery {
+                Delivery::Events(more) => events.extend(more),
+                other => panic!("expected events, got {other:?}"),
+            }
+        }
+        events
+    }
+
+    fn request(
+        consumer: Option<&str>,
+        window: usize,
+        redelivery: Duration,
+        max: Option<u32>,
+    ) -> SubscribeRequest {
+        SubscribeRequest {
+            ack: AckMode::Manual {
+                redelivery,
+                max_deliveries: max,
+                window,
+            },
+            ..manual(consumer, window)
+        }
+    }
+
+    fn owned(consumer: &str, owner: &str) -> SubscribeRequest {
+        SubscribeRequest {
+            owner: Some(Owner(owner.into())),
+            ..manual(Some(consumer), 1)
+        }
+    }
+
+    fn running(broker: &Broker, name: &str) -> bool {
+        let key = (
+            "orders".to_owned(),
+            ConsumerName::parse(name).expect("name"),
+        );
+        broker
+            .durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key)
+    }
+
+    fn listed(broker: &Broker, name: &str) -> crate::broker::ConsumerInfo {
+        broker
+            .consumers("orders")
+            .expect("list")
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("{name} is not listed"))
+    }
+
+    /// A member's window is bounded in bytes as well as in events: with room for 100
+    /// events it holds as many as fit in `max_inflight_bytes`, the dispatcher reads no
+    /// further ahead than one read beyond that, and each ack lets one more in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_is_bounded_in_bytes_and_the_dispatcher_reads_no_further() {
+        const BUDGET: usize = 1 << 20;
+        let data = tempfile::tempdir().expect("tempdir");
+        let config = BrokerConfig {
+            max_inflight_bytes: BUDGET,
+            ..BrokerConfig::default()
+        };
+        let (broker, _log) = broker_with(data.path(), 64 << 20, config);
+        publish_large(&broker, 40, 200 << 10).await;
+        let mut member = subscribe(&broker, manual(Some("big"), 100)).await;
+        let held = drain(&mut member).await;
+        let size = held[0].sse_frame().len();
+        let fit = BUDGET / size;
+        assert_eq!(
+            held.len(),
+            fit,
+            "{} events of {size} bytes held with a budget of {BUDGET}",
+            held.len()
+        );
+        // Read but not delivered: at most one read (1 MiB, or one event) beyond the window.
+        let pending = listed(&broker, "big").pending as usize;
+        assert!(
+            pending <= fit + (1 << 20) / size + 1,
+            "{pending} events pending for a window of {fit}"
+        );
+        assert!(broker.ack(&member.consumer_id, vec![held[0].id().to_owned()]));
+        let next = drain(&mut member).await;
+        assert_eq!(next.len(), 1, "one ack makes room for one event");
+        assert_eq!(
+            next[0].position(),
+            held.last().expect("held").position() + 1
+        );
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+    }
+
+    /// An event larger than the whole budget is still delivered, alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_larger_than_the_budget_is_delivered_alone() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let config = BrokerConfig {
+            max_inflight_bytes: 64 << 10,
+            ..BrokerConfig::default()
+        };
+        // From disk: no tail.
+        let (broker, _log) = broker_with(data.path(), 0, config);
+        publish_large(&broker, 3, 256 << 10).await;
+        let mut member = subscribe(&broker, manual(None, 10)).await;
+        for position in 0..3 {
+            let held = drain(&mut member).await;
+            assert_eq!(held.len(), 1);
+            assert_eq!(held[0].position(), position);
+            assert!(broker.ack(&member.consumer_id, vec![held[0].id().to_owned()]));
+        }
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+    }
+
+    /// When its last member leaves, a durable consumer stores its progress and its
+    /// dispatcher ends (holding nothing); it is still listed, with its stored figures.
+    /// The next attachment resumes from what was stored: its unacknowledged events come
+    /// first, and their deliveries so far still count towards giving them up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_durable_consumer_ends_and_resumes_where_it_stood() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (broker, log) = broker_over(data.path(), 1 << 20);
+        publish(&broker, 5).await;
+        let long = Duration::from_secs(60);
+        let mut member = subscribe(&broker, request(Some("idle"), 5, long, Some(2))).await;
+        let ids = next_ids(&mut member).await;
+        assert_eq!(ids.len(), 5);
+        assert!(broker.ack(&member.consumer_id, ids[..2].to_vec()));
+        until("the acks taken", || listed(&broker, "idle").pending == 3).await;
+        drop(member);
+        until("the dispatcher retired", || !running(&broker, "idle")).await;
+        until("its task ended", || {
+            broker
+                .dispatchers
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|task| task.is_finished())
+        })
+        .await;
+        // Its last save is on its way (the next start waits for it).
+        let name = ConsumerName::parse("idle").expect("name");
+        let stored = || {
+            Progress::load(log.dir(), &name)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        };
+        until("the last save landed", || stored().unacked == [2, 3, 4]).await;
+        assert_eq!(stored().next, 5);
+        assert_eq!(stored().delivered, vec![[2, 1], [3, 1], [4, 1]]);
+        let info = listed(&broker, "idle");
+        assert_eq!((info.members, info.pending, info.acked_floor), (0, 3, 2));
+
+        // Back: the unacknowledged events first. Event 4 is not acked: its second
+        // delivery is its last, and it goes to the dead letters when that times out.
+        let short = Duration::from_millis(200);
+        let mut member = subscribe(&broker, request(Some("idle"), 5, short, Some(2))).await;
+        assert!(running(&broker, "idle"));
+        let again = next_ids(&mut member).await;
+        assert_eq!(again, ids[2..].to_vec());
+        assert!(broker.ack(&member.consumer_id, again[..2].to_vec()));
+        let dead = dead_letter_subject("orders", &name);
+        until("event 4 given up after two deliveries", || {
+            let mut found = false;
+            log.scan_blocking(0, |_, json, layout| {
+                found |= json[layout.subject.clone()] == *dead.as_bytes();
+            })
+            .expect("scan");
+            found
+        })
+        .await;
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+    }
+
+    /// Attachments that race with an idle consumer's dispatcher ending are never lost:
+    /// each one joins the ending dispatcher in time or starts a new one from the stored
+    /// progress, and gets the unacknowledged event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attachments_racing_an_idle_consumer_ending_lose_nothing() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (broker, _log) = broker_over(data.path(), 1 << 20);
+        publish(&broker, 1).await;
+        let mut first = None;
+        for _ in 0..200 {
+            let mut member = subscribe(&broker, manual(Some("racing"), 1)).await;
+            let ids = next_ids(&mut member).await;
+            assert_eq!(&ids, first.get_or_insert_with(|| ids.clone()));
+        }
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+    }
+
+    /// What a durable consumer knew of an unacknowledged event beyond its position — a
+    /// negative ack's delay, a reply already taken — survives its dispatcher ending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delay_and_a_reply_survive_an_idle_consumer_ending() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (broker, _log) = broker_over(data.path(), 1 << 20);
+        for response_subject in ["", "_bus_.answers"] {
+            let event = NewEvent {
+                subject: "orders.asked".into(),
+                response_subject: response_subject.into(),
+                ..NewEvent::default()
+            };
+            broker
+                .publish(Publication::One(event))
+                .await
+                .expect("publish");
+        }
+        let mut member = subscribe(&broker, manual(Some("keeps"), 2)).await;
+        let ids = next_ids(&mut member).await;
+        assert_eq!(ids.len(), 2);
+        assert!(broker.nak(
+            &member.consumer_id,
+            ids[0].clone(),
+            Duration::from_secs(3600)
+        ));
+        let claim = broker
+            .claim_reply(&member.consumer_id, &ids[1])
+            .await
+            .expect("claim");
+        broker.publish_reply(claim, b"42").await.expect("reply");
+        until("the nak taken", || listed(&broker, "keeps").pending == 2).await;
+        drop(member);
+        until("the dispatcher retired", || !running(&broker, "keeps")).await;
+
+        let mut member = subscribe(&broker, manual(Some("keeps"), 2)).await;
+        // The replied event comes back (not acknowledged); the delayed one does not.
+        assert_eq!(next_ids(&mut member).await, vec![ids[1].clone()]);
+        match broker.claim_reply(&member.consumer_id, &ids[1]).await {
+            Err(BrokerError::Conflict(message)) => {
+                assert!(message.contains("replied to already"), "{message}")
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a second reply was taken"),
+        }
+        let more = tokio::time::timeout(Duration::from_millis(300), member.deliveries.next()).await;
+        assert!(more.is_err(), "the delayed event came early: {more:?}");
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+    }
+
+    /// Holds every save of the log in `dir` until `gate` opens (or 20 s pass).
+    fn hold_saves(dir: &Path, gate: &Gate) -> io_hook::Set {
+        let gate = Arc::clone(&gate.0);
+        io_hook::set(dir, move |io| {
+            if let io_hook::Io::Save(_) = io {
+                let (open, opened) = &*gate;
+                let open = open.lock().unwrap();
+                let _ = opened.wait_timeout_while(open, Duration::from_secs(20), |open| !*open);
+            }
+        })
+    }
+
+    /// A retiring consumer does not wait for its last save, but its next start and a
+    /// delete do: a start never reads progress older than that save, and a delete is not
+    /// undone by it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retired_consumers_last_save_lands_before_its_next_start_or_delete() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (broker, log) = broker_over(data.path(), 1 << 20);
+        publish(&broker, 3).await;
+        let name = ConsumerName::parse("settles").expect("name");
+        let stored = || Progress::load(log.dir(), &name).ok().flatten();
+        let mut member = subscribe(&broker, manual(Some("settles"), 3)).await;
+        let ids = next_ids(&mut member).await;
+        until("created", || {
+            stored().is_some_and(|p| p.unacked == [0, 1, 2])
+        })
+        .await;
+
+        let gate = Gate::new();
+        let hook = hold_saves(log.dir(), &gate);
+        assert!(broker.ack(&member.consumer_id, ids[..2].to_vec()));
+        drop(member);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Usually retired by now, its save held; else still saving, and joined.
+        let retired = !running(&broker, "settles");
+        let attaching = tokio::spawn({
+            let broker = Arc::clone(&broker);
+            async move { subscribe(&broker, manual(Some("settles"), 3)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if retired {
+            assert!(
+                !attaching.is_finished(),
+                "started before the last save landed"
+            );
+            // Listed with the figures it retired with, not the older ones stored.
+            let info = listed(&broker, "settles");
+            assert_eq!((info.members, info.pending, info.acked_floor), (0, 1, 2));
+        }
+        gate.open();
+        let mut member = attaching.await.expect("join");
+        assert_eq!(next_ids(&mut member).await, vec![ids[2].clone()]);
+        drop(hook);
+
+        let gate = Gate::new();
+        let _hook = hold_saves(log.dir(), &gate);
+        assert!(broker.ack(&member.consumer_id, vec![ids[2].clone()]));
+        drop(member);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let deleting = tokio::spawn({
+            let broker = Arc::clone(&broker);
+            let name = name.clone();
+            async move { broker.delete_consumer("orders", &name).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !deleting.is_finished(),
+            "deleted while a save was on its way"
+        );
+        gate.open();
+        deleting.await.expect("join").expect("deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            stored().is_none(),
+            "a save brought the deleted consumer back"
+        );
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+    }
+
+    /// Creating a durable consumer beyond the limits is refused with a conflict naming the
+    /// flag: per namespace (stored consumers count, running or idle, also after a restart)
+    /// and per owner. Attaching to an existing one is not creating; deleting makes room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_consumers_are_limited_per_namespace_and_per_owner() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let config = BrokerConfig {
+            max_consumers: 3,
+            max_consumers_per_owner: 2,
+            ..BrokerConfig::default()
+        };
+        let (broker, log) = broker_with(data.path(), 1 << 20, config.clone());
+        let refused = |result: Result<Subscription, BrokerError>, flag: &str| match result {
+            Err(BrokerError::Conflict(message)) => {
+                assert!(message.contains(flag), "{message}")
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("created beyond {flag}"),
+        };
+        for name in ["a1", "a2"] {
+            drop(subscribe(&broker, owned(name, "ana")).await);
+        }
+        refused(
+            broker.subscribe(owned("a3", "ana")).await,
+            "--max-consumers-per-token",
+        );
+        let _b1 = subscribe(&broker, owned("b1", "bob")).await;
+        refused(
+            broker.subscribe(owned("b2", "bob")).await,
+            "(--max-consumers)",
+        );
+        // Existing ones, running or idle, still take members.
+        let _a1 = subscribe(&broker, owned("a1", "ana")).await;
+        let _b1_again = subscribe(&broker, owned("b1", "bob")).await;
+        let name = ConsumerName::parse("a2").expect("name");
+        broker
+            .delete_consumer("orders", &name)
+            .await
+            .expect("delete");
+        drop(subscribe(&broker, owned("a3", "ana")).await);
+        refused(
+            broker.subscribe(owned("b2", "bob")).await,
+            "(--max-consumers)",
+        );
+        broker.shut_down();
+        broker.wait_for_consumers().await;
+
+        // A restart counts what is stored.
+        let restarted = Broker::new([Arc::clone(&log)], &config);
+        refused(
+            restarted.subscribe(manual(Some("c1"), 1)).await,
+            "(--max-consumers)",
+        );
+        let name = ConsumerName::parse("b1").expect("name");
+        restarted
+            .delete_consumer("orders", &name)
+            .await
+            .expect("delete");
+        let _c1 = restarted
+            .subscribe(manual(Some("c1"), 1))
+            .await
+            .expect("room again");
+        restarted.shut_down();
+        restarted.wait_for_consumers().await;
     }
 
     #[test]

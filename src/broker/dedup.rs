@@ -226,6 +226,11 @@ impl Dedup {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Bytes the window may hold.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
     /// Bytes the window holds now (as counted for the budget).
     pub fn bytes(&self) -> usize {
         self.lock().bytes

@@ -9,9 +9,10 @@
 //!   is no gap and no duplicate between them. A reader that stops reading stops the loop
 //!   (nothing is buffered for it) and resumes where it left off.
 //! - **Manual ack**: a window of unacknowledged events per connection (one by default,
-//!   the reference's stop-and-wait), each redelivered after `redelivery` until
-//!   acknowledged or delivered `redelivery_count` times; durable named consumers shared
-//!   by queue groups ([`consumer`]).
+//!   the reference's stop-and-wait; bounded in bytes too), each redelivered after
+//!   `redelivery` until acknowledged or delivered `redelivery_count` times; durable named
+//!   consumers shared by queue groups, limited in number per namespace and per owner, and
+//!   running only while they have members ([`consumer`]; counts in `registry`).
 //! - **Inbox subjects** (`_bus_.…`) live in memory only ([`inbox`]).
 //!
 //! Everything ends when the broker is shut down.
@@ -21,6 +22,8 @@ pub mod confirm;
 pub mod consumer;
 pub mod dedup;
 pub mod inbox;
+mod registry;
+mod settling;
 mod subscription;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,10 +40,12 @@ use tokio::task::JoinHandle;
 use self::acks::{Acks, Registration};
 use self::confirm::{ConfirmWait, Confirmations};
 pub use self::consumer::{ConsumerName, Owner};
-use self::consumer::{ConsumerStats, Dispatcher, Input, Progress, ReplyRefused};
+use self::consumer::{ConsumerStats, Dispatcher, Input, Progress, ReplyRefused, Retired};
 use self::dedup::Dedup;
 use self::inbox::InboxSubscription;
 use self::inbox::Inboxes;
+use self::registry::{Refusal, Registry};
+use self::settling::Settling;
 use crate::event::{self, EventDraft, JsonLayout, PendingEvent, StoredEvent};
 use crate::store::{ids, Log, StoreError};
 use crate::subject::{Pattern, Subject};
@@ -199,6 +204,8 @@ type DurableKey = (String, ConsumerName);
 
 /// A durable consumer whose dispatcher runs.
 struct DurableEntry {
+    /// Tells this start of the consumer from a later one.
+    generation: u64,
     inputs: mpsc::Sender<Input>,
     pattern: String,
     owner: Option<Owner>,
@@ -236,6 +243,8 @@ pub struct BrokerConfig {
     pub dup_ttl: Option<Duration>,
     /// Bytes the deduplication window may hold across all subjects.
     pub dup_memory: usize,
+    /// Longest key a publish may carry (longer ones in the log are not restored).
+    pub max_key_len: usize,
     /// Durable consumers a namespace may have.
     pub max_consumers: usize,
     /// Durable consumers one owner (token) may have, when requests are authenticated.
@@ -252,6 +261,7 @@ impl Default for BrokerConfig {
             dup_size: 1000,
             dup_ttl: None,
             dup_memory: dedup::DEFAULT_BUDGET,
+            max_key_len: 1024,
             max_consumers: 1000,
             max_consumers_per_owner: 100,
             max_inflight_bytes: 16 << 20,
@@ -270,8 +280,17 @@ pub struct Broker {
     delivered: BTreeMap<String, Arc<AtomicU64>>,
     /// Deliveries repeated because no ack came in time.
     redeliveries: Arc<AtomicU64>,
-    /// Running durable consumers, by (namespace, name).
-    durables: Mutex<HashMap<DurableKey, DurableEntry>>,
+    /// Running durable consumers, by (namespace, name): those with members. An idle one
+    /// (its last member left) stores its progress and leaves this map
+    /// ([`consumer::Retire`]); joins are sent under its lock.
+    durables: Arc<Mutex<HashMap<DurableKey, DurableEntry>>>,
+    /// The last saves of durable consumers that retired, not yet waited for: the next
+    /// start or delete of the consumer, and shutdown, wait for them.
+    settling: Arc<Settling>,
+    /// Every durable consumer, running or not, and the limits on their numbers.
+    registry: Registry,
+    /// Bytes of unacknowledged events one manual-ack connection may hold.
+    max_inflight_bytes: usize,
     /// One lock per durable consumer being started or deleted: both read or remove its
     /// stored progress on the blocking pool, with no lock of `durables` held meanwhile,
     /// and must not interleave. An entry lives while someone holds or waits for it (or,
@@ -304,7 +323,7 @@ pub struct BrokerCounts {
 
 impl Broker {
     /// A broker over open logs. Rebuilds the deduplication window from each log's newest
-    /// events (blocking reads).
+    /// events and counts the stored durable consumers (blocking reads).
     pub fn new(logs: impl IntoIterator<Item = Arc<Log>>, config: &BrokerConfig) -> Broker {
         let logs: BTreeMap<String, Arc<Log>> = logs
             .into_iter()
@@ -313,7 +332,14 @@ impl Broker {
         let dedup = Dedup::new(config.dup_size, config.dup_ttl, config.dup_memory);
         if dedup.enabled() {
             for log in logs.values() {
-                rebuild_dedup(log, &dedup);
+                rebuild_dedup(log, &dedup, config.max_key_len);
+            }
+        }
+        // Stored consumers are counted once, here (blocking reads, at start-up).
+        let registry = Registry::new(config.max_consumers, config.max_consumers_per_owner);
+        for (namespace, log) in &logs {
+            for (name, progress) in Progress::load_all(log.dir()) {
+                registry.insert(namespace, name, progress.owner);
             }
         }
         let delivered = logs
@@ -330,7 +356,10 @@ impl Broker {
             shutdown: watch::channel(false).0,
             delivered,
             redeliveries: Arc::default(),
-            durables: Mutex::default(),
+            durables: Arc::default(),
+            settling: Arc::default(),
+            registry,
+            max_inflight_bytes: config.max_inflight_bytes,
             changing: Mutex::default(),
             saver: Arc::new(consumer::Saver::new(consumer::SAVER_THREADS)),
             dispatchers: Mutex::default(),
@@ -383,8 +412,14 @@ impl Broker {
         };
         let first_subject = Subject::parse(&first.subject).map_err(|e| invalid(e.to_string()))?;
         let namespace = first_subject.namespace().to_owned();
+        let inbox_subject = first_subject.is_inbox().then(|| first.subject.clone());
+        // The events are consumed as they are encoded, so that a large batch is not held
+        // in both forms; only the deduplication keys (if any) are kept for the check below.
+        let keyed = batch.iter().any(|e| !e.key.is_empty());
+        let mut keys: Vec<(String, String)> =
+            Vec::with_capacity(if keyed { batch.len() } else { 0 });
         let mut pending = Vec::with_capacity(batch.len());
-        for event in &batch {
+        for event in batch {
             let subject = Subject::parse(&event.subject).map_err(|e| invalid(e.to_string()))?;
             if subject.namespace() != namespace {
                 return Err(invalid(format!(
@@ -404,21 +439,27 @@ impl Broker {
                     .map_err(|e| invalid(format!("response_subject: {e}")))?;
             }
             pending.push(PendingEvent::new(&event.draft()).map_err(|e| invalid(e.to_string()))?);
+            if keyed {
+                keys.push((event.subject, event.key));
+            }
         }
 
-        if first_subject.is_inbox() {
+        if let Some(subject) = inbox_subject {
             if is_batch {
                 return Err(invalid(
                     "inbox subjects (_bus_.…) take one event at a time, not batches".into(),
                 ));
             }
-            return Ok(vec![self.publish_to_inbox(&first.subject, &pending[0])]);
+            return Ok(vec![self.publish_to_inbox(&subject, &pending[0])]);
         }
         let log = self.log(&namespace).map_err(invalid)?;
 
         let reservation = self
             .dedup
-            .reserve(batch.iter().map(|e| (e.subject.as_str(), e.key.as_str())))
+            .reserve(
+                keys.iter()
+                    .map(|(subject, key)| (subject.as_str(), key.as_str())),
+            )
             .map_err(|duplicate| {
                 // The reference's clients match the first words.
                 let which = if is_batch {
@@ -431,6 +472,7 @@ impl Broker {
                     duplicate.key
                 ))
             })?;
+        drop(keys);
         let appended = if reservation.is_empty() {
             log.append(pending).await
         } else {
@@ -551,14 +593,13 @@ impl Broker {
             None => {
                 let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
                 let _ = inputs.try_send(join);
-                self.spawn_dispatcher(
+                self.spawn_ephemeral(
                     log,
                     request.pattern.clone(),
                     start,
                     stop_at,
                     redelivery,
                     receiver,
-                    None,
                     member_tx,
                 );
                 inputs
@@ -597,9 +638,12 @@ impl Broker {
         })
     }
 
-    /// Attaches a connection to durable consumer `name`, starting it if it is not running.
-    /// A running consumer is joined at once; starting one reads its stored progress on the
-    /// blocking pool, holding the consumer's lock against a concurrent start or delete.
+    /// Attaches a connection to durable consumer `name`, starting it if it is not running
+    /// (creating it, within the limits on their numbers, if it does not exist). A running
+    /// consumer is joined at once; starting one reads its stored progress on the blocking
+    /// pool and opens its dispatcher, holding the consumer's lock against a concurrent
+    /// start or delete: an idle consumer's dispatcher has stored its progress before it
+    /// left the running ones, so a start never reads an older one.
     #[allow(clippy::too_many_arguments)]
     async fn attach(
         &self,
@@ -612,6 +656,7 @@ impl Broker {
         member_tx: mpsc::Sender<Delivery>,
     ) -> Result<mpsc::Sender<Input>, BrokerError> {
         let pattern = request.pattern.as_str();
+        let namespace = log.namespace();
         let conflict = |stored: &str| {
             BrokerError::Conflict(format!(
                 "consumer {name:?} reads {stored:?}, not {pattern:?}: attach with its pattern, or delete it first"
@@ -627,7 +672,7 @@ impl Broker {
             }
             _ => Ok(()),
         };
-        let key = (log.namespace().to_owned(), name.clone());
+        let key = (namespace.to_owned(), name.clone());
         // Joins the consumer if it runs; gives `join` back if it does not.
         let join_running = |join: &mut Option<Input>| {
             let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
@@ -663,6 +708,8 @@ impl Broker {
         if let Some(inputs) = join_running(&mut join)? {
             return Ok(inputs);
         }
+        // If it retired, its last save lands before its progress is read.
+        self.settling.settle(&key).await;
         let stored = {
             let (dir, name) = (log.dir().to_owned(), name.clone());
             tokio::task::spawn_blocking(move || Progress::load(&dir, &name)).await
@@ -674,6 +721,12 @@ impl Broker {
         if let Some(progress) = &stored {
             check_owner(&progress.owner)?;
         }
+        let mut creating = Creating {
+            registry: &self.registry,
+            namespace,
+            name,
+            created: false,
+        };
         let (from, progress) = match stored {
             Some(progress) if progress.pattern != pattern => {
                 return Err(conflict(&progress.pattern))
@@ -685,56 +738,127 @@ impl Broker {
                     tracing::info!(consumer = %name, "a durable consumer without an owner now belongs to the token that attached to it");
                     progress.owner = request.owner.clone();
                 }
+                // Counted as it is stored (also if its file was put there while the
+                // server ran).
+                self.registry
+                    .insert(namespace, name.clone(), progress.owner.clone());
                 (subscription::From::Position(progress.next), progress)
             }
-            None => (
-                start,
-                Progress {
-                    pattern: pattern.to_owned(),
-                    owner: request.owner.clone(),
-                    ..Progress::default()
-                },
-            ),
+            None => {
+                self.registry
+                    .create(namespace, name, request.owner.as_ref())
+                    .map_err(|refusal| too_many_consumers(namespace, refusal))?;
+                creating.created = true;
+                (
+                    start,
+                    Progress {
+                        pattern: pattern.to_owned(),
+                        owner: request.owner.clone(),
+                        ..Progress::default()
+                    },
+                )
+            }
         };
         let owner = progress.owner.clone();
         let stats = Arc::new(ConsumerStats::default());
         stats.floor.store(progress.floor(), Ordering::Relaxed);
         let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
-        if let Some(join) = join {
-            let _ = inputs.try_send(join);
-        }
-        self.spawn_dispatcher(
+        let generation = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let durable = consumer::Durable {
+            name: name.clone(),
+            progress,
+            stats: Arc::clone(&stats),
+            saver: Arc::clone(&self.saver),
+            retire: self.retire(key.clone(), generation),
+            landed: {
+                let (settling, key) = (Arc::clone(&self.settling), key.clone());
+                Arc::new(move || settling.forget_landed(&key))
+            },
+        };
+        let opened = Dispatcher::open(
             Arc::clone(log),
             request.pattern.clone(),
             from,
             None,
             redelivery,
+            self.max_inflight_bytes,
             receiver,
-            Some(consumer::Durable {
-                name: name.clone(),
-                progress,
-                stats: Arc::clone(&stats),
-                saver: Arc::clone(&self.saver),
-            }),
-            member_tx,
-        );
+            self.shutdown.subscribe(),
+            Some(durable),
+            Arc::clone(&self.redeliveries),
+            Arc::clone(&self.confirmations),
+        )
+        .await;
+        let dispatcher = match opened {
+            Ok(dispatcher) => dispatcher,
+            Err(message) => {
+                // Nothing was stored: a consumer this attachment created does not exist
+                // (`creating` uncounts it).
+                // Told on the stream, as an unknown start id is; the stream then ends
+                // (the dispatcher's queue is closed).
+                let _ = member_tx.try_send(Delivery::Error(message));
+                return Ok(inputs);
+            }
+        };
+        if let Some(join) = join {
+            let _ = inputs.try_send(join);
+        }
+        // Running before its dispatcher can retire.
         self.durables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(
                 key,
                 DurableEntry {
+                    generation,
                     inputs: inputs.clone(),
                     pattern: pattern.to_owned(),
                     owner,
                     stats,
                 },
             );
+        self.run_dispatcher(async move { dispatcher.run().await });
+        creating.created = false;
         Ok(inputs)
     }
 
+    /// How the dispatcher of start `generation` of durable consumer `key` leaves the
+    /// running ones when it is idle (see [`consumer::Retire`]).
+    fn retire(&self, key: DurableKey, generation: u64) -> consumer::Retire {
+        let durables = Arc::clone(&self.durables);
+        let settling = Arc::clone(&self.settling);
+        Box::new(
+            move |inputs: &mut mpsc::Receiver<Input>, save: &mut Option<consumer::Save>| {
+                let mut durables = durables.lock().unwrap_or_else(|p| p.into_inner());
+                if durables
+                    .get(&key)
+                    .is_none_or(|entry| entry.generation != generation)
+                {
+                    return Retired::NotRunning;
+                }
+                // Joins are sent under this lock: none can come between this look and the
+                // close.
+                if !inputs.is_empty() {
+                    return Retired::InputsQueued;
+                }
+                // Waited for before anyone reads the progress again, so taken before the
+                // consumer stops being running.
+                if let Some(save) = save.take() {
+                    if let Some(entry) = durables.get(&key) {
+                        settling.add(&key, save, &entry.pattern, &entry.stats);
+                    }
+                }
+                durables.remove(&key);
+                inputs.close();
+                Retired::Yes
+            },
+        )
+    }
+
+    /// Starts an ephemeral consumer's dispatcher; an error opening it (an unknown start
+    /// id) goes to its member.
     #[allow(clippy::too_many_arguments)]
-    fn spawn_dispatcher(
+    fn spawn_ephemeral(
         &self,
         log: Arc<Log>,
         pattern: Pattern,
@@ -742,22 +866,23 @@ impl Broker {
         stop_at: Option<u64>,
         redelivery: consumer::Redelivery,
         inputs: mpsc::Receiver<Input>,
-        durable: Option<consumer::Durable>,
-        first_member: mpsc::Sender<Delivery>,
+        member: mpsc::Sender<Delivery>,
     ) {
         let shutdown = self.shutdown.subscribe();
         let redeliveries = Arc::clone(&self.redeliveries);
         let confirmations = Arc::clone(&self.confirmations);
-        let task = tokio::spawn(async move {
+        let max_bytes = self.max_inflight_bytes;
+        self.run_dispatcher(async move {
             let opened = Dispatcher::open(
                 log,
                 pattern,
                 from,
                 stop_at,
                 redelivery,
+                max_bytes,
                 inputs,
                 shutdown,
-                durable,
+                None,
                 redeliveries,
                 confirmations,
             )
@@ -765,10 +890,15 @@ impl Broker {
             match opened {
                 Ok(dispatcher) => dispatcher.run().await,
                 Err(message) => {
-                    let _ = first_member.send(Delivery::Error(message)).await;
+                    let _ = member.send(Delivery::Error(message)).await;
                 }
             }
         });
+    }
+
+    /// Runs a dispatcher on its own task, awaited at shutdown.
+    fn run_dispatcher(&self, dispatcher: impl std::future::Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(dispatcher);
         let mut dispatchers = self.dispatchers.lock().unwrap_or_else(|p| p.into_inner());
         dispatchers.retain(|task| !task.is_finished());
         dispatchers.push(task);
@@ -780,27 +910,42 @@ impl Broker {
     pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, BrokerError> {
         let log = self.log(namespace).map_err(BrokerError::Invalid)?;
         let committed = log.committed();
-        let running: HashMap<ConsumerName, (String, Arc<ConsumerStats>)> = self
-            .durables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|((ns, _), _)| ns == namespace)
-            .map(|((_, name), entry)| {
-                (
-                    name.clone(),
-                    (entry.pattern.clone(), Arc::clone(&entry.stats)),
-                )
-            })
+        // Figures newer than what is stored: those of the running consumers, and of those
+        // that retired before their last save landed (without members).
+        let mut running: HashMap<ConsumerName, (String, Arc<ConsumerStats>, bool)> = self
+            .settling
+            .listed(namespace)
+            .into_iter()
+            .map(|(name, pattern, stats)| (name, (pattern, stats, false)))
             .collect();
+        running.extend(
+            self.durables
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|((ns, _), _)| ns == namespace)
+                .map(|((_, name), entry)| {
+                    (
+                        name.clone(),
+                        (entry.pattern.clone(), Arc::clone(&entry.stats), true),
+                    )
+                }),
+        );
+        let members = |stats: &ConsumerStats, running: bool| {
+            if running {
+                stats.members.load(Ordering::Relaxed)
+            } else {
+                0
+            }
+        };
         let mut all: Vec<ConsumerInfo> = Progress::load_all(log.dir())
             .into_iter()
             .map(|(name, progress)| {
                 let (floor, pending, members) = match running.get(&name) {
-                    Some((_, stats)) => (
+                    Some((_, stats, running)) => (
                         stats.floor.load(Ordering::Relaxed),
                         stats.pending.load(Ordering::Relaxed),
-                        stats.members.load(Ordering::Relaxed),
+                        members(stats, *running),
                     ),
                     None => (progress.floor(), progress.unacked.len() as u64, 0),
                 };
@@ -816,7 +961,7 @@ impl Broker {
             })
             .collect();
         // A consumer started a moment ago may not have stored its progress yet.
-        for (name, (pattern, stats)) in running {
+        for (name, (pattern, stats, running)) in running {
             if all.iter().any(|c| c.name == name.as_str()) {
                 continue;
             }
@@ -828,7 +973,7 @@ impl Broker {
                 acked_floor: floor,
                 pending: stats.pending.load(Ordering::Relaxed),
                 lag: committed.saturating_sub(floor),
-                members: stats.members.load(Ordering::Relaxed),
+                members: members(&stats, running),
             });
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -845,6 +990,8 @@ impl Broker {
         let log = self.log(namespace).map_err(BrokerError::Invalid)?;
         let key = (namespace.to_owned(), name.clone());
         let _changing = self.lock_changes(&key).await;
+        // If it retired, its last save lands first: it would bring the file back.
+        self.settling.settle(&key).await;
         let (dir, file) = (log.dir().to_owned(), name.clone());
         // A damaged progress file is deleted like any other.
         let stored = tokio::task::spawn_blocking(move || {
@@ -864,6 +1011,8 @@ impl Broker {
             let _ = entry.inputs.send(Input::Delete).await;
             entry.inputs.closed().await;
         }
+        // It may have retired meanwhile.
+        self.settling.settle(&key).await;
         let removed = tokio::task::spawn_blocking(move || Progress::remove(&dir, &file))
             .await
             .map_err(|e| blocking_task_failed(name, &e))?;
@@ -873,7 +1022,8 @@ impl Broker {
                 "consumer {name}'s stored progress could not be removed (see the server's log)"
             ))
         })?;
-        if running.is_none() && !stored {
+        let counted = self.registry.remove(namespace, name);
+        if running.is_none() && !stored && !counted {
             return Err(BrokerError::NotFound(format!(
                 "namespace {namespace} has no consumer {name:?}"
             )));
@@ -898,14 +1048,15 @@ impl Broker {
         }
     }
 
-    /// Waits for the consumers' dispatchers to store their progress and end (after
-    /// [`Broker::shut_down`]).
+    /// Waits for the consumers' dispatchers to store their progress and end, and for the
+    /// last saves of those that retired (after [`Broker::shut_down`]).
     pub async fn wait_for_consumers(&self) {
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.dispatchers.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             let _ = task.await;
         }
+        self.settling.settle_all().await;
     }
 
     /// Starts counting the consumers that acknowledge `event_id` (before it is published;
@@ -1071,6 +1222,38 @@ impl Drop for ChangeGuard<'_> {
     }
 }
 
+/// A durable consumer this attachment counted as created, uncounted if it is dropped
+/// before the consumer runs (an error, or the request went away): nothing was stored.
+struct Creating<'a> {
+    registry: &'a Registry,
+    namespace: &'a str,
+    name: &'a ConsumerName,
+    created: bool,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        if self.created {
+            self.registry.remove(self.namespace, self.name);
+        }
+    }
+}
+
+/// A new durable consumer would pass a limit on their numbers. The message names the
+/// server's flag that sets the limit, for the operator.
+fn too_many_consumers(namespace: &str, refusal: Refusal) -> BrokerError {
+    BrokerError::Conflict(match refusal {
+        Refusal::Namespace { limit } => format!(
+            "namespace {namespace} has reached its limit of {limit} durable consumers \
+             (--max-consumers): delete one (DELETE /consumers/{namespace}/<name>) or raise the limit"
+        ),
+        Refusal::Owner { limit } => format!(
+            "this token owns {limit} durable consumers, its limit (--max-consumers-per-token): \
+             delete one or raise the limit"
+        ),
+    })
+}
+
 /// A blocking task reading or removing a consumer's progress failed (panicked or was
 /// cancelled at shutdown).
 fn blocking_task_failed(name: &ConsumerName, error: &tokio::task::JoinError) -> BrokerError {
@@ -1133,14 +1316,30 @@ fn random_id(prefix: &str) -> String {
 }
 
 /// Refills the deduplication window from the newest events of a log.
-fn rebuild_dedup(log: &Log, dedup: &Dedup) {
+///
+/// What is gathered is bounded like the window itself: keys longer than `max_key_len`
+/// (which no publish can use again) are skipped, and of the rest only the newest that fit
+/// the window's budget are kept while scanning.
+fn rebuild_dedup(log: &Log, dedup: &Dedup, max_key_len: usize) {
     let end = log.committed();
-    let mut keyed: Vec<(String, String, Timestamp)> = Vec::new();
+    let mut keyed: std::collections::VecDeque<(String, String, Timestamp)> = Default::default();
+    let mut bytes = 0;
+    let cost = |(subject, key, _): &(String, String, Timestamp)| {
+        subject.len() + key.len() + dedup::ENTRY_OVERHEAD
+    };
     let scanned = log.scan_blocking(
         end.saturating_sub(DEDUP_REBUILD_EVENTS),
         |_, json, layout| {
-            if let Some(entry) = keyed_entry(json, &layout) {
-                keyed.push(entry);
+            let Some(entry) = keyed_entry(json, &layout, max_key_len) else {
+                return;
+            };
+            bytes += cost(&entry);
+            keyed.push_back(entry);
+            while bytes > dedup.budget() {
+                match keyed.pop_front() {
+                    Some(oldest) => bytes -= cost(&oldest),
+                    None => break,
+                }
             }
         },
     );
@@ -1170,9 +1369,22 @@ fn rebuild_dedup(log: &Log, dedup: &Dedup) {
     }
 }
 
-/// (subject, key, created_at) of a stored event that has a key.
-fn keyed_entry(json: &[u8], layout: &JsonLayout) -> Option<(String, String, Timestamp)> {
-    let key: String = serde_json::from_slice(&json[layout.key.clone()?]).ok()?;
+/// (subject, key, created_at) of a stored event that has a key of at most `max_key_len`
+/// bytes.
+fn keyed_entry(
+    json: &[u8],
+    layout: &JsonLayout,
+    max_key_len: usize,
+) -> Option<(String, String, Timestamp)> {
+    let raw_key = &json[layout.key.clone()?];
+    // Its JSON form is at least as long as the key: longer keys are not even decoded.
+    if raw_key.len() > max_key_len + 2 && !raw_key.contains(&b'\\') {
+        return None;
+    }
+    let key: String = serde_json::from_slice(raw_key).ok()?;
+    if key.len() > max_key_len {
+        return None;
+    }
     // The subject's range is its text without quotes (subjects need no escapes).
     let subject = std::str::from_utf8(&json[layout.subject.clone()])
         .ok()?

@@ -6,7 +6,8 @@
 //! has read everything committed it waits for the watermark to move. The watermark is
 //! marked as seen *before* reading, so an append between the read and the wait still
 //! wakes it: no event is missed, none is read twice. The stream is only polled when the
-//! reader has room, so a slow reader holds a position, not a buffer.
+//! reader has room, so a slow reader holds a position, not a buffer. At most
+//! [`CONCURRENT_READS`] reads run at once, whatever the number of subscribers.
 //!
 //! The registrations that a stream owns (an inbox subscription, an ack receiver) are used
 //! only through their methods inside the stream bodies: the generated async block then
@@ -23,6 +24,14 @@ use crate::event::StoredEvent;
 use crate::store::Log;
 use crate::subject::Pattern;
 use crate::timestamp::Timestamp;
+
+/// Reads of the logs that cursors make at once, across the server. Each holds up to one
+/// read's buffers (about twice [the log's read size](crate::store::EventLog::read)) and,
+/// from disk, a thread of the blocking pool: a crowd of subscribers catching up costs
+/// this many reads at a time, not one per subscriber. A read from the in-memory tail
+/// holds its permit for microseconds.
+const CONCURRENT_READS: usize = 16;
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
 
 /// Where a log subscription starts.
 pub enum From {
@@ -140,6 +149,7 @@ impl Cursor {
                 continue;
             }
             let limit = committed - self.next;
+            let permit = READS.acquire().await;
             let read = self
                 .log
                 .read(
@@ -147,6 +157,7 @@ impl Cursor {
                     READ_BATCH.min(usize::try_from(limit).unwrap_or(usize::MAX)),
                 )
                 .await;
+            drop(permit);
             let events = match read {
                 Ok(events) => events,
                 // Retention removed the segment while it was being read.

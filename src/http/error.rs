@@ -114,7 +114,7 @@ impl From<PublishError> for ApiError {
 fn storage_error(error: &StoreError) -> ApiError {
     tracing::error!(error = %error, "publish failed in the storage layer");
     let (status, message) = match error {
-        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => (
+        StoreError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::StorageFull => (
             StatusCode::INSUFFICIENT_STORAGE,
             "the server's disk is full; the events were not stored",
         ),

@@ -37,6 +37,7 @@ use self::auth::{AuthTable, Operation, TokenId};
 use self::error::ApiError;
 use self::query::Params;
 use crate::broker::Broker;
+use crate::memory::{MemoryBudget, Refused};
 use crate::metrics::{self, Histogram};
 
 pub const HEADER_EVENT_ID: &str = "x-bus-event-id";
@@ -83,6 +84,9 @@ pub struct AppState {
     pub auth: Option<Arc<AuthTable>>,
     /// Origins allowed to read responses in browsers; `None`: any (`*`).
     pub cors_origins: Option<Arc<Vec<HeaderValue>>>,
+    /// The server's memory budget: new publishes and subscriptions wait while it is
+    /// spent (`--max-memory`).
+    pub memory: Arc<MemoryBudget>,
 }
 
 impl AppState {
@@ -91,9 +95,11 @@ impl AppState {
         ping_interval: Duration,
         shutdown: watch::Receiver<bool>,
         limits: Limits,
+        memory: Arc<MemoryBudget>,
     ) -> AppState {
         AppState {
             broker,
+            memory,
             ping_interval,
             shutdown,
             auth: None,
@@ -163,6 +169,20 @@ pub fn check_subject_len(what: &str, subject: &str, max: usize) -> Result<(), Ap
         )));
     }
     Ok(())
+}
+
+/// 503: the memory budget is spent (`--max-memory`); `what` are the requests that wait.
+pub(crate) fn over_memory_budget(refused: Refused, what: &str) -> ApiError {
+    // Rounded up to whole MiB.
+    let mib = |bytes: u64| {
+        let rounded = bytes.checked_next_multiple_of(1 << 20).unwrap_or(bytes);
+        crate::config::format_size(rounded.max(1 << 20))
+    };
+    error::unavailable(format!(
+        "the server is at its memory budget ({} of {} in use, --max-memory); new {what} wait until memory is freed, retry shortly",
+        mib(refused.used),
+        mib(refused.budget),
+    ))
 }
 
 /// A short digest of a secret-like value (a consumer id) for logs: it tells values apart

@@ -20,6 +20,7 @@ use super::error::unavailable;
 use super::query::Params;
 use super::AppState;
 use crate::broker::ConsumerInfo;
+use crate::memory::Work;
 use crate::metrics::{family, label, Histogram};
 
 pub async fn healthz() -> &'static str {
@@ -212,6 +213,44 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {value}");
     }
+
+    let memory = &app.memory;
+    let memory_gauges = [
+        (
+            "bus_memory_budget_bytes",
+            "The memory budget (--max-memory): beyond it new publishes and subscriptions are answered 503.",
+            memory.budget(),
+        ),
+        (
+            "bus_memory_used_bytes",
+            "The server's anonymous resident memory at the last sample (every 100 ms).",
+            memory.used(),
+        ),
+    ];
+    for (name, help, value) in memory_gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    family(
+        &mut out,
+        "bus_memory_refusals_total",
+        "counter",
+        "Requests answered 503 because the memory budget was spent, by request.",
+    );
+    for (request, work) in [("publish", Work::Publish), ("subscribe", Work::Subscribe)] {
+        let _ = writeln!(
+            out,
+            "bus_memory_refusals_total{{request=\"{request}\"}} {}",
+            memory.refusals(work)
+        );
+    }
+    family(
+        &mut out,
+        "bus_memory_trims_total",
+        "counter",
+        "Times the allocator was asked to return freed memory to the system.",
+    );
+    let _ = writeln!(out, "bus_memory_trims_total {}", memory.trims());
     out
 }
 

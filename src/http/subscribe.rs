@@ -35,10 +35,20 @@ use crate::broker::{
 };
 use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
+use crate::memory::{MemoryBudget, Work};
 use crate::subject::Pattern;
 use crate::timestamp::Timestamp;
 
 const PING: &[u8] = b": ping\n\n";
+/// What one event stream holds at most while its subscriber does not read: 64 KiB of
+/// its connection's buffer, one read of the log (at most 256 KiB, or one larger event),
+/// the stream's own state and what the allocator keeps around them (measured: 290 to
+/// 425 KiB with reads of 256 KiB; see HTTP_API.md's limits). What a new subscription is
+/// charged against the memory budget, and what a closed one reports freed.
+pub const STREAM_MEMORY: usize = 512 << 10;
+/// A delivery of one event this large is streamed from its buffer as it is; smaller
+/// ones are copied (see `subscribe`).
+const SHARE_FRAMES_FROM: usize = super::serve::MAX_BUFFER;
 /// Ends a stream opened with `until=now`. Browsers drop events without data, so it has
 /// some.
 const DONE: &[u8] = b"event: done\ndata: end\n\n";
@@ -235,6 +245,9 @@ pub async fn subscribe(
         // (no consumer is created, no stream held open).
         return event_stream_response(Body::empty(), None);
     }
+    if let Err(refused) = app.memory.admit(Work::Subscribe, STREAM_MEMORY as u64) {
+        return super::over_memory_budget(refused, "subscriptions").into_response();
+    }
     let Ok(permit) = Arc::clone(&app.subscriptions).try_acquire_owned() else {
         return unavailable(format!(
             "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",
@@ -247,13 +260,24 @@ pub async fn subscribe(
         Ok(subscription) => subscription,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let lifetime = StreamLifetime::new(&subscription.consumer_id, &pattern, permit);
+    let lifetime = StreamLifetime::new(
+        &subscription.consumer_id,
+        &pattern,
+        permit,
+        Arc::clone(&app.memory),
+    );
 
+    // A delivery's frames become one buffer of their own, so that what the connection
+    // holds for a subscriber that stopped reading is its bytes, not the whole read they
+    // were cut from (a read of the log, a group of the writer). A large event is shared
+    // as it is: its frame is most of its buffer.
     let frames = subscription.deliveries.map(|delivery| match delivery {
         Delivery::Events(events) => {
             let len = events.iter().map(|e| e.sse_frame().len()).sum();
             if let [one] = events.as_slice() {
-                return one.sse_frame().clone();
+                if len >= SHARE_FRAMES_FROM {
+                    return one.sse_frame().clone();
+                }
             }
             let mut buf = BytesMut::with_capacity(len);
             for event in &events {
@@ -301,14 +325,21 @@ fn event_stream_response(body: Body, consumer_id: Option<&str>) -> Response {
 }
 
 /// Holds a stream's place under `--max-subscriptions` and logs when the stream opens and
-/// when it is dropped (the client left, or the server shut down), with the consumer id.
+/// when it is dropped (the client left, or the server shut down), with the consumer id;
+/// tells the memory budget what a closed stream freed.
 struct StreamLifetime {
     span: tracing::Span,
     _permit: OwnedSemaphorePermit,
+    memory: Arc<MemoryBudget>,
 }
 
 impl StreamLifetime {
-    fn new(consumer_id: &str, pattern: &str, permit: OwnedSemaphorePermit) -> StreamLifetime {
+    fn new(
+        consumer_id: &str,
+        pattern: &str,
+        permit: OwnedSemaphorePermit,
+        memory: Arc<MemoryBudget>,
+    ) -> StreamLifetime {
         // Without authentication a consumer id is enough to ack its events, so the log
         // shows a digest that tells streams apart and acks nothing.
         let consumer = super::digest(consumer_id);
@@ -317,19 +348,18 @@ impl StreamLifetime {
         StreamLifetime {
             span,
             _permit: permit,
+            memory,
         }
     }
 }
 
 impl Drop for StreamLifetime {
     fn drop(&mut self) {
-        CLOSED_STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Its buffers are free now; many streams closing make a trim worthwhile.
+        self.memory.released(STREAM_MEMORY as u64);
         tracing::debug!(parent: &self.span, "stream closed");
     }
 }
-
-/// Event streams closed since the server started (see [`crate::server`]'s memory trim).
-pub static CLOSED_STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// `event: error` with the message on one `data:` line.
 fn error_frame(message: &str) -> Bytes {

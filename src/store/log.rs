@@ -42,8 +42,10 @@ use crate::event::{JsonLayout, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
 use crate::timestamp::Timestamp;
 
-/// Largest chunk of record bytes one disk read returns.
-const READ_CHUNK_BYTES: u64 = 1 << 20;
+/// Largest chunk of record bytes one read returns (from disk, or of stream frames from
+/// the tail), unless one event alone is larger. It bounds what a subscriber's turn holds
+/// in memory: a subscriber that stops reading keeps at most about one such read.
+const READ_CHUNK_BYTES: u64 = 256 << 10;
 /// Name of the file whose lock marks a log as in use.
 pub const LOCK_FILE: &str = "lock";
 
@@ -340,8 +342,9 @@ impl Log {
             };
             meta.start_generation(generation, next);
         }
+        // Written by the writer before its first append (see there), not now: opening a
+        // log to read it writes nothing.
         meta.clean_end = None;
-        meta.write(dir)?;
 
         let (watermark, _) = watch::channel(next);
         let shared = Arc::new(Shared {
@@ -374,6 +377,7 @@ impl Log {
         let (commands, writer) = writer::start(
             Arc::clone(&shared),
             meta,
+            fresh,
             config,
             active_files,
             lock,

@@ -165,7 +165,7 @@ pub trait EventLog: Send + Sync {
     fn append(&self, batch: Vec<PendingEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>>;
 
     /// Up to `max_events` committed events starting at position `from`, in order. It may
-    /// return fewer (it stops at a segment's end or after about 1 MiB), but never none
+    /// return fewer (it stops at a segment's end or after about 256 KiB), but never none
     /// while `from` is below the committed watermark; at or past it, none.
     fn read(
         &self,

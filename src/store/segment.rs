@@ -518,6 +518,10 @@ impl Segment {
 
     /// Reads events `from..until` (all committed, all in this segment), stopping early
     /// after `max_bytes` of records (but always reading at least one event).
+    ///
+    /// The events' frames share one buffer: a reader streaming them releases it as a
+    /// whole. One that keeps a few of them for long copies those out
+    /// ([`StoredEvent::detached`]), so as not to keep the whole read alive.
     pub fn read(
         &self,
         from: u64,
@@ -883,8 +887,24 @@ pub fn scan(
     is_native: &dyn Fn(&str, u64) -> bool,
     cipher: Option<&Cipher>,
 ) -> Result<Scan, StoreError> {
-    let bytes = fs::read(path).context(|| format!("reading {}", path.display()))?;
-    scan_bytes(&bytes, path, base, tail_may_be_torn, is_native, cipher)
+    let file = File::open(path).context(|| format!("opening {}", path.display()))?;
+    let len = file
+        .metadata()
+        .context(|| format!("reading {}", path.display()))?
+        .len();
+    if len < LOG_HEADER_LEN {
+        let bytes = fs::read(path).context(|| format!("reading {}", path.display()))?;
+        return scan_bytes(&bytes, path, base, tail_may_be_torn, is_native, cipher);
+    }
+    // Mapped, not read: a segment is up to --segment-size, and reading it whole would
+    // take that much memory at every start; mapped, it is page cache the kernel can
+    // reclaim, read once in order.
+    // SAFETY: the log's directory lock is held, so no other process writes the file, and
+    // this process's writer has not started yet; the mapping ends with this function.
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.context(|| format!("mapping {}", path.display()))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    scan_bytes(&map, path, base, tail_may_be_torn, is_native, cipher)
 }
 
 /// [`scan`] of a segment's bytes already in memory; `path` names it in errors.

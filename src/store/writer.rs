@@ -24,6 +24,11 @@
 //! included, with one write next to the `.idx` entries. Like `.idx`, `.tim` is synced when
 //! the segment is sealed and when the log is closed; recovery makes it whole again.
 //!
+//! Memory: a group's events are dropped as they are encoded; its stream frames are made
+//! once the group is stored, in one buffer of exactly their size (the tail keeps it while
+//! it keeps any of the group's events); a buffer that one huge batch made larger than
+//! twice the group size is shrunk back after it.
+//!
 //! Failures: if a write fails (a full disk, say) the segment is truncated back to where
 //! the group started, every waiter of the group gets the error, and the next group is
 //! tried normally, so publishing resumes when space returns. If a sync fails, or the
@@ -47,6 +52,7 @@ use super::inbox::{Inbox, Taken};
 use super::log::Shared;
 use super::meta::Meta;
 use super::segment::{self, ActiveFiles, Segment, LOG_HEADER_LEN, RECORD_HEADER_LEN};
+use super::tail::Tail;
 use super::{ids, Appended, FsyncPolicy, StoreConfig};
 use crate::event::{self, JsonLayout, PendingEvent};
 use crate::timestamp::Timestamp;
@@ -55,6 +61,10 @@ use crate::timestamp::Timestamp;
 pub(crate) const INBOX_CAPACITY: usize = 4096;
 /// A group is committed once it holds this many (estimated) bytes.
 const MAX_GROUP_BYTES: usize = 8 << 20;
+/// The writer's reused buffers (records, index entries, …) keep at most this much
+/// between groups; a larger one (left by a group larger than [`MAX_GROUP_BYTES`]: one
+/// huge batch) is shrunk back.
+const KEEP_BUFFER_BYTES: usize = 2 * MAX_GROUP_BYTES;
 /// The longest a group waits to fill up.
 const MAX_LINGER: Duration = Duration::from_micros(500);
 /// With a sync per group, the active segment is kept this far ahead of its records in
@@ -89,10 +99,13 @@ struct Request {
 }
 
 /// Starts the writer thread (and, for `interval` syncing, its ticker). `last_commit` is
-/// the log's last stored commit time, if it has one: commit times go on from it.
+/// the log's last stored commit time, if it has one: commit times go on from it. `meta`
+/// is what the log's metadata must say while it runs (no clean end, the id generation of
+/// new events); `meta_written` whether the file says so already.
 pub(crate) fn start(
     shared: Arc<Shared>,
     meta: Meta,
+    meta_written: bool,
     config: &StoreConfig,
     files: Arc<ActiveFiles>,
     lock: File,
@@ -124,6 +137,8 @@ pub(crate) fn start(
         active,
         files,
         meta,
+        meta_written,
+        tail_bytes: config.tail_bytes,
         fsync: config.fsync,
         segment_size: config.segment_size,
         last_created: last_commit.unwrap_or(Timestamp::from_unix_nanos(i64::MIN)),
@@ -175,6 +190,12 @@ fn start_ticker(inbox: std::sync::Weak<Inbox<Command>>, every: Duration) -> Resu
 struct Writer {
     shared: Arc<Shared>,
     meta: Meta,
+    /// Whether the metadata file says what `meta` does. It is written before the first
+    /// append, not at start-up: a server that only reads writes nothing (and starts on a
+    /// full disk); an append refused for want of space leaves it to the next.
+    meta_written: bool,
+    /// The in-memory tail's budget of stream frames (`--tail-size`).
+    tail_bytes: usize,
     generation: u64,
     fsync: FsyncPolicy,
     segment_size: u64,
@@ -291,6 +312,22 @@ impl Writer {
         if group.is_empty() {
             return;
         }
+        self.commit_group(group);
+        // One huge batch must not leave its buffers that large for ever.
+        for buffer in [
+            &mut self.records,
+            &mut self.index,
+            &mut self.times,
+            &mut self.sealed,
+        ] {
+            if buffer.capacity() > KEEP_BUFFER_BYTES {
+                buffer.clear();
+                buffer.shrink_to(MAX_GROUP_BYTES);
+            }
+        }
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<Request>) {
         self.last_group_requests = group.len();
         if let Some(cause) = &self.halted {
             for request in group.drain(..) {
@@ -316,24 +353,30 @@ impl Writer {
         self.records.clear();
         self.index.clear();
         self.times.clear();
-        let mut frames = BytesMut::new();
-        // (position, start of its frame, layout of its JSON) per event of the group.
-        let mut spans: Vec<(u64, usize, JsonLayout)> = Vec::new();
+        let group_events: usize = group.iter().map(|r| r.events.len()).sum();
+        self.index.reserve(group_events * 8);
+        self.times.reserve(group_events * 8);
+        // (position, start of its JSON in `records`, layout of its JSON) per event of the
+        // group; the frames are made once the group is stored (see below).
+        let mut spans: Vec<(u64, usize, JsonLayout)> = Vec::with_capacity(group_events);
+        let mut frames_len = 0;
         let mut client_ids: Vec<(u64, u64)> = Vec::new();
         let mut claimed: HashSet<Box<str>> = HashSet::new();
         let mut accepted: Vec<(Reply, Vec<Appended>)> = Vec::with_capacity(group.len());
         let mut position = self.next;
 
-        for request in group.drain(..) {
-            let checked = check_sizes(&request.events, position)
-                .and_then(|()| self.check_client_ids(&request.events, &claimed));
+        for Request { events, reply } in group.drain(..) {
+            let checked = check_sizes(&events, position)
+                .and_then(|()| self.check_client_ids(&events, &claimed));
             if let Err(e) = checked {
-                let _ = request.reply.send(Err(e));
+                let _ = reply.send(Err(e));
                 continue;
             }
-            let mut appended = Vec::with_capacity(request.events.len());
-            let last = request.events.len() - 1;
-            for (i, pending) in request.events.iter().enumerate() {
+            let mut appended = Vec::with_capacity(events.len());
+            let last = events.len() - 1;
+            // Each event is dropped once it is encoded: a large batch is not held in
+            // both forms.
+            for (i, pending) in events.into_iter().enumerate() {
                 let id = match pending.client_id() {
                     Some(id) => {
                         client_ids.push((ids::hash(id), position));
@@ -356,10 +399,9 @@ impl Writer {
                 self.index.extend_from_slice(&end.to_le_bytes());
                 self.times.extend_from_slice(&commit_time);
 
-                let json = &self.records[start + RECORD_HEADER_LEN as usize..];
-                frames.reserve(event::sse_frame_len(&id, json));
-                spans.push((position, frames.len(), layout));
-                event::push_sse_frame(&mut frames, &id, json);
+                let json_start = start + RECORD_HEADER_LEN as usize;
+                frames_len += event::sse_frame_len(&id, &self.records[json_start..]);
+                spans.push((position, json_start, layout));
                 appended.push(Appended {
                     position,
                     id,
@@ -367,12 +409,20 @@ impl Writer {
                 });
                 position += 1;
             }
-            accepted.push((request.reply, appended));
+            accepted.push((reply, appended));
         }
         if accepted.is_empty() {
             return;
         }
 
+        if !self.meta_written {
+            // A crash from now on must be seen as one by the next start.
+            if let Err(e) = self.meta.write(&self.shared.dir) {
+                fail_all(accepted.into_iter().map(|(reply, _)| reply), &e);
+                return;
+            }
+            self.meta_written = true;
+        }
         if let Err(e) = self.write_group() {
             self.undo_group(&e.to_string());
             fail_all(accepted.into_iter().map(|(reply, _)| reply), &e);
@@ -403,8 +453,36 @@ impl Writer {
             self.disk_len = self.log_len;
         }
         self.active.add_committed(added, client_ids);
+        // The stream frames of the group, in one buffer of exactly their size: the tail
+        // keeps that buffer for as long as it keeps any of its events. The tail keeps the
+        // newest events whose frames fit in its budget, so when the group alone is larger
+        // its older events get no frames at all (they would be dropped at once, and their
+        // part of the buffer kept with the rest).
+        let json_end = |spans: &[(u64, usize, JsonLayout)], i: usize| {
+            spans.get(i + 1).map_or(self.records.len(), |next| {
+                next.1 - RECORD_HEADER_LEN as usize
+            })
+        };
+        let mut skip = 0;
+        while frames_len > self.tail_bytes && skip < spans.len() {
+            let json = &self.records[spans[skip].1..json_end(&spans, skip)];
+            frames_len -= event::sse_frame_len("", json) + spans[skip].2.id.len();
+            skip += 1;
+        }
+        spans.drain(..skip);
+        let mut frames = BytesMut::with_capacity(frames_len);
+        let appended = accepted.iter().flat_map(|(_, appended)| appended);
+        for (i, appended) in appended.skip(skip).enumerate() {
+            let json = spans[i].1..json_end(&spans, i);
+            spans[i].1 = frames.len();
+            event::push_sse_frame(&mut frames, &appended.id, &self.records[json]);
+        }
         let events = event::split_frames(frames.freeze(), spans);
         if let Ok(mut tail) = self.shared.tail.write() {
+            if skip > 0 {
+                // The group alone fills the tail: whatever it held is dropped anyway.
+                *tail = Tail::new(self.next + skip as u64, self.tail_bytes);
+            }
             tail.extend(events);
         }
         self.next = position;
@@ -618,6 +696,11 @@ impl Writer {
                 .and_then(|()| self.sync_log())
                 .and_then(|()| self.sync_indexes())
                 .and_then(|()| {
+                    if !self.meta_written {
+                        // Nothing was appended: the file still says what it said at
+                        // start-up, which the next start reads the same way.
+                        return Ok(());
+                    }
                     let mut meta = self.meta.clone();
                     meta.clean_end = Some(self.next);
                     meta.write(&self.shared.dir)

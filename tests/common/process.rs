@@ -32,12 +32,19 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `bus server` with `args` (add `--addr 127.0.0.1:0` unless an address is
     /// given) and waits until it listens.
-    pub fn start(mut command: Command) -> ServerProcess {
+    pub fn start(command: Command) -> ServerProcess {
+        ServerProcess::start_sampling(command, |_| {})
+    }
+
+    /// [`ServerProcess::start`], calling `sample` with the process id every few
+    /// milliseconds until the server listens (to watch its start-up).
+    pub fn start_sampling(mut command: Command, mut sample: impl FnMut(u32)) -> ServerProcess {
         let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn bus");
+        let pid = child.id();
         let stderr = child.stderr.take().expect("stderr");
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {
@@ -45,8 +52,14 @@ impl ServerProcess {
                 let _ = tx.send(line);
             }
         });
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match log.recv_timeout(Duration::from_secs(30)) {
+            sample(pid);
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(2));
+            match log.recv_timeout(wait) {
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Ok(line) if line.contains("bus server listening") => {
                     let addr = line
                         .split_whitespace()
@@ -71,11 +84,19 @@ impl ServerProcess {
 
     /// `bus server --addr 127.0.0.1:0 --path <data> <args…>`
     pub fn start_on(data: &Path, args: &[&str]) -> ServerProcess {
-        let mut command = bus();
-        command.args(["server", "--addr", "127.0.0.1:0", "--path"]);
-        command.arg(data);
-        command.args(args);
-        ServerProcess::start(command)
+        ServerProcess::start(server_command(data, args))
+    }
+
+    /// [`ServerProcess::start_on`], and the most anonymous memory (`RssAnon`) the server
+    /// held while starting (sampled every few milliseconds).
+    pub fn start_on_measuring(data: &Path, args: &[&str]) -> (ServerProcess, u64) {
+        let mut peak = 0;
+        let server = ServerProcess::start_sampling(server_command(data, args), |pid| {
+            if let Some(anon) = try_status_bytes(pid, "RssAnon:") {
+                peak = peak.max(anon);
+            }
+        });
+        (server, peak)
     }
 
     pub fn signal(&self, name: &str) {
@@ -137,20 +158,37 @@ impl ServerProcess {
         status_bytes(self.child.id(), "VmRSS:")
     }
 
+    /// The server's resident anonymous memory now (`RssAnon`: its heap and stacks, not
+    /// the page cache of files it maps), in bytes.
+    pub fn anon_resident_bytes(&self) -> u64 {
+        status_bytes(self.child.id(), "RssAnon:")
+    }
+
     /// The server's peak resident memory so far (`VmHWM`), in bytes.
     pub fn peak_resident_bytes(&self) -> u64 {
         status_bytes(self.child.id(), "VmHWM:")
     }
 }
 
+fn server_command(data: &Path, args: &[&str]) -> Command {
+    let mut command = bus();
+    command.args(["server", "--addr", "127.0.0.1:0", "--path"]);
+    command.arg(data);
+    command.args(args);
+    command
+}
+
 /// A `kB` line of `/proc/PID/status`, in bytes.
 fn status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    try_status_bytes(pid, field).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+fn try_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kib| kib.trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
