@@ -20,7 +20,7 @@ use crate::config::{format_size, MemoryLimit, Retention, ServerConfig};
 use crate::http::auth::AuthTable;
 use crate::http::{self, AppState};
 use crate::memory::{self, MemoryBudget};
-use crate::store::{Log, Store};
+use crate::store::{EventLog, Storage, Store};
 
 /// How long shutting down waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -28,7 +28,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// A server that is accepting connections.
 pub struct RunningServer {
     addr: SocketAddr,
-    store: Arc<Store>,
+    storage: Storage,
     broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
     serving: JoinHandle<()>,
@@ -55,32 +55,32 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         Some(path) => Some(Arc::new(AuthTable::load(path).map_err(anyhow::Error::msg)?)),
     };
     let broker_config = config.broker_config();
-    let (store, broker) = tokio::task::spawn_blocking(move || {
+    let (storage, broker) = tokio::task::spawn_blocking(move || {
         let store = Store::open(&store_config, &namespaces)?;
-        let broker = Broker::new(store.logs().cloned(), &broker_config);
-        anyhow::Ok((store, broker))
+        for log in store.logs() {
+            let recovery = log.recovery();
+            tracing::info!(
+                namespace = log.namespace(),
+                events = recovery.events,
+                segments = recovery.segments,
+                clean_shutdown = recovery.clean_shutdown,
+                "namespace opened"
+            );
+        }
+        let storage = store.storage();
+        let broker = Broker::new(storage.clone(), &broker_config);
+        anyhow::Ok((storage, broker))
     })
     .await
     .context("opening the store")?
     .with_context(|| format!("opening the data directory {}", config.path.display()))?;
-    for log in store.logs() {
-        let recovery = log.recovery();
-        tracing::info!(
-            namespace = log.namespace(),
-            events = recovery.events,
-            segments = recovery.segments,
-            clean_shutdown = recovery.clean_shutdown,
-            "namespace opened"
-        );
-    }
-    let store = Arc::new(store);
     let broker = Arc::new(broker);
 
     let listen = config.listen_addr();
     let listener = match TcpListener::bind(&listen).await {
         Ok(listener) => listener,
         Err(e) => {
-            let _ = store.close().await;
+            let _ = close(&storage).await;
             return Err(e).with_context(|| format!("listening on {listen}"));
         }
     };
@@ -102,8 +102,11 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     state.auth = auth;
     state.cors_origins = cors_origins.map(Arc::new);
     if retention.is_set() {
-        let logs: Vec<Arc<Log>> = store.logs().cloned().collect();
-        tokio::spawn(enforce_retention(logs, retention, shutdown_rx.clone()));
+        tokio::spawn(enforce_retention(
+            storage.logs.clone(),
+            retention,
+            shutdown_rx.clone(),
+        ));
     }
     let connections = Arc::clone(&state.connections);
     let serving = tokio::spawn(http::serve::serve(
@@ -124,7 +127,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     );
     Ok(RunningServer {
         addr,
-        store,
+        storage,
         broker,
         shutdown,
         serving,
@@ -136,8 +139,9 @@ impl RunningServer {
         self.addr
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The storage the server runs on.
+    pub fn store(&self) -> &Storage {
+        &self.storage
     }
 
     /// Stops serving and closes the store (see the module docs).
@@ -160,7 +164,7 @@ impl RunningServer {
         {
             tracing::warn!("consumers still storing their progress after {SHUTDOWN_GRACE:?}");
         }
-        for log in self.store.logs() {
+        for log in &self.storage.logs {
             let stats = log.stats();
             tracing::info!(
                 namespace = log.namespace(),
@@ -171,13 +175,25 @@ impl RunningServer {
                 "namespace statistics of this run"
             );
         }
-        self.store.close().await.context("closing the store")
+        close(&self.storage).await.context("closing the store")
     }
+}
+
+/// Closes every log (committing what is queued, syncing); the first failure, if any.
+async fn close(storage: &Storage) -> Result<(), crate::store::StorageError> {
+    let mut first_error = None;
+    for log in &storage.logs {
+        if let Err(e) = log.close().await {
+            tracing::error!(namespace = log.namespace(), error = %e, "closing a log failed");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Deletes what retention no longer keeps, every `retention.interval`, until shutdown.
 async fn enforce_retention(
-    logs: Vec<Arc<Log>>,
+    logs: Vec<Arc<dyn EventLog>>,
     retention: Retention,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::consumer::{Input, Owner};
+use super::consumer::Input;
+use crate::store::Owner;
 
 /// Where a connection's acks go, and who may send them.
 struct Route {

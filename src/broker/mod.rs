@@ -39,15 +39,18 @@ use tokio::task::JoinHandle;
 
 use self::acks::{Acks, Registration};
 use self::confirm::{ConfirmWait, Confirmations};
-pub use self::consumer::{ConsumerName, Owner};
-use self::consumer::{ConsumerStats, Dispatcher, Input, Progress, ReplyRefused, Retired};
+use self::consumer::{ConsumerStats, Dispatcher, Input, ReplyRefused, Retired};
 use self::dedup::Dedup;
 use self::inbox::InboxSubscription;
 use self::inbox::Inboxes;
 use self::registry::{Refusal, Registry};
 use self::settling::Settling;
 use crate::event::{self, EventDraft, JsonLayout, PendingEvent, StoredEvent};
-use crate::store::{ids, Log, StoreError};
+use crate::store::{
+    ids, ConsumerProgress as Progress, ConsumerStore, ErrorKind, EventLog, KeyedEvent, Storage,
+    StorageError,
+};
+pub use crate::store::{ConsumerName, Owner};
 use crate::subject::{Pattern, Subject};
 use crate::timestamp::Timestamp;
 
@@ -119,7 +122,7 @@ pub enum PublishError {
     Duplicate(String),
     /// The log could not store the events.
     #[error("{0}")]
-    Storage(StoreError),
+    Storage(StorageError),
 }
 
 /// Where a subscription starts.
@@ -270,7 +273,9 @@ impl Default for BrokerConfig {
 }
 
 pub struct Broker {
-    logs: BTreeMap<String, Arc<Log>>,
+    logs: BTreeMap<String, Arc<dyn EventLog>>,
+    /// Durable consumers' stored progress.
+    consumers: Arc<dyn ConsumerStore>,
     dedup: Dedup,
     inboxes: Inboxes,
     acks: Arc<Acks>,
@@ -322,24 +327,34 @@ pub struct BrokerCounts {
 }
 
 impl Broker {
-    /// A broker over open logs. Rebuilds the deduplication window from each log's newest
-    /// events and counts the stored durable consumers (blocking reads).
-    pub fn new(logs: impl IntoIterator<Item = Arc<Log>>, config: &BrokerConfig) -> Broker {
-        let logs: BTreeMap<String, Arc<Log>> = logs
+    /// A broker over a storage backend's logs and consumers. Rebuilds the deduplication
+    /// window from each log's newest events and counts the stored durable consumers
+    /// (blocking reads: call it from a blocking thread).
+    pub fn new(storage: Storage, config: &BrokerConfig) -> Broker {
+        let logs: BTreeMap<String, Arc<dyn EventLog>> = storage
+            .logs
             .into_iter()
             .map(|log| (log.namespace().to_owned(), log))
             .collect();
+        let consumers = storage.consumers;
         let dedup = Dedup::new(config.dup_size, config.dup_ttl, config.dup_memory);
         if dedup.enabled() {
             for log in logs.values() {
-                rebuild_dedup(log, &dedup, config.max_key_len);
+                rebuild_dedup(log.as_ref(), &dedup, config.max_key_len);
             }
         }
         // Stored consumers are counted once, here (blocking reads, at start-up).
         let registry = Registry::new(config.max_consumers, config.max_consumers_per_owner);
-        for (namespace, log) in &logs {
-            for (name, progress) in Progress::load_all(log.dir()) {
-                registry.insert(namespace, name, progress.owner);
+        for namespace in logs.keys() {
+            match consumers.list(namespace) {
+                Ok(stored) => {
+                    for (name, progress) in stored {
+                        registry.insert(namespace, name, progress.owner);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(namespace, error = %e, "listing the stored durable consumers failed")
+                }
             }
         }
         let delivered = logs
@@ -350,6 +365,11 @@ impl Broker {
             .collect();
         Broker {
             logs,
+            saver: Arc::new(consumer::Saver::new(
+                Arc::clone(&consumers),
+                consumer::SAVER_THREADS,
+            )),
+            consumers,
             dedup,
             inboxes: Inboxes::default(),
             acks: Arc::new(Acks::default()),
@@ -361,7 +381,6 @@ impl Broker {
             registry,
             max_inflight_bytes: config.max_inflight_bytes,
             changing: Mutex::default(),
-            saver: Arc::new(consumer::Saver::new(consumer::SAVER_THREADS)),
             dispatchers: Mutex::default(),
             next_member: AtomicU64::new(0),
             confirmations: Arc::default(),
@@ -369,7 +388,7 @@ impl Broker {
     }
 
     /// The open logs, by namespace.
-    pub fn logs(&self) -> impl Iterator<Item = &Arc<Log>> {
+    pub fn logs(&self) -> impl Iterator<Item = &Arc<dyn EventLog>> {
         self.logs.values()
     }
 
@@ -390,7 +409,7 @@ impl Broker {
         self.logs.keys().map(String::as_str)
     }
 
-    fn log(&self, namespace: &str) -> Result<&Arc<Log>, String> {
+    fn log(&self, namespace: &str) -> Result<&Arc<dyn EventLog>, String> {
         self.logs.get(namespace).ok_or_else(|| {
             let known: Vec<&str> = self.namespaces().collect();
             format!(
@@ -489,7 +508,12 @@ impl Broker {
                 appended
             })
             .await
-            .unwrap_or_else(|e| Err(StoreError::Unusable(format!("the append task failed: {e}"))))
+            .unwrap_or_else(|e| {
+                Err(StorageError::new(
+                    ErrorKind::Internal,
+                    format!("the append task failed: {e}"),
+                ))
+            })
         };
         match appended {
             Ok(appended) => Ok(appended
@@ -500,9 +524,7 @@ impl Broker {
                     index: a.position as i64,
                 })
                 .collect()),
-            Err(e @ (StoreError::DuplicateId(_) | StoreError::ReservedId(_))) => {
-                Err(PublishError::Duplicate(e.to_string()))
-            }
+            Err(e) if e.kind == ErrorKind::Conflict => Err(PublishError::Duplicate(e.message)),
             Err(other) => Err(PublishError::Storage(other)),
         }
     }
@@ -647,7 +669,7 @@ impl Broker {
     #[allow(clippy::too_many_arguments)]
     async fn attach(
         &self,
-        log: &Arc<Log>,
+        log: &Arc<dyn EventLog>,
         name: &ConsumerName,
         request: &SubscribeRequest,
         start: subscription::From,
@@ -711,8 +733,12 @@ impl Broker {
         // If it retired, its last save lands before its progress is read.
         self.settling.settle(&key).await;
         let stored = {
-            let (dir, name) = (log.dir().to_owned(), name.clone());
-            tokio::task::spawn_blocking(move || Progress::load(&dir, &name)).await
+            let (consumers, ns, file) = (
+                Arc::clone(&self.consumers),
+                namespace.to_owned(),
+                name.clone(),
+            );
+            tokio::task::spawn_blocking(move || consumers.load(&ns, &file)).await
         };
         let stored = match stored {
             Ok(loaded) => loaded.map_err(|e| progress_unreadable(name, &e))?,
@@ -860,7 +886,7 @@ impl Broker {
     #[allow(clippy::too_many_arguments)]
     fn spawn_ephemeral(
         &self,
-        log: Arc<Log>,
+        log: Arc<dyn EventLog>,
         pattern: Pattern,
         from: subscription::From,
         stop_at: Option<u64>,
@@ -904,9 +930,9 @@ impl Broker {
         dispatchers.push(task);
     }
 
-    /// The durable consumers of `namespace`: running ones and stored ones. Reads the log's
-    /// directory: blocking, for the blocking pool (`tokio::task::spawn_blocking`), never
-    /// an async worker.
+    /// The durable consumers of `namespace`: running ones and stored ones. Reads the stored
+    /// progress: blocking, for the blocking pool (`tokio::task::spawn_blocking`), never an
+    /// async worker.
     pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, BrokerError> {
         let log = self.log(namespace).map_err(BrokerError::Invalid)?;
         let committed = log.committed();
@@ -938,7 +964,13 @@ impl Broker {
                 0
             }
         };
-        let mut all: Vec<ConsumerInfo> = Progress::load_all(log.dir())
+        let stored = self.consumers.list(namespace).map_err(|e| {
+            tracing::error!(namespace, error = %e, "listing the stored durable consumers failed");
+            BrokerError::Storage(format!(
+                "the durable consumers of {namespace} cannot be listed (see the server's log)"
+            ))
+        })?;
+        let mut all: Vec<ConsumerInfo> = stored
             .into_iter()
             .map(|(name, progress)| {
                 let (floor, pending, members) = match running.get(&name) {
@@ -987,19 +1019,22 @@ impl Broker {
         namespace: &str,
         name: &ConsumerName,
     ) -> Result<(), BrokerError> {
-        let log = self.log(namespace).map_err(BrokerError::Invalid)?;
+        self.log(namespace).map_err(BrokerError::Invalid)?;
         let key = (namespace.to_owned(), name.clone());
         let _changing = self.lock_changes(&key).await;
         // If it retired, its last save lands first: it would bring the file back.
         self.settling.settle(&key).await;
-        let (dir, file) = (log.dir().to_owned(), name.clone());
         // A damaged progress file is deleted like any other.
-        let stored = tokio::task::spawn_blocking(move || {
-            let stored = !matches!(Progress::load(&dir, &file), Ok(None));
-            (stored, dir, file)
-        })
-        .await;
-        let (stored, dir, file) = stored.map_err(|e| blocking_task_failed(name, &e))?;
+        let stored = {
+            let (consumers, ns, file) = (
+                Arc::clone(&self.consumers),
+                namespace.to_owned(),
+                name.clone(),
+            );
+            tokio::task::spawn_blocking(move || !matches!(consumers.load(&ns, &file), Ok(None)))
+                .await
+                .map_err(|e| blocking_task_failed(name, &e))?
+        };
         let running = self
             .durables
             .lock()
@@ -1013,9 +1048,16 @@ impl Broker {
         }
         // It may have retired meanwhile.
         self.settling.settle(&key).await;
-        let removed = tokio::task::spawn_blocking(move || Progress::remove(&dir, &file))
-            .await
-            .map_err(|e| blocking_task_failed(name, &e))?;
+        let removed = {
+            let (consumers, ns, file) = (
+                Arc::clone(&self.consumers),
+                namespace.to_owned(),
+                name.clone(),
+            );
+            tokio::task::spawn_blocking(move || consumers.remove(&ns, &file))
+                .await
+                .map_err(|e| blocking_task_failed(name, &e))?
+        };
         removed.map_err(|e| {
             tracing::error!(consumer = %name, namespace, error = %e, "removing a consumer's stored progress failed");
             BrokerError::Storage(format!(
@@ -1265,7 +1307,7 @@ fn blocking_task_failed(name: &ConsumerName, error: &tokio::task::JoinError) -> 
 
 /// The stored progress of a durable consumer could not be read: logged with its path, told
 /// to the client without it.
-fn progress_unreadable(name: &ConsumerName, error: &consumer::ProgressError) -> BrokerError {
+fn progress_unreadable(name: &ConsumerName, error: &StorageError) -> BrokerError {
     tracing::error!(consumer = %name, error = %error, "reading a consumer's stored progress failed");
     BrokerError::Storage(format!(
         "consumer {name}'s stored progress cannot be read (see the server's log)"
@@ -1320,43 +1362,34 @@ fn random_id(prefix: &str) -> String {
 /// What is gathered is bounded like the window itself: keys longer than `max_key_len`
 /// (which no publish can use again) are skipped, and of the rest only the newest that fit
 /// the window's budget are kept while scanning.
-fn rebuild_dedup(log: &Log, dedup: &Dedup, max_key_len: usize) {
-    let end = log.committed();
-    let mut keyed: std::collections::VecDeque<(String, String, Timestamp)> = Default::default();
+fn rebuild_dedup(log: &dyn EventLog, dedup: &Dedup, max_key_len: usize) {
+    let mut keyed: std::collections::VecDeque<KeyedEvent> = Default::default();
     let mut bytes = 0;
-    let cost = |(subject, key, _): &(String, String, Timestamp)| {
-        subject.len() + key.len() + dedup::ENTRY_OVERHEAD
-    };
-    let scanned = log.scan_blocking(
-        end.saturating_sub(DEDUP_REBUILD_EVENTS),
-        |_, json, layout| {
-            let Some(entry) = keyed_entry(json, &layout, max_key_len) else {
-                return;
-            };
-            bytes += cost(&entry);
-            keyed.push_back(entry);
-            while bytes > dedup.budget() {
-                match keyed.pop_front() {
-                    Some(oldest) => bytes -= cost(&oldest),
-                    None => break,
-                }
+    let cost = |event: &KeyedEvent| event.subject.len() + event.key.len() + dedup::ENTRY_OVERHEAD;
+    let scanned = log.visit_recent_keys(DEDUP_REBUILD_EVENTS, max_key_len, &mut |event| {
+        bytes += cost(&event);
+        keyed.push_back(event);
+        while bytes > dedup.budget() {
+            match keyed.pop_front() {
+                Some(oldest) => bytes -= cost(&oldest),
+                None => break,
             }
-        },
-    );
+        }
+    });
     if let Err(e) = scanned {
         tracing::warn!(namespace = log.namespace(), error = %e, "cannot rebuild the deduplication window from the log");
         return;
     }
     let now = Timestamp::now();
     let mut restored = HashMap::<String, usize>::new();
-    for (subject, key, created_at) in keyed.into_iter().rev() {
+    for event in keyed.into_iter().rev() {
         let age = Duration::from_nanos(
             now.unix_nanos()
-                .saturating_sub(created_at.unix_nanos())
+                .saturating_sub(event.committed_at.unix_nanos())
                 .max(0) as u64,
         );
-        if dedup.restore(&subject, &key, age) {
-            *restored.entry(subject).or_default() += 1;
+        if dedup.restore(&event.subject, &event.key, age) {
+            *restored.entry(event.subject).or_default() += 1;
         }
     }
     if !restored.is_empty() {
@@ -1369,38 +1402,14 @@ fn rebuild_dedup(log: &Log, dedup: &Dedup, max_key_len: usize) {
     }
 }
 
-/// (subject, key, created_at) of a stored event that has a key of at most `max_key_len`
-/// bytes.
-fn keyed_entry(
-    json: &[u8],
-    layout: &JsonLayout,
-    max_key_len: usize,
-) -> Option<(String, String, Timestamp)> {
-    let raw_key = &json[layout.key.clone()?];
-    // Its JSON form is at least as long as the key: longer keys are not even decoded.
-    if raw_key.len() > max_key_len + 2 && !raw_key.contains(&b'\\') {
-        return None;
-    }
-    let key: String = serde_json::from_slice(raw_key).ok()?;
-    if key.len() > max_key_len {
-        return None;
-    }
-    // The subject's range is its text without quotes (subjects need no escapes).
-    let subject = std::str::from_utf8(&json[layout.subject.clone()])
-        .ok()?
-        .to_owned();
-    let created_at =
-        Timestamp::parse(std::str::from_utf8(&json[layout.created_at.clone()]).ok()?).ok()?;
-    Some((subject, key, created_at))
-}
-
 #[cfg(test)]
 mod tests {
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
 
     use super::*;
-    use crate::store::StoreConfig;
+    use crate::store::memory::MemoryConsumers;
+    use crate::store::{Log, StoreConfig};
 
     fn keyed(key: &str) -> Publication {
         Publication::One(NewEvent {
@@ -1445,8 +1454,12 @@ mod tests {
             let config = StoreConfig::new(data.path());
             let log =
                 Arc::new(Log::open(&data.path().join("orders"), "orders", &config).expect("open"));
+            let storage = Storage {
+                logs: vec![Arc::clone(&log) as Arc<dyn EventLog>],
+                consumers: Arc::new(MemoryConsumers::default()),
+            };
             let broker = Broker::new(
-                [Arc::clone(&log)],
+                storage,
                 &BrokerConfig {
                     dup_size: 100,
                     ..BrokerConfig::default()

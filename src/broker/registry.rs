@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::consumer::{ConsumerName, Owner};
+use crate::store::{ConsumerName, Owner};
 
 /// Why a consumer cannot be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::consumer::{ConsumerName, ConsumerStats, Save};
+use super::consumer::{ConsumerStats, Save};
 use super::DurableKey;
+use crate::store::{ConsumerName, StorageError};
 
 /// A retired consumer whose saves have not all been waited for.
 struct Retiring {
@@ -157,7 +158,7 @@ impl Drop for Waiting<'_> {
 /// How a last save went (`None`: no saver thread took it): a failure is logged (the
 /// consumer's next start resumes from the save before, so acknowledged events may come
 /// again).
-fn settled(name: &ConsumerName, result: Option<std::io::Result<()>>) {
+fn settled(name: &ConsumerName, result: Option<Result<(), StorageError>>) {
     let error = match result {
         Some(Ok(())) => return,
         Some(Err(e)) => e.to_string(),

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::inbox::InboxSubscription;
 use super::{Delivery, READ_BATCH};
 use crate::event::StoredEvent;
-use crate::store::Log;
+use crate::store::EventLog;
 use crate::subject::Pattern;
 use crate::timestamp::Timestamp;
 
@@ -45,7 +45,7 @@ pub enum From {
 
 /// Reads a log from a position on, returning batches of matching events.
 pub(super) struct Cursor {
-    log: Arc<Log>,
+    log: Arc<dyn EventLog>,
     pattern: Pattern,
     next: u64,
     /// Where the subscription ends, if it was asked to stop at the log's end as it was
@@ -60,7 +60,7 @@ pub(super) struct Cursor {
 impl Cursor {
     /// Resolves the start; an error message if the start id is unknown.
     pub(super) async fn open(
-        log: Arc<Log>,
+        log: Arc<dyn EventLog>,
         pattern: Pattern,
         from: From,
         stop_at: Option<u64>,
@@ -181,7 +181,7 @@ impl Cursor {
 
 /// `ack=none`: every matching event, once, in log order.
 pub fn follow(
-    log: Arc<Log>,
+    log: Arc<dyn EventLog>,
     pattern: Pattern,
     from: From,
     stop_at: Option<u64>,

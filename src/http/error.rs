@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::broker::{BrokerError, PublishError};
-use crate::store::StoreError;
+use crate::store::{ErrorKind, StorageError};
 
 /// A plain-text error response.
 #[derive(Debug)]
@@ -99,42 +99,36 @@ impl From<PublishError> for ApiError {
                 status: StatusCode::CONFLICT,
                 message,
             },
-            // The caller's event, not the server's storage, is at fault.
-            PublishError::Storage(error @ StoreError::EventTooLarge { .. }) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error.to_string())
-            }
             PublishError::Storage(error) => storage_error(&error),
         }
     }
 }
 
-/// A storage failure: 507 when the disk is full (the client may retry later), 503 when
-/// the log is closing or halted (another node, or this one once restarted, may take the
-/// retry), 500 otherwise. The details are logged, not sent.
-fn storage_error(error: &StoreError) -> ApiError {
-    tracing::error!(error = %error, "publish failed in the storage layer");
-    let (status, message) = match error {
-        StoreError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::StorageFull => (
+/// A storage failure, whatever the backend, by its kind: 507 when storage is full (the
+/// client may retry later), 503 when it cannot take events now (shutting down, stopped
+/// after a failure: another node, or this one once restarted, may take the retry), 413
+/// for an event too large to store and 409 for an id that exists (the caller's doing:
+/// their message is sent), 500 otherwise. The details of the server's own failures are
+/// logged, not sent.
+fn storage_error(error: &StorageError) -> ApiError {
+    let (status, message) = match error.kind {
+        ErrorKind::TooLarge => return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, &error.message),
+        ErrorKind::Conflict => return ApiError::conflict(&error.message),
+        ErrorKind::Full => (
             StatusCode::INSUFFICIENT_STORAGE,
-            "the server's disk is full; the events were not stored",
+            "the server's storage is full (its disk, or its limits); the events were not stored",
         ),
-        StoreError::Closed(_) => (
+        ErrorKind::Unavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down; the events were not stored",
+            "the server cannot store events now: it is shutting down, or its storage failed and it must be restarted (see its log and /readyz); the events were not stored",
         ),
-        StoreError::Halted { .. } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server stopped storing events after a storage failure and must be restarted (see its log); the events were not stored",
-        ),
-        _ => (
+        ErrorKind::NotFound | ErrorKind::Corrupt | ErrorKind::Internal => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "storing the events failed (see the server's log)",
         ),
     };
-    ApiError {
-        status,
-        message: message.to_owned(),
-    }
+    tracing::error!(error = %error, "publish failed in the storage layer");
+    ApiError::new(status, message)
 }
 
 #[cfg(test)]
@@ -146,28 +140,38 @@ mod tests {
     }
 
     #[test]
-    fn a_halted_or_closing_log_is_503_with_retry_after() {
+    fn storage_errors_map_to_their_kind_of_answer_and_keep_details_private() {
+        for (kind, status) in [
+            (ErrorKind::Full, StatusCode::INSUFFICIENT_STORAGE),
+            (ErrorKind::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorKind::TooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            (ErrorKind::Conflict, StatusCode::CONFLICT),
+            (ErrorKind::Corrupt, StatusCode::INTERNAL_SERVER_ERROR),
+            (ErrorKind::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        ] {
+            let error = StorageError::new(kind, "/data/app/00000000000000000000.log: details");
+            let caller_s_own = matches!(kind, ErrorKind::TooLarge | ErrorKind::Conflict);
+            let api = ApiError::from(PublishError::Storage(error));
+            assert_eq!(api.status, status, "{kind:?}");
+            assert_eq!(api.message.contains("/data/app"), caller_s_own, "{kind:?}");
+            let response = api.into_response();
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                status == StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+        // A halted or closing file log is unavailable: 503.
         for error in [
-            StoreError::Halted {
+            crate::store::StoreError::Halted {
                 namespace: "app".into(),
                 cause: "syncing failed".into(),
             },
-            StoreError::Closed("app".into()),
+            crate::store::StoreError::Closed("app".into()),
         ] {
-            let response = answer(PublishError::Storage(error));
+            let response = answer(PublishError::Storage(error.into()));
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
         }
-    }
-
-    #[test]
-    fn an_event_too_large_to_store_is_413() {
-        let error = StoreError::EventTooLarge {
-            len: 3 << 30,
-            max: (1 << 31) - 1,
-        };
-        let response = answer(PublishError::Storage(error));
-        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub async fn metrics(State(app): State<AppState>, params: Params, headers: Heade
     let (disk_bytes, consumers) = tokio::task::spawn_blocking(move || {
         let disk_bytes = broker
             .logs()
-            .map(|log| (log.namespace().to_owned(), log.disk_bytes().ok()))
+            .map(|log| (log.namespace().to_owned(), log.stored_bytes().ok()))
             .collect::<Vec<_>>();
         let consumers = broker
             .logs()
@@ -94,7 +94,7 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
     );
     for log in &logs {
         let namespace = label(log.namespace());
-        let appended = log.group_events().sum();
+        let appended = log.commit_timings().group_events.sum();
         let _ = writeln!(
             out,
             "bus_events_published_total{{namespace=\"{namespace}\"}} {appended}"
@@ -158,7 +158,7 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
         [("", app.publish_micros.as_ref())],
         1e-6,
     );
-    let labelled: Vec<(String, &Arc<crate::store::Log>)> = logs
+    let labelled: Vec<(String, &Arc<dyn crate::store::EventLog>)> = logs
         .iter()
         .map(|log| (format!("namespace=\"{}\"", label(log.namespace())), *log))
         .collect();
@@ -168,7 +168,7 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
         "Duration of each fdatasync of a log segment.",
         labelled
             .iter()
-            .map(|(l, log)| (l.as_str(), log.sync_micros())),
+            .map(|(l, log)| (l.as_str(), log.commit_timings().sync_micros)),
         1e-6,
     );
     histogram_family(
@@ -177,7 +177,7 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
         "Events written and synced together in one group commit.",
         labelled
             .iter()
-            .map(|(l, log)| (l.as_str(), log.group_events())),
+            .map(|(l, log)| (l.as_str(), log.commit_timings().group_events)),
         1.0,
     );
 

@@ -3,6 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use super::api::{ErrorKind, StorageError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An I/O operation failed; `context` says what was being done to which file. The
@@ -48,6 +50,23 @@ pub enum StoreError {
     /// The log was closed (the server is shutting down).
     #[error("the log of namespace {0} is closed")]
     Closed(String),
+}
+
+/// What the file store's failures are, for the rest of the server.
+impl From<StoreError> for StorageError {
+    fn from(error: StoreError) -> StorageError {
+        let kind = match &error {
+            StoreError::Io { cause, .. } if cause.kind() == io::ErrorKind::StorageFull => {
+                ErrorKind::Full
+            }
+            StoreError::Io { .. } | StoreError::Unusable(_) => ErrorKind::Internal,
+            StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+            StoreError::DuplicateId(_) | StoreError::ReservedId(_) => ErrorKind::Conflict,
+            StoreError::EventTooLarge { .. } => ErrorKind::TooLarge,
+            StoreError::Halted { .. } | StoreError::Closed(_) => ErrorKind::Unavailable,
+        };
+        StorageError::new(kind, error.to_string())
+    }
 }
 
 impl StoreError {

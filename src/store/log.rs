@@ -37,7 +37,10 @@ use super::meta::{Generation, Meta};
 use super::segment::{self, ActiveFiles, Segment, SegmentPaths, TailDamage, LOG_HEADER_LEN};
 use super::tail::Tail;
 use super::writer::{self, Command};
-use super::{ids, Appended, BoxFuture, Cipher, EventLog, StoreConfig};
+use super::api::{
+    Appended, BoxFuture, CommitTimings, ErrorKind, EventLog, KeyedEvent, LogStats, StorageError,
+};
+use super::{ids, Cipher, StoreConfig};
 use crate::event::{JsonLayout, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
 use crate::timestamp::Timestamp;
@@ -73,19 +76,6 @@ pub struct Truncation {
     pub offset: u64,
     pub bytes_dropped: u64,
     pub reason: String,
-}
-
-/// Counters of a log's writer since the log was opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogStats {
-    /// Events in the log.
-    pub events: u64,
-    /// Group commits written (each one write call).
-    pub groups: u64,
-    /// `fdatasync` calls.
-    pub syncs: u64,
-    /// Reads served from the segment files rather than the in-memory tail.
-    pub disk_reads: u64,
 }
 
 /// State shared by the readers and the writer thread.
@@ -685,16 +675,19 @@ impl EventLog for Log {
         Log::namespace(self)
     }
 
-    fn append(&self, batch: Vec<PendingEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>> {
-        Box::pin(Log::append(self, batch))
+    fn append(
+        &self,
+        batch: Vec<PendingEvent>,
+    ) -> BoxFuture<'_, Result<Vec<Appended>, StorageError>> {
+        Box::pin(async move { Ok(Log::append(self, batch).await?) })
     }
 
     fn read(
         &self,
         from: u64,
         max_events: usize,
-    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>> {
-        Box::pin(Log::read(self, from, max_events))
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StorageError>> {
+        Box::pin(async move { Ok(Log::read(self, from, max_events).await?) })
     }
 
     fn committed(&self) -> u64 {
@@ -705,15 +698,103 @@ impl EventLog for Log {
         Log::watch_committed(self)
     }
 
-    fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        Box::pin(Log::find_id(self, id))
+    fn first_position(&self) -> u64 {
+        Log::first_position(self)
+    }
+
+    fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StorageError>> {
+        Box::pin(async move { Ok(Log::find_id(self, id).await?) })
     }
 
     fn first_committed_at_or_after(
         &self,
         time: Timestamp,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(Log::first_committed_at_or_after(self, time))
+    ) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(async move { Ok(Log::first_committed_at_or_after(self, time).await?) })
+    }
+
+    fn visit_recent_keys(
+        &self,
+        events: u64,
+        max_key_len: usize,
+        visit: &mut dyn FnMut(KeyedEvent),
+    ) -> Result<(), StorageError> {
+        let from = self.committed().saturating_sub(events);
+        let mut failure = None;
+        self.scan_blocking(from, |position, json, layout| {
+            let Some(raw_key) = layout.key.clone().map(|range| &json[range]) else {
+                return;
+            };
+            // Its JSON form is at least as long as the key: longer keys are not decoded.
+            if raw_key.len() > max_key_len + 2 && !raw_key.contains(&b'\\') {
+                return;
+            }
+            let Ok(key) = serde_json::from_slice::<String>(raw_key) else {
+                return;
+            };
+            if key.len() > max_key_len {
+                return;
+            }
+            // The subject's range is its text without quotes (subjects need no escapes).
+            let Ok(subject) = std::str::from_utf8(&json[layout.subject.clone()]) else {
+                return;
+            };
+            let committed_at = self
+                .shared
+                .segment_of(position)
+                .and_then(|segment| self.shared.time_of(&segment, position));
+            match committed_at {
+                Ok(Some(committed_at)) => visit(KeyedEvent {
+                    subject: subject.to_owned(),
+                    key,
+                    committed_at,
+                }),
+                Ok(None) => {}
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        })?;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn halted(&self) -> Option<String> {
+        Log::halted(self).map(str::to_owned)
+    }
+
+    fn stats(&self) -> LogStats {
+        Log::stats(self)
+    }
+
+    fn commit_timings(&self) -> CommitTimings<'_> {
+        CommitTimings {
+            group_events: self.group_events(),
+            sync_micros: self.sync_micros(),
+        }
+    }
+
+    fn stored_bytes(&self) -> Result<u64, StorageError> {
+        self.disk_bytes().map_err(|e| {
+            StorageError::new(
+                ErrorKind::Internal,
+                format!("measuring the log of {}: {e}", self.namespace()),
+            )
+        })
+    }
+
+    fn enforce_retention(
+        &self,
+        max_age: Option<std::time::Duration>,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<(u64, u64)>, StorageError> {
+        Ok(Log::enforce_retention(self, max_age, max_bytes)?)
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move { Ok(Log::close(self).await?) })
     }
 }
 

@@ -23,43 +23,51 @@
 //!   by time use it, never the `created_at` a client may set (segments written before
 //!   commit times were stored fall back to `created_at`; see [`log`]).
 //!
-//! The broker uses a log through the narrow [`EventLog`] interface (append a batch, read
-//! from a position, the committed watermark, find an id or a time), so that another backend can take
-//! this one's place. This module does not know subjects or subscriptions.
+//! Everything outside this module reaches storage through [`api`]: the [`EventLog`] of a
+//! namespace, the [`ConsumerStore`] of durable consumers' progress and one
+//! [`StorageError`], so that another backend can take this one's place ([`memory`] is a
+//! second one, for the broker's tests). This module does not know subjects or
+//! subscriptions.
 //!
-//! Layout: [`segment`] owns the file formats, [`log`] opening, recovery and reads,
+//! Layout: [`api`] the interface, [`consumers`] durable consumers' progress,
+//! [`progress_files`] its files, [`segment`] the file formats, [`log`] opening, recovery and reads,
 //! [`writer`] the single writer thread with group commit, [`tail`] the in-memory tail of
 //! recent events, [`meta`] the per-namespace metadata, [`ids`] the event ids; [`inspect`]
 //! reads a log's files directly for the offline tools.
 
+pub mod api;
 pub mod cipher;
+pub mod consumers;
 pub mod error;
 pub mod ids;
 mod inbox;
 pub mod inspect;
 pub mod log;
+pub mod memory;
 pub mod meta;
+pub mod progress_files;
 pub mod segment;
 pub mod tail;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 
+pub use self::api::{
+    Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent,
+    LogStats, Storage, StorageError,
+};
 pub use self::cipher::Cipher;
+pub use self::consumers::{ConsumerName, ConsumerProgress, Owner};
 pub use self::error::StoreError;
-pub use self::log::{Log, LogStats, Recovery, Truncation};
+pub use self::log::{Log, Recovery, Truncation};
+pub use self::progress_files::FileConsumers;
 use crate::duration::{format_go_duration, parse_go_duration};
-use crate::event::{PendingEvent, StoredEvent};
-use crate::timestamp::Timestamp;
 
 /// When the log's writer calls `fdatasync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,54 +154,11 @@ impl StoreConfig {
     }
 }
 
-/// What the log assigned to an appended event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    pub position: u64,
-    pub id: String,
-    pub created_at: Timestamp,
-}
-
-/// A boxed future, so that [`EventLog`] can be used as a trait object.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// The operations the broker needs from a namespace's log.
-pub trait EventLog: Send + Sync {
-    fn namespace(&self) -> &str;
-
-    /// Appends a batch atomically. Client-supplied ids must not exist yet in the log.
-    fn append(&self, batch: Vec<PendingEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>>;
-
-    /// Up to `max_events` committed events starting at position `from`, in order. It may
-    /// return fewer (it stops at a segment's end or after about 256 KiB), but never none
-    /// while `from` is below the committed watermark; at or past it, none.
-    fn read(
-        &self,
-        from: u64,
-        max_events: usize,
-    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>>;
-
-    /// The committed watermark: the number of committed events, i.e. the next position.
-    fn committed(&self) -> u64;
-
-    /// A receiver that changes whenever the watermark advances.
-    fn watch_committed(&self) -> watch::Receiver<u64>;
-
-    /// The position of the committed event with this id.
-    fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
-
-    /// The position of the first event committed at or after `time`, by the log's own
-    /// commit times (never a `created_at` a client chose); the committed watermark if
-    /// there is none.
-    fn first_committed_at_or_after(
-        &self,
-        time: Timestamp,
-    ) -> BoxFuture<'_, Result<u64, StoreError>>;
-}
-
-/// The logs of all declared namespaces.
+/// The file store: the logs of all declared namespaces, and their consumers' progress,
+/// under one data directory.
 pub struct Store {
     logs: BTreeMap<String, Arc<Log>>,
+    consumers: Arc<FileConsumers>,
 }
 
 impl Store {
@@ -211,7 +176,22 @@ impl Store {
             let log = Log::open(&config.path.join(namespace), namespace, config)?;
             logs.insert(namespace.clone(), Arc::new(log));
         }
-        Ok(Store { logs })
+        Ok(Store {
+            logs,
+            consumers: Arc::new(FileConsumers::new(&config.path)),
+        })
+    }
+
+    /// The store as the rest of the server uses it.
+    pub fn storage(&self) -> Storage {
+        Storage {
+            logs: self
+                .logs
+                .values()
+                .map(|log| Arc::clone(log) as Arc<dyn EventLog>)
+                .collect(),
+            consumers: Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>,
+        }
     }
 
     pub fn log(&self, namespace: &str) -> Option<&Arc<Log>> {

@@ -1,0 +1,220 @@
+//! The storage interface: everything the broker, the HTTP layer and the server need from
+//! a storage backend, and nothing more.
+//!
+//! - [`EventLog`]: one namespace's log — append a batch atomically, read from a position,
+//!   the committed watermark and a way to wait for it, the first retained position, find
+//!   an id or a time, the recent keyed events (to rebuild the deduplication window), and
+//!   its health, statistics and retention.
+//! - [`ConsumerStore`]: durable consumers' progress — load, save, remove, list.
+//! - [`StorageError`]: one backend-neutral error, a [kind](ErrorKind) for the front end to
+//!   answer with and a message with the details for the server's log.
+//!
+//! Two backends implement them: the file store ([`super::Log`], [`super::FileConsumers`],
+//! opened by [`super::Store`]) and the in-memory one ([`super::memory`]), which the
+//! broker's own tests run on. What only a backend has (segments, encryption, recovery
+//! reports, offline inspection) stays behind it. Whatever another backend could not offer
+//! does not belong here.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::consumers::{ConsumerName, ConsumerProgress};
+use crate::event::{PendingEvent, StoredEvent};
+use crate::metrics::Histogram;
+use crate::timestamp::Timestamp;
+
+/// A boxed future, so that the traits can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What kind of failure a storage operation met, whatever the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No room: a full disk, a stream at its limits. Retrying later may work.
+    Full,
+    /// The operation cannot be done now: the storage is closing, stopped after a failure,
+    /// or unreachable.
+    Unavailable,
+    /// What was asked for does not exist.
+    NotFound,
+    /// It contradicts what is stored: an event id that exists, or one of the form the
+    /// store assigns itself.
+    Conflict,
+    /// An event larger than the store can hold.
+    TooLarge,
+    /// Stored data is damaged.
+    Corrupt,
+    /// Anything else.
+    Internal,
+}
+
+/// A failed storage operation: its kind, and what happened, with the file, offset or id a
+/// person needs to act (for the server's log; only conflicts and sizes are the caller's to
+/// read).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StorageError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl StorageError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> StorageError {
+        StorageError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the log assigned to an appended event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub position: u64,
+    pub id: String,
+    pub created_at: Timestamp,
+}
+
+/// A stored event that carries a deduplication key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedEvent {
+    pub subject: String,
+    pub key: String,
+    /// When the store committed it (never a time the client chose).
+    pub committed_at: Timestamp,
+}
+
+/// Counters of a log since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Events in the log.
+    pub events: u64,
+    /// Group commits written (each one write call).
+    pub groups: u64,
+    /// Syncs to stable storage.
+    pub syncs: u64,
+    /// Reads served from storage rather than the in-memory tail.
+    pub disk_reads: u64,
+}
+
+/// How a log's commits went since it was opened.
+pub struct CommitTimings<'a> {
+    /// Events per commit (its count: the commits; its sum: the events appended).
+    pub group_events: &'a Histogram,
+    /// Duration of each sync to stable storage, in µs.
+    pub sync_micros: &'a Histogram,
+}
+
+/// One namespace's log, as the broker, the HTTP layer and the server use it.
+pub trait EventLog: Send + Sync {
+    fn namespace(&self) -> &str;
+
+    /// Appends a batch atomically. Client-supplied ids must not exist yet in the log.
+    fn append(
+        &self,
+        batch: Vec<PendingEvent>,
+    ) -> BoxFuture<'_, Result<Vec<Appended>, StorageError>>;
+
+    /// Up to `max_events` committed events starting at position `from`, in order. It may
+    /// return fewer (it stops at a segment's end or after about 256 KiB), but never none
+    /// while `from` is below the committed watermark; at or past it, none.
+    fn read(
+        &self,
+        from: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StorageError>>;
+
+    /// The committed watermark: the number of committed events, i.e. the next position.
+    fn committed(&self) -> u64;
+
+    /// A receiver that changes whenever the watermark advances.
+    fn watch_committed(&self) -> watch::Receiver<u64>;
+
+    /// The position of the oldest event kept (0 unless retention removed older ones).
+    fn first_position(&self) -> u64;
+
+    /// The position of the committed event with this id.
+    fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StorageError>>;
+
+    /// The position of the first event committed at or after `time`, by the log's own
+    /// commit times (never a `created_at` a client chose); the committed watermark if
+    /// there is none.
+    fn first_committed_at_or_after(
+        &self,
+        time: Timestamp,
+    ) -> BoxFuture<'_, Result<u64, StorageError>>;
+
+    /// Calls `visit` with the events among the last `events` that carry a key of at most
+    /// `max_key_len` bytes, oldest first. Blocking.
+    fn visit_recent_keys(
+        &self,
+        events: u64,
+        max_key_len: usize,
+        visit: &mut dyn FnMut(KeyedEvent),
+    ) -> Result<(), StorageError>;
+
+    /// Why the log takes no appends any more, if it stopped after a failure.
+    fn halted(&self) -> Option<String>;
+
+    fn stats(&self) -> LogStats;
+
+    fn commit_timings(&self) -> CommitTimings<'_>;
+
+    /// What the log takes in storage, in bytes. Blocking.
+    fn stored_bytes(&self) -> Result<u64, StorageError>;
+
+    /// Removes the oldest events while the log holds more than `max_bytes` or they were
+    /// committed longer than `max_age` ago (as whole units of the backend's storage, never
+    /// the one being written); returns the (first position, events) of each unit removed.
+    /// Blocking.
+    fn enforce_retention(
+        &self,
+        max_age: Option<Duration>,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<(u64, u64)>, StorageError>;
+
+    /// Commits what is queued, syncs, and closes: appends fail afterwards, reads go on.
+    fn close(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+}
+
+/// Durable consumers' stored progress, by namespace and name. Every call blocks: call it
+/// from a blocking thread.
+pub trait ConsumerStore: Send + Sync {
+    fn load(
+        &self,
+        namespace: &str,
+        name: &ConsumerName,
+    ) -> Result<Option<ConsumerProgress>, StorageError>;
+
+    /// Replaces the stored progress atomically: after a crash, the old or the new.
+    fn save(
+        &self,
+        namespace: &str,
+        name: &ConsumerName,
+        progress: &ConsumerProgress,
+    ) -> Result<(), StorageError>;
+
+    /// Forgets a consumer (nothing to do if it has no stored progress).
+    fn remove(&self, namespace: &str, name: &ConsumerName) -> Result<(), StorageError>;
+
+    /// Every stored consumer of the namespace, by name; damaged entries are left out (and
+    /// logged).
+    fn list(&self, namespace: &str) -> Result<Vec<(ConsumerName, ConsumerProgress)>, StorageError>;
+}
+
+/// A backend opened for the declared namespaces: what the server hands to the broker.
+#[derive(Clone)]
+pub struct Storage {
+    pub logs: Vec<Arc<dyn EventLog>>,
+    pub consumers: Arc<dyn ConsumerStore>,
+}
+
+impl Storage {
+    /// The log of `namespace`.
+    pub fn log(&self, namespace: &str) -> Option<&Arc<dyn EventLog>> {
+        self.logs.iter().find(|log| log.namespace() == namespace)
+    }
+}
