@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use bus::store::segment::{log_header, scan_bytes};
+use bus::store::log_header::log_header;
+use bus::store::scan::scan_bytes;
 use bus::store::Cipher;
 use libfuzzer_sys::fuzz_target;
 

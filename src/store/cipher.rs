@@ -33,7 +33,7 @@ use crypto_secretbox::{Key, Nonce, Tag, XSalsa20Poly1305};
 use sha2::{Digest, Sha256};
 
 use super::error::StoreError;
-use super::segment;
+use super::record;
 
 /// Bytes before the sealed part of a frame: length word, offset hint, nonce, tag.
 pub const FRAME_HEADER_LEN: usize = 4 + 8 + 24 + 16;
@@ -297,12 +297,12 @@ pub fn decrypt_segment(cipher: &Cipher, base: u64, bytes: &[u8], header_len: usi
                 break;
             }
             None if bytes.len() - at < FRAME_HEADER_LEN => {
-                let reason = segment::tail_reason(&bytes[at..], "block header is cut short");
+                let reason = record::tail_reason(&bytes[at..], "block header is cut short");
                 found.damage = Some((at as u64, reason));
                 break;
             }
             None => {
-                let reason = segment::tail_reason(&bytes[at..], "block header is damaged");
+                let reason = record::tail_reason(&bytes[at..], "block header is damaged");
                 found.damage = Some((at as u64, reason));
                 break;
             }

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 
 use super::cipher::{self, Cipher, FrameEnd};
 use super::error::{IoContext, StoreError};
-use super::log::{check_key, LOCK_FILE};
+use super::index_files::{self, TimesFile};
+use super::log_header::{check_log_header, LOG_HEADER_LEN};
 use super::meta::{Meta, META_FILE};
-use super::segment::{
-    self, check_log_header, check_record, RecordCheck, SegmentPaths, LOG_HEADER_LEN,
-    RECORD_HEADER_LEN,
-};
+use super::record::{self, check_record, RecordCheck, RECORD_HEADER_LEN};
+use super::recovery::{check_key, LOCK_FILE};
+use super::segment::{self, SegmentPaths};
 use crate::event::JsonLayout;
 
 /// The namespaces whose logs are under a data directory, sorted.
@@ -403,7 +403,7 @@ impl LogFiles {
             }
             let ends: Vec<u64> = walk.records.iter().map(|r| r.end).collect();
             let index = SegmentPaths::new(&self.dir, segment.base).index;
-            match segment::read_index(&index, segment.base) {
+            match index_files::read_index(&index, segment.base) {
                 Some(entries) if entries == ends => {}
                 // The server rebuilds the active segment's index from its records, and a
                 // sealed one's when its length or last entry is wrong.
@@ -426,7 +426,7 @@ impl LogFiles {
             }
             if let (Some(frames), false) = (&loaded.frames, is_last) {
                 let map = SegmentPaths::new(&self.dir, segment.base).frames;
-                match segment::read_frames_file(&map, segment.base) {
+                match index_files::read_frames_file(&map, segment.base) {
                     Some(stored) if stored == *frames => {}
                     Some(stored) if stored.last() == frames.last() => found.damage.push(Damage {
                         file: map,
@@ -480,20 +480,20 @@ fn check_times(
         offset: 0,
         reason,
     };
-    let entries = match segment::read_times_file(path, base)? {
+    let entries = match index_files::read_times_file(path, base)? {
         // Sealed by a version before commit times: their created_at stands in.
-        segment::TimesFile::Missing if !is_last => return Ok(None),
-        segment::TimesFile::Missing => {
+        TimesFile::Missing if !is_last => return Ok(None),
+        TimesFile::Missing => {
             found.repairable.push(problem(
                 "the commit times are missing (the server creates them when it opens the log, dating these events by that time)".into(),
             ));
             return Ok(None);
         }
-        segment::TimesFile::Malformed => Vec::new(),
-        segment::TimesFile::Entries(entries) => entries,
+        TimesFile::Malformed => Vec::new(),
+        TimesFile::Entries(entries) => entries,
     };
     let floor = previous.map(crate::timestamp::Timestamp::from_unix_nanos);
-    let believable = segment::valid_times(&entries, floor);
+    let believable = index_files::valid_times(&entries, floor);
     if is_last {
         if entries.len() != events || believable < events {
             found.repairable.push(problem(format!(
@@ -513,7 +513,7 @@ fn check_times(
     if believable < events {
         found.damage.push(Damage {
             file: path.to_owned(),
-            offset: segment::times_entry_offset(believable as u64),
+            offset: index_files::times_entry_offset(believable as u64),
             reason: "commit time goes backwards (or is not a time); delete this .tim file so that the server judges this segment by its events' created_at".into(),
         });
         return Ok(None);
@@ -586,8 +586,8 @@ fn walk_records(bytes: &[u8], segment: &SegmentFile, encrypted: bool) -> Result<
             RecordCheck::Truncated => "record is cut short",
             RecordCheck::Damaged => "record checksum mismatch",
         };
-        let reason = segment::tail_reason(&bytes[at..], reason);
-        let valid_after_damage = segment::find_valid_record_after(bytes, at as u64).is_some();
+        let reason = record::tail_reason(&bytes[at..], reason);
+        let valid_after_damage = record::find_valid_record_after(bytes, at as u64).is_some();
         return Ok(Walk {
             records,
             damage: Some(Damage {

@@ -30,10 +30,15 @@
 //! subscriptions.
 //!
 //! Layout: [`api`] the interface, [`consumers`] durable consumers' progress,
-//! [`progress_files`] its files, [`segment`] the file formats, [`log`] opening, recovery and reads,
+//! [`progress_files`] its files. A namespace's log: [`log`] the handle (open, append, read,
+//! close), [`shared`] the state its readers and its writer share (and the reads over it),
+//! [`recovery`] opening and recovering its files, [`retention`] deleting old segments,
 //! [`writer`] the single writer thread with group commit, [`tail`] the in-memory tail of
-//! recent events, [`meta`] the per-namespace metadata, [`ids`] the event ids; [`inspect`]
-//! reads a log's files directly for the offline tools.
+//! recent events, [`meta`] the per-namespace metadata, [`ids`] the event ids. Its files:
+//! [`segment`] a segment and reads from it, [`log_header`] and [`record`] the `.log`
+//! format, [`index_files`] the `.idx`, `.tim`, `.ids` and `.frm` files, [`scan`] reading a
+//! whole segment for recovery, [`cipher`] encryption at rest. [`inspect`] reads a log's
+//! files directly for the offline tools.
 
 pub mod api;
 pub mod cipher;
@@ -41,12 +46,19 @@ pub mod consumers;
 pub mod error;
 pub mod ids;
 mod inbox;
+pub mod index_files;
 pub mod inspect;
 pub mod log;
+pub mod log_header;
 pub mod memory;
 pub mod meta;
 pub mod progress_files;
+pub mod record;
+mod recovery;
+mod retention;
+pub mod scan;
 pub mod segment;
+mod shared;
 pub mod tail;
 mod writer;
 
@@ -57,10 +69,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 pub use self::api::{
-    Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent,
-    LogStats, Storage, StorageError,
+    Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent, LogStats,
+    Storage, StorageError,
 };
 pub use self::cipher::Cipher;
 pub use self::consumers::{ConsumerName, ConsumerProgress, Owner};

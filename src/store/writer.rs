@@ -49,9 +49,12 @@ use tokio::sync::oneshot;
 use super::cipher::FrameEnd;
 use super::error::{IoContext, StoreError};
 use super::inbox::{Inbox, Taken};
-use super::log::Shared;
+use super::index_files::{index_entry_offset, times_entry_offset};
+use super::log_header::LOG_HEADER_LEN;
 use super::meta::Meta;
-use super::segment::{self, ActiveFiles, Segment, LOG_HEADER_LEN, RECORD_HEADER_LEN};
+use super::record::{self, RECORD_HEADER_LEN};
+use super::segment::{ActiveFiles, Segment};
+use super::shared::Shared;
 use super::tail::Tail;
 use super::{ids, Appended, FsyncPolicy, StoreConfig};
 use crate::event::{self, JsonLayout, PendingEvent};
@@ -391,10 +394,10 @@ impl Writer {
                     Some(t) => t.format(),
                     None => created_text,
                 };
-                let start = segment::begin_record(&mut self.records);
+                let start = record::begin_record(&mut self.records);
                 let layout =
                     pending.write_json(&mut self.records, &id, &created_at_text, position as i64);
-                segment::finish_record(&mut self.records, start, i < last);
+                record::finish_record(&mut self.records, start, i < last);
                 let end = self.log_len + self.records.len() as u64;
                 self.index.extend_from_slice(&end.to_le_bytes());
                 self.times.extend_from_slice(&commit_time);
@@ -544,11 +547,11 @@ impl Writer {
         }
         self.files
             .index
-            .write_all_at(&self.index, segment::index_entry_offset(self.count))
+            .write_all_at(&self.index, index_entry_offset(self.count))
             .context(|| format!("writing {}", self.active.paths.index.display()))?;
         self.files
             .times
-            .write_all_at(&self.times, segment::times_entry_offset(self.count))
+            .write_all_at(&self.times, times_entry_offset(self.count))
             .context(|| format!("writing {}", self.active.paths.times.display()))
     }
 
@@ -601,12 +604,8 @@ impl Writer {
     fn undo_group(&mut self, cause: &str) {
         self.file_len = self.disk_len;
         let undo = self.files.log.set_len(self.disk_len).and_then(|()| {
-            self.files
-                .index
-                .set_len(segment::index_entry_offset(self.count))?;
-            self.files
-                .times
-                .set_len(segment::times_entry_offset(self.count))
+            self.files.index.set_len(index_entry_offset(self.count))?;
+            self.files.times.set_len(times_entry_offset(self.count))
         });
         if let Err(e) = undo {
             self.halt(&format!(
@@ -717,7 +716,7 @@ fn check_sizes(events: &[PendingEvent], position: u64) -> Result<(), StoreError>
     for (i, pending) in events.iter().enumerate() {
         let id_len = pending.client_id().map_or(ids::NATIVE_ID_LEN, str::len);
         let index = i64::try_from(position + i as u64).unwrap_or(i64::MAX);
-        segment::check_body_len(pending.json_len(id_len, index))?;
+        record::check_body_len(pending.json_len(id_len, index))?;
     }
     Ok(())
 }
