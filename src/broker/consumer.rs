@@ -66,7 +66,7 @@ use crate::subject::Pattern;
 pub enum Input {
     Join {
         member: u64,
-        window: usize,
+        max_inflight: usize,
         deliveries: mpsc::Sender<Delivery>,
     },
     Leave {
@@ -192,7 +192,7 @@ struct Pending {
 }
 
 struct Member {
-    window: usize,
+    max_inflight: usize,
     in_flight: usize,
     /// Bytes of the frames it holds.
     bytes: usize,
@@ -203,7 +203,7 @@ impl Member {
     /// Events it may be handed now, and bytes of them (the first is handed whatever its
     /// size).
     fn room(&self, max_bytes: usize) -> (usize, usize) {
-        let events = self.window.saturating_sub(self.in_flight);
+        let events = self.max_inflight.saturating_sub(self.in_flight);
         let bytes = match (events, self.in_flight) {
             (0, _) => 0,
             (_, 0) => max_bytes.max(1),
@@ -643,13 +643,13 @@ impl Dispatcher {
         match input {
             Input::Join {
                 member,
-                window,
+                max_inflight,
                 deliveries,
             } => {
                 self.members.insert(
                     member,
                     Member {
-                        window: window.max(1),
+                        max_inflight: max_inflight.max(1),
                         in_flight: 0,
                         bytes: 0,
                         deliveries,
@@ -1308,14 +1308,14 @@ mod tests {
             .expect("publish");
     }
 
-    fn manual(consumer: Option<&str>, window: usize) -> SubscribeRequest {
+    fn manual(consumer: Option<&str>, max_inflight: usize) -> SubscribeRequest {
         SubscribeRequest {
             pattern: Pattern::parse("orders.>").expect("pattern"),
             start: Start::Oldest,
             ack: AckMode::Manual {
                 redelivery: Duration::from_secs(60),
                 max_deliveries: None,
-                window,
+                max_inflight,
             },
             until_now: false,
             owner: None,
@@ -1590,7 +1590,7 @@ mod tests {
 
     fn request(
         consumer: Option<&str>,
-        window: usize,
+        max_inflight: usize,
         redelivery: Duration,
         max: Option<u32>,
     ) -> SubscribeRequest {
@@ -1598,9 +1598,9 @@ mod tests {
             ack: AckMode::Manual {
                 redelivery,
                 max_deliveries: max,
-                window,
+                max_inflight,
             },
-            ..manual(consumer, window)
+            ..manual(consumer, max_inflight)
         }
     }
 
@@ -1659,7 +1659,7 @@ mod tests {
         let pending = listed(&broker, "big").pending as usize;
         assert!(
             pending <= fit + (256 << 10) / size + 1,
-            "{pending} events pending for a window of {fit}"
+            "{pending} events pending for a max_inflight of {fit}"
         );
         assert!(broker.ack(&member.consumer_id, vec![held[0].id().to_owned()]));
         let next = drain(&mut member).await;

@@ -116,7 +116,7 @@ fn storage_error(error: &StorageError) -> ApiError {
         ErrorKind::Conflict => return ApiError::conflict(&error.message),
         ErrorKind::Full => (
             StatusCode::INSUFFICIENT_STORAGE,
-            "the server's storage is full (its disk, or its limits); the events were not stored",
+            "the server's disk is full; the events were not stored: retry once space is freed",
         ),
         ErrorKind::Unavailable => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -30,8 +30,8 @@ use super::error::{unavailable, ApiError};
 use super::query::Params;
 use super::{AppState, HEADER_CONSUMER_ID};
 use crate::broker::{
-    AckMode, ConsumerName, Delivery, Start, SubscribeRequest, DEFAULT_REDELIVERY,
-    DEFAULT_REDELIVERY_COUNT, MAX_REDELIVERY, MAX_WINDOW,
+    AckMode, ConsumerName, Delivery, Start, SubscribeRequest, DEFAULT_MAX_DELIVERIES,
+    DEFAULT_REDELIVERY, MAX_INFLIGHT, MAX_REDELIVERY,
 };
 use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
@@ -121,20 +121,20 @@ pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRe
         },
     };
     let redelivery_count = match param("redelivery_count")? {
-        "" => DEFAULT_REDELIVERY_COUNT,
+        "" => DEFAULT_MAX_DELIVERIES,
         text => text.parse::<i64>().map_err(|_| {
             ApiError::bad_request(format!(
                 "redelivery_count: {text:?} is not an integer (<= 0 means unlimited)"
             ))
         })?,
     };
-    let window = match param("max_inflight")? {
+    let max_inflight = match param("max_inflight")? {
         "" => 1,
         text => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_WINDOW).contains(&n) => n,
+            Ok(n) if (1..=MAX_INFLIGHT).contains(&n) => n,
             _ => {
                 return Err(ApiError::bad_request(format!(
-                    "max_inflight: {text:?} is not a number from 1 to {MAX_WINDOW}"
+                    "max_inflight: {text:?} is not a number from 1 to {MAX_INFLIGHT}"
                 )))
             }
         },
@@ -145,7 +145,7 @@ pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRe
             redelivery,
             max_deliveries: (redelivery_count > 0)
                 .then(|| u32::try_from(redelivery_count).unwrap_or(u32::MAX)),
-            window,
+            max_inflight,
         },
         other => {
             return Err(ApiError::bad_request(format!(

@@ -1,0 +1,203 @@
+//! Opening subscriptions: following a log (`ack=none`), an inbox, or a manual-ack consumer
+//! — an ephemeral one here, a durable one through [`super::durable`]. A manual-ack
+//! connection's stream holds its registration: when it is dropped, the connection leaves
+//! its consumer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::consumer::{self, Dispatcher, Input};
+use super::subscription;
+use super::{
+    random_id, AckMode, Broker, BrokerError, Delivery, Pattern, Registration, Start,
+    SubscribeRequest, Subscription, INBOX_NAMESPACE, MAX_INFLIGHT,
+};
+use crate::store::EventLog;
+
+impl Broker {
+    /// Opens a subscription. Its stream starts right away; a start id that does not exist
+    /// is reported as the stream's only delivery, an [`Delivery::Error`]. Attaching to a
+    /// durable consumer that is not running reads its stored progress first (on the
+    /// blocking pool), since whether the caller may attach, and with which pattern, is
+    /// stored there.
+    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, BrokerError> {
+        let consumer_id = random_id("c_");
+        let shutdown = self.shutdown.subscribe();
+        let namespace = if request.pattern.is_inbox() {
+            INBOX_NAMESPACE
+        } else {
+            request.pattern.namespace()
+        };
+        let delivered = self.delivered.get(namespace).cloned().unwrap_or_default();
+        let count = move |delivery: &Delivery| {
+            if let Delivery::Events(events) = delivery {
+                delivered.fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+        };
+        if request.pattern.is_inbox() {
+            let inbox = self.inboxes.subscribe(request.pattern.as_str());
+            return Ok(Subscription {
+                consumer_id,
+                deliveries: Box::pin(subscription::inbox(inbox, shutdown).inspect(count)),
+            });
+        }
+        let log = Arc::clone(
+            self.log(request.pattern.namespace())
+                .map_err(BrokerError::Invalid)?,
+        );
+        // "newest" means: what is published from now on.
+        let start = match &request.start {
+            Start::Newest => subscription::From::Position(log.committed()),
+            Start::Oldest => subscription::From::Position(log.first_position()),
+            Start::After(id) => subscription::From::After(id.clone()),
+            Start::Position(position) => subscription::From::Position(*position),
+            Start::Time(time) => subscription::From::Time(*time),
+        };
+        let stop_at = request.until_now.then(|| log.committed());
+        let AckMode::Manual {
+            redelivery,
+            max_deliveries,
+            max_inflight,
+        } = request.ack
+        else {
+            let deliveries = subscription::follow(log, request.pattern, start, stop_at, shutdown);
+            return Ok(Subscription {
+                consumer_id,
+                deliveries: Box::pin(deliveries.inspect(count)),
+            });
+        };
+        let redelivery = consumer::Redelivery {
+            every: redelivery,
+            max_deliveries,
+        };
+        let max_inflight = max_inflight.clamp(1, MAX_INFLIGHT);
+        let member = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let (member_tx, member_rx) = mpsc::channel(max_inflight);
+        let join = Input::Join {
+            member,
+            max_inflight,
+            deliveries: member_tx.clone(),
+        };
+        let inputs = match &request.consumer {
+            None => {
+                let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
+                let _ = inputs.try_send(join);
+                self.spawn_ephemeral(
+                    log,
+                    request.pattern.clone(),
+                    start,
+                    stop_at,
+                    redelivery,
+                    receiver,
+                    member_tx,
+                );
+                inputs
+            }
+            Some(name) => {
+                if request.until_now {
+                    return Err(BrokerError::Invalid(
+                        "until=now cannot be combined with consumer=: a durable consumer has no end".into(),
+                    ));
+                }
+                self.attach(&log, name, &request, start, redelivery, join, member_tx)
+                    .await?
+            }
+        };
+        let registration = self.acks.register(
+            &consumer_id,
+            member,
+            namespace,
+            request.owner.clone(),
+            request.zone.clone(),
+            inputs.clone(),
+        );
+        let leave = LeaveOnDrop {
+            inputs,
+            member,
+            _registration: registration,
+        };
+        let deliveries =
+            futures_util::stream::unfold((member_rx, leave), |(mut rx, leave)| async move {
+                let delivery = rx.recv().await?;
+                Some((delivery, (rx, leave)))
+            });
+        Ok(Subscription {
+            consumer_id,
+            deliveries: Box::pin(deliveries.inspect(count)),
+        })
+    }
+
+    /// Starts an ephemeral consumer's dispatcher; an error opening it (an unknown start
+    /// id) goes to its member.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_ephemeral(
+        &self,
+        log: Arc<dyn EventLog>,
+        pattern: Pattern,
+        from: subscription::From,
+        stop_at: Option<u64>,
+        redelivery: consumer::Redelivery,
+        inputs: mpsc::Receiver<Input>,
+        member: mpsc::Sender<Delivery>,
+    ) {
+        let shutdown = self.shutdown.subscribe();
+        let redeliveries = Arc::clone(&self.redeliveries);
+        let confirmations = Arc::clone(&self.confirmations);
+        let max_bytes = self.max_inflight_bytes;
+        self.run_dispatcher(async move {
+            let opened = Dispatcher::open(
+                log,
+                pattern,
+                from,
+                stop_at,
+                redelivery,
+                max_bytes,
+                inputs,
+                shutdown,
+                None,
+                redeliveries,
+                confirmations,
+            )
+            .await;
+            match opened {
+                Ok(dispatcher) => dispatcher.run().await,
+                Err(message) => {
+                    let _ = member.send(Delivery::Error(message)).await;
+                }
+            }
+        });
+    }
+
+    /// Runs a dispatcher on its own task, awaited at shutdown.
+    pub(super) fn run_dispatcher(
+        &self,
+        dispatcher: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let task = tokio::spawn(dispatcher);
+        let mut dispatchers = self.dispatchers.lock().unwrap_or_else(|p| p.into_inner());
+        dispatchers.retain(|task| !task.is_finished());
+        dispatchers.push(task);
+    }
+}
+
+/// Held by a manual-ack connection's stream: when the stream is dropped (the client left
+/// or the server shut down), its consumer id stops taking acks and its dispatcher hands
+/// what it held to others.
+struct LeaveOnDrop {
+    inputs: mpsc::Sender<Input>,
+    member: u64,
+    _registration: Registration,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        // A full queue means a busy dispatcher, which notices the closed stream on its
+        // next delivery to it.
+        let _ = self.inputs.try_send(Input::Leave {
+            member: self.member,
+        });
+    }
+}
