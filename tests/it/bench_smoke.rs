@@ -2,10 +2,9 @@
 //! work and prints its JSON object. (The figures themselves are in BENCHMARKS.md; tests
 //! never assert timings.)
 
-mod common;
-
-use common::cli::run;
 use serde_json::Value;
+
+use crate::common::cli::run;
 
 fn bench(args: &[&str]) -> Value {
     let mut all = vec!["bench"];

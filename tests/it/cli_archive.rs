@@ -1,14 +1,13 @@
 //! `bus dump`, `bus restore`, `bus copy` and `bus debug` as real processes, on real
 //! servers and real data directories with several segments.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::cli::*;
-use common::process::ServerProcess;
 use serde_json::{json, Value};
+
+use crate::common::cli::*;
+use crate::common::process::ServerProcess;
 
 fn host(server: &ServerProcess) -> String {
     server.url.trim_end_matches('/').to_owned()

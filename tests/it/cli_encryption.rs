@@ -2,13 +2,11 @@
 //! restarts and key mistakes, resuming by id, and `copy` plain → encrypted → plain with
 //! `dump` and `debug` reading encrypted directories.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::cli::*;
-use common::process::{bus, ServerProcess};
+use crate::common::cli::*;
+use crate::common::process::{bus, ServerProcess};
 
 const KEY: &str = "a secret of some length";
 

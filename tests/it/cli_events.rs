@@ -2,13 +2,13 @@
 //! trip, payload sources, confirmations and request/reply with `get --ack auto` workers,
 //! manual acks, reconnecting across a server restart, and exit codes.
 
-mod common;
-
 use std::time::Duration;
 
-use common::cli::*;
-use common::process::ServerProcess;
 use serde_json::Value;
+
+use crate::common;
+use crate::common::cli::*;
+use crate::common::process::ServerProcess;
 
 fn host(server: &ServerProcess) -> String {
     server.url.trim_end_matches('/').to_owned()

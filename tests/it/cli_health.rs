@@ -8,14 +8,12 @@
 //! `ca.pem`; `public-name-cert.pem` is for bus.example.com only, signed by
 //! `public-name-ca.pem` (valid until 2126; their keys protect nothing).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::cli::{free_port, run_with_env, Run};
-use common::process::{bus, ServerProcess};
+use crate::common::cli::{free_port, run_with_env, Run};
+use crate::common::process::{bus, ServerProcess};
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

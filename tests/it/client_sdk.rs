@@ -5,17 +5,17 @@
 //! end. (Each public item's own behaviour is covered by the runnable examples in its
 //! rustdoc.)
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bus::client::{
     Client, ClientError, Event, NewEvent, Received, Start, SubscribeOptions, Subscription,
 };
-use common::http::TestServer;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common;
+use crate::common::http::TestServer;
 
 /// A server with the namespace `app` on `addr`.
 async fn start_server(data: &Path, addr: &str) -> TestServer {

@@ -1,13 +1,11 @@
 //! The Rust examples (`examples/*.rs`, which `cargo test` builds) run against a real
 //! server and do what they say.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::backends::Backend;
-use common::process::ServerProcess;
+use crate::common::backends::Backend;
+use crate::common::process::ServerProcess;
 
 /// An example's binary, next to this test's in the target directory.
 fn example(name: &str) -> PathBuf {

@@ -2,13 +2,12 @@
 //! query parameter, checked on every endpoint; only a consumer's own token acks for it;
 //! tokens never reach the log; allowed origins.
 
-mod common;
-
 use std::time::Duration;
 
-use common::cli::{free_port, run_with_env, Background};
-use common::http::*;
 use serde_json::json;
+
+use crate::common::cli::{free_port, run_with_env, Background};
+use crate::common::http::*;
 
 const AUTH_FILE: &str = "\
 # token          namespaces     operations

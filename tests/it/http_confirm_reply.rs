@@ -2,12 +2,11 @@
 //! (no inbox handling on the client): `confirm=N`, `confirm_zones=K`, `reply=1`, and a
 //! worker replying in the same call as its ack.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::http::*;
 use serde_json::{json, Value};
+
+use crate::common::http::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

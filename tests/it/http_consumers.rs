@@ -2,13 +2,12 @@
 //! redelivery, negative acks, durable consumers across reconnects and restarts, queue
 //! groups, dead letters, and the admin endpoints.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::http::*;
 use serde_json::{json, Value};
+
+use crate::common::http::*;
 
 const QUIET: Duration = Duration::from_millis(400);
 const WAIT: Duration = Duration::from_secs(10);

@@ -1,12 +1,11 @@
 //! Inbox subjects (`_bus_.…`) and the request/reply and confirmation flows over plain
 //! HTTP; and the CORS headers every response carries.
 
-mod common;
-
 use std::time::Duration;
 
-use common::http::*;
 use serde_json::json;
+
+use crate::common::http::*;
 
 async fn server() -> (tempfile::TempDir, TestServer) {
     let data = tempfile::tempdir().unwrap();

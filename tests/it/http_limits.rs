@@ -2,14 +2,13 @@
 //! (413, 400, 431, 408, 503 with Retry-After), slow and idle connections are closed, and
 //! the server keeps serving everyone else afterwards.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::http::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::common::http::*;
 
 /// Sends raw bytes on a new connection and returns everything the server sends back
 /// until it closes the connection (or `wait` passes).

@@ -2,12 +2,11 @@
 //! interval, giving up after `redelivery_count` deliveries, acks of redelivered copies,
 //! unlimited redelivery, and the validation of acks.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::http::*;
 use serde_json::json;
+
+use crate::common::http::*;
 
 const MANUAL: &str = "subject=app.jobs&start=oldest&ack=manual&redelivery=300ms";
 

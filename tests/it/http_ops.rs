@@ -1,13 +1,12 @@
 //! The operators' endpoints over real HTTP: liveness, readiness, Prometheus metrics that
 //! count what really happened, and JSON logs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::cli::{free_port, Background};
-use common::http::*;
 use serde_json::json;
+
+use crate::common::cli::{free_port, Background};
+use crate::common::http::*;
 
 /// The value of one sample line (`name{labels} value`) of a metrics text.
 fn sample(metrics: &str, series: &str) -> f64 {

@@ -1,12 +1,11 @@
 //! `POST /` over real HTTP: response headers, validation and its plain-text errors,
 //! deduplication, batches, and payloads of every JSON type coming back byte for byte.
 
-mod common;
-
 use std::time::Duration;
 
-use common::http::*;
 use serde_json::{json, Value};
+
+use crate::common::http::*;
 
 async fn server() -> (tempfile::TempDir, TestServer) {
     let data = tempfile::tempdir().unwrap();

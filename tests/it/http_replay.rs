@@ -1,12 +1,11 @@
 //! Replay from a log position (`start_index`) and from a time (`start_time`), over real
 //! HTTP, including times before the first and after the last event.
 
-mod common;
-
 use std::time::Duration;
 
-use common::http::*;
 use serde_json::json;
+
+use crate::common::http::*;
 
 /// Payload numbers of what `query` (with `until=now`) delivers.
 async fn replay(server: &TestServer, query: &str) -> Vec<i64> {

@@ -3,15 +3,14 @@
 //! failing, requests for removed history start at the oldest kept event, a restart keeps
 //! the retained range, and `bus debug` shows it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::cli::run;
-use common::http::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
+
+use crate::common::cli::run;
+use crate::common::http::*;
 
 const SMALL_SEGMENTS: [&str; 2] = ["--segment-size", "4096"];
 

@@ -4,14 +4,13 @@
 //! (acks without the grant, HEAD with side effects, repeated parameters, consumer ids in
 //! the log).
 
-mod common;
-
 use std::time::Duration;
 
-use common::cli::{free_port, Background};
-use common::http::*;
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::common::cli::{free_port, Background};
+use crate::common::http::*;
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -2,12 +2,11 @@
 //! format, keep-alive pings, catching up to live under concurrent publishing without a
 //! gap or a duplicate, slow readers, and streams ending cleanly at shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::http::*;
 use serde_json::{json, Value};
+
+use crate::common::http::*;
 
 async fn server_with(args: &[&str]) -> (tempfile::TempDir, TestServer) {
     let data = tempfile::tempdir().unwrap();

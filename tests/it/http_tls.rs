@@ -5,21 +5,21 @@
 //! The fixtures in tests/fixtures/tls are a test CA and a localhost certificate it signed
 //! (valid until 2126); their keys protect nothing.
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bus::client::{Client, ClientError, NewEvent, Received, Start, SubscribeOptions};
 use bus::config::ServerConfig;
-use common::http::*;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{crypto::ring, ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
+
+use crate::common;
+use crate::common::http::*;
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

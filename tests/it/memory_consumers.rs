@@ -11,19 +11,19 @@
 //! their figures; `MEASURE_BUS_BIN` runs them against another build of `bus`:
 //!
 //! ```sh
-//! cargo test --release --test memory_consumers -- --ignored --nocapture --test-threads 1
+//! cargo test --release --test it memory_consumers:: -- --ignored --nocapture --test-threads 1
 //! ```
-
-mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::http::Sse;
-use common::process::{bus, ServerProcess};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+
+use crate::common;
+use crate::common::http::Sse;
+use crate::common::process::{bus, ServerProcess};
 
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(10);

@@ -8,15 +8,14 @@
 //! it maps; the in-memory tail of recent events (`--tail-size`, bounded by design) is
 //! kept small so that what is measured is the bound under test.
 
-mod common;
-
 use std::io::Write;
 use std::time::Duration;
 
-use common::cli::run;
-use common::http::Sse;
-use common::process::ServerProcess;
 use serde_json::json;
+
+use crate::common::cli::run;
+use crate::common::http::Sse;
+use crate::common::process::ServerProcess;
 
 const MIB: u64 = 1 << 20;
 

@@ -7,16 +7,16 @@
 //! The bounds asserted are the documented ones (HTTP_API.md, Limits) with headroom for
 //! a debug build on a loaded machine; the figures they come from are in BENCHMARKS.md.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bus::http::publish::{PUBLISH_BYTES_PER_BODY_BYTE, PUBLISH_BYTES_PER_EVENT};
 use bus::http::subscribe::STREAM_MEMORY;
-use common::process::ServerProcess;
 use reqwest::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::common;
+use crate::common::process::ServerProcess;
 
 const MIB: u64 = 1 << 20;
 /// The default `--max-body`.

@@ -1,11 +1,9 @@
 //! The curl tour of README.md, run as written against a real server: every command in it
 //! must work.
 
-mod common;
-
 use std::process::Command;
 
-use common::process::ServerProcess;
+use crate::common::process::ServerProcess;
 
 #[test]
 fn the_readme_curl_tour_works() {

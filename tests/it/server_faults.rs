@@ -3,15 +3,14 @@
 //! publisher's order, and subscribers resuming with Last-Event-ID see no gap and no
 //! duplicate.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::cli::{free_port, Background};
-use common::http::{Frame, Sse};
 use serde_json::json;
+
+use crate::common::cli::{free_port, Background};
+use crate::common::http::{Frame, Sse};
 
 const PUBLISHERS: u64 = 8;
 const SUBSCRIBERS: usize = 4;

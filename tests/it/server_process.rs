@@ -3,14 +3,13 @@
 //! reads its settings from flags and `BUS_*` variables, refuses bad settings with a
 //! message naming them, and refuses a second server on the same directory.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::process::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+
+use crate::common::process::*;
 
 fn clean_end(data: &Path, namespace: &str) -> Option<u64> {
     let text = std::fs::read_to_string(data.join(namespace).join("meta.json")).unwrap();

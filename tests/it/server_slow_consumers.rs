@@ -2,14 +2,13 @@
 //! else down: a real server process, 100 subscribers that never read, one that keeps up,
 //! and the server's resident memory read from /proc.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::cli::{free_port, Background};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
+
+use crate::common::cli::{free_port, Background};
 
 const SLOW: usize = 100;
 const EVENTS: usize = 30_000;

@@ -5,16 +5,15 @@
 //! Repeated on the same directory, so recovery also runs on recovered logs; and again
 //! with the log encrypted.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const RUNS: u64 = 4;
 const TASKS: u64 = 8;
@@ -129,7 +128,7 @@ fn crash_and_verify(secret: Option<&str>) {
             .args([
                 "--ignored",
                 "--exact",
-                "crash_child",
+                "store_crash::crash_child",
                 "--nocapture",
                 "--test-threads=1",
             ])

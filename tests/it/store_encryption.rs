@@ -2,13 +2,12 @@
 //! segments, the three key mistakes, tampering, resuming by id, torn writes, and nothing
 //! readable in the files.
 
-mod common;
-
 use std::path::Path;
 
 use bus::store::{Cipher, Log, StoreConfig, StoreError};
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const SECRET: &str = "correct horse battery staple";
 

@@ -2,12 +2,11 @@
 //! duplicates), reopens, reads and id lookups, on logs with tiny segments, always agree
 //! with a plain in-memory list of events.
 
-mod common;
-
 use bus::store::{Log, StoreError};
-use common::*;
 use proptest::prelude::*;
 use serde_json::json;
+
+use crate::common::*;
 
 #[derive(Debug, Clone)]
 enum Op {

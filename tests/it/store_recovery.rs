@@ -2,8 +2,6 @@
 //! names the file and the bytes dropped; damage before the tail stops the open with an
 //! error naming file and offset; nothing is skipped silently.
 
-mod common;
-
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -11,8 +9,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bus::store::{Log, StoreError};
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const SEGMENT: u64 = 1 << 20;
 

@@ -1,14 +1,13 @@
 //! Concurrent appends (single events and batches) survive a reopen byte for byte, with
 //! gapless positions, each publisher's order kept and every batch contiguous.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bus::store::{Appended, Log};
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const TASKS: u64 = 16;
 const ROUNDS: u64 = 30;

@@ -1,12 +1,11 @@
 //! Segment rolling, reads across segment boundaries, and finding events by position and
 //! by id (server-assigned and client-supplied) after a reopen.
 
-mod common;
-
 use bus::store::{Appended, StoreError};
 use bus::timestamp::Timestamp;
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const TINY: u64 = 700;
 

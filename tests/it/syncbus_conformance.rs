@@ -4,8 +4,6 @@
 //! runs against the in-memory bus, `BusSyncBus` over a real server, and NATS and Redis
 //! where their servers are installed.
 
-mod common;
-
 use std::time::Duration;
 
 use bus::client::Client;
@@ -13,9 +11,10 @@ use bus::syncbus::{
     BusSyncBus, InMemoryBus, KeySubscription, NatsSyncBus, PublishOptions, RedisSyncBus, SyncBus,
     SyncError,
 };
-use common::backends::Backend;
-use common::http::TestServer;
 use futures_util::StreamExt;
+
+use crate::common::backends::Backend;
+use crate::common::http::TestServer;
 
 const WAIT: Duration = Duration::from_secs(5);
 const SHORT: Duration = Duration::from_millis(300);
