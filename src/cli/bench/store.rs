@@ -1,5 +1,3 @@
-//! `bus bench`: measurements of the bus on this machine.
-//!
 //! `bus bench store` drives the storage engine directly (no HTTP): concurrent tasks append
 //! events to a fresh log under the chosen fsync policy, then the log is reopened and read
 //! back in order, which is what a subscriber starting from the oldest event does. Every
@@ -10,45 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand};
+use clap::Args;
 
-use super::bench_http;
-use crate::config::parse_size;
+use super::measure::percentile;
 use crate::event::{EventDraft, PendingEvent};
 use crate::store::cipher::DEFAULT_BLOCK_SIZE;
 use crate::store::{
     Cipher, FsyncPolicy, Log, StoreConfig, DEFAULT_SEGMENT_SIZE, DEFAULT_TAIL_BYTES,
 };
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub kind: BenchKind,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchKind {
-    /// Append to and read back a log directly, without HTTP.
-    Store(StoreBench),
-    /// Publish over keep-alive connections: events/s and latency.
-    Publish(bench_http::PublishBench),
-    /// Subscribers on one subject, publishers at a rate: deliveries/s, end-to-end latency.
-    Fanout(bench_http::FanoutBench),
-    /// One subscriber reading a namespace from the oldest event.
-    Replay(bench_http::ReplayBench),
-    /// Time to the first event when resuming from an id, Last-Event-ID or newest.
-    Resume(bench_http::ResumeBench),
-    /// A manual-ack consumer, stop-and-wait or with a window.
-    Ack(bench_http::AckBench),
-    /// Request/reply round trips through the server (`POST /?reply=1`).
-    Reply(bench_http::ReplyBench),
-    /// Hold idle subscriptions and read the server's memory.
-    Idle(bench_http::IdleBench),
-    /// Single-event publish latency while durable consumers ack (and store progress).
-    DurableAcks(bench_http::DurableAcksBench),
-    /// A durable consumer catching up a log from disk while acking, against a replay.
-    DurableCatchup(bench_http::DurableCatchupBench),
-}
+use crate::units::parse_size;
 
 #[derive(Debug, Args)]
 pub struct StoreBench {
@@ -82,22 +50,7 @@ pub struct StoreBench {
     pub block_size: usize,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.kind {
-        BenchKind::Store(bench) => store(bench).await,
-        BenchKind::Publish(bench) => bench_http::publish(bench).await,
-        BenchKind::Fanout(bench) => bench_http::fanout(bench).await,
-        BenchKind::Replay(bench) => bench_http::replay(bench).await,
-        BenchKind::Resume(bench) => bench_http::resume(bench).await,
-        BenchKind::Ack(bench) => bench_http::ack(bench).await,
-        BenchKind::Reply(bench) => bench_http::reply(bench).await,
-        BenchKind::Idle(bench) => bench_http::idle(bench).await,
-        BenchKind::DurableAcks(bench) => bench_http::durable_acks(bench).await,
-        BenchKind::DurableCatchup(bench) => bench_http::durable_catchup(bench).await,
-    }
-}
-
-async fn store(bench: StoreBench) -> anyhow::Result<()> {
+pub async fn run(bench: StoreBench) -> anyhow::Result<()> {
     if bench.tasks == 0 || bench.batch == 0 || bench.events == 0 {
         bail!("--events, --tasks and --batch must be at least 1");
     }
@@ -233,12 +186,4 @@ async fn run_store_bench(bench: &StoreBench, config: &StoreConfig) -> anyhow::Re
         read_time.as_secs_f64(),
     );
     Ok(())
-}
-
-pub(super) fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
