@@ -12,9 +12,9 @@ use clap::{Args, Parser};
 
 use crate::broker::BrokerConfig;
 use crate::duration::parse_go_duration;
-use crate::http::Limits;
 use crate::store::cipher::DEFAULT_BLOCK_SIZE;
 use crate::store::{Cipher, FsyncPolicy, StoreConfig};
+use crate::units::{parse_duration, parse_size};
 
 /// Settings of `bus server`.
 #[derive(Debug, Clone, Args)]
@@ -205,20 +205,6 @@ impl ServerConfig {
         })
     }
 
-    /// What clients may ask of the server.
-    pub fn limits(&self) -> Limits {
-        Limits {
-            max_body: usize::try_from(self.max_body).unwrap_or(usize::MAX),
-            max_subject_len: self.max_subject_len as usize,
-            max_connections: self.max_connections as usize,
-            max_subscriptions: self.max_subscriptions as usize,
-            max_key_len: self.max_key_len as usize,
-            max_batch: self.max_batch as usize,
-            idle_timeout: self.idle_timeout,
-            body_timeout: self.body_timeout,
-        }
-    }
-
     /// The retention limits, checked against the declared namespaces.
     pub fn retention(&self) -> Result<Retention, String> {
         let namespaces = self.namespaces();
@@ -373,10 +359,6 @@ impl<T: Copy> PerNamespace<T> {
     }
 }
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    parse_go_duration(text).map_err(|e| e.to_string())
-}
-
 /// `--max-body`: a size no larger than one event's record can be (its length field has
 /// 31 bits), so that a body the server accepts is never one it cannot store.
 fn parse_max_body(text: &str) -> Result<u64, String> {
@@ -414,8 +396,6 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// Parses a byte size: a number of bytes, optionally followed by `K`, `M` or `G` (also
-/// written `KB`/`KiB`, …; all are powers of 1024).
 /// `--max-memory`: decided from the machine at start-up, or a number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryLimit {
@@ -430,64 +410,5 @@ fn parse_memory_budget(text: &str) -> Result<MemoryLimit, String> {
             0 => Err("must be greater than zero (or auto)".into()),
             bytes => Ok(MemoryLimit::Bytes(bytes)),
         },
-    }
-}
-
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let number: u64 = number.parse().map_err(|_| {
-        format!("invalid size {text:?}: expected a number of bytes such as 1048576 or 128MiB")
-    })?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "invalid size {text:?}: unknown unit {unit:?} (use KiB, MiB or GiB)"
-            ))
-        }
-    };
-    let size = number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("size {text:?} is too large"))?;
-    if size < 64 {
-        return Err(format!("size {text:?} is too small (at least 64 bytes)"));
-    }
-    Ok(size)
-}
-
-/// A byte size as [`parse_size`] reads it: `8 MiB`, `64 KiB`, or bytes.
-pub fn format_size(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
-        b => format!("{b} bytes"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert_eq!(parse_size("64 KB"), Ok(64 << 10));
-        for bad in ["", "MiB", "12x", "-5", "1", "99999999999999999999G"] {
-            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
-        }
-        for (size, text) in [(8 << 20, "8 MiB"), (3 << 30, "3 GiB"), (1536, "1536 bytes")] {
-            assert_eq!(format_size(size), text);
-            assert_eq!(parse_size(&text.replace(" bytes", "")), Ok(size));
-        }
     }
 }

@@ -184,15 +184,6 @@ impl PendingEvent {
     }
 }
 
-/// Deserializes a `payload` member so that JSON `null` is a payload like any other: with
-/// `#[serde(default, deserialize_with = "present_payload")]`, only an absent member is
-/// `None`.
-pub(crate) fn present_payload<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
-    <Box<serde_json::value::RawValue> as serde::Deserialize>::deserialize(deserializer).map(Some)
-}
-
 /// Checks a client-supplied event id (see the module docs for the rules).
 pub fn validate_client_id(id: &str) -> Result<(), EventError> {
     let ok = id.len() <= MAX_ID_LEN
@@ -595,6 +586,61 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(value["trace_id"], "t\"1");
         assert_eq!(id_of_json(json.as_bytes()), Some("e_2"));
+    }
+
+    /// The encoder and the wire's type of a delivered event must not drift apart: what
+    /// `write_json` writes reads back as a `wire::EventOut` with every member equal, and
+    /// that type writes the same bytes again.
+    #[test]
+    fn encoded_events_are_the_wires_event_out() {
+        let created = Timestamp::from_unix_nanos(1_700_000_000_123_456_789);
+        let drafts = [
+            EventDraft {
+                subject: "a.b",
+                ..Default::default()
+            },
+            EventDraft {
+                subject: "orders.eu.created",
+                trace_id: "t\",\"key\":\"fake\n",
+                key: "k\\\u{1}é",
+                response_subject: "_bus_.r1",
+                payload: Some(br#"{"subject":"not.this","n":[1,2.5,null]}"#),
+                ..Default::default()
+            },
+            EventDraft {
+                subject: "a.b",
+                payload: Some(b"null"),
+                ..Default::default()
+            },
+            EventDraft {
+                subject: "a.b",
+                payload: Some(br#""text""#),
+                ..Default::default()
+            },
+        ];
+        for (draft, index) in drafts.iter().zip([0, 7, -1, i64::MAX]) {
+            let pending = PendingEvent::new(draft).unwrap();
+            let mut json = Vec::new();
+            pending.write_json(&mut json, "e_9", &created.format(), index);
+            let wire: crate::wire::EventOut = serde_json::from_slice(&json).unwrap();
+            assert_eq!(wire.id, "e_9");
+            assert_eq!(wire.trace_id, draft.trace_id);
+            assert_eq!(wire.key, draft.key);
+            assert_eq!(wire.subject, draft.subject);
+            assert_eq!(wire.response_subject, draft.response_subject);
+            assert_eq!(wire.created_at, created.to_string());
+            assert_eq!(
+                wire.payload.as_deref().map(|p| p.get().as_bytes()),
+                draft.payload
+            );
+            assert_eq!(wire.index, index);
+            assert_eq!(
+                serde_json::to_vec(&wire).unwrap(),
+                json,
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+        }
     }
 
     #[test]

@@ -9,19 +9,23 @@
 //! Modules, from the disk up:
 //! - [`store`]: the durable per-namespace logs (segments, indexes, group commit, recovery).
 //! - [`event`]: the stored and streamed forms of an event; [`timestamp`] and [`duration`]
-//!   the time formats of the wire contract.
+//!   the time formats of the wire contract; [`units`] sizes and durations as flags take
+//!   them; [`random`] the random ids.
 //! - [`subject`]: subjects and subscription patterns.
 //! - [`broker`]: publish, subscribe, manual acks, inboxes and deduplication on the logs.
 //! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle; [`memory`] the memory budget
 //!   that decides when new work must wait.
 //! - [`config`]: server settings from flags and `BUS_*` environment variables.
+//! - [`wire`]: what crosses the wire (event JSON, `X-BUS-*` header names, query
+//!   parameters, consumer listings), defined once for the server, the tools and the client.
 //! - [`client`]: an HTTP client for the server, which the CLI tools use; [`syncbus`] the
 //!   cache-invalidation interface on top of it.
 //! - [`cli`]: the `bus` subcommands.
 //!
 //! With `default-features = false, features = ["client"]` only [`client`], [`syncbus`],
-//! [`duration`] and [`timestamp`] are built: what an application needs to talk to a server
-//! (feature `tls` adds `https://` servers; `nats` and `redis` the sync-bus backends).
+//! [`wire`], [`duration`], [`timestamp`], [`units`] and [`random`] are built: what an
+//! application needs to talk to a server (feature `tls` adds `https://` servers; `nats`
+//! and `redis` the sync-bus backends).
 
 #[cfg(feature = "server")]
 pub mod broker;
@@ -42,6 +46,7 @@ pub mod http;
 pub mod memory;
 #[cfg(feature = "server")]
 pub mod metrics;
+pub mod random;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
@@ -50,3 +55,5 @@ pub mod store;
 pub mod subject;
 pub mod syncbus;
 pub mod timestamp;
+pub mod units;
+pub mod wire;

@@ -16,11 +16,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
-use crate::config::{format_size, MemoryLimit, Retention, ServerConfig};
+use crate::config::{MemoryLimit, Retention, ServerConfig};
 use crate::http::auth::AuthTable;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
 use crate::store::{EventLog, Storage, Store};
+use crate::units::approximate_size;
 
 /// How long shutting down waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -88,7 +89,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .local_addr()
         .context("reading the listening address")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let limits = config.limits();
+    let limits = limits(config);
     let memory = Arc::new(memory_budget(config.max_memory).await);
     memory.sample_now();
     tokio::spawn(Arc::clone(&memory).watch(shutdown_rx.clone()));
@@ -268,15 +269,16 @@ async fn memory_budget(limit: MemoryLimit) -> MemoryBudget {
     }
 }
 
-/// A size for people: exact when it is a whole number of MiB (or smaller than one), else
-/// in GiB or MiB with one decimal.
-fn approximate_size(bytes: u64) -> String {
-    if bytes.is_multiple_of(1 << 20) || bytes < 1 << 20 {
-        return format_size(bytes);
-    }
-    if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+/// What clients may ask of the server, from its settings.
+fn limits(config: &ServerConfig) -> Limits {
+    Limits {
+        max_body: usize::try_from(config.max_body).unwrap_or(usize::MAX),
+        max_subject_len: config.max_subject_len as usize,
+        max_connections: config.max_connections as usize,
+        max_subscriptions: config.max_subscriptions as usize,
+        max_key_len: config.max_key_len as usize,
+        max_batch: config.max_batch as usize,
+        idle_timeout: config.idle_timeout,
+        body_timeout: config.body_timeout,
     }
 }

@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::confirm::Confirmations;
-use super::subscription::{Cursor, From};
+use super::subscription::{Cursor, From, Readers};
 use super::{Delivery, READ_BATCH};
 use crate::event::{EventDraft, PendingEvent, StoredEvent};
 use crate::store::{
@@ -402,13 +402,13 @@ impl Dispatcher {
         redelivery: Redelivery,
         max_bytes: usize,
         inputs: mpsc::Receiver<Input>,
-        shutdown: watch::Receiver<bool>,
+        readers: Readers,
         durable: Option<Durable>,
         redeliveries: Arc<AtomicU64>,
         confirmations: Arc<Confirmations>,
     ) -> Result<Dispatcher, String> {
-        let cursor =
-            Cursor::open(Arc::clone(&log), pattern, from, stop_at, shutdown.clone()).await?;
+        let shutdown = readers.shutdown.clone();
+        let cursor = Cursor::open(Arc::clone(&log), pattern, from, stop_at, readers).await?;
         let mut dispatcher = Dispatcher {
             log,
             reader: Reader::new(cursor),

@@ -168,7 +168,7 @@ impl Broker {
             redelivery,
             self.max_inflight_bytes,
             receiver,
-            self.shutdown.subscribe(),
+            self.readers(),
             Some(durable),
             Arc::clone(&self.redeliveries),
             Arc::clone(&self.confirmations),

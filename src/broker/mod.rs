@@ -8,9 +8,9 @@
 //!   yields ready-made frames; catching up and following live are the same loop, so there
 //!   is no gap and no duplicate between them. A reader that stops reading stops the loop
 //!   (nothing is buffered for it) and resumes where it left off.
-//! - **Manual ack**: a window (`max_inflight`) of unacknowledged events per connection (one by default,
-//!   the reference's stop-and-wait; bounded in bytes too), each redelivered after
-//!   `redelivery` until acknowledged or delivered `redelivery_count` times; durable named
+//! - **Manual ack**: a window of `max_inflight` unacknowledged events per connection (one
+//!   by default, the reference's stop-and-wait; bounded in bytes too), each redelivered
+//!   after `redelivery` until acknowledged or delivered `max_deliveries` times; durable named
 //!   consumers shared by queue groups, limited in number per namespace and per owner, and
 //!   running only while they have members ([`consumer`]; counts in `registry`).
 //! - **Inbox subjects** (`_bus_.…`) live in memory only ([`inbox`]).
@@ -51,8 +51,8 @@ use self::registry::Registry;
 pub use self::reply::ReplyClaim;
 use self::settling::Settling;
 use crate::event::{EventDraft, StoredEvent};
-use crate::store::{ids, ConsumerStore, EventLog, Storage, StorageError};
 pub use crate::store::{ConsumerName, Owner};
+use crate::store::{ConsumerStore, EventLog, Storage, StorageError};
 use crate::subject::Pattern;
 use crate::timestamp::Timestamp;
 
@@ -200,9 +200,9 @@ pub enum BrokerError {
     Storage(String),
 }
 
-/// A durable consumer as the admin listing shows it: the client's type, so that the two
+/// A durable consumer as the admin listing shows it: the wire's type, so that the two
 /// sides of `GET /consumers/{namespace}` cannot drift apart.
-pub use crate::client::ConsumerInfo;
+pub use crate::wire::ConsumerInfo;
 
 /// What a subscription hands to its reader.
 #[derive(Debug)]
@@ -269,6 +269,8 @@ pub struct Broker {
     inboxes: Inboxes,
     acks: Arc<Acks>,
     shutdown: watch::Sender<bool>,
+    /// Permits for the reads that subscriptions make of the logs, shared by all of them.
+    reads: Arc<tokio::sync::Semaphore>,
     /// Events sent to subscribers since the server started, by namespace (inboxes under
     /// [`INBOX_NAMESPACE`]).
     delivered: BTreeMap<String, Arc<AtomicU64>>,
@@ -363,6 +365,7 @@ impl Broker {
             inboxes: Inboxes::default(),
             acks: Arc::new(Acks::default()),
             shutdown: watch::channel(false).0,
+            reads: Arc::new(tokio::sync::Semaphore::new(subscription::CONCURRENT_READS)),
             delivered,
             redeliveries: Arc::default(),
             durables: Arc::default(),
@@ -438,17 +441,5 @@ pub fn new_event_id() -> String {
 /// `prefix` followed by 20 random lowercase base32hex characters, like the reference's
 /// xid-based ids.
 fn random_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // Without the OS's randomness, fall back on time and a counter: still unique.
-        let nanos = Timestamp::now().unix_nanos() as u128;
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u128;
-        bytes = (nanos ^ (n << 64)).to_le_bytes();
-    }
-    let value = u128::from_le_bytes(bytes);
-    let generation = (value >> 60) as u64 & ids::GENERATION_MASK;
-    let rest = value as u64 & ids::MAX_POSITION;
-    let encoded = ids::encode(generation, rest);
-    format!("{prefix}{}", String::from_utf8_lossy(&encoded[2..]))
+    format!("{prefix}{}", crate::random::token(20))
 }

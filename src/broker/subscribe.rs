@@ -25,7 +25,6 @@ impl Broker {
     /// stored there.
     pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, BrokerError> {
         let consumer_id = random_id("c_");
-        let shutdown = self.shutdown.subscribe();
         let namespace = if request.pattern.is_inbox() {
             INBOX_NAMESPACE
         } else {
@@ -41,7 +40,9 @@ impl Broker {
             let inbox = self.inboxes.subscribe(request.pattern.as_str());
             return Ok(Subscription {
                 consumer_id,
-                deliveries: Box::pin(subscription::inbox(inbox, shutdown).inspect(count)),
+                deliveries: Box::pin(
+                    subscription::inbox(inbox, self.shutdown.subscribe()).inspect(count),
+                ),
             });
         }
         let log = Arc::clone(
@@ -63,7 +64,8 @@ impl Broker {
             max_inflight,
         } = request.ack
         else {
-            let deliveries = subscription::follow(log, request.pattern, start, stop_at, shutdown);
+            let deliveries =
+                subscription::follow(log, request.pattern, start, stop_at, self.readers());
             return Ok(Subscription {
                 consumer_id,
                 deliveries: Box::pin(deliveries.inspect(count)),
@@ -143,7 +145,7 @@ impl Broker {
         inputs: mpsc::Receiver<Input>,
         member: mpsc::Sender<Delivery>,
     ) {
-        let shutdown = self.shutdown.subscribe();
+        let readers = self.readers();
         let redeliveries = Arc::clone(&self.redeliveries);
         let confirmations = Arc::clone(&self.confirmations);
         let max_bytes = self.max_inflight_bytes;
@@ -156,7 +158,7 @@ impl Broker {
                 redelivery,
                 max_bytes,
                 inputs,
-                shutdown,
+                readers,
                 None,
                 redeliveries,
                 confirmations,
@@ -169,6 +171,11 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// What a new cursor of this broker shares with the others.
+    pub(super) fn readers(&self) -> subscription::Readers {
+        subscription::Readers::new(self.shutdown.subscribe(), Arc::clone(&self.reads))
     }
 
     /// Runs a dispatcher on its own task, awaited at shutdown.

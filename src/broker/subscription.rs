@@ -7,7 +7,8 @@
 //! marked as seen *before* reading, so an append between the read and the wait still
 //! wakes it: no event is missed, none is read twice. The stream is only polled when the
 //! reader has room, so a slow reader holds a position, not a buffer. At most
-//! [`CONCURRENT_READS`] reads run at once, whatever the number of subscribers.
+//! [`CONCURRENT_READS`] reads of one broker run at once, whatever the number of
+//! subscribers ([`Readers`]).
 //!
 //! The registrations that a stream owns (an inbox subscription, an ack receiver) are used
 //! only through their methods inside the stream bodies: the generated async block then
@@ -16,7 +17,7 @@
 use std::sync::Arc;
 
 use futures_util::Stream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use super::inbox::InboxSubscription;
 use super::{Delivery, READ_BATCH};
@@ -30,8 +31,21 @@ use crate::timestamp::Timestamp;
 /// from disk, a thread of the blocking pool: a crowd of subscribers catching up costs
 /// this many reads at a time, not one per subscriber. A read from the in-memory tail
 /// holds its permit for microseconds.
-const CONCURRENT_READS: usize = 16;
-static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
+pub(super) const CONCURRENT_READS: usize = 16;
+
+/// What the cursors of one broker share: its shutdown signal, and the permits for reads
+/// of its logs.
+#[derive(Clone)]
+pub struct Readers {
+    pub(super) shutdown: watch::Receiver<bool>,
+    reads: Arc<Semaphore>,
+}
+
+impl Readers {
+    pub(super) fn new(shutdown: watch::Receiver<bool>, reads: Arc<Semaphore>) -> Readers {
+        Readers { shutdown, reads }
+    }
+}
 
 /// Where a log subscription starts.
 pub enum From {
@@ -53,6 +67,7 @@ pub(super) struct Cursor {
     stop_at: Option<u64>,
     watermark: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
+    reads: Arc<Semaphore>,
     /// Why the cursor jumped ahead, not yet reported.
     notice: Option<String>,
 }
@@ -64,7 +79,7 @@ impl Cursor {
         pattern: Pattern,
         from: From,
         stop_at: Option<u64>,
-        shutdown: watch::Receiver<bool>,
+        readers: Readers,
     ) -> Result<Cursor, String> {
         let next = match from {
             From::Position(position) => position,
@@ -90,7 +105,8 @@ impl Cursor {
             next,
             stop_at,
             watermark,
-            shutdown,
+            shutdown: readers.shutdown,
+            reads: readers.reads,
             notice: None,
         })
     }
@@ -105,8 +121,6 @@ impl Cursor {
         self.stop_at.is_some_and(|stop| self.next >= stop)
     }
 
-    /// The next non-empty batch of matching events; `Ok(None)` once shut down or
-    /// [`finished`](Cursor::finished).
     /// Moves a cursor that points before the oldest kept event (retention removed what
     /// it was to read) to that event, keeping a notice for [`Cursor::take_notice`].
     pub(super) fn skip_removed(&mut self) {
@@ -127,6 +141,8 @@ impl Cursor {
         self.notice.take()
     }
 
+    /// The next non-empty batch of matching events; `Ok(None)` once shut down or
+    /// [`finished`](Cursor::finished).
     pub(super) async fn next_batch(&mut self) -> Result<Option<Vec<StoredEvent>>, String> {
         loop {
             if *self.shutdown.borrow() || self.finished() {
@@ -149,7 +165,7 @@ impl Cursor {
                 continue;
             }
             let limit = committed - self.next;
-            let permit = READS.acquire().await;
+            let permit = self.reads.acquire().await;
             let read = self
                 .log
                 .read(
@@ -185,10 +201,10 @@ pub fn follow(
     pattern: Pattern,
     from: From,
     stop_at: Option<u64>,
-    shutdown: watch::Receiver<bool>,
+    readers: Readers,
 ) -> impl Stream<Item = Delivery> {
     async_stream::stream! {
-        let mut cursor = match Cursor::open(log, pattern, from, stop_at, shutdown).await {
+        let mut cursor = match Cursor::open(log, pattern, from, stop_at, readers).await {
             Ok(cursor) => cursor,
             Err(message) => {
                 yield Delivery::Error(message);

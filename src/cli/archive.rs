@@ -4,10 +4,12 @@
 //!
 //! The exchange format is JSON Lines: one event per line, its JSON as the server stores
 //! and streams it (`id`, `trace_id`, `key`, `subject`, `response_subject`, `created_at`,
-//! `payload`, `index`). Restoring keeps ids, order and creation times; `index` is
-//! reassigned by the receiving log (it is the same when restoring into an empty one). An
-//! id the receiving log already holds stops the restore with an error: events are never
-//! duplicated silently.
+//! `payload`, `index`: the wire's [`EventOut`](crate::wire::EventOut)). A line is read
+//! back as a publish reads an event ([`EventIn`]), so `id` and `created_at` may be left
+//! out (the receiving log assigns them). Restoring keeps ids, order and creation times;
+//! `index` is reassigned by the receiving log (it is the same when restoring into an empty
+//! one). An id the receiving log already holds stops the restore with an error: events are
+//! never duplicated silently.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -17,8 +19,6 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::Args;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::progress;
 use crate::client::Client;
@@ -29,6 +29,7 @@ use crate::store::inspect::{self, LogFiles};
 use crate::store::{Cipher, Log, StoreConfig, StoreError};
 use crate::subject::Subject;
 use crate::timestamp::Timestamp;
+use crate::wire::EventIn;
 
 /// Events per batch when restoring or copying (one atomic append each).
 const BATCH_EVENTS: usize = 1000;
@@ -163,55 +164,44 @@ pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An event line of a dump.
-#[derive(Deserialize)]
+/// An event line of a dump, read as a publish reads an event (`index` is ignored).
 struct EventLine {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    trace_id: String,
-    #[serde(default)]
-    key: String,
-    subject: String,
-    #[serde(default)]
-    response_subject: String,
-    #[serde(default)]
-    created_at: String,
-    /// `null` is a payload; only a missing member means none.
-    #[serde(default, deserialize_with = "crate::event::present_payload")]
-    payload: Option<Box<RawValue>>,
+    event: EventIn,
 }
 
 impl EventLine {
     fn parse(json: &[u8]) -> anyhow::Result<EventLine> {
-        let line: EventLine = serde_json::from_slice(json).context("not an event")?;
+        let line: EventIn = serde_json::from_slice(json).context("not an event")?;
         let subject = Subject::parse(&line.subject)?;
         if subject.is_inbox() {
             bail!("inbox subjects ({}) are not stored", line.subject);
         }
-        Ok(line)
+        Ok(EventLine { event: line })
     }
 
     fn namespace(&self) -> &str {
-        self.subject.split('.').next().unwrap_or_default()
+        self.event.subject.split('.').next().unwrap_or_default()
     }
 
     fn to_pending(&self) -> anyhow::Result<PendingEvent> {
-        let payload = self
+        let line = &self.event;
+        let payload = line
             .payload
             .as_ref()
             .map(|p| compact_json(p.get().as_bytes()));
-        let created_at = match self.created_at.as_str() {
+        // Only an empty time is left to the log here (a server would also take Go's zero
+        // time for one; dumps never hold it).
+        let created_at = match line.created_at.as_deref().unwrap_or_default() {
             "" => None,
             text => Some(Timestamp::parse(text).context("created_at")?),
         };
         let draft = EventDraft {
-            subject: &self.subject,
-            trace_id: &self.trace_id,
-            key: &self.key,
-            response_subject: &self.response_subject,
+            subject: &line.subject,
+            trace_id: &line.trace_id,
+            key: &line.key,
+            response_subject: &line.response_subject,
             payload: payload.as_deref(),
-            id: (!self.id.is_empty()).then_some(self.id.as_str()),
+            id: (!line.id.is_empty()).then_some(line.id.as_str()),
             created_at,
         };
         Ok(PendingEvent::new(&draft)?)
@@ -322,7 +312,7 @@ impl Sink {
                 // The server takes events with a response subject only one at a time.
                 let mut sent = 0;
                 let runs = batch.lines.chunk_by(|a, b| {
-                    a.1.response_subject.is_empty() && b.1.response_subject.is_empty()
+                    a.1.event.response_subject.is_empty() && b.1.event.response_subject.is_empty()
                 });
                 for run in runs {
                     let body = match run {
@@ -467,7 +457,7 @@ pub async fn copy(args: CopyArgs) -> anyhow::Result<()> {
                         format!("{} at offset {}", record.file.display(), record.offset)
                     })?;
                     task_bar.inc(1);
-                    if skip_ids && runtime.block_on(target.find_id(&line.id))?.is_some() {
+                    if skip_ids && runtime.block_on(target.find_id(&line.event.id))?.is_some() {
                         skipped += 1;
                         return Ok(());
                     }

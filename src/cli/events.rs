@@ -188,7 +188,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         AckChoice::None => ClientAck::None,
         AckChoice::Manual | AckChoice::Auto => ClientAck::Manual {
             redelivery: args.redelivery,
-            redelivery_count: args.redelivery_count,
+            max_deliveries: args.redelivery_count,
         },
     };
     if (args.consumer.is_some() || args.max_inflight.is_some()) && args.ack == AckChoice::None {

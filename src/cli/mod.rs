@@ -7,7 +7,6 @@
 
 pub mod archive;
 pub mod bench;
-mod bench_http;
 mod consumers;
 pub mod debug;
 pub mod events;
@@ -25,7 +24,7 @@ use tracing::level_filters::LevelFilter;
 use crate::client::{Client, ClientError, DEFAULT_HOST};
 use crate::config::ServerConfig;
 
-pub use crate::config::parse_duration;
+pub use crate::units::parse_duration;
 
 pub const EXIT_FAILURE: u8 = 1;
 /// Also what clap exits with on a usage error.

@@ -30,6 +30,7 @@ use crate::broker::MAX_NAK_DELAY;
 use crate::duration::{format_go_duration, parse_go_duration};
 use crate::event::{compact_payload, MAX_PAYLOAD_DEPTH};
 use crate::subject::Subject;
+use crate::wire::param::{self, CONSUMER_ID, DELAY, EVENT_ID, NAK};
 
 pub async fn ack(
     State(app): State<AppState>,
@@ -53,42 +54,37 @@ struct AckRequest {
 
 impl AckRequest {
     fn parse(params: &Params) -> Result<AckRequest, ApiError> {
-        let consumer_id = params.text("consumer_id")?;
+        let consumer_id = params.text(CONSUMER_ID)?;
         if !consumer_id.starts_with("c_") {
             return Err(ApiError::bad_request(format!(
-                "consumer_id: expected the X-BUS-CONSUMER-ID of the subscription (c_…), got {consumer_id:?}"
+                "{CONSUMER_ID}: expected the X-BUS-CONSUMER-ID of the subscription (c_…), got {consumer_id:?}"
             )));
         }
         let event_ids: Vec<String> = params
-            .text("event_id")?
+            .text(EVENT_ID)?
             .split(',')
             .map(|id| id.trim().to_owned())
             .collect();
         if let Some(bad) = event_ids.iter().find(|id| !id.starts_with("e_")) {
             return Err(ApiError::bad_request(format!(
-                "event_id: expected the id of a delivered event (e_…), or several separated by commas, got {bad:?}"
+                "{EVENT_ID}: expected the id of a delivered event (e_…), or several separated by commas, got {bad:?}"
             )));
         }
-        let nak = match params.text("nak")? {
-            "" | "0" | "false" => None,
-            "1" | "true" => match params.text("delay")? {
+        let nak = match param::parse_flag(NAK, params.text(NAK)?)? {
+            false => None,
+            true => match params.text(DELAY)? {
                 "" => Some(Duration::ZERO),
                 text => match parse_go_duration(text) {
                     Ok(delay) if delay <= MAX_NAK_DELAY => Some(delay),
                     Ok(_) => {
                         return Err(ApiError::bad_request(format!(
-                            "delay: {text:?} is longer than the longest allowed, {}",
+                            "{DELAY}: {text:?} is longer than the longest allowed, {}",
                             format_go_duration(MAX_NAK_DELAY)
                         )))
                     }
-                    Err(e) => return Err(ApiError::bad_request(format!("delay: {e}"))),
+                    Err(e) => return Err(ApiError::bad_request(format!("{DELAY}: {e}"))),
                 },
             },
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "nak: {other:?} is not 1 or 0"
-                )))
-            }
         };
         Ok(AckRequest {
             consumer_id: consumer_id.to_owned(),

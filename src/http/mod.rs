@@ -39,11 +39,7 @@ use self::query::Params;
 use crate::broker::Broker;
 use crate::memory::{MemoryBudget, Refused};
 use crate::metrics::{self, Histogram};
-
-pub const HEADER_EVENT_ID: &str = "x-bus-event-id";
-pub const HEADER_EVENT_CREATED_AT: &str = "x-bus-event-created-at";
-pub const HEADER_EVENT_INDEX: &str = "x-bus-event-index";
-pub const HEADER_CONSUMER_ID: &str = "x-bus-consumer-id";
+use crate::wire::CORS_HEADERS;
 
 /// What a client may ask of the server (set by the server's flags).
 #[derive(Debug, Clone)]
@@ -176,7 +172,7 @@ pub(crate) fn over_memory_budget(refused: Refused, what: &str) -> ApiError {
     // Rounded up to whole MiB.
     let mib = |bytes: u64| {
         let rounded = bytes.checked_next_multiple_of(1 << 20).unwrap_or(bytes);
-        crate::config::format_size(rounded.max(1 << 20))
+        crate::units::format_size(rounded.max(1 << 20))
     };
     error::unavailable(format!(
         "the server is at its memory budget ({} of {} in use, --max-memory); new {what} wait until memory is freed, retry shortly",
@@ -263,17 +259,22 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
     );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static(
-            "Content-Type, Authorization, Last-Event-ID, X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
-        ),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static(
-            "X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
-        ),
-    );
+    let (allowed, exposed) = &*CORS_HEADER_VALUES;
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed.clone());
+    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, exposed.clone());
     response
 }
+
+/// The values of `Access-Control-Allow-Headers` and `-Expose-Headers`, made once from the
+/// wire's header names: the bus's headers as the reference spells them (`X-BUS-…`), and
+/// for requests also the standard ones a client sends.
+static CORS_HEADER_VALUES: std::sync::LazyLock<(HeaderValue, HeaderValue)> =
+    std::sync::LazyLock::new(|| {
+        let ours = CORS_HEADERS.join(", ").to_ascii_uppercase();
+        let allowed = format!("Content-Type, Authorization, Last-Event-ID, {ours}");
+        // Header names are visible ASCII, which a header value can always carry.
+        let value = |text: &str| {
+            HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+        };
+        (value(&allowed), value(&ours))
+    });

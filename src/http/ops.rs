@@ -19,9 +19,9 @@ use super::auth::Operation;
 use super::error::unavailable;
 use super::query::Params;
 use super::AppState;
-use crate::broker::ConsumerInfo;
 use crate::memory::Work;
 use crate::metrics::{family, label, Histogram};
+use crate::wire::ConsumerInfo;
 
 pub async fn healthz() -> &'static str {
     "ok\n"

@@ -14,41 +14,20 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::auth::Operation;
 use super::error::ApiError;
 use super::query::Params;
-use super::{AppState, HEADER_EVENT_CREATED_AT, HEADER_EVENT_ID, HEADER_EVENT_INDEX};
+use super::AppState;
 use crate::broker::{NewEvent, Publication};
 use crate::event::{compact_payload, MAX_PAYLOAD_DEPTH};
 use crate::memory::Work;
 use crate::timestamp::Timestamp;
-
-/// An event as clients send it. Fields the server assigns (`index`) and unknown fields
-/// are ignored, as the reference server does.
-#[derive(Deserialize)]
-struct WireEvent {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    trace_id: String,
-    #[serde(default)]
-    key: String,
-    #[serde(default)]
-    subject: String,
-    #[serde(default)]
-    response_subject: String,
-    #[serde(default)]
-    created_at: Option<String>,
-    /// `null` is a payload like any other; only an absent member means "no payload".
-    #[serde(default, deserialize_with = "crate::event::present_payload")]
-    payload: Option<Box<RawValue>>,
-}
-
-/// Go's zero `time.Time`, which Go clients send when they leave `created_at` unset.
-const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+use crate::wire::param::{CONFIRM, CONFIRM_ZONES, REPLY, TIMEOUT};
+use crate::wire::{
+    param, EventIn, HEADER_CONFIRMED, HEADER_CONFIRMED_ZONES, HEADER_EVENT_CREATED_AT,
+    HEADER_EVENT_ID, HEADER_EVENT_INDEX,
+};
 
 /// What a publish body may hold (from the server's limits).
 #[derive(Debug, Clone, Copy)]
@@ -61,63 +40,64 @@ pub struct BodyLimits {
     pub max_batch: usize,
 }
 
-impl WireEvent {
-    fn into_new_event(
-        self,
-        position_in_batch: Option<usize>,
-        limits: &BodyLimits,
-    ) -> Result<NewEvent, ApiError> {
-        let which = || match position_in_batch {
-            Some(i) => format!("event {i} of the batch: "),
-            None => String::new(),
-        };
-        if self.subject.is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "{}missing subject: every event needs one, like \"orders.created\"",
-                which()
-            )));
-        }
-        for (name, subject) in [
-            ("subject", &self.subject),
-            ("response_subject", &self.response_subject),
-        ] {
-            super::check_subject_len(name, subject, limits.max_subject_len)
-                .map_err(|e| ApiError::bad_request(format!("{}{}", which(), e.message)))?;
-        }
-        if self.key.len() > limits.max_key_len {
-            return Err(ApiError::bad_request(format!(
-                "{}key is {} bytes long; this server accepts at most {} (--max-key-len)",
-                which(),
-                self.key.len(),
-                limits.max_key_len
-            )));
-        }
-        let created_at = match self.created_at.as_deref() {
-            None | Some("") | Some(GO_ZERO_TIME) => None,
-            Some(text) => Some(
-                Timestamp::parse(text)
-                    .map_err(|e| ApiError::bad_request(format!("{}created_at: {e}", which())))?,
-            ),
-        };
-        let payload = match self.payload {
-            Some(raw) => Some(compact_payload(raw.get().as_bytes()).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "{}payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep",
-                    which()
-                ))
-            })?),
-            None => None,
-        };
-        Ok(NewEvent {
-            id: (!self.id.is_empty()).then_some(self.id),
-            trace_id: self.trace_id,
-            key: self.key,
-            subject: self.subject,
-            response_subject: self.response_subject,
-            created_at,
-            payload,
-        })
+/// Checks an event as a client sent it (the wire's [`EventIn`]) against the server's
+/// limits and turns it into what the broker publishes; `position_in_batch` names it in
+/// messages.
+fn new_event(
+    event: EventIn,
+    position_in_batch: Option<usize>,
+    limits: &BodyLimits,
+) -> Result<NewEvent, ApiError> {
+    let which = || match position_in_batch {
+        Some(i) => format!("event {i} of the batch: "),
+        None => String::new(),
+    };
+    if event.subject.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{}missing subject: every event needs one, like \"orders.created\"",
+            which()
+        )));
     }
+    for (name, subject) in [
+        ("subject", &event.subject),
+        ("response_subject", &event.response_subject),
+    ] {
+        super::check_subject_len(name, subject, limits.max_subject_len)
+            .map_err(|e| ApiError::bad_request(format!("{}{}", which(), e.message)))?;
+    }
+    if event.key.len() > limits.max_key_len {
+        return Err(ApiError::bad_request(format!(
+            "{}key is {} bytes long; this server accepts at most {} (--max-key-len)",
+            which(),
+            event.key.len(),
+            limits.max_key_len
+        )));
+    }
+    let created_at = match event.given_created_at() {
+        None => None,
+        Some(text) => Some(
+            Timestamp::parse(text)
+                .map_err(|e| ApiError::bad_request(format!("{}created_at: {e}", which())))?,
+        ),
+    };
+    let payload = match event.payload {
+        Some(raw) => Some(compact_payload(raw.get().as_bytes()).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{}payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep",
+                which()
+            ))
+        })?),
+        None => None,
+    };
+    Ok(NewEvent {
+        id: (!event.id.is_empty()).then_some(event.id),
+        trace_id: event.trace_id,
+        key: event.key,
+        subject: event.subject,
+        response_subject: event.response_subject,
+        created_at,
+        payload,
+    })
 }
 
 /// Parses a publish body: one event object or an array of them.
@@ -129,8 +109,8 @@ pub fn parse_body(body: &[u8], limits: &BodyLimits) -> Result<Publication, ApiEr
     let bad_json = |e: serde_json::Error| ApiError::bad_request(format!("invalid JSON body: {e}"));
     match first {
         Some(b'{') => {
-            let event: WireEvent = serde_json::from_slice(body).map_err(bad_json)?;
-            Ok(Publication::One(event.into_new_event(None, limits)?))
+            let event: EventIn = serde_json::from_slice(body).map_err(bad_json)?;
+            Ok(Publication::One(new_event(event, None, limits)?))
         }
         Some(b'[') => {
             let refusal = std::cell::RefCell::new(None);
@@ -192,7 +172,7 @@ impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         use serde::de::Error;
         let mut events = Vec::new();
-        while let Some(event) = seq.next_element::<WireEvent>()? {
+        while let Some(event) = seq.next_element::<EventIn>()? {
             let refuse = |refusal: ApiError| {
                 *self.refusal.borrow_mut() = Some(refusal);
                 A::Error::custom("refused")
@@ -206,9 +186,7 @@ impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
                     ),
                 )));
             }
-            let event = event
-                .into_new_event(Some(events.len()), self.limits)
-                .map_err(refuse)?;
+            let event = new_event(event, Some(events.len()), self.limits).map_err(refuse)?;
             events.push(event);
         }
         Ok(events)
@@ -261,7 +239,7 @@ pub async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Byte
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!(
             "the body is larger than {} (--max-body); publish smaller events or split the batch",
-            crate::config::format_size(max as u64)
+            crate::units::format_size(max as u64)
         ),
     };
     // A body that arrives in pieces is joined into one buffer of its announced length
@@ -472,9 +450,6 @@ async fn publish_body(
     (StatusCode::GATEWAY_TIMEOUT, headers, message).into_response()
 }
 
-/// How many consumers confirm an event, in how many zones.
-const HEADER_CONFIRMED: &str = "x-bus-confirmed";
-const HEADER_CONFIRMED_ZONES: &str = "x-bus-confirmed-zones";
 /// How long a publish waits for confirmations or a reply unless `timeout` says.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// The longest a publish may wait.
@@ -499,24 +474,16 @@ impl Wait {
                 }),
             }
         };
-        let consumers = count("confirm")?;
-        let zones = count("confirm_zones")?;
-        let reply = match params.text("reply")? {
-            "" | "0" | "false" => false,
-            "1" | "true" => true,
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "reply: {other:?} is not 1 or 0"
-                )))
-            }
-        };
-        let timeout = match params.text("timeout")? {
+        let consumers = count(CONFIRM)?;
+        let zones = count(CONFIRM_ZONES)?;
+        let reply = param::parse_flag(REPLY, params.text(REPLY)?)?;
+        let timeout = match params.text(TIMEOUT)? {
             "" => DEFAULT_WAIT,
             text => match crate::duration::parse_go_duration(text) {
                 Ok(d) if !d.is_zero() && d <= MAX_WAIT => d,
                 _ => {
                     return Err(ApiError::bad_request(format!(
-                        "timeout: {text:?} is not a duration from 1ms to 1h, like 5s"
+                        "{TIMEOUT}: {text:?} is not a duration from 1ms to 1h, like 5s"
                     )))
                 }
             },

@@ -12,12 +12,14 @@
 //!   parameters means anything repeated; `event_id` lists several ids with commas).
 //!   Parameters an endpoint does not read are ignored, repeated or not, as the reference
 //!   ignores them.
-//! - Values are returned as decoded; each endpoint trims and interprets them.
+//! - Values are returned as decoded; each endpoint trims and interprets them, with the
+//!   names and value encodings of [`crate::wire::param`], whose refusals are 400s here.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use super::error::ApiError;
+use crate::wire::ParamError;
 
 /// The decoded parameters of a request's query string, in their order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +70,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Params, ApiError> {
         Params::parse(parts.uri.query())
+    }
+}
+
+/// A value the wire's encodings refuse is a 400 with their message.
+impl From<ParamError> for ApiError {
+    fn from(error: ParamError) -> ApiError {
+        ApiError::bad_request(error.0)
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::auth::Operation;
 use super::error::{unavailable, ApiError};
 use super::query::Params;
-use super::{AppState, HEADER_CONSUMER_ID};
+use super::AppState;
 use crate::broker::{
     AckMode, ConsumerName, Delivery, Start, SubscribeRequest, DEFAULT_MAX_DELIVERIES,
     DEFAULT_REDELIVERY, MAX_INFLIGHT, MAX_REDELIVERY,
@@ -37,7 +37,11 @@ use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
 use crate::memory::{MemoryBudget, Work};
 use crate::subject::Pattern;
-use crate::timestamp::Timestamp;
+use crate::wire::param::{
+    ACK, CONSUMER, MAX_INFLIGHT as MAX_INFLIGHT_PARAM, REDELIVERY, REDELIVERY_COUNT, START,
+    SUBJECT, UNTIL, UNTIL_NOW, ZONE,
+};
+use crate::wire::{AckParam, MaxDeliveries, StartParam, HEADER_CONSUMER_ID, HEADER_LAST_EVENT_ID};
 
 const PING: &[u8] = b": ping\n\n";
 /// What one event stream holds at most while its subscriber does not read: 64 KiB of
@@ -58,7 +62,7 @@ pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRe
     let param = |name: &str| params.text(name);
     // Not trimmed: a pattern follows the grammar of subjects, in which a space is invalid
     // (publishing to " a.b" is refused, so subscribing to it is too).
-    let subject = params.get("subject")?.unwrap_or("");
+    let subject = params.get(SUBJECT)?.unwrap_or("");
     if subject.is_empty() {
         return Err(ApiError::bad_request(
             "missing subject: subscribe with ?subject=<pattern>, e.g. ?subject=orders.>",
@@ -67,102 +71,68 @@ pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRe
     let pattern = Pattern::parse(subject).map_err(|e| ApiError::bad_request(e.to_string()))?;
 
     let last_event_id = headers
-        .get("last-event-id")
+        .get(HEADER_LAST_EVENT_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let from_position = match param("start_index")? {
-        "" => None,
-        text => Some(Start::Position(text.parse().map_err(|_| {
-            ApiError::bad_request(format!(
-                "start_index: {text:?} is not a log position (0, 1, …)"
-            ))
-        })?)),
-    };
-    let from_time = match param("start_time")? {
-        "" => None,
-        text => {
-            Some(Start::Time(Timestamp::parse(text).map_err(|e| {
-                ApiError::bad_request(format!("start_time: {e}"))
-            })?))
-        }
-    };
-    let explicit = [from_position, from_time]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>();
-    let start = param("start")?;
-    if explicit.len() > 1 || (!explicit.is_empty() && !start.is_empty()) {
-        return Err(ApiError::bad_request(
-            "give one of start, start_index and start_time",
-        ));
-    }
-    let start = match (last_event_id, start, explicit.into_iter().next()) {
-        (Some(id), _, _) => Start::After(event_id(id, "Last-Event-ID")?),
-        (None, _, Some(start)) => start,
-        (None, "" | "newest", None) => Start::Newest,
-        (None, "oldest", None) => Start::Oldest,
-        (None, id, None) => Start::After(event_id(id, "start")?),
+    let start = StartParam::from_query(|name| params.text(name))?;
+    let start = match (last_event_id, start) {
+        (Some(id), _) => Start::After(event_id(id, "Last-Event-ID")?),
+        (None, StartParam::Oldest) => Start::Oldest,
+        (None, StartParam::Newest) => Start::Newest,
+        (None, StartParam::After(id)) => Start::After(event_id(&id, START)?),
+        (None, StartParam::Index(position)) => Start::Position(position),
+        (None, StartParam::Time(time)) => Start::Time(time),
     };
 
     // Parsed whatever the ack mode, so that a typo never goes unnoticed.
-    let redelivery = match param("redelivery")? {
+    let redelivery = match param(REDELIVERY)? {
         "" => DEFAULT_REDELIVERY,
         text => match parse_go_duration(text) {
             Ok(d) if d.is_zero() => DEFAULT_REDELIVERY,
             Ok(d) if d <= MAX_REDELIVERY => d,
             Ok(_) => {
                 return Err(ApiError::bad_request(format!(
-                    "redelivery: {text:?} is longer than the longest allowed, {}",
+                    "{REDELIVERY}: {text:?} is longer than the longest allowed, {}",
                     crate::duration::format_go_duration(MAX_REDELIVERY)
                 )))
             }
-            Err(e) => return Err(ApiError::bad_request(format!("redelivery: {e}"))),
+            Err(e) => return Err(ApiError::bad_request(format!("{REDELIVERY}: {e}"))),
         },
     };
-    let redelivery_count = match param("redelivery_count")? {
-        "" => DEFAULT_MAX_DELIVERIES,
-        text => text.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(format!(
-                "redelivery_count: {text:?} is not an integer (<= 0 means unlimited)"
-            ))
-        })?,
+    let max_deliveries = match param(REDELIVERY_COUNT)? {
+        "" => MaxDeliveries(DEFAULT_MAX_DELIVERIES),
+        text => MaxDeliveries::parse(text)?,
     };
-    let max_inflight = match param("max_inflight")? {
+    let max_inflight = match param(MAX_INFLIGHT_PARAM)? {
         "" => 1,
         text => match text.parse::<usize>() {
             Ok(n) if (1..=MAX_INFLIGHT).contains(&n) => n,
             _ => {
                 return Err(ApiError::bad_request(format!(
-                    "max_inflight: {text:?} is not a number from 1 to {MAX_INFLIGHT}"
+                    "{MAX_INFLIGHT_PARAM}: {text:?} is not a number from 1 to {MAX_INFLIGHT}"
                 )))
             }
         },
     };
-    let ack = match param("ack")? {
-        "" | "none" => AckMode::None,
-        "manual" => AckMode::Manual {
+    let ack = match AckParam::parse(param(ACK)?)? {
+        AckParam::None => AckMode::None,
+        AckParam::Manual => AckMode::Manual {
             redelivery,
-            max_deliveries: (redelivery_count > 0)
-                .then(|| u32::try_from(redelivery_count).unwrap_or(u32::MAX)),
+            max_deliveries: max_deliveries.limit(),
             max_inflight,
         },
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "ack: {other:?} is not an ack mode; use none or manual"
-            )))
-        }
     };
-    let until_now = match param("until")? {
+    let until_now = match param(UNTIL)? {
         "" => false,
-        "now" => true,
+        UNTIL_NOW => true,
         other => {
             return Err(ApiError::bad_request(format!(
-                "until: {other:?} is not supported; use until=now to end the stream after the events already stored"
+                "{UNTIL}: {other:?} is not supported; use until=now to end the stream after the events already stored"
             )))
         }
     };
-    let zone = match param("zone")? {
+    let zone = match param(ZONE)? {
         "" => None,
         zone => {
             if ack == AckMode::None {
@@ -173,7 +143,7 @@ pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRe
             Some(zone.to_owned())
         }
     };
-    let consumer = match param("consumer")? {
+    let consumer = match param(CONSUMER)? {
         "" => None,
         name => {
             if ack == AckMode::None {
@@ -214,7 +184,7 @@ fn admit(
     headers: &HeaderMap,
 ) -> Result<SubscribeRequest, ApiError> {
     let who = app.authenticate(headers, params)?;
-    app.check_subject_len("the subject pattern", params.get("subject")?.unwrap_or(""))?;
+    app.check_subject_len("the subject pattern", params.get(SUBJECT)?.unwrap_or(""))?;
     let mut request = parse_request(params, headers)?;
     let namespace = request.pattern.as_str().split('.').next();
     app.authorize(who.as_ref(), Operation::Subscribe, namespace)?;

@@ -52,10 +52,8 @@ pub fn hash(id: &str) -> u64 {
 }
 
 /// A fresh random generation.
-pub fn random_generation() -> std::io::Result<u64> {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    Ok(u64::from_le_bytes(bytes) & GENERATION_MASK)
+pub fn random_generation() -> u64 {
+    crate::random::number() & GENERATION_MASK
 }
 
 /// Lowercase base32hex text of a generation, as it appears in ids and in `meta.json`.

@@ -66,8 +66,7 @@ impl Log {
             None if bases.is_empty() => {
                 let meta = Meta {
                     generations: vec![Generation {
-                        id: ids::random_generation()
-                            .context(|| "drawing a random id generation".into())?,
+                        id: ids::random_generation(),
                         first: 0,
                     }],
                     clean_end: None,
@@ -114,8 +113,7 @@ impl Log {
                 );
             }
             let generation = loop {
-                let candidate =
-                    ids::random_generation().context(|| "drawing a random id generation".into())?;
+                let candidate = ids::random_generation();
                 if meta.generation_range(candidate).is_none() {
                     break candidate;
                 }

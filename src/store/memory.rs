@@ -63,7 +63,7 @@ impl MemoryLog {
     pub fn new(namespace: &str) -> MemoryLog {
         MemoryLog {
             namespace: namespace.to_owned(),
-            generation: ids::random_generation().unwrap_or(1),
+            generation: ids::random_generation(),
             events: RwLock::new(Events {
                 first: 0,
                 kept: Vec::new(),

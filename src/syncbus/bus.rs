@@ -168,7 +168,7 @@ impl BusSyncBus {
         let mut options = SubscribeOptions::new(self.subject(kind, key));
         options.ack = AckMode::Manual {
             redelivery: None,
-            redelivery_count: None,
+            max_deliveries: None,
         };
         options.zone = self.zone.clone();
         let mut subscription = self.timed(self.client.subscribe(options)).await?;

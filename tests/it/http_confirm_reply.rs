@@ -255,7 +255,7 @@ async fn the_client_asks_and_answers_in_one_call_each() {
     let mut options = SubscribeOptions::new("app.ask");
     options.ack = AckMode::Manual {
         redelivery: None,
-        redelivery_count: None,
+        max_deliveries: None,
     };
     let mut worker = client.subscribe(options).await.unwrap();
     let answering = tokio::spawn(async move {
