@@ -13,6 +13,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghijklmnopqrstuv";
 
 /// `N` random bytes.
+///
+/// ```
+/// let key: [u8; 32] = bus::random::bytes();
+/// assert_ne!(key, bus::random::bytes::<32>());
+/// ```
 pub fn bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     if getrandom::fill(&mut out).is_err() {
@@ -30,11 +35,20 @@ pub fn bytes<const N: usize>() -> [u8; N] {
 }
 
 /// A random 64-bit number.
+///
+/// ```
+/// assert_ne!(bus::random::number(), bus::random::number());
+/// ```
 pub fn number() -> u64 {
     u64::from_le_bytes(bytes())
 }
 
 /// `len` random characters of [`ALPHABET`] (5 random bits each).
+///
+/// ```
+/// let inbox = format!("_bus_.{}", bus::random::token(20));
+/// assert_eq!(inbox.len(), 26);
+/// ```
 pub fn token(len: usize) -> String {
     let mut out = String::with_capacity(len);
     for chunk in (0..len).collect::<Vec<_>>().chunks(16) {

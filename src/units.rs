@@ -9,6 +9,14 @@ use crate::duration::parse_go_duration;
 /// Parses a byte size: a number of bytes, optionally followed by `K`, `M` or `G` (also
 /// written `KB`/`KiB`, …; all are powers of 1024). Sizes under 64 bytes are refused: no
 /// setting of the bus means anything that small.
+///
+/// ```
+/// use bus::units::parse_size;
+///
+/// assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+/// assert_eq!(parse_size("64 KB"), Ok(64 << 10));
+/// assert!(parse_size("12x").unwrap_err().contains("unknown unit"));
+/// ```
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let split = trimmed
@@ -39,6 +47,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// A byte size as [`parse_size`] reads it: `8 MiB`, `64 KiB`, or bytes.
+///
+/// ```
+/// assert_eq!(bus::units::format_size(8 << 20), "8 MiB");
+/// assert_eq!(bus::units::format_size(1536), "1536 bytes");
+/// ```
 pub fn format_size(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
@@ -50,6 +63,11 @@ pub fn format_size(bytes: u64) -> String {
 
 /// A size for people: exact when it is a whole number of MiB (or smaller than one), else
 /// in GiB or MiB with one decimal.
+///
+/// ```
+/// assert_eq!(bus::units::approximate_size(3 << 20), "3 MiB");
+/// assert_eq!(bus::units::approximate_size((1 << 20) + (1 << 19)), "1.5 MiB");
+/// ```
 pub fn approximate_size(bytes: u64) -> String {
     if bytes.is_multiple_of(1 << 20) || bytes < 1 << 20 {
         return format_size(bytes);
@@ -62,6 +80,12 @@ pub fn approximate_size(bytes: u64) -> String {
 }
 
 /// Parses a duration flag (`5s`, `1m30s`), with the error as text for the command line.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// assert_eq!(bus::units::parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+/// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     parse_go_duration(text).map_err(|e| e.to_string())
 }

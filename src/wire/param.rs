@@ -59,6 +59,11 @@ pub const REPLY: &str = "reply";
 pub const TIMEOUT: &str = "timeout";
 
 /// A query parameter's value the server cannot take; the message is the server's 400.
+///
+/// ```
+/// let error = bus::wire::AckParam::parse("yes").unwrap_err();
+/// assert!(error.to_string().starts_with("ack: "));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ParamError(pub String);
@@ -96,6 +101,13 @@ pub enum StartParam {
 
 impl StartParam {
     /// The parameter that carries this start.
+    ///
+    /// ```
+    /// use bus::wire::StartParam;
+    ///
+    /// assert_eq!(StartParam::Oldest.name(), "start");
+    /// assert_eq!(StartParam::Index(7).name(), "start_index");
+    /// ```
     pub fn name(&self) -> &'static str {
         match self {
             StartParam::Oldest | StartParam::Newest | StartParam::After(_) => START,
@@ -107,6 +119,21 @@ impl StartParam {
     /// Reads the start of a subscription request; `read(name)` gives a parameter's value,
     /// `""` when it is absent. Parameters are read, and faults reported, in this order: a
     /// malformed `start_index`, a malformed `start_time`, more than one of the three.
+    ///
+    /// ```
+    /// use bus::wire::{ParamError, StartParam};
+    ///
+    /// let read = |name: &str| -> Result<&str, ParamError> {
+    ///     Ok(if name == "start" { "oldest" } else { "" })
+    /// };
+    /// assert_eq!(StartParam::from_query(read)?, StartParam::Oldest);
+    ///
+    /// let both = |name: &str| -> Result<&str, ParamError> {
+    ///     Ok(if name == "start_time" { "x" } else { "" })
+    /// };
+    /// assert!(StartParam::from_query(both).unwrap_err().0.starts_with("start_time: "));
+    /// # Ok::<(), ParamError>(())
+    /// ```
     pub fn from_query<'q, E: From<ParamError>>(
         mut read: impl FnMut(&'static str) -> Result<&'q str, E>,
     ) -> Result<StartParam, E> {
@@ -178,6 +205,13 @@ pub enum AckParam {
 
 impl AckParam {
     /// Reads the value of `ack` (`""` when absent).
+    ///
+    /// ```
+    /// use bus::wire::AckParam;
+    ///
+    /// assert_eq!(AckParam::parse("none")?, AckParam::parse("")?);
+    /// # Ok::<(), bus::wire::ParamError>(())
+    /// ```
     pub fn parse(text: &str) -> Result<AckParam, ParamError> {
         match text {
             "" | "none" => Ok(AckParam::None),
@@ -216,6 +250,14 @@ pub struct MaxDeliveries(pub i64);
 impl MaxDeliveries {
     /// Reads a value of `redelivery_count` (not empty: an absent one is the server's
     /// default).
+    ///
+    /// ```
+    /// use bus::wire::MaxDeliveries;
+    ///
+    /// assert_eq!(MaxDeliveries::parse("5")?, MaxDeliveries(5));
+    /// assert!(MaxDeliveries::parse("").is_err());
+    /// # Ok::<(), bus::wire::ParamError>(())
+    /// ```
     pub fn parse(text: &str) -> Result<MaxDeliveries, ParamError> {
         text.parse().map(MaxDeliveries).map_err(|_| {
             ParamError(format!(
@@ -226,6 +268,13 @@ impl MaxDeliveries {
 
     /// The most deliveries, `None` for no limit (a count beyond `u32` is taken as
     /// `u32::MAX`).
+    ///
+    /// ```
+    /// use bus::wire::MaxDeliveries;
+    ///
+    /// assert_eq!(MaxDeliveries(0).limit(), None);
+    /// assert_eq!(MaxDeliveries(i64::MAX).limit(), Some(u32::MAX));
+    /// ```
     pub fn limit(self) -> Option<u32> {
         (self.0 > 0).then(|| u32::try_from(self.0).unwrap_or(u32::MAX))
     }
