@@ -13,6 +13,7 @@ use clap::{Args, Parser};
 use crate::broker::BrokerConfig;
 use crate::duration::parse_go_duration;
 use crate::store::cipher::DEFAULT_BLOCK_SIZE;
+use crate::store::jetstream::JetStreamConfig;
 use crate::store::{Cipher, FsyncPolicy, StoreConfig};
 use crate::units::{parse_duration, parse_size};
 
@@ -31,6 +32,28 @@ pub struct ServerConfig {
     /// subject (`orders` in `orders.created`); every namespace must be declared.
     #[arg(long, env = "BUS_NAMESPACES", value_delimiter = ',', required = true)]
     pub namespaces: Vec<String>,
+
+    /// Where events are kept: `file` (a log per namespace in --path, the default) or
+    /// `jetstream` (a NATS JetStream stream per namespace, see --nats-url).
+    #[arg(long, env = "BUS_STORE", default_value = "file")]
+    pub store: StoreKind,
+
+    /// With --store jetstream: the NATS servers to connect to (comma-separated URLs).
+    #[arg(long, env = "BUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// With --store jetstream: copies JetStream keeps of each namespace's stream (1, 3 or 5;
+    /// more than 1 needs a JetStream cluster).
+    #[arg(long, env = "BUS_JETSTREAM_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
+    pub jetstream_replicas: usize,
+
+    /// With --store jetstream: a token to authenticate to NATS with.
+    #[arg(long, env = "BUS_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+
+    /// With --store jetstream: a NATS credentials file (JWT and seed) to authenticate with.
+    #[arg(long, env = "BUS_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
 
     /// When appends reach the disk: `always` (acknowledged only once synced),
     /// `interval=<duration>` (synced at least that often) or `never` (left to the OS).
@@ -203,6 +226,16 @@ impl ServerConfig {
             tail_bytes: usize::try_from(self.tail_size).unwrap_or(usize::MAX),
             cipher,
         })
+    }
+
+    /// How to reach JetStream, with `--store jetstream`.
+    pub fn jetstream_config(&self) -> JetStreamConfig {
+        JetStreamConfig {
+            url: self.nats_url.clone(),
+            replicas: self.jetstream_replicas,
+            token: self.nats_token.clone().filter(|t| !t.is_empty()),
+            creds: self.nats_creds.clone(),
+        }
     }
 
     /// The retention limits, checked against the declared namespaces.
@@ -393,6 +426,26 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--store`: where events are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// A log per namespace in the data directory.
+    File,
+    /// A NATS JetStream stream per namespace.
+    Jetstream,
+}
+
+fn parse_replicas(text: &str) -> Result<usize, String> {
+    match text.trim() {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!(
+            "{text:?}: JetStream keeps 1, 3 or 5 copies of a stream"
+        )),
     }
 }
 

@@ -16,15 +16,37 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
-use crate::config::{MemoryLimit, Retention, ServerConfig};
+use crate::config::{MemoryLimit, Retention, ServerConfig, StoreKind};
 use crate::http::auth::AuthTable;
 use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
-use crate::store::{EventLog, Storage, Store};
+use crate::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
+use crate::store::{EventLog, Storage, StorageError, Store};
 use crate::units::approximate_size;
 
 /// How long shutting down waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// The streams of the namespaces and the bucket of consumers' progress on JetStream.
+async fn open_jetstream(
+    config: &JetStreamConfig,
+    namespaces: &[String],
+) -> Result<Storage, StorageError> {
+    let (client, context) = jetstream::connect(config).await?;
+    let mut logs: Vec<Arc<dyn EventLog>> = Vec::with_capacity(namespaces.len());
+    for namespace in namespaces {
+        let log = JetStreamLog::open(&client, &context, namespace, config.replicas).await?;
+        tracing::info!(
+            namespace,
+            events = log.committed() - log.first_position(),
+            stream = jetstream::stream_name(namespace),
+            "namespace opened on JetStream"
+        );
+        logs.push(Arc::new(log));
+    }
+    let consumers = Arc::new(JetStreamConsumers::open(&context, config.replicas).await?);
+    Ok(Storage { logs, consumers })
+}
 
 /// A server that is accepting connections.
 pub struct RunningServer {
@@ -56,25 +78,39 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         Some(path) => Some(Arc::new(AuthTable::load(path).map_err(anyhow::Error::msg)?)),
     };
     let broker_config = config.broker_config();
-    let (storage, broker) = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&store_config, &namespaces)?;
-        for log in store.logs() {
-            let recovery = log.recovery();
-            tracing::info!(
-                namespace = log.namespace(),
-                events = recovery.events,
-                segments = recovery.segments,
-                clean_shutdown = recovery.clean_shutdown,
-                "namespace opened"
-            );
+    let storage = match config.store {
+        StoreKind::File => tokio::task::spawn_blocking(move || {
+            let store = Store::open(&store_config, &namespaces)?;
+            for log in store.logs() {
+                let recovery = log.recovery();
+                tracing::info!(
+                    namespace = log.namespace(),
+                    events = recovery.events,
+                    segments = recovery.segments,
+                    clean_shutdown = recovery.clean_shutdown,
+                    "namespace opened"
+                );
+            }
+            anyhow::Ok(store.storage())
+        })
+        .await
+        .context("opening the store")?
+        .with_context(|| format!("opening the data directory {}", config.path.display()))?,
+        StoreKind::Jetstream => {
+            if store_config.cipher.is_some() {
+                bail!("--secret-key is not available with --store jetstream yet: run without it, or on the file store");
+            }
+            open_jetstream(&config.jetstream_config(), &namespaces)
+                .await
+                .with_context(|| format!("opening JetStream at {}", config.nats_url))?
         }
-        let storage = store.storage();
-        let broker = Broker::new(storage.clone(), &broker_config);
-        anyhow::Ok((storage, broker))
-    })
-    .await
-    .context("opening the store")?
-    .with_context(|| format!("opening the data directory {}", config.path.display()))?;
+    };
+    let broker = {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || Broker::new(storage, &broker_config))
+            .await
+            .context("starting the broker")?
+    };
     let broker = Arc::new(broker);
 
     let listen = config.listen_addr();

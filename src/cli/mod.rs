@@ -57,7 +57,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Server(ServerConfig),
+    Server(Box<ServerConfig>),
     /// Publish an event.
     Put(events::PutArgs),
     /// Subscribe and print events, one JSON object per line.
@@ -153,7 +153,7 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Server(config) => server::run(config).await,
+            Command::Server(config) => server::run(*config).await,
             Command::Put(args) => events::put(args).await,
             Command::Get(args) => events::get(args).await,
             Command::Ack(args) => events::ack(args).await,

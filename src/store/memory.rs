@@ -147,10 +147,12 @@ impl MemoryLog {
             });
             position += 1;
         }
+        // Published under the lock: appends racing each other must not move the watermark
+        // back.
+        self.watermark.send_replace(position);
         drop(events);
         self.groups.fetch_add(1, Ordering::Relaxed);
         self.group_events.observe(appended.len() as u64);
-        self.watermark.send_replace(position);
         Ok(appended)
     }
 }

@@ -48,6 +48,7 @@ pub mod ids;
 mod inbox;
 pub mod index_files;
 pub mod inspect;
+pub mod jetstream;
 pub mod log;
 pub mod log_header;
 pub mod memory;

@@ -22,8 +22,10 @@
 mod common;
 
 // The storage engine, used directly.
+mod store_contract;
 mod store_crash;
 mod store_encryption;
+mod store_jetstream;
 mod store_model;
 mod store_recovery;
 mod store_roundtrip;
@@ -34,6 +36,7 @@ mod http_auth;
 mod http_confirm_reply;
 mod http_consumers;
 mod http_inbox_cors;
+mod http_jetstream;
 mod http_limits;
 mod http_manual_ack;
 mod http_ops;

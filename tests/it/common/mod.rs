@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod cli;
 pub mod http;
+pub mod jetstream;
 pub mod process;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,998 @@
+//! The JetStream store: each namespace's log kept in a NATS JetStream stream, and durable
+//! consumers' progress in a JetStream key-value bucket, so that the bus's data lives in
+//! a replicated, existing distributed log instead of a local directory.
+//!
+//! The mapping, and what it promises:
+//! - **One stream per namespace**, `BUS_<namespace>`, taking the namespace's subjects
+//!   (`<ns>` and `<ns>.>`, the same syntax as NATS). A position is the stream sequence
+//!   minus one, so positions are gapless from 0 as on the file store (the stream never
+//!   deletes single messages; its limits remove the oldest ones only).
+//! - **The message is the event**: its body is the event's JSON exactly as the file store
+//!   keeps it (id, creation time and `index` included), so a read hands it out without
+//!   re-encoding. Server-assigned ids encode the position under the stream's generation
+//!   (drawn at creation, kept in the stream's metadata), which makes `start=<id>` a read
+//!   at a sequence, never a search.
+//! - **Positions are claimed, not guessed**: every append carries
+//!   `Nats-Expected-Last-Sequence`, so JetStream refuses it if anything else was written
+//!   since; the log then learns the stream's end and tries again. A batch is one atomic
+//!   batch publish (`Nats-Batch-*` headers, nats-server 2.12 or later): all of it is
+//!   stored, or none.
+//! - **An append returns once JetStream acknowledged it**: with replicas, once a quorum
+//!   has it; with the server's `sync_interval: always`, once it is on disk — the promise
+//!   of the file store's `--fsync always`.
+//! - **Commit times** are the stream's own timestamps, so a search by time is JetStream's
+//!   (a direct get by start time), never misled by a `created_at` a client chose.
+//!
+//! - **Ids chosen by clients** (the restore and copy tools) are indexed in a key-value
+//!   bucket per namespace, `BUS_IDS_<namespace>`: the id's position is put there before
+//!   the append, and a lookup checks that the event at that position has the id. A
+//!   crash between the two writes leaves an entry that points at another event (or at
+//!   nothing): it is ignored, so an id is never found at the wrong event, and never taken
+//!   twice.
+//!
+//! Not yet on this backend: encryption at rest.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::HeaderMap;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use super::api::{
+    Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent, LogStats,
+    StorageError,
+};
+use super::consumers::{ConsumerName, ConsumerProgress};
+use super::ids;
+use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
+use crate::metrics::{self, Histogram};
+use crate::timestamp::Timestamp;
+
+/// How a node reaches JetStream.
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// `nats://host:port`, or several separated by commas.
+    pub url: String,
+    /// Copies of each stream and bucket JetStream keeps (1, 3 or 5).
+    pub replicas: usize,
+    /// A token to authenticate with.
+    pub token: Option<String>,
+    /// A credentials file (JWT and NKey seed) to authenticate with.
+    pub creds: Option<std::path::PathBuf>,
+}
+
+/// Reads of the log stop after about this many bytes, as on the file store.
+const READ_BYTES: usize = 256 << 10;
+/// How long a request to JetStream may take before the operation fails as unavailable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at an append whose expected last sequence was wrong (another writer got in
+/// between) before it fails as a conflict.
+const APPEND_ATTEMPTS: usize = 5;
+/// The stream metadata entry that holds the id generation.
+const GENERATION_KEY: &str = "bus_generation";
+/// The header with the time the log committed a message (Unix nanoseconds).
+const COMMITTED_AT: &str = "Bus-Committed-At";
+/// The bucket of durable consumers' progress.
+const CONSUMERS_BUCKET: &str = "BUS_CONSUMERS";
+
+fn unavailable(what: &str, cause: impl std::fmt::Display) -> StorageError {
+    StorageError::new(
+        ErrorKind::Unavailable,
+        format!("JetStream: {what}: {cause}"),
+    )
+}
+
+/// The stream that holds a namespace's log.
+pub fn stream_name(namespace: &str) -> String {
+    format!("BUS_{namespace}")
+}
+
+/// Connects to NATS and opens JetStream.
+pub async fn connect(
+    config: &JetStreamConfig,
+) -> Result<(async_nats::Client, jetstream::Context), StorageError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("bus")
+        .retry_on_initial_connect()
+        .request_timeout(Some(REQUEST_TIMEOUT));
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(creds) = &config.creds {
+        options = options
+            .credentials_file(creds)
+            .await
+            .map_err(|e| unavailable(&format!("reading {}", creds.display()), e))?;
+    }
+    let client = tokio::time::timeout(REQUEST_TIMEOUT, options.connect(config.url.as_str()))
+        .await
+        .map_err(|_| unavailable(&format!("connecting to {}", config.url), "timed out"))?
+        .map_err(|e| unavailable(&format!("connecting to {}", config.url), e))?;
+    let context = jetstream::new(client.clone());
+    Ok((client, context))
+}
+
+/// A namespace's log in a JetStream stream.
+pub struct JetStreamLog {
+    namespace: String,
+    stream: String,
+    /// Positions of the ids clients chose.
+    client_ids: kv::Store,
+    client: async_nats::Client,
+    context: jetstream::Context,
+    runtime: Handle,
+    generation: u64,
+    /// Appends one at a time, each claiming the positions after the last it knows of.
+    append: tokio::sync::Mutex<AppendState>,
+    watermark: watch::Sender<u64>,
+    first: AtomicU64,
+    closed: AtomicBool,
+    /// The stream's limits as last set, so that retention updates them only on change.
+    limits: Mutex<Option<(Option<Duration>, Option<u64>)>>,
+    groups: AtomicU64,
+    reads: AtomicU64,
+    group_events: Histogram,
+    ack_micros: Histogram,
+}
+
+struct AppendState {
+    /// The next position: the stream's last sequence as far as this log knows.
+    next: u64,
+    /// The last creation time handed out, so that times never go back.
+    last_created: Timestamp,
+}
+
+impl JetStreamLog {
+    /// Opens the namespace's stream, creating it with `replicas` copies if it does not
+    /// exist. Events may be up to `max_event_bytes` (the server's `max_payload` must allow
+    /// them too).
+    pub async fn open(
+        client: &async_nats::Client,
+        context: &jetstream::Context,
+        namespace: &str,
+        replicas: usize,
+    ) -> Result<JetStreamLog, StorageError> {
+        let name = stream_name(namespace);
+        let fresh_generation = ids::random_generation();
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![namespace.to_owned(), format!("{namespace}.>")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_direct: true,
+            allow_atomic_publish: true,
+            metadata: HashMap::from([(
+                GENERATION_KEY.to_owned(),
+                ids::generation_text(fresh_generation),
+            )]),
+            ..Default::default()
+        };
+        let mut stream = context
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| unavailable(&format!("opening stream {name}"), e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(&format!("reading stream {name}"), e))?
+            .clone();
+        let generation = info
+            .config
+            .metadata
+            .get(GENERATION_KEY)
+            .and_then(|text| ids::parse_generation(text))
+            .ok_or_else(|| {
+                StorageError::new(
+                    ErrorKind::Corrupt,
+                    format!("stream {name} has no {GENERATION_KEY} in its metadata: it was not created by bus"),
+                )
+            })?;
+        let next = info.state.last_sequence;
+        let first = info.state.first_sequence.saturating_sub(1).min(next);
+        let client_ids = open_bucket(context, &format!("BUS_IDS_{namespace}"), replicas).await?;
+        Ok(JetStreamLog {
+            namespace: namespace.to_owned(),
+            stream: name,
+            client_ids,
+            client: client.clone(),
+            context: context.clone(),
+            runtime: Handle::current(),
+            generation,
+            append: tokio::sync::Mutex::new(AppendState {
+                next,
+                last_created: Timestamp::from_unix_nanos(i64::MIN),
+            }),
+            watermark: watch::Sender::new(next),
+            first: AtomicU64::new(first),
+            closed: AtomicBool::new(false),
+            limits: Mutex::new(None),
+            groups: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            group_events: Histogram::new(metrics::GROUP_BOUNDS),
+            ack_micros: Histogram::new(metrics::DURATION_BOUNDS_MICROS),
+        })
+    }
+
+    fn closed_error(&self) -> StorageError {
+        StorageError::new(
+            ErrorKind::Unavailable,
+            format!("the log of namespace {} is closed", self.namespace),
+        )
+    }
+
+    async fn append_batch(&self, batch: Vec<PendingEvent>) -> Result<Vec<Appended>, StorageError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut state = self.append.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        self.check_client_ids(&batch).await?;
+        for _ in 0..APPEND_ATTEMPTS {
+            // Nothing is sent while the connection is down: the client would hold it and
+            // send it once reconnected, storing events whose publisher was told they were
+            // not.
+            if let Some(reason) = self.halted() {
+                return Err(StorageError::new(ErrorKind::Unavailable, reason));
+            }
+            let created = Timestamp::now().max(state.last_created);
+            let (messages, appended) = self.encode(&batch, state.next, created);
+            self.reserve_client_ids(&batch, &appended).await?;
+            let started = Instant::now();
+            match self.publish(messages, state.next, created).await {
+                Ok(()) => {
+                    self.ack_micros
+                        .observe(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
+                    self.groups.fetch_add(1, Ordering::Relaxed);
+                    self.group_events.observe(appended.len() as u64);
+                    state.last_created = created;
+                    state.next += appended.len() as u64;
+                    self.watermark.send_replace(state.next);
+                    return Ok(appended);
+                }
+                Err(Publish::WrongLastSequence) => {
+                    // Another writer appended since: start after what is there now.
+                    state.next = self.last_sequence().await?;
+                    self.watermark.send_if_modified(|w| {
+                        let moved = *w < state.next;
+                        *w = (*w).max(state.next);
+                        moved
+                    });
+                }
+                Err(Publish::Failed(error)) => {
+                    // The append may have been stored with only its acknowledgement lost:
+                    // find out, so that a refusal never hides stored events.
+                    if self.stored_at(state.next, &appended[0].id).await == Some(true) {
+                        self.groups.fetch_add(1, Ordering::Relaxed);
+                        self.group_events.observe(appended.len() as u64);
+                        state.last_created = created;
+                        state.next += appended.len() as u64;
+                        self.watermark.send_replace(state.next);
+                        return Ok(appended);
+                    }
+                    if let Ok(last) = self.last_sequence().await {
+                        state.next = last;
+                        self.watermark.send_if_modified(|w| {
+                            let moved = *w < last;
+                            *w = (*w).max(last);
+                            moved
+                        });
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Err(StorageError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "stream {}: other writers kept appending; the events were not stored",
+                self.stream
+            ),
+        ))
+    }
+
+    /// The events as stream messages at positions from `next`, and what each was given.
+    fn encode(
+        &self,
+        batch: &[PendingEvent],
+        next: u64,
+        created: Timestamp,
+    ) -> (Vec<(String, Bytes)>, Vec<Appended>) {
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut appended = Vec::with_capacity(batch.len());
+        for (offset, pending) in batch.iter().enumerate() {
+            let position = next + offset as u64;
+            let id = match pending.client_id() {
+                Some(id) => id.to_owned(),
+                None => {
+                    String::from_utf8_lossy(&ids::encode(self.generation, position)).into_owned()
+                }
+            };
+            let created_at = pending.created_at.unwrap_or(created);
+            let mut json = Vec::with_capacity(pending.encoded_len_hint());
+            let layout = pending.write_json(&mut json, &id, &created_at.format(), position as i64);
+            let subject = String::from_utf8_lossy(&json[layout.subject.clone()]).into_owned();
+            messages.push((subject, Bytes::from(json)));
+            appended.push(Appended {
+                position,
+                id,
+                created_at,
+            });
+        }
+        (messages, appended)
+    }
+
+    /// Publishes the messages as one append expected right after position `next - 1`.
+    async fn publish(
+        &self,
+        messages: Vec<(String, Bytes)>,
+        next: u64,
+        committed_at: Timestamp,
+    ) -> Result<(), Publish> {
+        let count = messages.len();
+        let last = count - 1;
+        let batch_id = crate::random::token(22);
+        let mut ack = None;
+        for (n, (subject, body)) in messages.into_iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(COMMITTED_AT, committed_at.unix_nanos().to_string().as_str());
+            if n == 0 {
+                headers.insert("Nats-Expected-Last-Sequence", next.to_string().as_str());
+            }
+            if count > 1 {
+                headers.insert("Nats-Batch-Id", batch_id.as_str());
+                headers.insert("Nats-Batch-Sequence", (n + 1).to_string().as_str());
+                if n == last {
+                    headers.insert("Nats-Batch-Commit", "1");
+                }
+            }
+            if n == last {
+                ack = Some(
+                    self.context
+                        .publish_with_headers(subject, headers, body)
+                        .await
+                        .map_err(publish_failed)?,
+                );
+            } else {
+                // The messages before the commit get no answer of their own: the commit's
+                // acknowledgement (or error) is the batch's.
+                self.client
+                    .publish_with_headers(subject, headers, body)
+                    .await
+                    .map_err(|e| Publish::Failed(unavailable("publishing", e)))?;
+            }
+        }
+        let Some(ack) = ack else {
+            return Ok(());
+        };
+        let ack = ack.await.map_err(publish_failed)?;
+        let expected = next + count as u64;
+        if ack.sequence != expected {
+            return Err(Publish::Failed(StorageError::new(
+                ErrorKind::Internal,
+                format!(
+                    "stream {}: the append was stored at sequence {} instead of {expected}",
+                    self.stream, ack.sequence
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses ids chosen by clients that the namespace has (or that have the form of its
+    /// own ids, or that repeat within the batch).
+    async fn check_client_ids(&self, batch: &[PendingEvent]) -> Result<(), StorageError> {
+        let mut seen = std::collections::HashSet::new();
+        for id in batch.iter().filter_map(PendingEvent::client_id) {
+            if ids::decode(id).is_some_and(|(generation, _)| generation == self.generation) {
+                return Err(StorageError::new(
+                    ErrorKind::Conflict,
+                    format!("event id {id} has the form of ids this namespace assigns itself; choose another id"),
+                ));
+            }
+            if !seen.insert(id) || self.find_client_id(id).await?.is_some() {
+                return Err(StorageError::new(
+                    ErrorKind::Conflict,
+                    format!("event id {id} already exists in this namespace"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the positions of the batch's client ids in the index, before the append.
+    async fn reserve_client_ids(
+        &self,
+        batch: &[PendingEvent],
+        appended: &[Appended],
+    ) -> Result<(), StorageError> {
+        for (pending, appended) in batch.iter().zip(appended) {
+            if pending.client_id().is_some() {
+                self.client_ids
+                    .put(
+                        id_key(&appended.id),
+                        Bytes::from(appended.position.to_string()),
+                    )
+                    .await
+                    .map_err(|e| unavailable(&format!("indexing event id {}", appended.id), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The position of the event with this client-chosen id, checked against the event.
+    async fn find_client_id(&self, id: &str) -> Result<Option<u64>, StorageError> {
+        let entry = self
+            .client_ids
+            .get(id_key(id))
+            .await
+            .map_err(|e| unavailable(&format!("looking up event id {id}"), e))?;
+        let Some(position) = entry
+            .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse::<u64>().ok())
+            .filter(|&position| position < self.committed())
+        else {
+            return Ok(None);
+        };
+        let messages = self
+            .direct_get(serde_json::json!({ "seq": position + 1 }))
+            .await?;
+        Ok(messages
+            .first()
+            .filter(|m| {
+                header_u64(m, "Nats-Sequence") == Some(position + 1)
+                    && event::id_of_json(&m.payload) == Some(id)
+            })
+            .map(|_| position))
+    }
+
+    /// Whether the event at `position` is the one with `id`, once the connection is up to
+    /// tell (within a few seconds); `None` when it cannot be told. A publish sent before
+    /// a failure reaches JetStream before a request sent after it on the same connection,
+    /// so a position found empty stays empty for that publish.
+    async fn stored_at(&self, position: u64, id: &str) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + 2 * REQUEST_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if self.halted().is_none() {
+                let request = serde_json::json!({ "seq": position + 1 });
+                if let Ok(messages) = self.direct_get(request).await {
+                    return Some(messages.first().is_some_and(|message| {
+                        event::id_of_json(&message.payload) == Some(id)
+                            && header_u64(message, "Nats-Sequence") == Some(position + 1)
+                    }));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    async fn stream_info(&self) -> Result<stream::Info, StorageError> {
+        self.context
+            .get_stream(&self.stream)
+            .await
+            .map(|stream| stream.cached_info().clone())
+            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))
+    }
+
+    async fn last_sequence(&self) -> Result<u64, StorageError> {
+        Ok(self.stream_info().await?.state.last_sequence)
+    }
+
+    /// Up to `max_events` events from `from` (with their commit times), by one direct get
+    /// of a batch: JetStream answers with the messages, then an end-of-batch status.
+    async fn read_batch(
+        &self,
+        from: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(StoredEvent, Option<Timestamp>)>, StorageError> {
+        let request = serde_json::json!({
+            "seq": from + 1,
+            "batch": max_events,
+            "max_bytes": max_bytes,
+        });
+        let messages = self.direct_get(request).await?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let mut events = Vec::with_capacity(messages.len());
+        for message in messages {
+            let Some(sequence) = header_u64(&message, "Nats-Sequence") else {
+                continue;
+            };
+            let position = sequence - 1;
+            let committed_at = committed_at(&message);
+            let json = message.payload;
+            let layout = JsonLayout::parse(&json).ok_or_else(|| {
+                StorageError::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "stream {}: sequence {sequence} is not an event of bus",
+                        self.stream
+                    ),
+                )
+            })?;
+            let id = String::from_utf8_lossy(&json[layout.id.clone()]).into_owned();
+            let mut frame = BytesMut::with_capacity(event::sse_frame_len(&id, &json));
+            event::push_sse_frame(&mut frame, &id, &json);
+            // The frame is `id: …\ndata: <json>\n\n`: the layout is that of its JSON.
+            events.push((
+                StoredEvent::new(position, frame.freeze(), &layout),
+                committed_at,
+            ));
+        }
+        Ok(events)
+    }
+
+    /// A direct get; the messages it answers with, none when there are none.
+    async fn direct_get(
+        &self,
+        request: serde_json::Value,
+    ) -> Result<Vec<async_nats::Message>, StorageError> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unavailable("subscribing to a read's answers", e))?;
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", self.stream),
+                inbox,
+                Bytes::from(request.to_string()),
+            )
+            .await
+            .map_err(|e| unavailable("asking for events", e))?;
+        let mut messages = Vec::new();
+        loop {
+            let message = match tokio::time::timeout(REQUEST_TIMEOUT, answers.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(unavailable("reading events", "the connection closed")),
+                Err(_) => return Err(unavailable("reading events", "no answer in time")),
+            };
+            match message.status.map(|s| s.as_u16()) {
+                None | Some(200) => messages.push(message),
+                // End of the batch, or nothing at or after the start.
+                Some(204) | Some(404) => break,
+                Some(status) => {
+                    return Err(unavailable(
+                        "reading events",
+                        format!(
+                            "status {status} {}",
+                            message.description.unwrap_or_default()
+                        ),
+                    ))
+                }
+            }
+            // A single-message get (no batch) ends with its message.
+            if request.get("batch").is_none() {
+                break;
+            }
+        }
+        let _ = answers.unsubscribe().await;
+        Ok(messages)
+    }
+
+    fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        self.runtime.block_on(future)
+    }
+}
+
+enum Publish {
+    WrongLastSequence,
+    Failed(StorageError),
+}
+
+fn publish_failed(error: jetstream::context::PublishError) -> Publish {
+    use jetstream::context::PublishErrorKind;
+    match error.kind() {
+        PublishErrorKind::WrongLastSequence => Publish::WrongLastSequence,
+        PublishErrorKind::MaxPayloadExceeded => Publish::Failed(StorageError::new(
+            ErrorKind::TooLarge,
+            format!("the event is larger than NATS takes (its max_payload): {error}"),
+        )),
+        _ => {
+            let text = error.to_string();
+            // JetStream refuses appends to a stream at its byte limit with "discard new",
+            // and any append when its storage is full.
+            let kind = if text.contains("insufficient resources")
+                || text.contains("maximum bytes exceeded")
+            {
+                ErrorKind::Full
+            } else {
+                ErrorKind::Unavailable
+            };
+            Publish::Failed(StorageError::new(kind, format!("JetStream: {text}")))
+        }
+    }
+}
+
+/// A key-value bucket, created with `replicas` copies if it does not exist.
+async fn open_bucket(
+    context: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store, StorageError> {
+    match context.get_key_value(name).await {
+        Ok(bucket) => Ok(bucket),
+        Err(_) => context
+            .create_key_value(kv::Config {
+                bucket: name.to_owned(),
+                history: 1,
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&format!("creating bucket {name}"), e)),
+    }
+}
+
+/// An event id as a bucket key: letters, digits, `_` and `-` as they are, any other byte
+/// as `=` and two hex digits (keys take no `~` or `:`, and dots separate their tokens).
+fn id_key(id: &str) -> String {
+    let mut key = String::with_capacity(id.len());
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            key.push(byte as char);
+        } else {
+            key.push_str(&format!("={byte:02X}"));
+        }
+    }
+    key
+}
+
+/// When the log committed a message: its own time (the same as a server-dated event's
+/// `created_at`), else the stream's.
+fn committed_at(message: &async_nats::Message) -> Option<Timestamp> {
+    let headers = message.headers.as_ref()?;
+    match headers.get(COMMITTED_AT) {
+        Some(nanos) => nanos.as_str().parse().ok().map(Timestamp::from_unix_nanos),
+        None => Timestamp::parse(headers.get("Nats-Time-Stamp")?.as_str()).ok(),
+    }
+}
+
+fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
+    message.headers.as_ref()?.get(name)?.as_str().parse().ok()
+}
+
+impl EventLog for JetStreamLog {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn append(
+        &self,
+        batch: Vec<PendingEvent>,
+    ) -> BoxFuture<'_, Result<Vec<Appended>, StorageError>> {
+        Box::pin(self.append_batch(batch))
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StorageError>> {
+        Box::pin(async move {
+            let committed = self.committed();
+            if from >= committed || max_events == 0 {
+                return Ok(Vec::new());
+            }
+            let first = self.first_position();
+            if from < first {
+                return Err(StorageError::new(
+                    ErrorKind::NotFound,
+                    format!("position {from} was removed by retention"),
+                ));
+            }
+            let max = max_events.min(usize::try_from(committed - from).unwrap_or(usize::MAX));
+            let events = self.read_batch(from, max, READ_BYTES).await?;
+            match events.first() {
+                Some((event, _)) if event.position() != from => {
+                    // JetStream's limits removed it since the log last looked: readers
+                    // learn the new start from `first_position`.
+                    self.first.fetch_max(event.position(), Ordering::AcqRel);
+                    Err(StorageError::new(
+                        ErrorKind::NotFound,
+                        format!("position {from} was removed by retention"),
+                    ))
+                }
+                Some(_) => Ok(events.into_iter().map(|(event, _)| event).collect()),
+                None => {
+                    // Nothing from `from` to the watermark any more: the limits removed
+                    // it all.
+                    let info = self.stream_info().await?;
+                    let first = info.state.first_sequence.saturating_sub(1);
+                    self.first.fetch_max(first.min(committed), Ordering::AcqRel);
+                    Err(StorageError::new(
+                        ErrorKind::NotFound,
+                        format!("position {from} was removed by retention"),
+                    ))
+                }
+            }
+        })
+    }
+
+    fn committed(&self) -> u64 {
+        *self.watermark.borrow()
+    }
+
+    fn watch_committed(&self) -> watch::Receiver<u64> {
+        self.watermark.subscribe()
+    }
+
+    fn first_position(&self) -> u64 {
+        self.first.load(Ordering::Acquire)
+    }
+
+    fn find_id<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<u64>, StorageError>> {
+        Box::pin(async move {
+            match ids::decode(id) {
+                Some((generation, position)) if generation == self.generation => {
+                    Ok((position < self.committed()).then_some(position))
+                }
+                _ if id.is_empty() => Ok(None),
+                _ => self.find_client_id(id).await,
+            }
+        })
+    }
+
+    fn first_committed_at_or_after(
+        &self,
+        time: Timestamp,
+    ) -> BoxFuture<'_, Result<u64, StorageError>> {
+        // A binary search over positions by the log's own commit times, which never go
+        // back along the stream (one direct get a step).
+        Box::pin(async move {
+            let (mut low, mut high) = (self.first_position(), self.committed());
+            while low < high {
+                let middle = low + (high - low) / 2;
+                let messages = self
+                    .direct_get(serde_json::json!({ "seq": middle + 1 }))
+                    .await?;
+                let before = match messages.first() {
+                    Some(m) if header_u64(m, "Nats-Sequence") == Some(middle + 1) => {
+                        committed_at(m).is_some_and(|at| at < time)
+                    }
+                    // Removed by the limits meanwhile: older than anything kept.
+                    _ => true,
+                };
+                if before {
+                    low = middle + 1;
+                } else {
+                    high = middle;
+                }
+            }
+            Ok(low)
+        })
+    }
+
+    fn visit_recent_keys(
+        &self,
+        events: u64,
+        max_key_len: usize,
+        visit: &mut dyn FnMut(KeyedEvent),
+    ) -> Result<(), StorageError> {
+        let end = self.committed();
+        let mut next = end.saturating_sub(events).max(self.first_position());
+        while next < end {
+            let read = self.block_on(self.read_batch(next, 1024, READ_BYTES))?;
+            let Some((last, _)) = read.last() else {
+                break;
+            };
+            next = last.position() + 1;
+            for (event, committed_at) in read {
+                let json = event.json();
+                let Some(layout) = JsonLayout::parse(&json) else {
+                    continue;
+                };
+                let Some(range) = layout.key.clone() else {
+                    continue;
+                };
+                let Ok(key) = serde_json::from_slice::<String>(&json[range]) else {
+                    continue;
+                };
+                if key.len() <= max_key_len {
+                    visit(KeyedEvent {
+                        subject: event.subject().to_owned(),
+                        key,
+                        committed_at: committed_at
+                            .or_else(|| event.created_at())
+                            .unwrap_or_else(Timestamp::now),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn halted(&self) -> Option<String> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => None,
+            _ => Some(format!(
+                "the connection to NATS is down: stream {} cannot take events until it is back",
+                self.stream
+            )),
+        }
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            events: self.committed() - self.first_position(),
+            groups: self.groups.load(Ordering::Relaxed),
+            syncs: 0,
+            disk_reads: self.reads.load(Ordering::Relaxed),
+        }
+    }
+
+    fn commit_timings(&self) -> CommitTimings<'_> {
+        CommitTimings {
+            group_events: &self.group_events,
+            sync_micros: &self.ack_micros,
+        }
+    }
+
+    fn stored_bytes(&self) -> Result<u64, StorageError> {
+        Ok(self.block_on(self.stream_info())?.state.bytes)
+    }
+
+    fn enforce_retention(
+        &self,
+        max_age: Option<Duration>,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<(u64, u64)>, StorageError> {
+        self.block_on(async {
+            let wanted = (max_age, max_bytes);
+            let set = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            if set != Some(wanted) {
+                // JetStream enforces the limits itself; the log sets them on the stream.
+                let mut config = self.stream_info().await?.config;
+                config.max_age = max_age.unwrap_or(Duration::ZERO);
+                // JetStream wants its duplicate window (unused by bus) within the age limit.
+                if let Some(age) = max_age.filter(|age| !age.is_zero()) {
+                    config.duplicate_window = config.duplicate_window.min(age);
+                }
+                config.max_bytes = max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
+                self.context.update_stream(config).await.map_err(|e| {
+                    unavailable(&format!("setting the limits of {}", self.stream), e)
+                })?;
+                *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = Some(wanted);
+            }
+            let info = self.stream_info().await?;
+            let first = info
+                .state
+                .first_sequence
+                .saturating_sub(1)
+                .min(info.state.last_sequence);
+            let before = self.first.fetch_max(first, Ordering::AcqRel);
+            Ok(if first > before {
+                vec![(before, first - before)]
+            } else {
+                Vec::new()
+            })
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            // Waits for an append in flight, and takes none after it.
+            let _state = self.append.lock().await;
+            self.closed.store(true, Ordering::Release);
+            self.client
+                .flush()
+                .await
+                .map_err(|e| unavailable("flushing the connection", e))
+        })
+    }
+}
+
+/// Durable consumers' progress in a JetStream key-value bucket (key `<ns>.<name>`), so
+/// that it lives with the events, not on a node's disk.
+pub struct JetStreamConsumers {
+    bucket: kv::Store,
+    runtime: Handle,
+}
+
+impl JetStreamConsumers {
+    /// Opens the bucket, creating it with `replicas` copies if it does not exist.
+    pub async fn open(
+        context: &jetstream::Context,
+        replicas: usize,
+    ) -> Result<JetStreamConsumers, StorageError> {
+        let bucket = open_bucket(context, CONSUMERS_BUCKET, replicas).await?;
+        Ok(JetStreamConsumers {
+            bucket,
+            runtime: Handle::current(),
+        })
+    }
+
+    fn key(namespace: &str, name: &ConsumerName) -> String {
+        format!("{namespace}.{name}")
+    }
+}
+
+impl ConsumerStore for JetStreamConsumers {
+    fn load(
+        &self,
+        namespace: &str,
+        name: &ConsumerName,
+    ) -> Result<Option<ConsumerProgress>, StorageError> {
+        let key = Self::key(namespace, name);
+        let value = self
+            .runtime
+            .block_on(self.bucket.get(&key))
+            .map_err(|e| unavailable(&format!("reading consumer {key}"), e))?;
+        value
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    StorageError::new(
+                        ErrorKind::Corrupt,
+                        format!("consumer progress {key} in {CONSUMERS_BUCKET}: damaged: {e}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    fn save(
+        &self,
+        namespace: &str,
+        name: &ConsumerName,
+        progress: &ConsumerProgress,
+    ) -> Result<(), StorageError> {
+        let key = Self::key(namespace, name);
+        let body = serde_json::to_vec(progress)
+            .map_err(|e| StorageError::new(ErrorKind::Internal, e.to_string()))?;
+        self.runtime
+            .block_on(self.bucket.put(&key, Bytes::from(body)))
+            .map(|_| ())
+            .map_err(|e| unavailable(&format!("saving consumer {key}"), e))
+    }
+
+    fn remove(&self, namespace: &str, name: &ConsumerName) -> Result<(), StorageError> {
+        let key = Self::key(namespace, name);
+        self.runtime
+            .block_on(self.bucket.purge(&key))
+            .map_err(|e| unavailable(&format!("removing consumer {key}"), e))
+    }
+
+    fn list(&self, namespace: &str) -> Result<Vec<(ConsumerName, ConsumerProgress)>, StorageError> {
+        let prefix = format!("{namespace}.");
+        let keys: Vec<String> = self.runtime.block_on(async {
+            let mut keys = match self.bucket.keys().await {
+                Ok(keys) => keys,
+                Err(e) => return Err(unavailable("listing consumers", e)),
+            };
+            let mut found = Vec::new();
+            while let Some(key) = keys.next().await {
+                match key {
+                    Ok(key) if key.starts_with(&prefix) => found.push(key),
+                    Ok(_) => {}
+                    Err(e) => return Err(unavailable("listing consumers", e)),
+                }
+            }
+            Ok(found)
+        })?;
+        let mut consumers = Vec::new();
+        for key in keys {
+            let Ok(name) = ConsumerName::parse(&key[prefix.len()..]) else {
+                continue;
+            };
+            match self.load(namespace, &name) {
+                Ok(Some(progress)) => consumers.push((name, progress)),
+                Ok(None) => {}
+                Err(e) if e.kind == ErrorKind::Corrupt => {
+                    tracing::warn!(error = %e, "a damaged consumer progress is left out")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        consumers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(consumers)
+    }
+}

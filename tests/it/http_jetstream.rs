@@ -1,0 +1,206 @@
+//! `bus server --store jetstream`: the HTTP contract on a real nats-server with JetStream
+//! — publishing, batches, replay and live streams, durable consumers whose progress lives
+//! in JetStream, resuming across restarts of bus, and nats-server going away and coming
+//! back.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::http::TestServer;
+use crate::common::jetstream::JetStreamServer;
+
+async fn start(nats: &JetStreamServer, data: &std::path::Path) -> TestServer {
+    let url = nats.url();
+    TestServer::start(data, &["--store", "jetstream", "--nats-url", &url]).await
+}
+
+/// The payloads of the events of `query` up to the end of the log (`until=now`).
+async fn payloads(server: &TestServer, query: &str) -> Vec<serde_json::Value> {
+    let mut sse = server.subscribe(&format!("{query}&until=now")).await;
+    let mut payloads = Vec::new();
+    while let Some(frame) = sse.next(Duration::from_secs(5)).await {
+        if frame.event.as_deref() == Some("done") {
+            return payloads;
+        }
+        let event: serde_json::Value = serde_json::from_str(&frame.data.join("\n")).unwrap();
+        payloads.push(event["payload"].clone());
+    }
+    panic!("the stream did not end: {payloads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_replay_live_and_resume_across_restarts() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    // The data directory stays empty: everything is in JetStream.
+    let data = tempfile::tempdir().unwrap();
+    let mut server = start(&nats, data.path()).await;
+    let first = server
+        .publish(&json!({"subject": "app.a", "payload": 0}))
+        .await;
+    assert_eq!(first.index, 0);
+    let batch = server
+        .post(
+            json!([{"subject": "app.b", "payload": 1}, {"subject": "app.b", "payload": 2}])
+                .to_string(),
+        )
+        .await;
+    assert_eq!(batch.status(), 202);
+    assert_eq!(
+        payloads(&server, "subject=app.>&start=oldest").await,
+        vec![json!(0), json!(1), json!(2)]
+    );
+    assert_eq!(
+        payloads(&server, "subject=app.b&start_index=2").await,
+        vec![json!(2)]
+    );
+
+    // Live: a subscriber from now on gets what is published next.
+    let mut live = server.subscribe("subject=app.>").await;
+    let third = server
+        .publish(&json!({"subject": "app.c", "payload": 3}))
+        .await;
+    let frame = live
+        .next(Duration::from_secs(5))
+        .await
+        .expect("a live event");
+    assert_eq!(frame.id.as_deref(), Some(third.id.as_str()));
+    drop(live);
+
+    // A new bus server on the same JetStream: same events, same ids; Last-Event-ID resumes.
+    server.stop().await;
+    let server = start(&nats, data.path()).await;
+    let mut resumed = server
+        .subscribe_with("subject=app.>", &[("Last-Event-ID", first.id.as_str())])
+        .await;
+    for expected in 1..=3 {
+        let frame = resumed.next(Duration::from_secs(5)).await.unwrap();
+        let event: serde_json::Value = serde_json::from_str(&frame.data.join("\n")).unwrap();
+        assert_eq!(event["payload"], expected);
+    }
+    assert!(std::fs::read_dir(data.path()).unwrap().next().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumers_progress_survives_a_restart_of_bus() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let mut server = start(&nats, data.path()).await;
+    server.publish_numbered("orders.paid", 3).await;
+    let query = "subject=orders.>&ack=manual&consumer=billing&start=oldest";
+    let mut sse = server.subscribe(query).await;
+    let frame = sse.next(Duration::from_secs(5)).await.unwrap();
+    let id = frame.id.unwrap();
+    assert_eq!(server.ack(&sse.consumer_id, &id).await, 202);
+    let second = sse.next(Duration::from_secs(5)).await.unwrap();
+    let second_id = second.id.unwrap();
+    drop(sse);
+    server.stop().await;
+
+    // The acknowledged event is not delivered again; the unacknowledged one is.
+    let server = start(&nats, data.path()).await;
+    let mut sse = server.subscribe(query).await;
+    let frame = sse.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(frame.id.as_deref(), Some(second_id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_publishes_are_503_and_resume_when_it_is_back() {
+    let Some(mut nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = start(&nats, data.path()).await;
+    server
+        .publish(&json!({"subject": "app.a", "payload": 1}))
+        .await;
+
+    nats.stop();
+    let refused = server
+        .post(json!({"subject": "app.a", "payload": 2}).to_string())
+        .await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let ready = server
+        .client
+        .get(format!("{}readyz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    nats.resume();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let response = server
+            .post(json!({"subject": "app.a", "payload": 3}).to_string())
+            .await;
+        if response.status() == 202 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishing did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        payloads(&server, "subject=app.>&start=oldest").await,
+        vec![json!(1), json!(3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_the_streams_limits_and_readers_behind_it_get_a_notice() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let server = TestServer::start(
+        data.path(),
+        &[
+            "--store",
+            "jetstream",
+            "--nats-url",
+            &url,
+            "--retention-age",
+            "1h,app:1s",
+            "--retention-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    server.publish_numbered("app.old", 3).await;
+    // Aged out by JetStream once the limit is on the stream; the newer event stays.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let newer = server
+        .publish(&json!({"subject": "app.new", "payload": "kept"}))
+        .await;
+    assert_eq!(newer.index, 3);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut old = server
+            .subscribe("subject=app.>&start_index=0&until=now")
+            .await;
+        let first = old.next_frame(Duration::from_secs(5)).await.unwrap();
+        if first
+            .comments
+            .first()
+            .is_some_and(|c| c.contains("continuing from position 3"))
+        {
+            let event = old.next(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(event.json()["payload"], "kept");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old events were not removed: {first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,286 @@
+//! The JetStream store against a real nats-server: positions, ids, atomic batches, reads,
+//! time searches, deduplication keys, consumers' progress, and what survives a restart
+//! of nats-server and of the log.
+
+use std::sync::Arc;
+
+use bus::event::{EventDraft, PendingEvent};
+use bus::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
+use bus::store::{ConsumerName, ConsumerProgress, ConsumerStore, ErrorKind, EventLog};
+use bus::timestamp::Timestamp;
+
+use crate::common::jetstream::JetStreamServer;
+
+fn event(subject: &str, key: &str, payload: &str) -> PendingEvent {
+    PendingEvent::new(&EventDraft {
+        subject,
+        key,
+        payload: Some(payload.as_bytes()),
+        ..EventDraft::default()
+    })
+    .unwrap()
+}
+
+async fn open(
+    server: &JetStreamServer,
+) -> (
+    async_nats::Client,
+    async_nats::jetstream::Context,
+    JetStreamLog,
+) {
+    let config = JetStreamConfig {
+        url: server.url(),
+        replicas: 1,
+        token: None,
+        creds: None,
+    };
+    let (client, context) = jetstream::connect(&config).await.unwrap();
+    let log = JetStreamLog::open(&client, &context, "orders", 1)
+        .await
+        .unwrap();
+    (client, context, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_get_gapless_positions_and_ids_that_resolve_and_survive_restarts() {
+    let Some(mut server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, _context, log) = open(&server).await;
+    assert_eq!((log.first_position(), log.committed()), (0, 0));
+    let watch = log.watch_committed();
+
+    let one = log
+        .append(vec![event("orders.created", "", "1")])
+        .await
+        .unwrap();
+    assert_eq!(one[0].position, 0);
+    assert!(watch.has_changed().unwrap());
+    let batch = log
+        .append(
+            (2..=4)
+                .map(|n| event("orders.paid", "", &n.to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        batch.iter().map(|a| a.position).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(log.committed(), 4);
+
+    let read = log.read(0, 100).await.unwrap();
+    assert_eq!(read.len(), 4);
+    for (n, stored) in read.iter().enumerate() {
+        assert_eq!(stored.position(), n as u64);
+        let json: serde_json::Value = serde_json::from_slice(&stored.json()).unwrap();
+        assert_eq!(json["index"], n);
+        assert_eq!(json["payload"], n + 1);
+        assert_eq!(log.find_id(stored.id()).await.unwrap(), Some(n as u64));
+    }
+    assert_eq!(read[0].subject(), "orders.created");
+    assert_eq!(read[0].id(), one[0].id);
+    assert_eq!(log.read(2, 1).await.unwrap()[0].position(), 2);
+    assert!(log.read(4, 10).await.unwrap().is_empty());
+    assert_eq!(log.find_id("e_00000000000000000000").await.unwrap(), None);
+
+    // nats-server killed and back: everything acknowledged is there, with its ids, and a
+    // log opened afresh continues the positions.
+    server.restart();
+    let (_client, _context, reopened) = open(&server).await;
+    assert_eq!(reopened.committed(), 4);
+    let again = reopened.read(0, 100).await.unwrap();
+    assert_eq!(
+        again.iter().map(|e| e.id().to_owned()).collect::<Vec<_>>(),
+        read.iter().map(|e| e.id().to_owned()).collect::<Vec<_>>()
+    );
+    let next = reopened
+        .append(vec![event("orders.created", "", "5")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].position, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_is_noticed_and_positions_stay_gapless() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_c1, _j1, first) = open(&server).await;
+    let (_c2, _j2, second) = open(&server).await;
+    first
+        .append(vec![event("orders.a", "", "1")])
+        .await
+        .unwrap();
+    // The second log still believes the stream empty: its expected last sequence is
+    // refused, it learns the end and appends after it.
+    let appended = second
+        .append(vec![event("orders.b", "", "2")])
+        .await
+        .unwrap();
+    assert_eq!(appended[0].position, 1);
+    let read = second.read(0, 10).await.unwrap();
+    assert_eq!(
+        read.iter()
+            .map(|e| e.subject().to_owned())
+            .collect::<Vec<_>>(),
+        vec!["orders.a", "orders.b"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_searches_keys_and_closing() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, _context, log) = open(&server).await;
+    // A client's creation time far in the past does not mislead a search by time.
+    let old = PendingEvent::new(&EventDraft {
+        subject: "orders.old",
+        payload: Some(b"0"),
+        created_at: Some(Timestamp::parse("2001-01-01T00:00:00Z").unwrap()),
+        ..EventDraft::default()
+    })
+    .unwrap();
+    log.append(vec![old]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let between = Timestamp::now();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    log.append(vec![
+        event("orders.k", "key-1", "1"),
+        event("orders.k", &"x".repeat(50), "2"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(log.first_committed_at_or_after(between).await.unwrap(), 1);
+    assert_eq!(
+        log.first_committed_at_or_after(Timestamp::parse("2000-01-01T00:00:00Z").unwrap())
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        log.first_committed_at_or_after(Timestamp::now())
+            .await
+            .unwrap(),
+        3
+    );
+
+    let log = Arc::new(log);
+    let keys = {
+        let log = Arc::clone(&log);
+        tokio::task::spawn_blocking(move || {
+            let mut keys = Vec::new();
+            log.visit_recent_keys(10, 20, &mut |k| keys.push((k.subject, k.key)))
+                .unwrap();
+            keys
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(keys, vec![("orders.k".to_owned(), "key-1".to_owned())]);
+
+    log.close().await.unwrap();
+    let refused = log
+        .append(vec![event("orders.k", "", "3")])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::Unavailable);
+    assert_eq!(log.read(0, 10).await.unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_progress_lives_in_a_bucket() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, context, _log) = open(&server).await;
+    let consumers = Arc::new(JetStreamConsumers::open(&context, 1).await.unwrap());
+    let name = ConsumerName::parse("billing").unwrap();
+    let progress = ConsumerProgress {
+        pattern: "orders.>".into(),
+        next: 7,
+        unacked: vec![3, 5],
+        ..ConsumerProgress::default()
+    };
+    let listed = tokio::task::spawn_blocking(move || {
+        assert_eq!(consumers.load("orders", &name).unwrap(), None);
+        consumers.save("orders", &name, &progress).unwrap();
+        assert_eq!(
+            consumers.load("orders", &name).unwrap(),
+            Some(progress.clone())
+        );
+        let listed = consumers.list("orders").unwrap();
+        assert!(consumers.list("other").unwrap().is_empty());
+        consumers.remove("orders", &name).unwrap();
+        assert_eq!(consumers.load("orders", &name).unwrap(), None);
+        listed
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0.as_str(), "billing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_whole_or_not_at_all_when_nats_server_is_killed_mid_batch() {
+    let Some(mut server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, _context, log) = open(&server).await;
+    let log = Arc::new(log);
+    const BATCH: usize = 300;
+    // Batches one after another, each of events {"b": batch, "i": 0..BATCH}, until
+    // nats-server is gone; what was acknowledged is kept to compare.
+    let writer = {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for b in 0.. {
+                let payloads: Vec<String> = (0..BATCH)
+                    .map(|i| format!(r#"{{"b":{b},"i":{i},"fill":"{}"}}"#, "x".repeat(200)))
+                    .collect();
+                let batch = payloads
+                    .iter()
+                    .map(|p| event("orders.batch", "", p))
+                    .collect();
+                match log.append(batch).await {
+                    Ok(_) => acknowledged.push(b),
+                    Err(_) => return acknowledged,
+                }
+            }
+            unreachable!()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server.stop();
+    let acknowledged = writer.await.unwrap();
+    assert!(
+        !acknowledged.is_empty(),
+        "no batch was stored before the kill"
+    );
+    server.resume();
+
+    let (_client, _context, reopened) = open(&server).await;
+    let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+    let mut next = 0;
+    while next < reopened.committed() {
+        let read = reopened.read(next, 1000).await.unwrap();
+        next = read.last().unwrap().position() + 1;
+        for stored in read {
+            let json: serde_json::Value = serde_json::from_slice(&stored.json()).unwrap();
+            let b = json["payload"]["b"].as_u64().unwrap();
+            assert_eq!(json["payload"]["i"], counts.get(&b).copied().unwrap_or(0));
+            *counts.entry(b).or_default() += 1;
+        }
+    }
+    for (b, count) in &counts {
+        assert_eq!(*count, BATCH, "batch {b} is stored in part");
+    }
+    for b in &acknowledged {
+        assert!(counts.contains_key(b), "acknowledged batch {b} was lost");
+    }
+    // At most the batch in flight at the kill may have been stored unacknowledged.
+    assert!(counts.len() <= acknowledged.len() + 1);
+}
