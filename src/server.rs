@@ -38,7 +38,7 @@ async fn open_jetstream(
         let log = JetStreamLog::open(&client, &context, namespace, config.replicas).await?;
         tracing::info!(
             namespace,
-            events = log.committed() - log.first_position(),
+            events = log.stats().events,
             stream = jetstream::stream_name(namespace),
             "namespace opened on JetStream"
         );

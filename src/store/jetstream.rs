@@ -32,7 +32,7 @@
 //!
 //! Not yet on this backend: encryption at rest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::api::{
     Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent, LogStats,
@@ -71,6 +71,9 @@ pub struct JetStreamConfig {
 const READ_BYTES: usize = 256 << 10;
 /// How long a request to JetStream may take before the operation fails as unavailable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events committed together at most: appends queued behind one in flight are joined up
+/// to this many (JetStream's limit on an atomic batch is 1,000 messages).
+const MAX_GROUP_EVENTS: usize = 1000;
 /// Attempts at an append whose expected last sequence was wrong (another writer got in
 /// between) before it fails as a conflict.
 const APPEND_ATTEMPTS: usize = 5;
@@ -128,7 +131,9 @@ pub struct JetStreamLog {
     context: jetstream::Context,
     runtime: Handle,
     generation: u64,
-    /// Appends one at a time, each claiming the positions after the last it knows of.
+    /// Appends waiting for their turn.
+    queue: Mutex<VecDeque<Queued>>,
+    /// Held by the append in flight, which claims the positions after the last it knows of.
     append: tokio::sync::Mutex<AppendState>,
     watermark: watch::Sender<u64>,
     first: AtomicU64,
@@ -139,6 +144,12 @@ pub struct JetStreamLog {
     reads: AtomicU64,
     group_events: Histogram,
     ack_micros: Histogram,
+}
+
+/// An append waiting to be committed, and where its answer goes.
+struct Queued {
+    batch: Vec<PendingEvent>,
+    done: oneshot::Sender<Result<Vec<Appended>, StorageError>>,
 }
 
 struct AppendState {
@@ -204,6 +215,7 @@ impl JetStreamLog {
             context: context.clone(),
             runtime: Handle::current(),
             generation,
+            queue: Mutex::new(VecDeque::new()),
             append: tokio::sync::Mutex::new(AppendState {
                 next,
                 last_created: Timestamp::from_unix_nanos(i64::MIN),
@@ -226,15 +238,141 @@ impl JetStreamLog {
         )
     }
 
+    /// Queues the batch, and commits what is queued once this append's turn comes:
+    /// appends that arrive while one is in flight are committed together, as one atomic
+    /// batch (a group commit, as the file store's writer does).
     async fn append_batch(&self, batch: Vec<PendingEvent>) -> Result<Vec<Appended>, StorageError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut state = self.append.lock().await;
-        if self.closed.load(Ordering::Acquire) {
-            return Err(self.closed_error());
+        if batch.len() > MAX_GROUP_EVENTS {
+            return Err(StorageError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "a batch of {} events is more than JetStream stores as one atomic batch ({MAX_GROUP_EVENTS} at most): send it in smaller batches",
+                    batch.len()
+                ),
+            ));
         }
-        self.check_client_ids(&batch).await?;
+        let (done, answer) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Queued { batch, done });
+        // Until answered, the caller takes turns at committing what is queued (its own
+        // append among it, or older ones first); an append in flight when this one was
+        // queued may answer it meanwhile. Each turn commits at least one append.
+        let mut answer = std::pin::pin!(answer);
+        loop {
+            tokio::select! {
+                answered = &mut answer => {
+                    return answered.unwrap_or_else(|_| {
+                        Err(StorageError::new(
+                            ErrorKind::Internal,
+                            "the append was dropped before it was committed",
+                        ))
+                    });
+                }
+                mut state = self.append.lock() => {
+                    let group = self.take_group();
+                    if !group.is_empty() {
+                        self.commit_group(&mut state, group).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The appends queued, oldest first, up to [`MAX_GROUP_EVENTS`] events (at least one
+    /// append); those whose caller is gone are dropped unstored.
+    fn take_group(&self) -> Vec<Queued> {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut group = Vec::new();
+        let mut events = 0;
+        while let Some(front) = queue.front() {
+            if !group.is_empty() && events + front.batch.len() > MAX_GROUP_EVENTS {
+                break;
+            }
+            let Some(queued) = queue.pop_front() else {
+                break;
+            };
+            if queued.done.is_closed() {
+                continue;
+            }
+            events += queued.batch.len();
+            group.push(queued);
+        }
+        group
+    }
+
+    /// Commits a group of appends as one, answering each; an append whose client ids are
+    /// refused is answered alone and left out.
+    async fn commit_group(&self, state: &mut AppendState, group: Vec<Queued>) {
+        if self.closed.load(Ordering::Acquire) {
+            for queued in group {
+                let _ = queued.done.send(Err(self.closed_error()));
+            }
+            return;
+        }
+        let mut accepted = Vec::with_capacity(group.len());
+        let mut ids_in_group = std::collections::HashSet::new();
+        for queued in group {
+            let checked = match self.check_client_ids(&queued.batch).await {
+                Ok(()) => queued
+                    .batch
+                    .iter()
+                    .filter_map(PendingEvent::client_id)
+                    .find(|id| ids_in_group.contains(*id))
+                    .map_or(Ok(()), |id| {
+                        Err(StorageError::new(
+                            ErrorKind::Conflict,
+                            format!("event id {id} already exists in this namespace"),
+                        ))
+                    }),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(()) => {
+                    ids_in_group.extend(
+                        queued
+                            .batch
+                            .iter()
+                            .filter_map(PendingEvent::client_id)
+                            .map(str::to_owned),
+                    );
+                    accepted.push(queued);
+                }
+                Err(e) => {
+                    let _ = queued.done.send(Err(e));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let events: Vec<&PendingEvent> = accepted.iter().flat_map(|q| q.batch.iter()).collect();
+        match self.commit(state, &events).await {
+            Ok(appended) => {
+                let mut appended = appended.into_iter();
+                for queued in accepted {
+                    let part = appended.by_ref().take(queued.batch.len()).collect();
+                    let _ = queued.done.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                for queued in accepted {
+                    let _ = queued.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Appends the events as one atomic batch after the positions this log knows of.
+    async fn commit(
+        &self,
+        state: &mut AppendState,
+        batch: &[&PendingEvent],
+    ) -> Result<Vec<Appended>, StorageError> {
         for _ in 0..APPEND_ATTEMPTS {
             // Nothing is sent while the connection is down: the client would hold it and
             // send it once reconnected, storing events whose publisher was told they were
@@ -243,8 +381,8 @@ impl JetStreamLog {
                 return Err(StorageError::new(ErrorKind::Unavailable, reason));
             }
             let created = Timestamp::now().max(state.last_created);
-            let (messages, appended) = self.encode(&batch, state.next, created);
-            self.reserve_client_ids(&batch, &appended).await?;
+            let (messages, appended) = self.encode(batch, state.next, created);
+            self.reserve_client_ids(batch, &appended).await?;
             let started = Instant::now();
             match self.publish(messages, state.next, created).await {
                 Ok(()) => {
@@ -301,7 +439,7 @@ impl JetStreamLog {
     /// The events as stream messages at positions from `next`, and what each was given.
     fn encode(
         &self,
-        batch: &[PendingEvent],
+        batch: &[&PendingEvent],
         next: u64,
         created: Timestamp,
     ) -> (Vec<(String, Bytes)>, Vec<Appended>) {
@@ -410,7 +548,7 @@ impl JetStreamLog {
     /// Puts the positions of the batch's client ids in the index, before the append.
     async fn reserve_client_ids(
         &self,
-        batch: &[PendingEvent],
+        batch: &[&PendingEvent],
         appended: &[Appended],
     ) -> Result<(), StorageError> {
         for (pending, appended) in batch.iter().zip(appended) {
@@ -502,17 +640,18 @@ impl JetStreamLog {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let mut events = Vec::with_capacity(messages.len());
         for message in messages {
-            let Some(sequence) = header_u64(&message, "Nats-Sequence") else {
+            let Some(position) =
+                header_u64(&message, "Nats-Sequence").and_then(|s| s.checked_sub(1))
+            else {
                 continue;
             };
-            let position = sequence - 1;
             let committed_at = committed_at(&message);
             let json = message.payload;
             let layout = JsonLayout::parse(&json).ok_or_else(|| {
                 StorageError::new(
                     ErrorKind::Corrupt,
                     format!(
-                        "stream {}: sequence {sequence} is not an event of bus",
+                        "stream {}: position {position} is not an event of bus",
                         self.stream
                     ),
                 )
@@ -823,7 +962,7 @@ impl EventLog for JetStreamLog {
 
     fn stats(&self) -> LogStats {
         LogStats {
-            events: self.committed() - self.first_position(),
+            events: self.committed().saturating_sub(self.first_position()),
             groups: self.groups.load(Ordering::Relaxed),
             syncs: 0,
             disk_reads: self.reads.load(Ordering::Relaxed),

@@ -284,3 +284,52 @@ async fn a_batch_is_stored_whole_or_not_at_all_when_nats_server_is_killed_mid_ba
     // At most the batch in flight at the kill may have been stored unacknowledged.
     assert!(counts.len() <= acknowledged.len() + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_are_committed_together_and_a_large_batch_whole() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, _context, log) = open(&server).await;
+    let log = Arc::new(log);
+    let tasks: Vec<_> = (0..64)
+        .map(|n| {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                log.append(vec![event("orders.many", "", &n.to_string())])
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for task in tasks {
+        positions.extend(task.await.unwrap().into_iter().map(|a| a.position));
+    }
+    positions.sort();
+    assert_eq!(positions, (0..64).collect::<Vec<u64>>());
+    assert!(
+        log.stats().groups < 64,
+        "appends in flight together share commits: {:?}",
+        log.stats()
+    );
+
+    // JetStream's largest atomic batch is stored whole; a larger one is refused whole.
+    let largest: Vec<PendingEvent> = (0..1000)
+        .map(|i| event("orders.large", "", &i.to_string()))
+        .collect();
+    let appended = log.append(largest).await.unwrap();
+    assert_eq!(appended[999].position, 64 + 999);
+    assert_eq!(log.read(64 + 999, 1).await.unwrap()[0].position(), 1063);
+    let too_large: Vec<PendingEvent> = (0..1001)
+        .map(|i| event("orders.large", "", &i.to_string()))
+        .collect();
+    let refused = log.append(too_large).await.unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::TooLarge);
+    assert!(
+        refused.message.contains("1000 at most"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(log.committed(), 1064);
+}
