@@ -361,6 +361,9 @@ async fn consumers_are_listed_and_deleted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_whose_progress_cannot_be_read_is_storage_trouble_not_a_bad_request() {
+    if crate::common::http::skip_unless_file_store() {
+        return;
+    }
     let data = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(data.path(), &[]).await;
     // Where the progress file of consumer "stuck" would be, a directory: reading and
@@ -393,6 +396,9 @@ async fn a_consumer_whose_progress_cannot_be_read_is_storage_trouble_not_a_bad_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_consumer_can_always_be_deleted() {
+    if crate::common::http::skip_unless_file_store() {
+        return;
+    }
     let data = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(data.path(), &[]).await;
     let file = data.path().join("app/consumers/broken.json");

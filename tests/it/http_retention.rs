@@ -44,6 +44,9 @@ async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_retention_moves_readers_ahead_and_survives_a_restart() {
+    if crate::common::http::skip_unless_file_store() {
+        return;
+    }
     const EVENTS: i64 = 3000;
     let data = tempfile::tempdir().unwrap();
     let args = [
@@ -150,6 +153,9 @@ async fn size_retention_moves_readers_ahead_and_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn age_retention_keeps_the_segment_being_written() {
+    if crate::common::http::skip_unless_file_store() {
+        return;
+    }
     let data = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(
         data.path(),
@@ -220,6 +226,9 @@ async fn publish_dated(server: &TestServer, subject: &str, created_at: &str, cou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn age_retention_goes_by_the_servers_commit_time_not_client_dates() {
+    if crate::common::http::skip_unless_file_store() {
+        return;
+    }
     let data = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(
         data.path(),

@@ -91,6 +91,9 @@ async fn stored(server: &TestServer, pattern: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_names_cannot_leave_the_authorized_namespace() {
+    if crate::common::http::skip_unless_file_store() {
+        return;
+    }
     let data = tempfile::tempdir().unwrap();
     let mut server = start(data.path()).await;
     let data_dir = data.path().join("data");

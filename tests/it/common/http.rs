@@ -2,6 +2,8 @@
 //! this process, publish, and read Server-Sent Events the way a client does.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bus::config::ServerConfig;
@@ -9,11 +11,50 @@ use bus::server::RunningServer;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
+use super::jetstream::JetStreamServer;
+
 /// A server on a fresh data directory (or a given one), listening on 127.0.0.1:0.
 pub struct TestServer {
     pub server: Option<RunningServer>,
     pub url: String,
     pub client: reqwest::Client,
+    /// The nats-server it stores its events in, when the tests run on JetStream.
+    _nats: Option<Arc<JetStreamServer>>,
+}
+
+/// Which store the servers of the HTTP tests run on: `BUS_TEST_STORE=jetstream` runs them
+/// on JetStream (`.ci/run` runs the HTTP tests on both); anything else, the file store.
+pub fn on_jetstream() -> bool {
+    std::env::var("BUS_TEST_STORE").as_deref() == Ok("jetstream")
+}
+
+/// For tests of what only the file store has (its files, its segments): true, after
+/// saying so, when the tests run on JetStream, where the test has no meaning.
+pub fn skip_unless_file_store() -> bool {
+    if on_jetstream() {
+        eprintln!("skipped: about the file store's files (run without BUS_TEST_STORE)");
+    }
+    on_jetstream()
+}
+
+/// The nats-server of a data directory, while a server of it lives: a test that restarts
+/// its server (same directory) finds its events again.
+fn nats_for(data: &std::path::Path) -> Arc<JetStreamServer> {
+    static SERVERS: Mutex<Vec<(PathBuf, Weak<JetStreamServer>)>> = Mutex::new(Vec::new());
+    let mut servers = SERVERS.lock().unwrap_or_else(|p| p.into_inner());
+    servers.retain(|(_, server)| server.strong_count() > 0);
+    if let Some(server) = servers
+        .iter()
+        .find(|(path, _)| path == data)
+        .and_then(|(_, server)| server.upgrade())
+    {
+        return server;
+    }
+    let server = Arc::new(
+        JetStreamServer::start().expect("BUS_TEST_STORE=jetstream needs nats-server 2.12 or later"),
+    );
+    servers.push((data.to_path_buf(), Arc::downgrade(&server)));
+    server
 }
 
 impl TestServer {
@@ -30,6 +71,11 @@ impl TestServer {
             all.extend(["--namespaces".to_owned(), "app,orders".to_owned()]);
         }
         all.extend(args.iter().map(|a| a.to_string()));
+        let nats = (on_jetstream() && !args.contains(&"--store")).then(|| nats_for(data));
+        if let Some(nats) = &nats {
+            all.extend(["--store", "jetstream", "--nats-url"].map(String::from));
+            all.push(nats.url());
+        }
         let config = ServerConfig::from_args(all).expect("valid flags");
         let server = bus::server::start(&config).await.expect("server starts");
         let url = format!("http://{}/", server.local_addr());
@@ -37,6 +83,7 @@ impl TestServer {
             server: Some(server),
             url,
             client: reqwest::Client::new(),
+            _nats: nats,
         }
     }
 
