@@ -67,6 +67,15 @@ impl IntoResponse for ApiError {
                 header::HeaderValue::from_static("Bearer realm=\"bus\""),
             );
         }
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of a body over the limit is not read, so the connection cannot
+            // carry another request: said, so that a client does not put it back in its
+            // pool and send the next request into a connection being closed.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Every 503 is a "not now": it says when to ask again.
             response.headers_mut().insert(

@@ -548,3 +548,28 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     }
     server.stop().await;
 }
+
+/// A body over the limit is not read to its end, so its connection is closed after the
+/// 413: the answer says so (`Connection: close`), and a client that pools connections
+/// sends its next request on a new one instead of into the closing one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_closes_its_connection_and_says_so() {
+    let (_data, mut server) = server().await;
+    let huge = format!(
+        r#"{{"subject":"app.a","payload":"{}"}}"#,
+        "x".repeat(9 << 20)
+    );
+    for round in 0..10 {
+        let refused = server.post(huge.clone()).await;
+        assert_eq!(refused.status(), 413);
+        assert_eq!(refused.headers()["connection"], "close", "round {round}");
+        let next = server
+            .client
+            .get(format!("{}healthz", server.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the next request failed: {e:?}"));
+        assert_eq!(next.status(), 200);
+    }
+    server.stop().await;
+}

@@ -17,8 +17,9 @@
 //! on a server process it started (`common::process`), never on this one.
 //!
 //! The servers the tests start in this process run on the file store; with
-//! `BUS_TEST_STORE=jetstream` they run on JetStream, each on a nats-server of its own (the
-//! few tests about the file store's own files say they skip).
+//! `BUS_TEST_STORE=jetstream` they run on JetStream, each on a nats-server of its own
+//! (`.ci/run` runs the HTTP, SDK and `bus` sync-bus tests both ways; the few about the
+//! file store's own files say they skip).
 //!
 //! [`common`] holds the helpers; fixtures are in `tests/fixtures`, and proptest keeps the
 //! cases that failed once in `tests/proptest-regressions/<module>.txt`.
