@@ -22,6 +22,11 @@ pub const GENERATION_MASK: u64 = (1 << 40) - 1;
 /// Positions are 60-bit numbers.
 pub const MAX_POSITION: u64 = (1 << 60) - 1;
 
+/// [`encode`] as a string.
+pub fn text(generation: u64, position: u64) -> String {
+    String::from_utf8_lossy(&encode(generation, position)).into_owned()
+}
+
 /// The id of the event at `position` written under `generation`.
 pub fn encode(generation: u64, position: u64) -> [u8; NATIVE_ID_LEN] {
     let mut out = [0u8; NATIVE_ID_LEN];

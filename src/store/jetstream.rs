@@ -49,6 +49,7 @@ use super::api::{
     StorageError,
 };
 use super::consumers::{ConsumerName, ConsumerProgress};
+use super::error::StoreError;
 use super::ids;
 use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
@@ -232,10 +233,7 @@ impl JetStreamLog {
     }
 
     fn closed_error(&self) -> StorageError {
-        StorageError::new(
-            ErrorKind::Unavailable,
-            format!("the log of namespace {} is closed", self.namespace),
-        )
+        StoreError::Closed(self.namespace.clone()).into()
     }
 
     /// Queues the batch, and commits what is queued once this append's turn comes:
@@ -324,10 +322,7 @@ impl JetStreamLog {
                     .filter_map(PendingEvent::client_id)
                     .find(|id| ids_in_group.contains(*id))
                     .map_or(Ok(()), |id| {
-                        Err(StorageError::new(
-                            ErrorKind::Conflict,
-                            format!("event id {id} already exists in this namespace"),
-                        ))
+                        Err(StoreError::DuplicateId(id.to_owned()).into())
                     }),
                 Err(e) => Err(e),
             };
@@ -388,40 +383,24 @@ impl JetStreamLog {
                 Ok(()) => {
                     self.ack_micros
                         .observe(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
-                    self.groups.fetch_add(1, Ordering::Relaxed);
-                    self.group_events.observe(appended.len() as u64);
-                    state.last_created = created;
-                    state.next += appended.len() as u64;
-                    self.watermark.send_replace(state.next);
+                    self.committed_group(state, created, appended.len());
                     return Ok(appended);
                 }
                 Err(Publish::WrongLastSequence) => {
                     // Another writer appended since: start after what is there now.
                     state.next = self.last_sequence().await?;
-                    self.watermark.send_if_modified(|w| {
-                        let moved = *w < state.next;
-                        *w = (*w).max(state.next);
-                        moved
-                    });
+                    self.learn_end(state.next);
                 }
                 Err(Publish::Failed(error)) => {
                     // The append may have been stored with only its acknowledgement lost:
                     // find out, so that a refusal never hides stored events.
                     if self.stored_at(state.next, &appended[0].id).await == Some(true) {
-                        self.groups.fetch_add(1, Ordering::Relaxed);
-                        self.group_events.observe(appended.len() as u64);
-                        state.last_created = created;
-                        state.next += appended.len() as u64;
-                        self.watermark.send_replace(state.next);
+                        self.committed_group(state, created, appended.len());
                         return Ok(appended);
                     }
                     if let Ok(last) = self.last_sequence().await {
                         state.next = last;
-                        self.watermark.send_if_modified(|w| {
-                            let moved = *w < last;
-                            *w = (*w).max(last);
-                            moved
-                        });
+                        self.learn_end(last);
                     }
                     return Err(error);
                 }
@@ -434,6 +413,24 @@ impl JetStreamLog {
                 self.stream
             ),
         ))
+    }
+
+    /// Counts a group of `events` committed at `created`, and publishes the new end.
+    fn committed_group(&self, state: &mut AppendState, created: Timestamp, events: usize) {
+        self.groups.fetch_add(1, Ordering::Relaxed);
+        self.group_events.observe(events as u64);
+        state.last_created = created;
+        state.next += events as u64;
+        self.watermark.send_replace(state.next);
+    }
+
+    /// Moves the watermark up to `end`, the stream's end as just learned (never down).
+    fn learn_end(&self, end: u64) {
+        self.watermark.send_if_modified(|w| {
+            let moved = *w < end;
+            *w = (*w).max(end);
+            moved
+        });
     }
 
     /// The events as stream messages at positions from `next`, and what each was given.
@@ -449,9 +446,7 @@ impl JetStreamLog {
             let position = next + offset as u64;
             let id = match pending.client_id() {
                 Some(id) => id.to_owned(),
-                None => {
-                    String::from_utf8_lossy(&ids::encode(self.generation, position)).into_owned()
-                }
+                None => ids::text(self.generation, position),
             };
             let created_at = pending.created_at.unwrap_or(created);
             let mut json = Vec::with_capacity(pending.encoded_len_hint());
@@ -530,16 +525,10 @@ impl JetStreamLog {
         let mut seen = std::collections::HashSet::new();
         for id in batch.iter().filter_map(PendingEvent::client_id) {
             if ids::decode(id).is_some_and(|(generation, _)| generation == self.generation) {
-                return Err(StorageError::new(
-                    ErrorKind::Conflict,
-                    format!("event id {id} has the form of ids this namespace assigns itself; choose another id"),
-                ));
+                return Err(StoreError::ReservedId(id.to_owned()).into());
             }
             if !seen.insert(id) || self.find_client_id(id).await?.is_some() {
-                return Err(StorageError::new(
-                    ErrorKind::Conflict,
-                    format!("event id {id} already exists in this namespace"),
-                ));
+                return Err(StoreError::DuplicateId(id.to_owned()).into());
             }
         }
         Ok(())
@@ -578,16 +567,18 @@ impl JetStreamLog {
         else {
             return Ok(None);
         };
+        Ok(self.holds(position, id).await?.then_some(position))
+    }
+
+    /// Whether the event stored at `position` is the one with `id`.
+    async fn holds(&self, position: u64, id: &str) -> Result<bool, StorageError> {
         let messages = self
             .direct_get(serde_json::json!({ "seq": position + 1 }))
             .await?;
-        Ok(messages
-            .first()
-            .filter(|m| {
-                header_u64(m, "Nats-Sequence") == Some(position + 1)
-                    && event::id_of_json(&m.payload) == Some(id)
-            })
-            .map(|_| position))
+        Ok(messages.first().is_some_and(|message| {
+            header_u64(message, "Nats-Sequence") == Some(position + 1)
+                && event::id_of_json(&message.payload) == Some(id)
+        }))
     }
 
     /// Whether the event at `position` is the one with `id`, once the connection is up to
@@ -598,12 +589,8 @@ impl JetStreamLog {
         let deadline = tokio::time::Instant::now() + 2 * REQUEST_TIMEOUT;
         while tokio::time::Instant::now() < deadline {
             if self.halted().is_none() {
-                let request = serde_json::json!({ "seq": position + 1 });
-                if let Ok(messages) = self.direct_get(request).await {
-                    return Some(messages.first().is_some_and(|message| {
-                        event::id_of_json(&message.payload) == Some(id)
-                            && header_u64(message, "Nats-Sequence") == Some(position + 1)
-                    }));
+                if let Ok(held) = self.holds(position, id).await {
+                    return Some(held);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

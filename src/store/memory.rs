@@ -21,6 +21,7 @@ use super::api::{
     StorageError,
 };
 use super::consumers::{ConsumerName, ConsumerProgress};
+use super::error::StoreError;
 use super::ids;
 use crate::event::{self, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
@@ -89,26 +90,15 @@ impl MemoryLog {
     fn append_now(&self, batch: Vec<PendingEvent>) -> Result<Vec<Appended>, StorageError> {
         let mut events = self.write_events();
         if events.closed {
-            return Err(StorageError::new(
-                ErrorKind::Unavailable,
-                format!("the log of namespace {} is closed", self.namespace),
-            ));
+            return Err(StoreError::Closed(self.namespace.clone()).into());
         }
         let mut in_batch = HashSet::new();
         for id in batch.iter().filter_map(PendingEvent::client_id) {
             if events.client_ids.contains_key(id) || !in_batch.insert(id) {
-                return Err(StorageError::new(
-                    ErrorKind::Conflict,
-                    format!("event id {id} already exists in this namespace"),
-                ));
+                return Err(StoreError::DuplicateId(id.to_owned()).into());
             }
             if ids::decode(id).is_some() {
-                return Err(StorageError::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "event id {id} has the form of ids this namespace assigns itself; choose another id"
-                    ),
-                ));
+                return Err(StoreError::ReservedId(id.to_owned()).into());
             }
         }
         let committed_at = Timestamp::now().max(events.last_commit);
@@ -118,9 +108,7 @@ impl MemoryLog {
         for pending in &batch {
             let id = match pending.client_id() {
                 Some(id) => id.to_owned(),
-                None => {
-                    String::from_utf8_lossy(&ids::encode(self.generation, position)).into_owned()
-                }
+                None => ids::text(self.generation, position),
             };
             let created_at = pending.created_at.unwrap_or(committed_at);
             let mut json = Vec::with_capacity(pending.encoded_len_hint());

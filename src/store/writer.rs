@@ -386,8 +386,7 @@ impl Writer {
                         claimed.insert(id.into());
                         id.to_owned()
                     }
-                    None => String::from_utf8_lossy(&ids::encode(self.generation, position))
-                        .into_owned(),
+                    None => ids::text(self.generation, position),
                 };
                 let created_at = pending.created_at.unwrap_or(created);
                 let created_at_text = match pending.created_at {

@@ -46,14 +46,11 @@ impl JetStreamServer {
             ),
         )
         .unwrap();
-        let child = Command::new("nats-server")
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = JetStreamServer { child, port, dir };
+        let server = JetStreamServer {
+            child: spawn(&config),
+            port,
+            dir,
+        };
         server.wait_until_listening();
         Some(server)
     }
@@ -84,15 +81,19 @@ impl JetStreamServer {
 
     /// Starts a stopped server again, on the same port and store.
     pub fn resume(&mut self) {
-        self.child = Command::new("nats-server")
-            .arg("-c")
-            .arg(self.dir.path().join("nats.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        self.child = spawn(&self.dir.path().join("nats.conf"));
         self.wait_until_listening();
     }
+}
+
+fn spawn(config: &std::path::Path) -> Child {
+    Command::new("nats-server")
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for JetStreamServer {
