@@ -319,6 +319,18 @@ pub(crate) fn split_frames(
     events
 }
 
+/// The `index` of a stored event (its position), read from the end of its JSON
+/// (`…,"index":N}`): the one member that is always last.
+pub fn index_of_json(json: &[u8]) -> Option<u64> {
+    const INDEX: &[u8] = b",\"index\":";
+    let body = json.strip_suffix(b"}")?;
+    let digits = body.len() - body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    if digits == body.len() || !body[..digits].ends_with(INDEX) {
+        return None;
+    }
+    std::str::from_utf8(&body[digits..]).ok()?.parse().ok()
+}
+
 /// A stored event in both wire forms, sharing one buffer: the SSE frame, and the JSON as
 /// a slice of it. Cloning is cheap (reference counted).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -773,6 +785,28 @@ mod tests {
             compact_payload(quoted.as_bytes()),
             Some(quoted.into_bytes())
         );
+    }
+
+    #[test]
+    fn the_index_is_read_from_the_end_of_the_json() {
+        let created = Timestamp::parse("2023-11-14T22:13:20.123456789Z").unwrap();
+        let draft = EventDraft {
+            subject: "a.b",
+            payload: Some(br#"{"index":5}"#),
+            ..EventDraft::default()
+        };
+        let pending = PendingEvent::new(&draft).unwrap();
+        for index in [0, 7, 12345, i64::MAX] {
+            let mut json = Vec::new();
+            pending.write_json(&mut json, "e_1", &created.format(), index);
+            assert_eq!(index_of_json(&json), Some(index as u64));
+        }
+        let mut json = Vec::new();
+        pending.write_json(&mut json, "e_1", &created.format(), -1);
+        assert_eq!(index_of_json(&json), None, "not stored");
+        assert_eq!(index_of_json(br#"{"id":"e_1","index":}"#), None);
+        assert_eq!(index_of_json(br#"{"id":"e_1","x":12}"#), None);
+        assert_eq!(index_of_json(b""), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::http::auth::AuthTable;
 use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
 use crate::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
-use crate::store::{EventLog, Storage, StorageError, Store};
+use crate::store::{EventLog, Storage, StorageError, Store, StoreConfig};
 use crate::units::approximate_size;
 
 /// How long shutting down waits for open connections to finish.
@@ -31,11 +31,20 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 async fn open_jetstream(
     config: &JetStreamConfig,
     namespaces: &[String],
+    store_config: &StoreConfig,
 ) -> Result<Storage, StorageError> {
     let (client, context) = jetstream::connect(config).await?;
     let mut logs: Vec<Arc<dyn EventLog>> = Vec::with_capacity(namespaces.len());
     for namespace in namespaces {
-        let log = JetStreamLog::open(&client, &context, namespace, config.replicas).await?;
+        let log = JetStreamLog::open(
+            &client,
+            &context,
+            namespace,
+            config.replicas,
+            store_config.cipher.as_ref(),
+            store_config.tail_bytes,
+        )
+        .await?;
         tracing::info!(
             namespace,
             events = log.stats().events,
@@ -97,10 +106,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .context("opening the store")?
         .with_context(|| format!("opening the data directory {}", config.path.display()))?,
         StoreKind::Jetstream => {
-            if store_config.cipher.is_some() {
-                bail!("--secret-key is not available with --store jetstream yet: run without it, or on the file store");
-            }
-            open_jetstream(&config.jetstream_config(), &namespaces)
+            open_jetstream(&config.jetstream_config(), &namespaces, &store_config)
                 .await
                 .with_context(|| format!("opening JetStream at {}", config.nats_url))?
         }

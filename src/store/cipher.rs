@@ -239,6 +239,47 @@ impl Cipher {
     }
 }
 
+/// Bytes a sealed message adds to its data: nonce, tag and the sealed context.
+pub const MESSAGE_OVERHEAD: usize = 24 + 16 + 8;
+
+impl Cipher {
+    /// Seals one message (a whole event, on stores that keep events as messages): nonce,
+    /// tag, then `context` and `data` sealed. The context (which log the message belongs
+    /// to) is checked on opening, so that a message copied into another log is refused.
+    pub fn seal_message(&self, context: u64, data: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let nonce = random_nonce()?;
+        let mut out = Vec::with_capacity(MESSAGE_OVERHEAD + data.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&[0u8; 16]);
+        out.extend_from_slice(&context.to_le_bytes());
+        out.extend_from_slice(data);
+        let tag = self
+            .aead
+            .encrypt_in_place_detached(&nonce, b"", &mut out[40..])
+            .map_err(|_| StoreError::Unusable("sealing an event failed".into()))?;
+        out[24..40].copy_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Opens a message sealed by [`Cipher::seal_message`] with the same `context`.
+    pub fn open_message(&self, context: u64, sealed: &[u8]) -> Result<Vec<u8>, &'static str> {
+        if sealed.len() < MESSAGE_OVERHEAD {
+            return Err("the message is too short to be sealed");
+        }
+        let nonce = Nonce::clone_from_slice(&sealed[..24]);
+        let tag = Tag::clone_from_slice(&sealed[24..40]);
+        let mut data = sealed[40..].to_vec();
+        self.aead
+            .decrypt_in_place_detached(&nonce, b"", &mut data, &tag)
+            .map_err(|_| "the message fails authentication (a wrong key, or modified)")?;
+        if data[..8] != context.to_le_bytes() {
+            return Err("the message belongs to another log");
+        }
+        data.drain(..8);
+        Ok(data)
+    }
+}
+
 fn random_nonce() -> Result<Nonce, StoreError> {
     let mut nonce = [0u8; 24];
     getrandom::fill(&mut nonce)
@@ -366,6 +407,25 @@ mod tests {
 
     fn cipher(secret: &str) -> Cipher {
         Cipher::new(secret, MIN_BLOCK_SIZE).unwrap()
+    }
+
+    #[test]
+    fn messages_open_only_with_their_key_and_context_and_unmodified() {
+        let c = cipher("s3cret");
+        let data = br#"{"id":"e_1","payload":{"card":"4111"}}"#;
+        let sealed = c.seal_message(7, data).unwrap();
+        assert_eq!(sealed.len(), data.len() + MESSAGE_OVERHEAD);
+        assert!(!sealed.windows(4).any(|w| w == b"4111"));
+        assert_eq!(c.open_message(7, &sealed).unwrap(), data);
+        assert_ne!(c.seal_message(7, data).unwrap(), sealed, "fresh nonces");
+        assert!(c.open_message(8, &sealed).is_err(), "another log");
+        assert!(cipher("other").open_message(7, &sealed).is_err(), "another key");
+        for bit in 0..sealed.len() * 8 {
+            let mut flipped = sealed.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(c.open_message(7, &flipped).is_err(), "bit {bit}");
+        }
+        assert!(c.open_message(7, &sealed[..MESSAGE_OVERHEAD - 1]).is_err());
     }
 
     #[test]

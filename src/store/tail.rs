@@ -29,6 +29,20 @@ impl Tail {
         }
     }
 
+    /// The position of the oldest event held (of the next one when empty).
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The position after the newest event held.
+    pub fn end(&self) -> u64 {
+        self.start + self.events.len() as u64
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Adds events that follow the current ones without a gap.
     pub fn extend(&mut self, events: impl IntoIterator<Item = StoredEvent>) {
         for event in events {

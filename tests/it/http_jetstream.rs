@@ -204,3 +204,71 @@ async fn retention_is_the_streams_limits_and_readers_behind_it_get_a_notice() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_secret_key_nats_holds_sealed_events_only() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let with_key = [
+        "--store",
+        "jetstream",
+        "--nats-url",
+        &url,
+        "--secret-key",
+        "k1",
+    ];
+    let mut server = TestServer::start(data.path(), &with_key).await;
+    let published = server
+        .publish(&json!({"subject": "app.card", "payload": {"number": "4111-1111"}}))
+        .await;
+    assert_eq!(
+        payloads(&server, "subject=app.>&start=oldest").await,
+        vec![json!({"number": "4111-1111"})]
+    );
+    server.stop().await;
+
+    // What an operator of NATS can read of it: the subject, not the event.
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("BUS_app")
+        .await
+        .unwrap();
+    let raw = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(raw.subject.as_str(), "app.card");
+    let body = String::from_utf8_lossy(&raw.payload);
+    assert!(
+        !body.contains("4111") && !body.contains(&published.id),
+        "{body}"
+    );
+
+    // Without the key (or with another) the server does not start; with it, all is there.
+    for args in [
+        vec!["--store", "jetstream", "--nats-url", &url],
+        vec![
+            "--store",
+            "jetstream",
+            "--nats-url",
+            &url,
+            "--secret-key",
+            "k2",
+        ],
+    ] {
+        let mut all = vec!["--path", data.path().to_str().unwrap()];
+        all.extend(["--addr", "127.0.0.1:0", "--namespaces", "app,orders"]);
+        all.extend(args);
+        let config = bus::config::ServerConfig::from_args(all).unwrap();
+        let refused = bus::server::start(&config).await.err().unwrap();
+        assert!(
+            format!("{refused:#}").contains("is encrypted"),
+            "{refused:#}"
+        );
+    }
+    let server = TestServer::start(data.path(), &with_key).await;
+    assert_eq!(
+        payloads(&server, "subject=app.>&start=oldest").await,
+        vec![json!({"number": "4111-1111"})]
+    );
+}

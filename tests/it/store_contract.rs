@@ -170,10 +170,28 @@ struct JetStreamBackend {
     client: async_nats::Client,
     context: async_nats::jetstream::Context,
     consumers: Arc<JetStreamConsumers>,
+    tail_bytes: usize,
+    cipher: Option<Cipher>,
 }
 
 impl JetStreamBackend {
-    async fn start() -> Option<JetStreamBackend> {
+    /// The server's defaults: a 16 MiB tail, so a log reads its own appends from memory.
+    async fn defaults() -> Option<JetStreamBackend> {
+        JetStreamBackend::start(StoreConfig::new("unused").tail_bytes, None).await
+    }
+
+    /// A 1 KiB tail: reads are fetched from JetStream, in runs.
+    async fn small_tail() -> Option<JetStreamBackend> {
+        JetStreamBackend::start(1 << 10, None).await
+    }
+
+    /// [`JetStreamBackend::small_tail`], encrypted at rest.
+    async fn encrypted() -> Option<JetStreamBackend> {
+        let cipher = Cipher::new("the storage contract", 512).expect("cipher");
+        JetStreamBackend::start(1 << 10, Some(cipher)).await
+    }
+
+    async fn start(tail_bytes: usize, cipher: Option<Cipher>) -> Option<JetStreamBackend> {
         let server = JetStreamServer::start()?;
         let config = JetStreamConfig {
             url: server.url(),
@@ -192,6 +210,8 @@ impl JetStreamBackend {
             client,
             context,
             consumers,
+            tail_bytes,
+            cipher,
         })
     }
 }
@@ -200,9 +220,16 @@ impl Backend for JetStreamBackend {
     fn open<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Arc<dyn EventLog>> {
         Box::pin(async move {
             Arc::new(
-                JetStreamLog::open(&self.client, &self.context, namespace, 1)
-                    .await
-                    .expect("open the stream"),
+                JetStreamLog::open(
+                    &self.client,
+                    &self.context,
+                    namespace,
+                    1,
+                    self.cipher.as_ref(),
+                    self.tail_bytes,
+                )
+                .await
+                .expect("open the stream"),
             ) as Arc<dyn EventLog>
         })
     }
@@ -1470,5 +1497,7 @@ backends! {
     file_small_segments => FileBackend::small_segments(), no_known_bugs;
     file_encrypted => FileBackend::encrypted(), no_known_bugs;
     memory => MemoryBackend::new(), no_known_bugs;
-    jetstream => JetStreamBackend::start().await, jetstream_differences;
+    jetstream => JetStreamBackend::defaults().await, jetstream_differences;
+    jetstream_small_tail => JetStreamBackend::small_tail().await, jetstream_differences;
+    jetstream_encrypted => JetStreamBackend::encrypted().await, jetstream_differences;
 }

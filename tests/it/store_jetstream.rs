@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bus::event::{EventDraft, PendingEvent};
 use bus::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
-use bus::store::{ConsumerName, ConsumerProgress, ConsumerStore, ErrorKind, EventLog};
+use bus::store::{Cipher, ConsumerName, ConsumerProgress, ConsumerStore, ErrorKind, EventLog};
 use bus::timestamp::Timestamp;
 
 use crate::common::jetstream::JetStreamServer;
@@ -21,6 +21,9 @@ fn event(subject: &str, key: &str, payload: &str) -> PendingEvent {
     .unwrap()
 }
 
+/// Reads of these logs come from JetStream: their tails hold only 1 KiB.
+const SMALL_TAIL: usize = 1 << 10;
+
 async fn open(
     server: &JetStreamServer,
 ) -> (
@@ -28,6 +31,23 @@ async fn open(
     async_nats::jetstream::Context,
     JetStreamLog,
 ) {
+    open_with(server, None, SMALL_TAIL)
+        .await
+        .expect("open the log")
+}
+
+async fn open_with(
+    server: &JetStreamServer,
+    cipher: Option<&Cipher>,
+    tail_bytes: usize,
+) -> Result<
+    (
+        async_nats::Client,
+        async_nats::jetstream::Context,
+        JetStreamLog,
+    ),
+    bus::store::StorageError,
+> {
     let config = JetStreamConfig {
         url: server.url(),
         replicas: 1,
@@ -35,10 +55,8 @@ async fn open(
         creds: None,
     };
     let (client, context) = jetstream::connect(&config).await.unwrap();
-    let log = JetStreamLog::open(&client, &context, "orders", 1)
-        .await
-        .unwrap();
-    (client, context, log)
+    let log = JetStreamLog::open(&client, &context, "orders", 1, cipher, tail_bytes).await?;
+    Ok((client, context, log))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,4 +350,151 @@ async fn concurrent_appends_are_committed_together_and_a_large_batch_whole() {
         refused.message
     );
     assert_eq!(log.committed(), 1064);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_events_are_sealed_before_they_reach_nats_and_need_the_key() {
+    let Some(mut server) = JetStreamServer::start() else {
+        return;
+    };
+    let cipher = Cipher::new("a secret", 4096).unwrap();
+    let (_client, context, log) = open_with(&server, Some(&cipher), SMALL_TAIL).await.unwrap();
+    let batch = (0..20)
+        .map(|i| {
+            event(
+                "orders.created",
+                "",
+                &format!(r#"{{"card":"4111-{i:04}"}}"#),
+            )
+        })
+        .collect();
+    log.append(batch).await.unwrap();
+    log.append(vec![event("orders.paid", "", r#"{"card":"4111-9999"}"#)])
+        .await
+        .unwrap();
+
+    // What NATS holds: neither the payload nor the event's JSON, though it routes by the
+    // subject.
+    let stream = context.get_stream("BUS_orders").await.unwrap();
+    let raw = stream.get_raw_message(21).await.unwrap();
+    assert_eq!(raw.subject.as_str(), "orders.paid");
+    let body = String::from_utf8_lossy(&raw.payload);
+    assert!(!body.contains("4111") && !body.contains("\"id\""), "{body}");
+
+    // Through the log: the events, with their positions.
+    let read = log.read(0, 100).await.unwrap();
+    assert_eq!(read.len(), 21);
+    assert!(read
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.position() == i as u64));
+    assert!(String::from_utf8_lossy(&read[20].json()).contains("4111-9999"));
+    log.close().await.unwrap();
+    drop(log);
+
+    // Without the key, or with another, the log does not open; with it, after a restart of
+    // nats-server, everything reads back.
+    server.restart();
+    let refused = open_with(&server, None, SMALL_TAIL).await.err().unwrap();
+    assert!(
+        refused.message.contains("is encrypted"),
+        "{}",
+        refused.message
+    );
+    let other = Cipher::new("another secret", 4096).unwrap();
+    let refused = open_with(&server, Some(&other), SMALL_TAIL)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refused.message.contains("another key"),
+        "{}",
+        refused.message
+    );
+    let (_client, _context, log) = open_with(&server, Some(&cipher), SMALL_TAIL).await.unwrap();
+    let again = log.read(0, 100).await.unwrap();
+    assert_eq!(again, read, "the same events, frames and all");
+    let id = read[7].id().to_owned();
+    assert_eq!(log.find_id(&id).await.unwrap(), Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clear_stream_is_not_opened_with_a_key() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, _context, log) = open(&server).await;
+    log.append(vec![event("orders.created", "", "1")])
+        .await
+        .unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let cipher = Cipher::new("a secret", 4096).unwrap();
+    let refused = open_with(&server, Some(&cipher), SMALL_TAIL)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refused.message.contains("not encrypted"),
+        "{}",
+        refused.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_share_fetches_and_live_readers_read_the_tail() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    const EVENTS: u64 = 10_000;
+    {
+        let (_client, _context, log) = open(&server).await;
+        for _ in 0..EVENTS / 500 {
+            let batch = (0..500)
+                .map(|_| event("orders.created", "", "{\"n\":1}"))
+                .collect();
+            log.append(batch).await.unwrap();
+        }
+        log.close().await.unwrap();
+    }
+    // A fresh log (nothing in its tail): 50 readers of the whole history at once.
+    let (_client, _context, log) = open_with(&server, None, bus::store::DEFAULT_TAIL_BYTES)
+        .await
+        .unwrap();
+    let log = Arc::new(log);
+    let readers: Vec<_> = (0..50)
+        .map(|_| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut next = 0;
+                while next < EVENTS {
+                    let read = log.read(next, 256).await.unwrap();
+                    assert_eq!(read[0].position(), next);
+                    next = read.last().unwrap().position() + 1;
+                }
+                next
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), EVENTS);
+    }
+    // Runs of up to 4,096 events: a handful of fetches serve all 50 readers (each reader
+    // alone would need at least three).
+    let fetches = log.stats().disk_reads;
+    assert!(
+        (3..=12).contains(&fetches),
+        "{fetches} fetches for 50 readers of {EVENTS} events"
+    );
+
+    // What this node appends is read from memory, by any number of readers.
+    log.append(vec![event("orders.paid", "", "2")])
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let read = log.read(EVENTS, 10).await.unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].subject(), "orders.paid");
+    }
+    assert_eq!(log.stats().disk_reads, fetches, "no fetch for the tail");
 }

@@ -40,7 +40,12 @@ pub fn resident_kib(pid: u32) -> Option<u64> {
 
 /// Prints the figures of benchmark `name`: one JSON object with `--json`, else a table.
 pub fn report(target: &Target, name: &str, fields: serde_json::Value) {
-    if target.json {
+    print_report(target.json, name, fields)
+}
+
+/// Prints the figures of benchmark `name`: one JSON object if `json`, else a table.
+pub fn print_report(json: bool, name: &str, fields: serde_json::Value) {
+    if json {
         let mut object = json!({ "bench": name });
         if let (Some(out), Some(fields)) = (object.as_object_mut(), fields.as_object()) {
             out.extend(fields.clone());

@@ -15,6 +15,7 @@
 //! - `idle.rs`: idle subscriptions and the server's memory.
 //! - `durable_acks.rs`: publish latency while durable consumers ack.
 //! - `durable_catchup.rs`: a durable consumer catching up a log, against a replay.
+//! - `jetstream.rs`: JetStream's own publish rate (no `bus`), the JetStream store's ceiling.
 //!
 //! Shared by the HTTP benchmarks, and importing none of them:
 //! - `target.rs`: the server under test (`--host`, or a `bus server` child process).
@@ -26,6 +27,7 @@ mod durable_acks;
 mod durable_catchup;
 mod fanout;
 mod idle;
+mod jetstream;
 mod load;
 mod measure;
 mod publish;
@@ -65,6 +67,8 @@ pub enum BenchKind {
     DurableAcks(durable_acks::DurableAcksBench),
     /// A durable consumer catching up a log from disk while acking, against a replay.
     DurableCatchup(durable_catchup::DurableCatchupBench),
+    /// JetStream's own publish rate from Rust, without bus: the JetStream store's ceiling.
+    Jetstream(jetstream::JetStreamBench),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Reply(bench) => reply::run(bench).await,
         BenchKind::Idle(bench) => idle::run(bench).await,
         BenchKind::DurableAcks(bench) => durable_acks::run(bench).await,
+        BenchKind::Jetstream(bench) => jetstream::run(bench).await,
         BenchKind::DurableCatchup(bench) => durable_catchup::run(bench).await,
     }
 }

@@ -1,36 +1,6 @@
-//! The JetStream store: each namespace's log kept in a NATS JetStream stream, and durable
-//! consumers' progress in a JetStream key-value bucket, so that the bus's data lives in
-//! a replicated, existing distributed log instead of a local directory.
-//!
-//! The mapping, and what it promises:
-//! - **One stream per namespace**, `BUS_<namespace>`, taking the namespace's subjects
-//!   (`<ns>` and `<ns>.>`, the same syntax as NATS). A position is the stream sequence
-//!   minus one, so positions are gapless from 0 as on the file store (the stream never
-//!   deletes single messages; its limits remove the oldest ones only).
-//! - **The message is the event**: its body is the event's JSON exactly as the file store
-//!   keeps it (id, creation time and `index` included), so a read hands it out without
-//!   re-encoding. Server-assigned ids encode the position under the stream's generation
-//!   (drawn at creation, kept in the stream's metadata), which makes `start=<id>` a read
-//!   at a sequence, never a search.
-//! - **Positions are claimed, not guessed**: every append carries
-//!   `Nats-Expected-Last-Sequence`, so JetStream refuses it if anything else was written
-//!   since; the log then learns the stream's end and tries again. A batch is one atomic
-//!   batch publish (`Nats-Batch-*` headers, nats-server 2.12 or later): all of it is
-//!   stored, or none.
-//! - **An append returns once JetStream acknowledged it**: with replicas, once a quorum
-//!   has it; with the server's `sync_interval: always`, once it is on disk — the promise
-//!   of the file store's `--fsync always`.
-//! - **Commit times** are the stream's own timestamps, so a search by time is JetStream's
-//!   (a direct get by start time), never misled by a `created_at` a client chose.
-//!
-//! - **Ids chosen by clients** (the restore and copy tools) are indexed in a key-value
-//!   bucket per namespace, `BUS_IDS_<namespace>`: the id's position is put there before
-//!   the append, and a lookup checks that the event at that position has the id. A
-//!   crash between the two writes leaves an entry that points at another event (or at
-//!   nothing): it is ignored, so an id is never found at the wrong event, and never taken
-//!   twice.
-//!
-//! Not yet on this backend: encryption at rest.
+//! One namespace's log in its JetStream stream: appends (group commits as atomic batches
+//! at claimed positions), ids, searches by time, retention as the stream's limits, and
+//! the health of the connection. Reads go through [`super::reads`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,38 +10,26 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
-use super::api::{
-    Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent, LogStats,
-    StorageError,
+use super::connection::{
+    direct_get, header_u64, open_bucket, stream_name, unavailable, REQUEST_TIMEOUT,
 };
-use super::consumers::{ConsumerName, ConsumerProgress};
-use super::error::StoreError;
-use super::ids;
+use super::reads::Reads;
+use super::sealing::Sealing;
 use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
+use crate::store::api::{
+    Appended, BoxFuture, CommitTimings, ErrorKind, EventLog, KeyedEvent, LogStats, StorageError,
+};
+use crate::store::cipher::Cipher;
+use crate::store::error::StoreError;
+use crate::store::ids;
 use crate::timestamp::Timestamp;
 
-/// How a node reaches JetStream.
-#[derive(Debug, Clone)]
-pub struct JetStreamConfig {
-    /// `nats://host:port`, or several separated by commas.
-    pub url: String,
-    /// Copies of each stream and bucket JetStream keeps (1, 3 or 5).
-    pub replicas: usize,
-    /// A token to authenticate with.
-    pub token: Option<String>,
-    /// A credentials file (JWT and NKey seed) to authenticate with.
-    pub creds: Option<std::path::PathBuf>,
-}
-
-/// Reads of the log stop after about this many bytes, as on the file store.
+/// The deduplication window is rebuilt from reads of about this many bytes.
 const READ_BYTES: usize = 256 << 10;
-/// How long a request to JetStream may take before the operation fails as unavailable.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events committed together at most: appends queued behind one in flight are joined up
 /// to this many (JetStream's limit on an atomic batch is 1,000 messages).
 const MAX_GROUP_EVENTS: usize = 1000;
@@ -82,46 +40,6 @@ const APPEND_ATTEMPTS: usize = 5;
 const GENERATION_KEY: &str = "bus_generation";
 /// The header with the time the log committed a message (Unix nanoseconds).
 const COMMITTED_AT: &str = "Bus-Committed-At";
-/// The bucket of durable consumers' progress.
-const CONSUMERS_BUCKET: &str = "BUS_CONSUMERS";
-
-fn unavailable(what: &str, cause: impl std::fmt::Display) -> StorageError {
-    StorageError::new(
-        ErrorKind::Unavailable,
-        format!("JetStream: {what}: {cause}"),
-    )
-}
-
-/// The stream that holds a namespace's log.
-pub fn stream_name(namespace: &str) -> String {
-    format!("BUS_{namespace}")
-}
-
-/// Connects to NATS and opens JetStream.
-pub async fn connect(
-    config: &JetStreamConfig,
-) -> Result<(async_nats::Client, jetstream::Context), StorageError> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name("bus")
-        .retry_on_initial_connect()
-        .request_timeout(Some(REQUEST_TIMEOUT));
-    if let Some(token) = &config.token {
-        options = options.token(token.clone());
-    }
-    if let Some(creds) = &config.creds {
-        options = options
-            .credentials_file(creds)
-            .await
-            .map_err(|e| unavailable(&format!("reading {}", creds.display()), e))?;
-    }
-    let client = tokio::time::timeout(REQUEST_TIMEOUT, options.connect(config.url.as_str()))
-        .await
-        .map_err(|_| unavailable(&format!("connecting to {}", config.url), "timed out"))?
-        .map_err(|e| unavailable(&format!("connecting to {}", config.url), e))?;
-    let context = jetstream::new(client.clone());
-    Ok((client, context))
-}
-
 /// A namespace's log in a JetStream stream.
 pub struct JetStreamLog {
     namespace: String,
@@ -142,9 +60,17 @@ pub struct JetStreamLog {
     /// The stream's limits as last set, so that retention updates them only on change.
     limits: Mutex<Option<(Option<Duration>, Option<u64>)>>,
     groups: AtomicU64,
-    reads: AtomicU64,
+    reads: Reads,
+    sealing: Sealing,
     group_events: Histogram,
     ack_micros: Histogram,
+}
+
+/// A group of events encoded for the stream.
+struct Encoded {
+    messages: Vec<(String, Bytes)>,
+    appended: Vec<Appended>,
+    events: Vec<StoredEvent>,
 }
 
 /// An append waiting to be committed, and where its answer goes.
@@ -169,9 +95,15 @@ impl JetStreamLog {
         context: &jetstream::Context,
         namespace: &str,
         replicas: usize,
+        cipher: Option<&Cipher>,
+        tail_bytes: usize,
     ) -> Result<JetStreamLog, StorageError> {
         let name = stream_name(namespace);
-        let fresh_generation = ids::random_generation();
+        let mut metadata = HashMap::from([(
+            GENERATION_KEY.to_owned(),
+            ids::generation_text(ids::random_generation()),
+        )]);
+        Sealing::add_key_check(cipher, &mut metadata)?;
         let config = stream::Config {
             name: name.clone(),
             subjects: vec![namespace.to_owned(), format!("{namespace}.>")],
@@ -179,21 +111,30 @@ impl JetStreamLog {
             num_replicas: replicas,
             allow_direct: true,
             allow_atomic_publish: true,
-            metadata: HashMap::from([(
-                GENERATION_KEY.to_owned(),
-                ids::generation_text(fresh_generation),
-            )]),
+            metadata,
             ..Default::default()
         };
         let mut stream = context
             .get_or_create_stream(config)
             .await
             .map_err(|e| unavailable(&format!("opening stream {name}"), e))?;
-        let info = stream
+        let mut info = stream
             .info()
             .await
             .map_err(|e| unavailable(&format!("reading stream {name}"), e))?
             .clone();
+        if cipher.is_some()
+            && !Sealing::is_encrypted(&info.config.metadata)
+            && info.state.last_sequence == 0
+        {
+            // Never written to: it becomes encrypted.
+            Sealing::add_key_check(cipher, &mut info.config.metadata)?;
+            info = context
+                .update_stream(info.config.clone())
+                .await
+                .map_err(|e| unavailable(&format!("encrypting stream {name}"), e))?;
+        }
+        Sealing::check(cipher, &name, &info.config.metadata)?;
         let generation = info
             .config
             .metadata
@@ -207,6 +148,8 @@ impl JetStreamLog {
             })?;
         let next = info.state.last_sequence;
         let first = info.state.first_sequence.saturating_sub(1).min(next);
+        let sealing = Sealing::new(cipher.cloned(), generation, &name);
+        let reads = Reads::new(client.clone(), &name, sealing.clone(), next, tail_bytes);
         let client_ids = open_bucket(context, &format!("BUS_IDS_{namespace}"), replicas).await?;
         Ok(JetStreamLog {
             namespace: namespace.to_owned(),
@@ -226,7 +169,8 @@ impl JetStreamLog {
             closed: AtomicBool::new(false),
             limits: Mutex::new(None),
             groups: AtomicU64::new(0),
-            reads: AtomicU64::new(0),
+            reads,
+            sealing,
             group_events: Histogram::new(metrics::GROUP_BOUNDS),
             ack_micros: Histogram::new(metrics::DURATION_BOUNDS_MICROS),
         })
@@ -376,14 +320,18 @@ impl JetStreamLog {
                 return Err(StorageError::new(ErrorKind::Unavailable, reason));
             }
             let created = Timestamp::now().max(state.last_created);
-            let (messages, appended) = self.encode(batch, state.next, created);
+            let Encoded {
+                messages,
+                appended,
+                events,
+            } = self.encode(batch, state.next, created)?;
             self.reserve_client_ids(batch, &appended).await?;
             let started = Instant::now();
             match self.publish(messages, state.next, created).await {
                 Ok(()) => {
                     self.ack_micros
                         .observe(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
-                    self.committed_group(state, created, appended.len());
+                    self.committed_group(state, created, events);
                     return Ok(appended);
                 }
                 Err(Publish::WrongLastSequence) => {
@@ -395,7 +343,7 @@ impl JetStreamLog {
                     // The append may have been stored with only its acknowledgement lost:
                     // find out, so that a refusal never hides stored events.
                     if self.stored_at(state.next, &appended[0].id).await == Some(true) {
-                        self.committed_group(state, created, appended.len());
+                        self.committed_group(state, created, events);
                         return Ok(appended);
                     }
                     if let Ok(last) = self.last_sequence().await {
@@ -415,12 +363,19 @@ impl JetStreamLog {
         ))
     }
 
-    /// Counts a group of `events` committed at `created`, and publishes the new end.
-    fn committed_group(&self, state: &mut AppendState, created: Timestamp, events: usize) {
+    /// Counts a group of `events` committed at `created`, keeps them in the tail and
+    /// publishes the new end.
+    fn committed_group(
+        &self,
+        state: &mut AppendState,
+        created: Timestamp,
+        events: Vec<StoredEvent>,
+    ) {
         self.groups.fetch_add(1, Ordering::Relaxed);
-        self.group_events.observe(events as u64);
+        self.group_events.observe(events.len() as u64);
         state.last_created = created;
-        state.next += events as u64;
+        state.next += events.len() as u64;
+        self.reads.appended(events);
         self.watermark.send_replace(state.next);
     }
 
@@ -433,15 +388,22 @@ impl JetStreamLog {
         });
     }
 
-    /// The events as stream messages at positions from `next`, and what each was given.
+    /// The events at positions from `next`: as stream messages, what each was given, and
+    /// as stored events for the tail.
     fn encode(
         &self,
         batch: &[&PendingEvent],
         next: u64,
         created: Timestamp,
-    ) -> (Vec<(String, Bytes)>, Vec<Appended>) {
-        let mut messages = Vec::with_capacity(batch.len());
-        let mut appended = Vec::with_capacity(batch.len());
+    ) -> Result<Encoded, StorageError> {
+        let mut encoded = Encoded {
+            messages: Vec::with_capacity(batch.len()),
+            appended: Vec::with_capacity(batch.len()),
+            events: Vec::with_capacity(batch.len()),
+        };
+        // One buffer for the group's frames; a clear message body is a view of its frame.
+        let mut frames = BytesMut::new();
+        let mut json = Vec::new();
         for (offset, pending) in batch.iter().enumerate() {
             let position = next + offset as u64;
             let id = match pending.client_id() {
@@ -449,17 +411,21 @@ impl JetStreamLog {
                 None => ids::text(self.generation, position),
             };
             let created_at = pending.created_at.unwrap_or(created);
-            let mut json = Vec::with_capacity(pending.encoded_len_hint());
+            json.clear();
             let layout = pending.write_json(&mut json, &id, &created_at.format(), position as i64);
-            let subject = String::from_utf8_lossy(&json[layout.subject.clone()]).into_owned();
-            messages.push((subject, Bytes::from(json)));
-            appended.push(Appended {
+            frames.reserve(event::sse_frame_len(&id, &json));
+            event::push_sse_frame(&mut frames, &id, &json);
+            let stored = StoredEvent::new(position, frames.split().freeze(), &layout);
+            let body = self.sealing.seal(stored.json())?;
+            encoded.messages.push((stored.subject().to_owned(), body));
+            encoded.events.push(stored);
+            encoded.appended.push(Appended {
                 position,
                 id,
                 created_at,
             });
         }
-        (messages, appended)
+        Ok(encoded)
     }
 
     /// Publishes the messages as one append expected right after position `next - 1`.
@@ -572,13 +538,20 @@ impl JetStreamLog {
 
     /// Whether the event stored at `position` is the one with `id`.
     async fn holds(&self, position: u64, id: &str) -> Result<bool, StorageError> {
-        let messages = self
-            .direct_get(serde_json::json!({ "seq": position + 1 }))
-            .await?;
-        Ok(messages.first().is_some_and(|message| {
-            header_u64(message, "Nats-Sequence") == Some(position + 1)
-                && event::id_of_json(&message.payload) == Some(id)
-        }))
+        let messages = direct_get(
+            &self.client,
+            &self.stream,
+            serde_json::json!({ "seq": position + 1 }),
+        )
+        .await?;
+        let Some(message) = messages.into_iter().next() else {
+            return Ok(false);
+        };
+        if header_u64(&message, "Nats-Sequence") != Some(position + 1) {
+            return Ok(false);
+        }
+        let json = self.sealing.open(message.payload)?;
+        Ok(event::id_of_json(&json) == Some(id))
     }
 
     /// Whether the event at `position` is the one with `id`, once the connection is up to
@@ -623,8 +596,7 @@ impl JetStreamLog {
             "batch": max_events,
             "max_bytes": max_bytes,
         });
-        let messages = self.direct_get(request).await?;
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        let messages = direct_get(&self.client, &self.stream, request).await?;
         let mut events = Vec::with_capacity(messages.len());
         for message in messages {
             let Some(position) =
@@ -633,7 +605,7 @@ impl JetStreamLog {
                 continue;
             };
             let committed_at = committed_at(&message);
-            let json = message.payload;
+            let json = self.sealing.open(message.payload)?;
             let layout = JsonLayout::parse(&json).ok_or_else(|| {
                 StorageError::new(
                     ErrorKind::Corrupt,
@@ -653,55 +625,6 @@ impl JetStreamLog {
             ));
         }
         Ok(events)
-    }
-
-    /// A direct get; the messages it answers with, none when there are none.
-    async fn direct_get(
-        &self,
-        request: serde_json::Value,
-    ) -> Result<Vec<async_nats::Message>, StorageError> {
-        let inbox = self.client.new_inbox();
-        let mut answers = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| unavailable("subscribing to a read's answers", e))?;
-        self.client
-            .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.{}", self.stream),
-                inbox,
-                Bytes::from(request.to_string()),
-            )
-            .await
-            .map_err(|e| unavailable("asking for events", e))?;
-        let mut messages = Vec::new();
-        loop {
-            let message = match tokio::time::timeout(REQUEST_TIMEOUT, answers.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => return Err(unavailable("reading events", "the connection closed")),
-                Err(_) => return Err(unavailable("reading events", "no answer in time")),
-            };
-            match message.status.map(|s| s.as_u16()) {
-                None | Some(200) => messages.push(message),
-                // End of the batch, or nothing at or after the start.
-                Some(204) | Some(404) => break,
-                Some(status) => {
-                    return Err(unavailable(
-                        "reading events",
-                        format!(
-                            "status {status} {}",
-                            message.description.unwrap_or_default()
-                        ),
-                    ))
-                }
-            }
-            // A single-message get (no batch) ends with its message.
-            if request.get("batch").is_none() {
-                break;
-            }
-        }
-        let _ = answers.unsubscribe().await;
-        Ok(messages)
     }
 
     fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
@@ -738,27 +661,6 @@ fn publish_failed(error: jetstream::context::PublishError) -> Publish {
     }
 }
 
-/// A key-value bucket, created with `replicas` copies if it does not exist.
-async fn open_bucket(
-    context: &jetstream::Context,
-    name: &str,
-    replicas: usize,
-) -> Result<kv::Store, StorageError> {
-    match context.get_key_value(name).await {
-        Ok(bucket) => Ok(bucket),
-        Err(_) => context
-            .create_key_value(kv::Config {
-                bucket: name.to_owned(),
-                history: 1,
-                num_replicas: replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(&format!("creating bucket {name}"), e)),
-    }
-}
-
 /// An event id as a bucket key: letters, digits, `_` and `-` as they are, any other byte
 /// as `=` and two hex digits (keys take no `~` or `:`, and dots separate their tokens).
 fn id_key(id: &str) -> String {
@@ -781,10 +683,6 @@ fn committed_at(message: &async_nats::Message) -> Option<Timestamp> {
         Some(nanos) => nanos.as_str().parse().ok().map(Timestamp::from_unix_nanos),
         None => Timestamp::parse(headers.get("Nats-Time-Stamp")?.as_str()).ok(),
     }
-}
-
-fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
-    message.headers.as_ref()?.get(name)?.as_str().parse().ok()
 }
 
 impl EventLog for JetStreamLog {
@@ -816,10 +714,9 @@ impl EventLog for JetStreamLog {
                     format!("position {from} was removed by retention"),
                 ));
             }
-            let max = max_events.min(usize::try_from(committed - from).unwrap_or(usize::MAX));
-            let events = self.read_batch(from, max, READ_BYTES).await?;
+            let events = self.reads.read(from, committed, max_events).await?;
             match events.first() {
-                Some((event, _)) if event.position() != from => {
+                Some(event) if event.position() != from => {
                     // JetStream's limits removed it since the log last looked: readers
                     // learn the new start from `first_position`.
                     self.first.fetch_max(event.position(), Ordering::AcqRel);
@@ -828,7 +725,7 @@ impl EventLog for JetStreamLog {
                         format!("position {from} was removed by retention"),
                     ))
                 }
-                Some(_) => Ok(events.into_iter().map(|(event, _)| event).collect()),
+                Some(_) => Ok(events),
                 None => {
                     // Nothing from `from` to the watermark any more: the limits removed
                     // it all.
@@ -878,9 +775,12 @@ impl EventLog for JetStreamLog {
             let (mut low, mut high) = (self.first_position(), self.committed());
             while low < high {
                 let middle = low + (high - low) / 2;
-                let messages = self
-                    .direct_get(serde_json::json!({ "seq": middle + 1 }))
-                    .await?;
+                let messages = direct_get(
+                    &self.client,
+                    &self.stream,
+                    serde_json::json!({ "seq": middle + 1 }),
+                )
+                .await?;
                 let before = match messages.first() {
                     Some(m) if header_u64(m, "Nats-Sequence") == Some(middle + 1) => {
                         committed_at(m).is_some_and(|at| at < time)
@@ -952,7 +852,7 @@ impl EventLog for JetStreamLog {
             events: self.committed().saturating_sub(self.first_position()),
             groups: self.groups.load(Ordering::Relaxed),
             syncs: 0,
-            disk_reads: self.reads.load(Ordering::Relaxed),
+            disk_reads: self.reads.fetches(),
         }
     }
 
@@ -1014,111 +914,5 @@ impl EventLog for JetStreamLog {
                 .await
                 .map_err(|e| unavailable("flushing the connection", e))
         })
-    }
-}
-
-/// Durable consumers' progress in a JetStream key-value bucket (key `<ns>.<name>`), so
-/// that it lives with the events, not on a node's disk.
-pub struct JetStreamConsumers {
-    bucket: kv::Store,
-    runtime: Handle,
-}
-
-impl JetStreamConsumers {
-    /// Opens the bucket, creating it with `replicas` copies if it does not exist.
-    pub async fn open(
-        context: &jetstream::Context,
-        replicas: usize,
-    ) -> Result<JetStreamConsumers, StorageError> {
-        let bucket = open_bucket(context, CONSUMERS_BUCKET, replicas).await?;
-        Ok(JetStreamConsumers {
-            bucket,
-            runtime: Handle::current(),
-        })
-    }
-
-    fn key(namespace: &str, name: &ConsumerName) -> String {
-        format!("{namespace}.{name}")
-    }
-}
-
-impl ConsumerStore for JetStreamConsumers {
-    fn load(
-        &self,
-        namespace: &str,
-        name: &ConsumerName,
-    ) -> Result<Option<ConsumerProgress>, StorageError> {
-        let key = Self::key(namespace, name);
-        let value = self
-            .runtime
-            .block_on(self.bucket.get(&key))
-            .map_err(|e| unavailable(&format!("reading consumer {key}"), e))?;
-        value
-            .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    StorageError::new(
-                        ErrorKind::Corrupt,
-                        format!("consumer progress {key} in {CONSUMERS_BUCKET}: damaged: {e}"),
-                    )
-                })
-            })
-            .transpose()
-    }
-
-    fn save(
-        &self,
-        namespace: &str,
-        name: &ConsumerName,
-        progress: &ConsumerProgress,
-    ) -> Result<(), StorageError> {
-        let key = Self::key(namespace, name);
-        let body = serde_json::to_vec(progress)
-            .map_err(|e| StorageError::new(ErrorKind::Internal, e.to_string()))?;
-        self.runtime
-            .block_on(self.bucket.put(&key, Bytes::from(body)))
-            .map(|_| ())
-            .map_err(|e| unavailable(&format!("saving consumer {key}"), e))
-    }
-
-    fn remove(&self, namespace: &str, name: &ConsumerName) -> Result<(), StorageError> {
-        let key = Self::key(namespace, name);
-        self.runtime
-            .block_on(self.bucket.purge(&key))
-            .map_err(|e| unavailable(&format!("removing consumer {key}"), e))
-    }
-
-    fn list(&self, namespace: &str) -> Result<Vec<(ConsumerName, ConsumerProgress)>, StorageError> {
-        let prefix = format!("{namespace}.");
-        let keys: Vec<String> = self.runtime.block_on(async {
-            let mut keys = match self.bucket.keys().await {
-                Ok(keys) => keys,
-                Err(e) => return Err(unavailable("listing consumers", e)),
-            };
-            let mut found = Vec::new();
-            while let Some(key) = keys.next().await {
-                match key {
-                    Ok(key) if key.starts_with(&prefix) => found.push(key),
-                    Ok(_) => {}
-                    Err(e) => return Err(unavailable("listing consumers", e)),
-                }
-            }
-            Ok(found)
-        })?;
-        let mut consumers = Vec::new();
-        for key in keys {
-            let Ok(name) = ConsumerName::parse(&key[prefix.len()..]) else {
-                continue;
-            };
-            match self.load(namespace, &name) {
-                Ok(Some(progress)) => consumers.push((name, progress)),
-                Ok(None) => {}
-                Err(e) if e.kind == ErrorKind::Corrupt => {
-                    tracing::warn!(error = %e, "a damaged consumer progress is left out")
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        consumers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        Ok(consumers)
     }
 }
