@@ -419,7 +419,10 @@ mod tests {
         assert_eq!(c.open_message(7, &sealed).unwrap(), data);
         assert_ne!(c.seal_message(7, data).unwrap(), sealed, "fresh nonces");
         assert!(c.open_message(8, &sealed).is_err(), "another log");
-        assert!(cipher("other").open_message(7, &sealed).is_err(), "another key");
+        assert!(
+            cipher("other").open_message(7, &sealed).is_err(),
+            "another key"
+        );
         for bit in 0..sealed.len() * 8 {
             let mut flipped = sealed.clone();
             flipped[bit / 8] ^= 1 << (bit % 8);

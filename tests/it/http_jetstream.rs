@@ -272,3 +272,38 @@ async fn with_a_secret_key_nats_holds_sealed_events_only() {
         vec![json!({"number": "4111-1111"})]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_jetstream_stream_each_others_events_live() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = start(&nats, data_a.path()).await;
+    let node_b = start(&nats, data_b.path()).await;
+    let mut on_a = node_a.subscribe("subject=app.>").await;
+    let mut on_b = node_b.subscribe("subject=app.>").await;
+
+    let through_a = node_a
+        .publish(&json!({"subject": "app.a", "payload": 1}))
+        .await;
+    let through_b = node_b
+        .publish(&json!({"subject": "app.b", "payload": 2}))
+        .await;
+    assert_eq!((through_a.index, through_b.index), (0, 1));
+    for sse in [&mut on_a, &mut on_b] {
+        let ids: Vec<String> = sse
+            .take(2)
+            .await
+            .into_iter()
+            .map(|frame| frame.id.unwrap())
+            .collect();
+        assert_eq!(ids, vec![through_a.id.clone(), through_b.id.clone()]);
+    }
+    // Resuming on one node from an id the other gave.
+    let mut resumed = node_b
+        .subscribe_with("subject=app.>", &[("Last-Event-ID", through_a.id.as_str())])
+        .await;
+    let frame = resumed.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(frame.id.as_deref(), Some(through_b.id.as_str()));
+}

@@ -498,3 +498,81 @@ async fn readers_share_fetches_and_live_readers_read_the_tail() {
     }
     assert_eq!(log.stats().disk_reads, fetches, "no fetch for the tail");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_another_writer_appends_reaches_this_logs_readers_live() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_c1, _j1, writer) = open(&server).await;
+    let (_c2, _j2, follower) = open_with(&server, None, bus::store::DEFAULT_TAIL_BYTES)
+        .await
+        .unwrap();
+    let mut committed = follower.watch_committed();
+    writer
+        .append(vec![event("orders.a", "", "1")])
+        .await
+        .unwrap();
+    let batch = (0..3)
+        .map(|i| event("orders.b", "", &i.to_string()))
+        .collect();
+    let written = writer.append(batch).await.unwrap();
+
+    // The follower's watermark moves without it appending or reading anything.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        committed.wait_for(|&end| end == 4),
+    )
+    .await
+    .expect("the other writer's events are followed")
+    .unwrap();
+    // Read by many readers at once: one fetch from JetStream serves them all.
+    let follower = Arc::new(follower);
+    let readers: Vec<_> = (0..20)
+        .map(|_| {
+            let follower = follower.clone();
+            tokio::spawn(async move { follower.read(0, 10).await.unwrap() })
+        })
+        .collect();
+    for reader in readers {
+        let read = reader.await.unwrap();
+        assert_eq!(read.len(), 4);
+        assert_eq!(read[3].id(), written[2].id, "the same ids");
+    }
+    assert_eq!(follower.stats().disk_reads, 1, "one fetch for 20 readers");
+    // Its own appends go after them, at the first attempt.
+    let appended = follower
+        .append(vec![event("orders.c", "", "4")])
+        .await
+        .unwrap();
+    assert_eq!(appended[0].position, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_announcement_delays_events_by_a_check_never_loses_them() {
+    let Some(server) = JetStreamServer::start() else {
+        return;
+    };
+    let (_client, context, log) = open(&server).await;
+    let mut committed = log.watch_committed();
+    // A writer that announces nothing (as a node killed right after its commit would):
+    // an event stored straight into the stream.
+    let json =
+        r#"{"id":"raw_1","subject":"orders.raw","created_at":"2026-12-01T00:00:00Z","index":0}"#;
+    context
+        .publish("orders.raw", json.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        committed.wait_for(|&end| end == 1),
+    )
+    .await
+    .expect("the stream's end is checked every second")
+    .unwrap();
+    let read = log.read(0, 10).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].id(), "raw_1");
+}

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
@@ -12,10 +12,12 @@ use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use super::connection::{
     direct_get, header_u64, open_bucket, stream_name, unavailable, REQUEST_TIMEOUT,
 };
+use super::follow;
 use super::reads::Reads;
 use super::sealing::Sealing;
 use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
@@ -54,13 +56,16 @@ pub struct JetStreamLog {
     queue: Mutex<VecDeque<Queued>>,
     /// Held by the append in flight, which claims the positions after the last it knows of.
     append: tokio::sync::Mutex<AppendState>,
-    watermark: watch::Sender<u64>,
     first: AtomicU64,
     closed: AtomicBool,
     /// The stream's limits as last set, so that retention updates them only on change.
     limits: Mutex<Option<(Option<Duration>, Option<u64>)>>,
     groups: AtomicU64,
-    reads: Reads,
+    reads: Arc<Reads>,
+    /// The task that learns what other writers append ([`super::follow`]).
+    follower: JoinHandle<()>,
+    /// Who this log is in its announcements of commits.
+    writer: String,
     sealing: Sealing,
     group_events: Histogram,
     ack_micros: Histogram,
@@ -149,7 +154,22 @@ impl JetStreamLog {
         let next = info.state.last_sequence;
         let first = info.state.first_sequence.saturating_sub(1).min(next);
         let sealing = Sealing::new(cipher.cloned(), generation, &name);
-        let reads = Reads::new(client.clone(), &name, sealing.clone(), next, tail_bytes);
+        let reads = Arc::new(Reads::new(
+            client.clone(),
+            &name,
+            sealing.clone(),
+            next,
+            tail_bytes,
+        ));
+        let writer = crate::random::token(16);
+        let follower = follow::start(
+            client.clone(),
+            context.clone(),
+            namespace,
+            name.clone(),
+            writer.clone(),
+            reads.clone(),
+        );
         let client_ids = open_bucket(context, &format!("BUS_IDS_{namespace}"), replicas).await?;
         Ok(JetStreamLog {
             namespace: namespace.to_owned(),
@@ -164,12 +184,13 @@ impl JetStreamLog {
                 next,
                 last_created: Timestamp::from_unix_nanos(i64::MIN),
             }),
-            watermark: watch::Sender::new(next),
             first: AtomicU64::new(first),
             closed: AtomicBool::new(false),
             limits: Mutex::new(None),
             groups: AtomicU64::new(0),
             reads,
+            follower,
+            writer,
             sealing,
             group_events: Histogram::new(metrics::GROUP_BOUNDS),
             ack_micros: Histogram::new(metrics::DURATION_BOUNDS_MICROS),
@@ -319,6 +340,8 @@ impl JetStreamLog {
             if let Some(reason) = self.halted() {
                 return Err(StorageError::new(ErrorKind::Unavailable, reason));
             }
+            // What the follower saw other writers append is not claimed again.
+            state.next = state.next.max(self.reads.committed());
             let created = Timestamp::now().max(state.last_created);
             let Encoded {
                 messages,
@@ -331,24 +354,24 @@ impl JetStreamLog {
                 Ok(()) => {
                     self.ack_micros
                         .observe(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
-                    self.committed_group(state, created, events);
+                    self.committed_group(state, created, events).await;
                     return Ok(appended);
                 }
                 Err(Publish::WrongLastSequence) => {
                     // Another writer appended since: start after what is there now.
                     state.next = self.last_sequence().await?;
-                    self.learn_end(state.next);
+                    self.reads.learn_end(state.next);
                 }
                 Err(Publish::Failed(error)) => {
                     // The append may have been stored with only its acknowledgement lost:
                     // find out, so that a refusal never hides stored events.
                     if self.stored_at(state.next, &appended[0].id).await == Some(true) {
-                        self.committed_group(state, created, events);
+                        self.committed_group(state, created, events).await;
                         return Ok(appended);
                     }
                     if let Ok(last) = self.last_sequence().await {
                         state.next = last;
-                        self.learn_end(last);
+                        self.reads.learn_end(last);
                     }
                     return Err(error);
                 }
@@ -363,9 +386,9 @@ impl JetStreamLog {
         ))
     }
 
-    /// Counts a group of `events` committed at `created`, keeps them in the tail and
-    /// publishes the new end.
-    fn committed_group(
+    /// Counts a group of `events` committed at `created`, keeps them in the tail, moves
+    /// the watermark and announces the new end to other nodes.
+    async fn committed_group(
         &self,
         state: &mut AppendState,
         created: Timestamp,
@@ -375,17 +398,15 @@ impl JetStreamLog {
         self.group_events.observe(events.len() as u64);
         state.last_created = created;
         state.next += events.len() as u64;
-        self.reads.appended(events);
-        self.watermark.send_replace(state.next);
-    }
-
-    /// Moves the watermark up to `end`, the stream's end as just learned (never down).
-    fn learn_end(&self, end: u64) {
-        self.watermark.send_if_modified(|w| {
-            let moved = *w < end;
-            *w = (*w).max(end);
-            moved
-        });
+        self.reads.keep(events);
+        // Best effort: other nodes also check the stream's end every second.
+        let _ = self
+            .client
+            .publish(
+                follow::subject(&self.namespace),
+                follow::announcement(&self.writer, state.next),
+            )
+            .await;
     }
 
     /// The events at positions from `next`: as stream messages, what each was given, and
@@ -742,11 +763,11 @@ impl EventLog for JetStreamLog {
     }
 
     fn committed(&self) -> u64 {
-        *self.watermark.borrow()
+        self.reads.committed()
     }
 
     fn watch_committed(&self) -> watch::Receiver<u64> {
-        self.watermark.subscribe()
+        self.reads.watch_committed()
     }
 
     fn first_position(&self) -> u64 {
@@ -909,10 +930,17 @@ impl EventLog for JetStreamLog {
             // Waits for an append in flight, and takes none after it.
             let _state = self.append.lock().await;
             self.closed.store(true, Ordering::Release);
+            self.follower.abort();
             self.client
                 .flush()
                 .await
                 .map_err(|e| unavailable("flushing the connection", e))
         })
+    }
+}
+
+impl Drop for JetStreamLog {
+    fn drop(&mut self) {
+        self.follower.abort();
     }
 }

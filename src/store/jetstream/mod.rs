@@ -24,8 +24,10 @@
 //! - **Commit times** are the log's own, in a header of every message, so a search by time
 //!   (a binary search of single direct gets) is never misled by a `created_at` a client
 //!   chose.
-//! - **Reads are shared** by a node's readers of a namespace ([`reads`]): its own appends
-//!   from memory, older events in runs fetched once and ahead of the readers.
+//! - **Reads are shared** by a node's readers of a namespace ([`reads`]): recent events
+//!   from memory, older ones in runs fetched once and ahead of the readers.
+//! - **Every node sees every event**: nodes announce the ends of their commits, and check
+//!   the streams' ends every second ([`follow`]); readers fetch what others appended.
 //! - **Ids chosen by clients** (the restore and copy tools) are indexed in a key-value
 //!   bucket per namespace, `BUS_IDS_<namespace>`: the id's position is put there before
 //!   the append, and a lookup checks that the event at that position has the id. A
@@ -35,11 +37,12 @@
 //!
 //!
 //! Files: `connection.rs` (reaching JetStream, shared requests), `log.rs` (the log:
-//! appends, group commits, ids, time, retention), `reads.rs`, `sealing.rs`, and
+//! appends, group commits, ids, time, retention), `reads.rs`, `follow.rs`, `sealing.rs`, and
 //! `consumers.rs` (durable consumers' progress in the bucket `BUS_CONSUMERS`).
 
 mod connection;
 mod consumers;
+mod follow;
 mod log;
 mod reads;
 mod sealing;

@@ -1,6 +1,9 @@
 //! Reading a JetStream log, shared by all its readers on a node.
 //!
-//! - **The tail**: the events this node appended, kept in memory (as the file store's
+//! - **The watermark**: how far the log is known to be committed, moved by this node's
+//!   appends and by the stream's follower ([`super::follow`]), which brings what other
+//!   writers append.
+//! - **The tail**: the events committed last, kept in memory (as the file store's
 //!   tail) before the watermark moves past them, so live subscribers of a namespace — one
 //!   or ten thousand — read them from memory and never ask JetStream.
 //! - **Runs**: older events are fetched in runs of a few thousand by one direct get
@@ -19,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::watch;
 
 use super::connection::direct_get;
 use super::sealing::Sealing;
@@ -107,6 +111,7 @@ pub struct Reads {
     sealing: Sealing,
     cache: Arc<Mutex<Cache>>,
     fetches: Arc<std::sync::atomic::AtomicU64>,
+    watermark: watch::Sender<u64>,
 }
 
 impl Reads {
@@ -131,6 +136,7 @@ impl Reads {
                 fetching: HashMap::new(),
             })),
             fetches: Arc::default(),
+            watermark: watch::Sender::new(next),
         }
     }
 
@@ -138,18 +144,46 @@ impl Reads {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps events this node appended (call it before the watermark moves past them).
-    /// Events that do not follow the tail (other writers appended in between) start it
-    /// anew.
-    pub fn appended(&self, events: Vec<StoredEvent>) {
-        let Some(first) = events.first().map(StoredEvent::position) else {
+    /// Keeps committed events (this node's appends, or what the stream's follower
+    /// brings), in order, then moves the watermark past them. Events the tail has already
+    /// (both ways bring this node's appends) or that are older than it are left out; an
+    /// event after a gap starts the tail anew.
+    pub fn keep(&self, events: Vec<StoredEvent>) {
+        let Some(end) = events.last().map(|e| e.position() + 1) else {
             return;
         };
-        let mut cache = self.cache();
-        if first != cache.tail.end() {
-            cache.tail = Tail::new(first, cache.tail.max_bytes());
+        {
+            let mut cache = self.cache();
+            for event in events {
+                let tail_end = cache.tail.end();
+                if event.position() < tail_end {
+                    continue;
+                }
+                if event.position() > tail_end {
+                    cache.tail = Tail::new(event.position(), cache.tail.max_bytes());
+                }
+                cache.tail.extend([event]);
+            }
         }
-        cache.tail.extend(events);
+        self.learn_end(end);
+    }
+
+    /// Moves the watermark up to `end`, a stream end just learned (never down).
+    pub fn learn_end(&self, end: u64) {
+        self.watermark.send_if_modified(|w| {
+            let moved = *w < end;
+            *w = (*w).max(end);
+            moved
+        });
+    }
+
+    /// The committed watermark: the position after the last event known to be stored.
+    pub fn committed(&self) -> u64 {
+        *self.watermark.borrow()
+    }
+
+    pub fn watch_committed(&self) -> watch::Receiver<u64> {
+        self.watermark.subscribe()
     }
 
     /// Direct gets of runs so far.
