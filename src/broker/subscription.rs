@@ -66,6 +66,8 @@ pub(super) struct Cursor {
     /// when it started.
     stop_at: Option<u64>,
     watermark: watch::Receiver<u64>,
+    /// The storage's outages: a live wait ends with an error during one.
+    outage: watch::Receiver<Option<String>>,
     shutdown: watch::Receiver<bool>,
     reads: Arc<Semaphore>,
     /// Why the cursor jumped ahead, not yet reported.
@@ -99,7 +101,9 @@ impl Cursor {
                 .map_err(|e| format!("reading the log failed: {e}"))?,
         };
         let watermark = log.watch_committed();
+        let outage = log.watch_outage();
         Ok(Cursor {
+            outage,
             log,
             pattern,
             next,
@@ -161,6 +165,9 @@ impl Cursor {
                         }
                     }
                     _ = self.shutdown.changed() => return Ok(None),
+                    why = next_outage(&mut self.outage) => {
+                        return Err(format!("{why}; reconnect to resume"));
+                    }
                 }
                 continue;
             }
@@ -191,6 +198,19 @@ impl Cursor {
             if !matching.is_empty() {
                 return Ok(Some(matching));
             }
+        }
+    }
+}
+
+/// Why the storage is out of reach, once it is (at once if it is now); never, for a
+/// backend whose receiver stays `None`.
+async fn next_outage(outage: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(why) = outage.borrow_and_update().clone() {
+            return why;
+        }
+        if outage.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

@@ -2,7 +2,8 @@
 //! a storage backend, and nothing more.
 //!
 //! - [`EventLog`]: one namespace's log — append a batch atomically, read from a position,
-//!   the committed watermark and a way to wait for it, the first retained position, find
+//!   the committed watermark and a way to wait for it, outages of remote storage, the
+//!   first retained position, find
 //!   an id or a time, the recent keyed events (to rebuild the deduplication window), and
 //!   its health, statistics and retention.
 //! - [`ConsumerStore`]: durable consumers' progress — load, save, remove, list.
@@ -132,6 +133,14 @@ pub trait EventLog: Send + Sync {
 
     /// A receiver that changes whenever the watermark advances.
     fn watch_committed(&self) -> watch::Receiver<u64>;
+
+    /// Why the storage is out of reach while it is (reads that need it and appends fail
+    /// until it is back), `None` while it is not: a receiver that changes when that
+    /// changes. A backend that cannot be out of reach (local files, memory) keeps the
+    /// default, a receiver that stays `None` (its sender is gone).
+    fn watch_outage(&self) -> watch::Receiver<Option<String>> {
+        watch::channel(None).1
+    }
 
     /// The position of the oldest event kept (0 unless retention removed older ones).
     fn first_position(&self) -> u64;

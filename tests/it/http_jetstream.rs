@@ -115,11 +115,20 @@ async fn without_nats_publishes_are_503_and_resume_when_it_is_back() {
     };
     let data = tempfile::tempdir().unwrap();
     let server = start(&nats, data.path()).await;
-    server
+    let first = server
         .publish(&json!({"subject": "app.a", "payload": 1}))
         .await;
+    let mut live = server.subscribe("subject=app.>").await;
 
     nats.stop();
+    // A live stream ends with an error frame, within a few seconds.
+    let frame = live
+        .next(Duration::from_secs(5))
+        .await
+        .expect("an error frame");
+    assert_eq!(frame.event.as_deref(), Some("error"), "{frame:?}");
+    assert!(frame.data.join("").contains("NATS is down"), "{frame:?}");
+    live.expect_end(Duration::from_secs(5)).await;
     let refused = server
         .post(json!({"subject": "app.a", "payload": 2}).to_string())
         .await;
@@ -152,6 +161,13 @@ async fn without_nats_publishes_are_503_and_resume_when_it_is_back() {
         payloads(&server, "subject=app.>&start=oldest").await,
         vec![json!(1), json!(3)]
     );
+    // The client that lost its stream resumes from the last event it had.
+    let mut resumed = server
+        .subscribe_with("subject=app.>", &[("Last-Event-ID", first.id.as_str())])
+        .await;
+    let frame = resumed.next(Duration::from_secs(5)).await.unwrap();
+    let event: serde_json::Value = serde_json::from_str(&frame.data.join("\n")).unwrap();
+    assert_eq!(event["payload"], 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,10 @@
 //! stream's end every second: a missed announcement delays events by that much, never
 //! loses them.
 //!
+//! The same check watches the connection: while NATS is out of reach, the log reports an
+//! outage, which ends live streams with an error (their clients resume from their last
+//! id once it is back).
+//!
 //! Why not a JetStream consumer that delivers every message to every node: measured on one
 //! node, it cost nats-server 45% more CPU per published event and single publishes fell
 //! by a fifth, for events the node already holds. The announcement is per commit, not per
@@ -76,6 +80,13 @@ pub fn start(
                     None => announcements = None,
                 },
                 _ = check.tick() => {
+                    if client.connection_state() != async_nats::connection::State::Connected {
+                        reads.set_outage(Some(format!(
+                            "the connection to NATS is down: stream {stream} cannot be read until it is back"
+                        )));
+                        continue;
+                    }
+                    reads.set_outage(None);
                     match context.get_stream(&stream).await {
                         Ok(handle) => reads.learn_end(handle.cached_info().state.last_sequence),
                         Err(e) => tracing::debug!(stream, error = %e, "checking the stream's end failed"),

@@ -770,6 +770,10 @@ impl EventLog for JetStreamLog {
         self.reads.watch_committed()
     }
 
+    fn watch_outage(&self) -> watch::Receiver<Option<String>> {
+        self.reads.watch_outage()
+    }
+
     fn first_position(&self) -> u64 {
         self.first.load(Ordering::Acquire)
     }

@@ -112,6 +112,8 @@ pub struct Reads {
     cache: Arc<Mutex<Cache>>,
     fetches: Arc<std::sync::atomic::AtomicU64>,
     watermark: watch::Sender<u64>,
+    /// Why JetStream is out of reach, while it is.
+    outage: watch::Sender<Option<String>>,
 }
 
 impl Reads {
@@ -137,6 +139,7 @@ impl Reads {
             })),
             fetches: Arc::default(),
             watermark: watch::Sender::new(next),
+            outage: watch::Sender::new(None),
         }
     }
 
@@ -184,6 +187,19 @@ impl Reads {
 
     pub fn watch_committed(&self) -> watch::Receiver<u64> {
         self.watermark.subscribe()
+    }
+
+    /// Records whether JetStream is out of reach (and why).
+    pub fn set_outage(&self, why: Option<String>) {
+        self.outage.send_if_modified(|now| {
+            let changed = *now != why;
+            *now = why;
+            changed
+        });
+    }
+
+    pub fn watch_outage(&self) -> watch::Receiver<Option<String>> {
+        self.outage.subscribe()
     }
 
     /// Direct gets of runs so far.
