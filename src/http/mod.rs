@@ -39,7 +39,7 @@ use self::query::Params;
 use crate::broker::Broker;
 use crate::memory::{MemoryBudget, Refused};
 use crate::metrics::{self, Histogram};
-use crate::wire::CORS_HEADERS;
+use crate::wire::{CORS_REQUEST_HEADERS, CORS_RESPONSE_HEADERS};
 
 /// What a client may ask of the server (set by the server's flags).
 #[derive(Debug, Clone)]
@@ -270,11 +270,12 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
 /// for requests also the standard ones a client sends.
 static CORS_HEADER_VALUES: std::sync::LazyLock<(HeaderValue, HeaderValue)> =
     std::sync::LazyLock::new(|| {
-        let ours = CORS_HEADERS.join(", ").to_ascii_uppercase();
-        let allowed = format!("Content-Type, Authorization, Last-Event-ID, {ours}");
+        let sent = CORS_REQUEST_HEADERS.join(", ").to_ascii_uppercase();
+        let allowed = format!("Content-Type, Authorization, Last-Event-ID, {sent}");
+        let exposed = CORS_RESPONSE_HEADERS.join(", ").to_ascii_uppercase();
         // Header names are visible ASCII, which a header value can always carry.
         let value = |text: &str| {
             HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
         };
-        (value(&allowed), value(&ours))
+        (value(&allowed), value(&exposed))
     });

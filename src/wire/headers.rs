@@ -18,11 +18,22 @@ pub const HEADER_CONFIRMED_ZONES: &str = "x-bus-confirmed-zones";
 /// last event it received; the stream resumes after it.
 pub const HEADER_LAST_EVENT_ID: &str = "last-event-id";
 
-/// The bus's headers that browsers on other origins may read (CORS
-/// `Access-Control-Expose-Headers`) and send (`Access-Control-Allow-Headers`).
-pub const CORS_HEADERS: [&str; 4] = [
+/// The bus's headers that browsers on other origins may send (CORS
+/// `Access-Control-Allow-Headers`), as the reference lists them.
+pub const CORS_REQUEST_HEADERS: [&str; 4] = [
     HEADER_EVENT_ID,
     HEADER_EVENT_CREATED_AT,
     HEADER_EVENT_INDEX,
     HEADER_CONSUMER_ID,
+];
+
+/// The bus's headers that browsers on other origins may read (CORS
+/// `Access-Control-Expose-Headers`): every one a response carries.
+pub const CORS_RESPONSE_HEADERS: [&str; 6] = [
+    HEADER_EVENT_ID,
+    HEADER_EVENT_CREATED_AT,
+    HEADER_EVENT_INDEX,
+    HEADER_CONSUMER_ID,
+    HEADER_CONFIRMED,
+    HEADER_CONFIRMED_ZONES,
 ];

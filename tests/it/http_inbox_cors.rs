@@ -134,7 +134,7 @@ const CORS: [(&str, &str); 4] = [
     ),
     (
         "access-control-expose-headers",
-        "X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID",
+        "X-BUS-EVENT-ID, X-BUS-EVENT-CREATED-AT, X-BUS-EVENT-INDEX, X-BUS-CONSUMER-ID, X-BUS-CONFIRMED, X-BUS-CONFIRMED-ZONES",
     ),
 ];
 
