@@ -189,12 +189,11 @@ impl EventLine {
             .payload
             .as_ref()
             .map(|p| compact_json(p.get().as_bytes()));
-        // Only an empty time is left to the log here (a server would also take Go's zero
-        // time for one; dumps never hold it).
-        let created_at = match line.created_at.as_deref().unwrap_or_default() {
-            "" => None,
-            text => Some(Timestamp::parse(text).context("created_at")?),
-        };
+        // A time left out, empty or Go's zero time is the log's to give, as on a publish.
+        let created_at = line
+            .given_created_at()
+            .map(|text| Timestamp::parse(text).context("created_at"))
+            .transpose()?;
         let draft = EventDraft {
             subject: &line.subject,
             trace_id: &line.trace_id,

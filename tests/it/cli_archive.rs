@@ -362,3 +362,24 @@ async fn a_torn_last_write_is_reported_and_left_out_but_not_repaired_offline() {
     assert_eq!(std::fs::metadata(&segment).unwrap().len(), len);
     assert_eq!(run(&["dump", "--path", path], None).ok(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_gives_a_time_to_events_with_gos_zero_time_as_a_publish_does() {
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().to_str().unwrap();
+    let input = "{\"subject\":\"app.x\",\"created_at\":\"0001-01-01T00:00:00Z\",\"payload\":1}\n\
+                 {\"subject\":\"app.x\",\"created_at\":\"2020-01-02T03:04:05Z\",\"payload\":2}\n";
+    run(&["restore", "--path", path], Some(input)).ok();
+    let dumped = run(&["dump", "--path", path], None).ok().to_owned();
+    let times: Vec<String> = lines(&dumped)
+        .iter()
+        .map(|event| event["created_at"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(times.len(), 2, "{dumped}");
+    assert!(
+        times[0].starts_with("20"),
+        "the log's time, not Go's zero: {}",
+        times[0]
+    );
+    assert_eq!(times[1], "2020-01-02T03:04:05.000000000Z", "a real time is kept");
+}
