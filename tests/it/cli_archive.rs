@@ -381,5 +381,8 @@ async fn restore_gives_a_time_to_events_with_gos_zero_time_as_a_publish_does() {
         "the log's time, not Go's zero: {}",
         times[0]
     );
-    assert_eq!(times[1], "2020-01-02T03:04:05.000000000Z", "a real time is kept");
+    assert_eq!(
+        times[1], "2020-01-02T03:04:05.000000000Z",
+        "a real time is kept"
+    );
 }

@@ -323,3 +323,41 @@ async fn two_nodes_on_one_jetstream_stream_each_others_events_live() {
     let frame = resumed.next(Duration::from_secs(5)).await.unwrap();
     assert_eq!(frame.id.as_deref(), Some(through_b.id.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_cost_no_jetstream_consumers() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = start(&nats, data.path()).await;
+    server.publish_numbered("app.history", 20).await;
+    // 100 subscribers from the oldest event and 100 live ones, all on one node.
+    let mut streams = Vec::new();
+    for i in 0..200 {
+        let query = if i % 2 == 0 {
+            "subject=app.>&start=oldest"
+        } else {
+            "subject=app.>"
+        };
+        streams.push((i % 2 == 0, server.subscribe(query).await));
+    }
+    let live = server
+        .publish(&json!({"subject": "app.live", "payload": 1}))
+        .await;
+    for (from_oldest, sse) in &mut streams {
+        let expected = if *from_oldest { 21 } else { 1 };
+        let frames = sse.take(expected).await;
+        assert_eq!(frames.last().unwrap().id.as_deref(), Some(live.id.as_str()));
+    }
+    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("BUS_app")
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.state.consumer_count, 0,
+        "200 subscribers, no JetStream consumer"
+    );
+}
