@@ -30,7 +30,8 @@ use crate::store::error::StoreError;
 use crate::store::ids;
 use crate::timestamp::Timestamp;
 
-/// The deduplication window is rebuilt from reads of about this many bytes.
+/// The deduplication window is rebuilt from reads of about this many bytes (with
+/// headers: the commit times).
 const READ_BYTES: usize = 256 << 10;
 /// Events committed together at most: appends queued behind one in flight are joined up
 /// to this many (JetStream's limit on an atomic batch is 1,000 messages).
@@ -42,6 +43,7 @@ const APPEND_ATTEMPTS: usize = 5;
 const GENERATION_KEY: &str = "bus_generation";
 /// The header with the time the log committed a message (Unix nanoseconds).
 const COMMITTED_AT: &str = "Bus-Committed-At";
+
 /// A namespace's log in a JetStream stream.
 pub struct JetStreamLog {
     namespace: String,
@@ -93,8 +95,10 @@ struct AppendState {
 
 impl JetStreamLog {
     /// Opens the namespace's stream, creating it with `replicas` copies if it does not
-    /// exist. Events may be up to `max_event_bytes` (the server's `max_payload` must allow
-    /// them too).
+    /// exist (events may be as large as the server's `max_payload` allows). With a
+    /// `cipher`, events are sealed before they are sent, and the stream must be encrypted
+    /// with the same key (or never written to). The newest `tail_bytes` of this node's
+    /// appends are kept in memory for readers.
     pub async fn open(
         client: &async_nats::Client,
         context: &jetstream::Context,

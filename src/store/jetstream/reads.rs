@@ -1,11 +1,11 @@
 //! Reading a JetStream log, shared by all its readers on a node.
 //!
 //! - **The watermark**: how far the log is known to be committed, moved by this node's
-//!   appends and by the stream's follower ([`super::follow`]), which brings what other
-//!   writers append.
-//! - **The tail**: the events committed last, kept in memory (as the file store's
-//!   tail) before the watermark moves past them, so live subscribers of a namespace — one
-//!   or ten thousand — read them from memory and never ask JetStream.
+//!   appends and by what [`super::follow`] learns of other writers' appends.
+//! - **The tail**: the events this node committed last, kept in memory (as the file
+//!   store's tail) before the watermark moves past them, so live subscribers of a
+//!   namespace — one or ten thousand — read them from memory and never ask JetStream.
+//!   What other nodes append is fetched once per node, as a run.
 //! - **Runs**: older events are fetched in runs of a few thousand by one direct get
 //!   without headers (the position is the `index` every event's JSON ends with; headers
 //!   would cost JetStream more than the events themselves), and kept in a bounded cache,
@@ -147,10 +147,9 @@ impl Reads {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps committed events (this node's appends, or what the stream's follower
-    /// brings), in order, then moves the watermark past them. Events the tail has already
-    /// (both ways bring this node's appends) or that are older than it are left out; an
-    /// event after a gap starts the tail anew.
+    /// Keeps events this node committed, in order, then moves the watermark past them.
+    /// Events older than the tail's end are left out; an event after a gap (other writers
+    /// appended in between) starts the tail anew.
     pub fn keep(&self, events: Vec<StoredEvent>) {
         let Some(end) = events.last().map(|e| e.position() + 1) else {
             return;
