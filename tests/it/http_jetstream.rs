@@ -361,3 +361,43 @@ async fn subscribers_cost_no_jetstream_consumers() {
         "200 subscribers, no JetStream consumer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deduplication_window_is_rebuilt_when_a_node_starts() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let mut server = start(&nats, data.path()).await;
+    for i in 0..3 {
+        server
+            .publish(&json!({"subject": "app.order", "key": format!("k{i}"), "payload": i}))
+            .await;
+        server
+            .publish(&json!({"subject": "app.order", "payload": "no key"}))
+            .await;
+    }
+    server.stop().await;
+
+    let server = start(&nats, data.path()).await;
+    let again = server
+        .post(json!({"subject": "app.order", "key": "k1", "payload": 9}).to_string())
+        .await;
+    assert_eq!(again.status(), 409);
+    assert!(again
+        .text()
+        .await
+        .unwrap()
+        .starts_with("key was processed before"));
+    let fresh = server
+        .post(json!({"subject": "app.order", "key": "k3", "payload": 3}).to_string())
+        .await;
+    assert_eq!(fresh.status(), 202);
+    // The pass over the recent events left no consumer behind.
+    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("BUS_app")
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
+}

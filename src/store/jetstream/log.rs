@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -30,9 +31,6 @@ use crate::store::error::StoreError;
 use crate::store::ids;
 use crate::timestamp::Timestamp;
 
-/// The deduplication window is rebuilt from reads of about this many bytes (with
-/// headers: the commit times).
-const READ_BYTES: usize = 256 << 10;
 /// Events committed together at most: appends queued behind one in flight are joined up
 /// to this many (JetStream's limit on an atomic batch is 1,000 messages).
 const MAX_GROUP_EVENTS: usize = 1000;
@@ -608,50 +606,6 @@ impl JetStreamLog {
         Ok(self.stream_info().await?.state.last_sequence)
     }
 
-    /// Up to `max_events` events from `from` (with their commit times), by one direct get
-    /// of a batch: JetStream answers with the messages, then an end-of-batch status.
-    async fn read_batch(
-        &self,
-        from: u64,
-        max_events: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<(StoredEvent, Option<Timestamp>)>, StorageError> {
-        let request = serde_json::json!({
-            "seq": from + 1,
-            "batch": max_events,
-            "max_bytes": max_bytes,
-        });
-        let messages = direct_get(&self.client, &self.stream, request).await?;
-        let mut events = Vec::with_capacity(messages.len());
-        for message in messages {
-            let Some(position) =
-                header_u64(&message, "Nats-Sequence").and_then(|s| s.checked_sub(1))
-            else {
-                continue;
-            };
-            let committed_at = committed_at(&message);
-            let json = self.sealing.open(message.payload)?;
-            let layout = JsonLayout::parse(&json).ok_or_else(|| {
-                StorageError::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "stream {}: position {position} is not an event of bus",
-                        self.stream
-                    ),
-                )
-            })?;
-            let id = String::from_utf8_lossy(&json[layout.id.clone()]).into_owned();
-            let mut frame = BytesMut::with_capacity(event::sse_frame_len(&id, &json));
-            event::push_sse_frame(&mut frame, &id, &json);
-            // The frame is `id: …\ndata: <json>\n\n`: the layout is that of its JSON.
-            events.push((
-                StoredEvent::new(position, frame.freeze(), &layout),
-                committed_at,
-            ));
-        }
-        Ok(events)
-    }
-
     fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
         self.runtime.block_on(future)
     }
@@ -698,6 +652,17 @@ fn id_key(id: &str) -> String {
         }
     }
     key
+}
+
+/// The event's subject and key if it has a key of at most `max_key_len` bytes.
+fn keyed_event(json: &[u8], committed_at: Timestamp, max_key_len: usize) -> Option<KeyedEvent> {
+    let layout = JsonLayout::parse(json)?;
+    let key: String = serde_json::from_slice(&json[layout.key?]).ok()?;
+    (key.len() <= max_key_len).then(|| KeyedEvent {
+        subject: String::from_utf8_lossy(&json[layout.subject]).into_owned(),
+        key,
+        committed_at,
+    })
 }
 
 /// When the log committed a message: its own time (the same as a server-dated event's
@@ -834,36 +799,73 @@ impl EventLog for JetStreamLog {
         visit: &mut dyn FnMut(KeyedEvent),
     ) -> Result<(), StorageError> {
         let end = self.committed();
-        let mut next = end.saturating_sub(events).max(self.first_position());
-        while next < end {
-            let read = self.block_on(self.read_batch(next, 1024, READ_BYTES))?;
-            let Some((last, _)) = read.last() else {
-                break;
+        let next = end.saturating_sub(events).max(self.first_position());
+        if next >= end {
+            return Ok(());
+        }
+        // One pass of a consumer rather than direct gets: JetStream writes each message
+        // out as it stored it, where a direct get generates a set of headers per message
+        // (most of the time of a direct get with headers, measured).
+        self.block_on(async {
+            let failed = |e: &dyn std::fmt::Display| {
+                unavailable(&format!("reading the recent keys of {}", self.stream), e)
             };
-            next = last.position() + 1;
-            for (event, committed_at) in read {
-                let json = event.json();
-                let Some(layout) = JsonLayout::parse(&json) else {
-                    continue;
-                };
-                let Some(range) = layout.key.clone() else {
-                    continue;
-                };
-                let Ok(key) = serde_json::from_slice::<String>(&json[range]) else {
-                    continue;
-                };
-                if key.len() <= max_key_len {
-                    visit(KeyedEvent {
-                        subject: event.subject().to_owned(),
-                        key,
-                        committed_at: committed_at
-                            .or_else(|| event.created_at())
-                            .unwrap_or_else(Timestamp::now),
-                    });
+            let stream = self
+                .context
+                .get_stream(&self.stream)
+                .await
+                .map_err(|e| failed(&e))?;
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next + 1,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| failed(&e))?;
+            let name = consumer.cached_info().name.clone();
+            let visited = async {
+                let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+                loop {
+                    let message = match tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await
+                    {
+                        Ok(Some(Ok(message))) => message,
+                        Ok(Some(Err(e))) => return Err(failed(&e)),
+                        Ok(None) => return Err(failed(&"the consumer ended")),
+                        Err(_) => {
+                            // Nothing comes when retention removed the rest meanwhile.
+                            let first = self.stream_info().await?.state.first_sequence;
+                            return if first > end {
+                                Ok(())
+                            } else {
+                                Err(failed(&"no message in time"))
+                            };
+                        }
+                    };
+                    let info = message.info().map_err(|e| failed(&e))?;
+                    let position = info.stream_sequence.saturating_sub(1);
+                    let stored_at = Timestamp::from_unix_nanos(
+                        i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+                    );
+                    if position >= end {
+                        return Ok(());
+                    }
+                    let committed = committed_at(&message.message).unwrap_or(stored_at);
+                    let json = self.sealing.open(message.message.payload.clone())?;
+                    if let Some(keyed) = keyed_event(&json, committed, max_key_len) {
+                        visit(keyed);
+                    }
+                    if position + 1 >= end {
+                        return Ok(());
+                    }
                 }
             }
-        }
-        Ok(())
+            .await;
+            // Gone at once rather than when JetStream finds it idle.
+            let _ = stream.delete_consumer(&name).await;
+            visited
+        })
     }
 
     fn halted(&self) -> Option<String> {
