@@ -29,6 +29,21 @@ async fn payloads(server: &TestServer, query: &str) -> Vec<serde_json::Value> {
     panic!("the stream did not end: {payloads:?}");
 }
 
+/// The stream of namespace `app`, as NATS's operators see it.
+async fn app_stream(nats: &JetStreamServer) -> async_nats::jetstream::stream::Stream {
+    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .get_stream("BUS_app")
+        .await
+        .unwrap()
+}
+
+/// The JetStream consumers on the stream of namespace `app`.
+async fn consumers_of_app(nats: &JetStreamServer) -> usize {
+    let mut stream = app_stream(nats).await;
+    stream.info().await.unwrap().state.consumer_count
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_replay_live_and_resume_across_restarts() {
     let Some(nats) = JetStreamServer::start() else {
@@ -247,12 +262,7 @@ async fn with_a_secret_key_nats_holds_sealed_events_only() {
     server.stop().await;
 
     // What an operator of NATS can read of it: the subject, not the event.
-    let client = async_nats::connect(url.as_str()).await.unwrap();
-    let stream = async_nats::jetstream::new(client)
-        .get_stream("BUS_app")
-        .await
-        .unwrap();
-    let raw = stream.get_raw_message(1).await.unwrap();
+    let raw = app_stream(&nats).await.get_raw_message(1).await.unwrap();
     assert_eq!(raw.subject.as_str(), "app.card");
     let body = String::from_utf8_lossy(&raw.payload);
     assert!(
@@ -350,14 +360,9 @@ async fn subscribers_cost_no_jetstream_consumers() {
         let frames = sse.take(expected).await;
         assert_eq!(frames.last().unwrap().id.as_deref(), Some(live.id.as_str()));
     }
-    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
-    let mut stream = async_nats::jetstream::new(client)
-        .get_stream("BUS_app")
-        .await
-        .unwrap();
-    let info = stream.info().await.unwrap();
     assert_eq!(
-        info.state.consumer_count, 0,
+        consumers_of_app(&nats).await,
+        0,
         "200 subscribers, no JetStream consumer"
     );
 }
@@ -394,10 +399,5 @@ async fn the_deduplication_window_is_rebuilt_when_a_node_starts() {
         .await;
     assert_eq!(fresh.status(), 202);
     // The pass over the recent events left no consumer behind.
-    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
-    let mut stream = async_nats::jetstream::new(client)
-        .get_stream("BUS_app")
-        .await
-        .unwrap();
-    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
+    assert_eq!(consumers_of_app(&nats).await, 0);
 }
