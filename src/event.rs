@@ -270,6 +270,17 @@ impl JsonLayout {
             created_at: created_at.start + 1..created_at.end - 1,
         })
     }
+
+    /// The event's deduplication key, if it has one of at most `max_len` bytes.
+    pub fn key_within(&self, json: &[u8], max_len: usize) -> Option<String> {
+        let raw = &json[self.key.clone()?];
+        // Its JSON form is at least as long as the key: longer keys are not decoded.
+        if raw.len() > max_len + 2 && !raw.contains(&b'\\') {
+            return None;
+        }
+        let key: String = serde_json::from_slice(raw).ok()?;
+        (key.len() <= max_len).then_some(key)
+    }
 }
 
 /// The end (exclusive, after the closing quote) of the JSON string starting at `start`.

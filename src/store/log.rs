@@ -457,19 +457,9 @@ impl EventLog for Log {
         let from = self.committed().saturating_sub(events);
         let mut failure = None;
         self.scan_blocking(from, |position, json, layout| {
-            let Some(raw_key) = layout.key.clone().map(|range| &json[range]) else {
+            let Some(key) = layout.key_within(json, max_key_len) else {
                 return;
             };
-            // Its JSON form is at least as long as the key: longer keys are not decoded.
-            if raw_key.len() > max_key_len + 2 && !raw_key.contains(&b'\\') {
-                return;
-            }
-            let Ok(key) = serde_json::from_slice::<String>(raw_key) else {
-                return;
-            };
-            if key.len() > max_key_len {
-                return;
-            }
             // The subject's range is its text without quotes (subjects need no escapes).
             let Ok(subject) = std::str::from_utf8(&json[layout.subject.clone()]) else {
                 return;

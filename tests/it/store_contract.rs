@@ -55,7 +55,18 @@ trait Backend: Send + Sync {
 
     /// What a restarted server does: closes `log` and lets go of it, then opens its
     /// namespace again; [`Backend::consumers`] hands out a fresh store from then on.
-    fn reopen(&self, log: Arc<dyn EventLog>) -> BoxFuture<'_, Arc<dyn EventLog>>;
+    fn reopen(&self, log: Arc<dyn EventLog>) -> BoxFuture<'_, Arc<dyn EventLog>> {
+        Box::pin(async move {
+            let namespace = log.namespace().to_owned();
+            log.close().await.expect("close the log");
+            drop(log);
+            self.restarted();
+            self.open(&namespace).await
+        })
+    }
+
+    /// What a restart does to the backend's own state, between closing and opening.
+    fn restarted(&self) {}
 }
 
 /// The file store (`store::Log` and `store::FileConsumers`) in a temporary directory.
@@ -115,15 +126,6 @@ impl Backend for FileBackend {
     fn durable(&self) -> bool {
         true
     }
-
-    fn reopen(&self, log: Arc<dyn EventLog>) -> BoxFuture<'_, Arc<dyn EventLog>> {
-        Box::pin(async move {
-            let namespace = log.namespace().to_owned();
-            log.close().await.expect("close the log");
-            drop(log);
-            self.open_log(&namespace).await
-        })
-    }
 }
 
 /// The in-memory store (`store::memory`): a restart forgets everything.
@@ -152,14 +154,9 @@ impl Backend for MemoryBackend {
         false
     }
 
-    fn reopen(&self, log: Arc<dyn EventLog>) -> BoxFuture<'_, Arc<dyn EventLog>> {
-        Box::pin(async move {
-            let namespace = log.namespace().to_owned();
-            log.close().await.expect("close the log");
-            drop(log);
-            *self.consumers.lock().unwrap() = Arc::new(MemoryConsumers::default());
-            self.open(&namespace).await
-        })
+    /// The consumers' progress was in memory: gone.
+    fn restarted(&self) {
+        *self.consumers.lock().unwrap() = Arc::new(MemoryConsumers::default());
     }
 }
 
@@ -240,15 +237,6 @@ impl Backend for JetStreamBackend {
 
     fn durable(&self) -> bool {
         true
-    }
-
-    fn reopen(&self, log: Arc<dyn EventLog>) -> BoxFuture<'_, Arc<dyn EventLog>> {
-        Box::pin(async move {
-            let namespace = log.namespace().to_owned();
-            log.close().await.expect("close the log");
-            drop(log);
-            self.open(&namespace).await
-        })
     }
 }
 

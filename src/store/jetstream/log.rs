@@ -657,10 +657,9 @@ fn id_key(id: &str) -> String {
 /// The event's subject and key if it has a key of at most `max_key_len` bytes.
 fn keyed_event(json: &[u8], committed_at: Timestamp, max_key_len: usize) -> Option<KeyedEvent> {
     let layout = JsonLayout::parse(json)?;
-    let key: String = serde_json::from_slice(&json[layout.key?]).ok()?;
-    (key.len() <= max_key_len).then(|| KeyedEvent {
+    Some(KeyedEvent {
+        key: layout.key_within(json, max_key_len)?,
         subject: String::from_utf8_lossy(&json[layout.subject]).into_owned(),
-        key,
         committed_at,
     })
 }

@@ -147,25 +147,22 @@ impl Reads {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps events this node committed, in order, then moves the watermark past them.
-    /// Events older than the tail's end are left out; an event after a gap (other writers
-    /// appended in between) starts the tail anew.
+    /// Keeps a group of events this node committed, then moves the watermark past them.
+    /// A group that does not follow the tail (other writers appended in between) starts
+    /// it anew.
     pub fn keep(&self, events: Vec<StoredEvent>) {
-        let Some(end) = events.last().map(|e| e.position() + 1) else {
+        let (Some(first), Some(end)) = (
+            events.first().map(StoredEvent::position),
+            events.last().map(|e| e.position() + 1),
+        ) else {
             return;
         };
         {
             let mut cache = self.cache();
-            for event in events {
-                let tail_end = cache.tail.end();
-                if event.position() < tail_end {
-                    continue;
-                }
-                if event.position() > tail_end {
-                    cache.tail = Tail::new(event.position(), cache.tail.max_bytes());
-                }
-                cache.tail.extend([event]);
+            if first != cache.tail.end() {
+                cache.tail = Tail::new(first, cache.tail.max_bytes());
             }
+            cache.tail.extend(events);
         }
         self.learn_end(end);
     }
