@@ -6,6 +6,7 @@
 //! every log. Connections that do not finish within [`SHUTDOWN_GRACE`] (a client that
 //! stopped reading, say) are dropped, so the server always exits promptly.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +22,13 @@ use crate::http::auth::AuthTable;
 use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
 use crate::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
-use crate::store::{EventLog, Storage, StorageError, Store, StoreConfig};
+use crate::store::{Consumers, EventLog, Storage, StorageError, Store, StoreConfig};
 use crate::units::approximate_size;
 
 /// How long shutting down waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// The streams of the namespaces and the bucket of consumers' progress on JetStream.
+/// The streams of the namespaces, and their consumers, on JetStream.
 async fn open_jetstream(
     config: &JetStreamConfig,
     namespaces: &[String],
@@ -35,6 +36,7 @@ async fn open_jetstream(
 ) -> Result<Storage, StorageError> {
     let (client, context) = jetstream::connect(config).await?;
     let mut logs: Vec<Arc<dyn EventLog>> = Vec::with_capacity(namespaces.len());
+    let mut sealings = HashMap::new();
     for namespace in namespaces {
         let log = JetStreamLog::open(
             &client,
@@ -51,10 +53,14 @@ async fn open_jetstream(
             stream = jetstream::stream_name(namespace),
             "namespace opened on JetStream"
         );
+        sealings.insert(namespace.clone(), log.sealing().clone());
         logs.push(Arc::new(log));
     }
-    let consumers = Arc::new(JetStreamConsumers::open(&context, config.replicas).await?);
-    Ok(Storage { logs, consumers })
+    let consumers = JetStreamConsumers::new(client, context, sealings);
+    Ok(Storage {
+        logs,
+        consumers: Consumers::Served(Arc::new(consumers)),
+    })
 }
 
 /// A server that is accepting connections.

@@ -112,7 +112,7 @@ pub enum ReplyRefused {
 pub const INPUT_QUEUE: usize = 4096;
 /// Bytes of frames sent to a member in one delivery: small events go together (the front
 /// end writes them as one chunk, a copy), a larger event goes alone (its shared frame).
-const DELIVERY_BYTES: usize = 64 << 10;
+pub(super) const DELIVERY_BYTES: usize = 64 << 10;
 /// How often a durable consumer's progress is written when it changed.
 const SAVE_EVERY: Duration = Duration::from_millis(50);
 /// Threads writing durable consumers' progress, across the broker (see [`Saver`]).
@@ -1081,28 +1081,40 @@ async fn save_ended(
 /// An event delivered its last time without an ack. (Not a method: a `&Dispatcher` held
 /// across its await would need the dispatcher, and the read it holds, to be `Sync`.)
 async fn give_up(log: &dyn EventLog, durable: Option<&Durable>, pending: &Pending) {
-    let event = &pending.event;
-    let Some(durable) = durable else {
+    let consumer = durable.map(|durable| &durable.name);
+    give_up_event(log, consumer, &pending.event, pending.deliveries).await;
+}
+
+/// Gives up an event after `deliveries` without an ack: durable consumer `consumer`
+/// appends it to its dead-letter subject; an ephemeral one moves on, as the reference
+/// does.
+pub(super) async fn give_up_event(
+    log: &dyn EventLog,
+    consumer: Option<&ConsumerName>,
+    event: &StoredEvent,
+    deliveries: u32,
+) {
+    let Some(consumer) = consumer else {
         tracing::info!(
             event_id = event.id(),
-            deliveries = pending.deliveries,
+            deliveries,
             "event not acknowledged after its last delivery; moving on"
         );
         return;
     };
-    let subject = dead_letter_subject(log.namespace(), &durable.name);
+    let subject = dead_letter_subject(log.namespace(), consumer);
     tracing::warn!(
-        consumer = %durable.name,
+        consumer = %consumer,
         event_id = event.id(),
-        deliveries = pending.deliveries,
+        deliveries,
         dead_letter_subject = subject,
         "event not acknowledged after its last delivery; appended to the dead-letter subject"
     );
     let payload = format!(
         r#"{{"event":{},"consumer":{},"deliveries":{}}}"#,
         String::from_utf8_lossy(&event.json()),
-        serde_json::Value::from(durable.name.as_str()),
-        pending.deliveries
+        serde_json::Value::from(consumer.as_str()),
+        deliveries
     );
     let draft = EventDraft {
         subject: &subject,
@@ -1118,7 +1130,7 @@ async fn give_up(log: &dyn EventLog, durable: Option<&Durable>, pending: &Pendin
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = appended {
-        tracing::error!(consumer = %durable.name, event_id = event.id(), error = %e, "appending a dead letter failed");
+        tracing::error!(consumer = %consumer, event_id = event.id(), error = %e, "appending a dead letter failed");
     }
 }
 
@@ -1129,14 +1141,14 @@ fn unix_millis() -> u64 {
 
 /// `now + wait`, or a time beyond any server's lifetime if that cannot be represented:
 /// durations come from clients, and overflowing `Instant` would panic the dispatcher.
-fn later(now: Instant, wait: Duration) -> Instant {
+pub(super) fn later(now: Instant, wait: Duration) -> Instant {
     const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     now.checked_add(wait.min(CENTURY))
         .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
         .unwrap_or(now)
 }
 
-async fn sleep_until(at: Option<Instant>) {
+pub(super) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -1275,7 +1287,9 @@ mod tests {
         fn with(log: Arc<dyn EventLog>, consumers: Arc<Watched>, config: BrokerConfig) -> Bed {
             let storage = Storage {
                 logs: vec![Arc::clone(&log)],
-                consumers: Arc::clone(&consumers) as Arc<dyn ConsumerStore>,
+                consumers: crate::store::Consumers::Dispatched(
+                    Arc::clone(&consumers) as Arc<dyn ConsumerStore>
+                ),
             };
             let config = BrokerConfig {
                 dup_size: 0,

@@ -14,9 +14,10 @@ use super::consumer::{self, ConsumerStats, Dispatcher, Input, Retired};
 use super::registry::Refusal;
 use super::subscription;
 use super::{
-    Broker, BrokerError, ConsumerInfo, ConsumerName, Delivery, Owner, Registry, SubscribeRequest,
+    Broker, BrokerError, ConsumerBackend, ConsumerInfo, ConsumerName, Delivery, Owner, Registry,
+    SubscribeRequest,
 };
-use crate::store::{ConsumerProgress as Progress, EventLog, StorageError};
+use crate::store::{ConsumerProgress as Progress, ConsumerStore, EventLog, StorageError};
 
 impl Broker {
     /// Attaches a connection to durable consumer `name`, starting it if it is not running
@@ -28,6 +29,8 @@ impl Broker {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn attach(
         &self,
+        store: &Arc<dyn ConsumerStore>,
+        saver: &Arc<consumer::Saver>,
         log: &Arc<dyn EventLog>,
         name: &ConsumerName,
         request: &SubscribeRequest,
@@ -38,18 +41,11 @@ impl Broker {
     ) -> Result<mpsc::Sender<Input>, BrokerError> {
         let pattern = request.pattern.as_str();
         let namespace = log.namespace();
-        let conflict = |stored: &str| {
-            BrokerError::Conflict(format!(
-                "consumer {name:?} reads {stored:?}, not {pattern:?}: attach with its pattern, or delete it first"
-            ))
-        };
+        let conflict = |stored: &str| pattern_conflict(name, stored, pattern);
         // Ownership is checked before anything about the consumer is told.
         let check_owner = |owner: &Option<Owner>| match (owner, &request.owner) {
             (Some(owner), Some(caller)) if owner != caller && !request.admin => {
-                Err(BrokerError::Forbidden(format!(
-                    "consumer {name:?} belongs to another token; attach with the token that \
-                     created it (or one with the admin grant)"
-                )))
+                Err(not_the_owner(name))
             }
             _ => Ok(()),
         };
@@ -92,11 +88,7 @@ impl Broker {
         // If it retired, its last save lands before its progress is read.
         self.settling.settle(&key).await;
         let stored = {
-            let (consumers, ns, file) = (
-                Arc::clone(&self.consumers),
-                namespace.to_owned(),
-                name.clone(),
-            );
+            let (consumers, ns, file) = (Arc::clone(store), namespace.to_owned(), name.clone());
             tokio::task::spawn_blocking(move || consumers.load(&ns, &file)).await
         };
         let stored = match stored {
@@ -153,7 +145,7 @@ impl Broker {
             name: name.clone(),
             progress,
             stats: Arc::clone(&stats),
-            saver: Arc::clone(&self.saver),
+            saver: Arc::clone(saver),
             retire: self.retire(key.clone(), generation),
             landed: {
                 let (settling, key) = (Arc::clone(&self.settling), key.clone());
@@ -240,11 +232,32 @@ impl Broker {
         )
     }
 
-    /// The durable consumers of `namespace`: running ones and stored ones. Reads the stored
-    /// progress: blocking, for the blocking pool (`tokio::task::spawn_blocking`), never an
-    /// async worker.
+    /// The durable consumers of `namespace`. Blocking (it reads stored progress, or asks
+    /// the storage): for the blocking pool (`tokio::task::spawn_blocking`), never an async
+    /// worker.
     pub fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, BrokerError> {
         let log = self.log(namespace).map_err(BrokerError::Invalid)?;
+        match &self.consumers {
+            ConsumerBackend::Dispatched { store, .. } => self.dispatched_consumers(store, log),
+            ConsumerBackend::Served(served) => {
+                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                    BrokerError::Storage(
+                        "the durable consumers are listed by the server only".into(),
+                    )
+                })?;
+                runtime.block_on(self.served_consumers(served, log))
+            }
+        }
+    }
+
+    /// The durable consumers of a log whose progress the broker stores: running ones and
+    /// stored ones.
+    fn dispatched_consumers(
+        &self,
+        store: &Arc<dyn ConsumerStore>,
+        log: &Arc<dyn EventLog>,
+    ) -> Result<Vec<ConsumerInfo>, BrokerError> {
+        let namespace = log.namespace();
         let committed = log.committed();
         // Figures newer than what is stored: those of the running consumers, and of those
         // that retired before their last save landed (without members).
@@ -274,7 +287,7 @@ impl Broker {
                 0
             }
         };
-        let stored = self.consumers.list(namespace).map_err(|e| {
+        let stored = store.list(namespace).map_err(|e| {
             tracing::error!(namespace, error = %e, "listing the stored durable consumers failed");
             BrokerError::Storage(format!(
                 "the durable consumers of {namespace} cannot be listed (see the server's log)"
@@ -330,17 +343,19 @@ impl Broker {
         name: &ConsumerName,
     ) -> Result<(), BrokerError> {
         self.log(namespace).map_err(BrokerError::Invalid)?;
+        let store = match &self.consumers {
+            ConsumerBackend::Dispatched { store, .. } => store,
+            ConsumerBackend::Served(served) => {
+                return self.delete_served(served, namespace, name).await
+            }
+        };
         let key = (namespace.to_owned(), name.clone());
         let _changing = self.lock_changes(&key).await;
         // If it retired, its last save lands first: it would bring the file back.
         self.settling.settle(&key).await;
         // A damaged progress file is deleted like any other.
         let stored = {
-            let (consumers, ns, file) = (
-                Arc::clone(&self.consumers),
-                namespace.to_owned(),
-                name.clone(),
-            );
+            let (consumers, ns, file) = (Arc::clone(store), namespace.to_owned(), name.clone());
             tokio::task::spawn_blocking(move || !matches!(consumers.load(&ns, &file), Ok(None)))
                 .await
                 .map_err(|e| blocking_task_failed(name, &e))?
@@ -359,11 +374,7 @@ impl Broker {
         // It may have retired meanwhile.
         self.settling.settle(&key).await;
         let removed = {
-            let (consumers, ns, file) = (
-                Arc::clone(&self.consumers),
-                namespace.to_owned(),
-                name.clone(),
-            );
+            let (consumers, ns, file) = (Arc::clone(store), namespace.to_owned(), name.clone());
             tokio::task::spawn_blocking(move || consumers.remove(&ns, &file))
                 .await
                 .map_err(|e| blocking_task_failed(name, &e))?
@@ -385,7 +396,7 @@ impl Broker {
 
     /// Holds durable consumer `key` against other starts and deletes until dropped (see
     /// `changing`).
-    async fn lock_changes(&self, key: &DurableKey) -> ChangeGuard<'_> {
+    pub(super) async fn lock_changes(&self, key: &DurableKey) -> ChangeGuard<'_> {
         let lock = Arc::clone(
             self.changing
                 .lock()
@@ -426,7 +437,7 @@ pub(super) struct DurableEntry {
 }
 
 /// A durable consumer held against other starts and deletes ([`Broker::lock_changes`]).
-struct ChangeGuard<'a> {
+pub(super) struct ChangeGuard<'a> {
     changing: &'a Mutex<HashMap<DurableKey, Arc<tokio::sync::Mutex<()>>>>,
     key: DurableKey,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
@@ -463,9 +474,24 @@ impl Drop for Creating<'_> {
     }
 }
 
+/// An attachment names another pattern than durable consumer `name` reads.
+pub(super) fn pattern_conflict(name: &ConsumerName, stored: &str, pattern: &str) -> BrokerError {
+    BrokerError::Conflict(format!(
+        "consumer {name:?} reads {stored:?}, not {pattern:?}: attach with its pattern, or delete it first"
+    ))
+}
+
+/// Durable consumer `name` belongs to another token than the caller's.
+pub(super) fn not_the_owner(name: &ConsumerName) -> BrokerError {
+    BrokerError::Forbidden(format!(
+        "consumer {name:?} belongs to another token; attach with the token that \
+         created it (or one with the admin grant)"
+    ))
+}
+
 /// A new durable consumer would pass a limit on their numbers. The message names the
 /// server's flag that sets the limit, for the operator.
-fn too_many_consumers(namespace: &str, refusal: Refusal) -> BrokerError {
+pub(super) fn too_many_consumers(namespace: &str, refusal: Refusal) -> BrokerError {
     BrokerError::Conflict(match refusal {
         Refusal::Namespace { limit } => format!(
             "namespace {namespace} has reached its limit of {limit} durable consumers \

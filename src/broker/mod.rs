@@ -26,6 +26,7 @@ pub mod inbox;
 mod publish;
 mod registry;
 mod reply;
+mod served;
 mod settling;
 mod subscribe;
 mod subscription;
@@ -52,7 +53,7 @@ pub use self::reply::ReplyClaim;
 use self::settling::Settling;
 use crate::event::{EventDraft, StoredEvent};
 pub use crate::store::{ConsumerName, Owner};
-use crate::store::{ConsumerStore, EventLog, Storage, StorageError};
+use crate::store::{ConsumerStore, Consumers, EventLog, ServedConsumers, Storage, StorageError};
 use crate::subject::Pattern;
 use crate::timestamp::Timestamp;
 
@@ -263,8 +264,8 @@ impl Default for BrokerConfig {
 
 pub struct Broker {
     logs: BTreeMap<String, Arc<dyn EventLog>>,
-    /// Durable consumers' stored progress.
-    consumers: Arc<dyn ConsumerStore>,
+    /// Who runs the manual-ack consumers.
+    consumers: ConsumerBackend,
     dedup: Dedup,
     inboxes: Inboxes,
     acks: Arc<Acks>,
@@ -292,13 +293,25 @@ pub struct Broker {
     /// and must not interleave. An entry lives while someone holds or waits for it (or,
     /// if a request was dropped while it waited, until that consumer's next change).
     changing: Mutex<HashMap<DurableKey, Arc<tokio::sync::Mutex<()>>>>,
-    /// Stores durable consumers' progress.
-    saver: Arc<consumer::Saver>,
+    /// The members on this node of durable consumers that the storage serves.
+    served_members: Arc<served::ServedMembers>,
     /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
     /// and append dead letters).
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
     next_member: AtomicU64,
     confirmations: Arc<Confirmations>,
+}
+
+/// Who runs the manual-ack consumers.
+enum ConsumerBackend {
+    /// The broker's dispatchers ([`consumer`]), storing durable consumers' progress in
+    /// `store` through the `saver`.
+    Dispatched {
+        store: Arc<dyn ConsumerStore>,
+        saver: Arc<consumer::Saver>,
+    },
+    /// The storage ([`served`]).
+    Served(Arc<dyn ServedConsumers>),
 }
 
 /// How a refusal of a duplicate key starts: the words of the reference server, which its
@@ -327,27 +340,53 @@ impl Broker {
             .into_iter()
             .map(|log| (log.namespace().to_owned(), log))
             .collect();
-        let consumers = storage.consumers;
         let dedup = Dedup::new(config.dup_size, config.dup_ttl, config.dup_memory);
         if dedup.enabled() {
             for log in logs.values() {
                 rebuild_dedup(log.as_ref(), &dedup, config.max_key_len);
             }
         }
-        // Stored consumers are counted once, here (blocking reads, at start-up).
+        // Existing consumers are counted once, here (blocking reads, at start-up).
         let registry = Registry::new(config.max_consumers, config.max_consumers_per_owner);
         for namespace in logs.keys() {
-            match consumers.list(namespace) {
-                Ok(stored) => {
-                    for (name, progress) in stored {
-                        registry.insert(namespace, name, progress.owner);
+            let existing = match &storage.consumers {
+                Consumers::Dispatched(store) => store.list(namespace).map(|stored| {
+                    stored
+                        .into_iter()
+                        .map(|(name, progress)| (name, progress.owner))
+                        .collect()
+                }),
+                Consumers::Served(served) => match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => runtime.block_on(served.list(namespace)).map(|listed| {
+                        listed
+                            .into_iter()
+                            .map(|consumer| (consumer.name, consumer.owner))
+                            .collect::<Vec<_>>()
+                    }),
+                    Err(_) => Ok(Vec::new()),
+                },
+            };
+            match existing {
+                Ok(existing) => {
+                    for (name, owner) in existing {
+                        registry.insert(namespace, name, owner);
                     }
                 }
                 Err(e) => {
-                    tracing::error!(namespace, error = %e, "listing the stored durable consumers failed")
+                    tracing::error!(namespace, error = %e, "listing the durable consumers failed")
                 }
             }
         }
+        let consumers = match storage.consumers {
+            Consumers::Dispatched(store) => ConsumerBackend::Dispatched {
+                saver: Arc::new(consumer::Saver::new(
+                    Arc::clone(&store),
+                    consumer::SAVER_THREADS,
+                )),
+                store,
+            },
+            Consumers::Served(served) => ConsumerBackend::Served(served),
+        };
         let delivered = logs
             .keys()
             .map(String::as_str)
@@ -356,11 +395,8 @@ impl Broker {
             .collect();
         Broker {
             logs,
-            saver: Arc::new(consumer::Saver::new(
-                Arc::clone(&consumers),
-                consumer::SAVER_THREADS,
-            )),
             consumers,
+            served_members: Arc::default(),
             dedup,
             inboxes: Inboxes::default(),
             acks: Arc::new(Acks::default()),

@@ -250,7 +250,9 @@ mod tests {
                 Arc::new(Log::open(&data.path().join("orders"), "orders", &config).expect("open"));
             let storage = Storage {
                 logs: vec![Arc::clone(&log) as Arc<dyn EventLog>],
-                consumers: Arc::new(MemoryConsumers::default()),
+                consumers: crate::store::Consumers::Dispatched(
+                    Arc::new(MemoryConsumers::default()),
+                ),
             };
             let broker = Broker::new(
                 storage,

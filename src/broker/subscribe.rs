@@ -10,11 +10,11 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::consumer::{self, Dispatcher, Input};
-use super::subscription;
 use super::{
-    random_id, AckMode, Broker, BrokerError, Delivery, Pattern, Registration, Start,
-    SubscribeRequest, Subscription, INBOX_NAMESPACE, MAX_INFLIGHT,
+    random_id, AckMode, Broker, BrokerError, ConsumerBackend, Delivery, Pattern, Registration,
+    Start, SubscribeRequest, Subscription, INBOX_NAMESPACE, MAX_INFLIGHT,
 };
+use super::{served, subscription};
 use crate::store::EventLog;
 
 impl Broker {
@@ -83,8 +83,24 @@ impl Broker {
             max_inflight,
             deliveries: member_tx.clone(),
         };
-        let inputs = match &request.consumer {
-            None => {
+        if request.consumer.is_some() && request.until_now {
+            return Err(BrokerError::Invalid(
+                "until=now cannot be combined with consumer=: a durable consumer has no end".into(),
+            ));
+        }
+        let inputs = match (&self.consumers, &request.consumer) {
+            (ConsumerBackend::Served(served), _) => {
+                let joining = served::Joining {
+                    member,
+                    max_inflight,
+                    redelivery,
+                    deliveries: member_tx,
+                    stop_at,
+                };
+                self.join_served(served, &log, &request, start, joining)
+                    .await?
+            }
+            (ConsumerBackend::Dispatched { .. }, None) => {
                 let (inputs, receiver) = mpsc::channel(consumer::INPUT_QUEUE);
                 let _ = inputs.try_send(join);
                 self.spawn_ephemeral(
@@ -98,14 +114,11 @@ impl Broker {
                 );
                 inputs
             }
-            Some(name) => {
-                if request.until_now {
-                    return Err(BrokerError::Invalid(
-                        "until=now cannot be combined with consumer=: a durable consumer has no end".into(),
-                    ));
-                }
-                self.attach(&log, name, &request, start, redelivery, join, member_tx)
-                    .await?
+            (ConsumerBackend::Dispatched { store, saver }, Some(name)) => {
+                self.attach(
+                    store, saver, &log, name, &request, start, redelivery, join, member_tx,
+                )
+                .await?
             }
         };
         let registration = self.acks.register(

@@ -57,6 +57,28 @@ pub enum From {
     Time(Timestamp),
 }
 
+/// The position a start names; an error message if it names an id the log does not have
+/// (or the log cannot be read).
+pub(super) async fn resolve(log: &dyn EventLog, from: From) -> Result<u64, String> {
+    Ok(match from {
+        From::Position(position) => position,
+        From::After(id) => match log.find_id(&id).await {
+            Ok(Some(position)) => position + 1,
+            Ok(None) => {
+                return Err(format!(
+                    "event {id} not found in namespace {}",
+                    log.namespace()
+                ))
+            }
+            Err(e) => return Err(format!("cannot look up event {id}: {e}")),
+        },
+        From::Time(time) => log
+            .first_committed_at_or_after(time)
+            .await
+            .map_err(|e| format!("reading the log failed: {e}"))?,
+    })
+}
+
 /// Reads a log from a position on, returning batches of matching events.
 pub(super) struct Cursor {
     log: Arc<dyn EventLog>,
@@ -83,23 +105,7 @@ impl Cursor {
         stop_at: Option<u64>,
         readers: Readers,
     ) -> Result<Cursor, String> {
-        let next = match from {
-            From::Position(position) => position,
-            From::After(id) => match log.find_id(&id).await {
-                Ok(Some(position)) => position + 1,
-                Ok(None) => {
-                    return Err(format!(
-                        "event {id} not found in namespace {}",
-                        log.namespace()
-                    ))
-                }
-                Err(e) => return Err(format!("cannot look up event {id}: {e}")),
-            },
-            From::Time(time) => log
-                .first_committed_at_or_after(time)
-                .await
-                .map_err(|e| format!("reading the log failed: {e}"))?,
-        };
+        let next = resolve(log.as_ref(), from).await?;
         let watermark = log.watch_committed();
         let outage = log.watch_outage();
         Ok(Cursor {
@@ -204,7 +210,7 @@ impl Cursor {
 
 /// Why the storage is out of reach, once it is (at once if it is now); never, for a
 /// backend whose receiver stays `None`.
-async fn next_outage(outage: &mut watch::Receiver<Option<String>>) -> String {
+pub(super) async fn next_outage(outage: &mut watch::Receiver<Option<String>>) -> String {
     loop {
         if let Some(why) = outage.borrow_and_update().clone() {
             return why;

@@ -6,7 +6,11 @@
 //!   first retained position, find
 //!   an id or a time, the recent keyed events (to rebuild the deduplication window), and
 //!   its health, statistics and retention.
-//! - [`ConsumerStore`]: durable consumers' progress — load, save, remove, list.
+//! - [`ConsumerStore`]: durable consumers' progress — load, save, remove, list — for a
+//!   backend whose consumers the broker runs itself.
+//! - [`ServedConsumers`]: consumers the backend runs itself (JetStream consumers): it
+//!   keeps what each was delivered and acknowledged, redelivers what is not acknowledged
+//!   in time, and hands events to the [`ServedMember`]s that pull them.
 //! - [`StorageError`]: one backend-neutral error, a [kind](ErrorKind) for the front end to
 //!   answer with and a message with the details for the server's log.
 //!
@@ -23,7 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::consumers::{ConsumerName, ConsumerProgress};
+use super::consumers::{ConsumerName, ConsumerProgress, Owner};
 use crate::event::{PendingEvent, StoredEvent};
 use crate::metrics::Histogram;
 use crate::timestamp::Timestamp;
@@ -214,11 +218,153 @@ pub trait ConsumerStore: Send + Sync {
     fn list(&self, namespace: &str) -> Result<Vec<(ConsumerName, ConsumerProgress)>, StorageError>;
 }
 
+/// A consumer that the backend runs, as it is to be created.
+#[derive(Debug, Clone)]
+pub struct ServedSpec<'a> {
+    pub namespace: &'a str,
+    /// A durable consumer's name; `None` for an ephemeral one, which has one member and
+    /// ends with it.
+    pub name: Option<&'a ConsumerName>,
+    pub pattern: &'a str,
+    pub owner: Option<&'a Owner>,
+    /// The first position it reads, when it is created (an existing durable consumer
+    /// goes on where it stands).
+    pub start: u64,
+    /// How long a delivered event waits for its ack before it is delivered again.
+    pub ack_wait: Duration,
+    /// Unacknowledged events the consumer may have out at once, across its members.
+    pub max_ack_pending: usize,
+}
+
+/// A durable consumer as the backend keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedConsumer {
+    pub name: ConsumerName,
+    pub pattern: String,
+    pub owner: Option<Owner>,
+    /// The first position that is not done (acknowledged, given up or not matching).
+    pub floor: u64,
+    /// Events delivered and not acknowledged yet.
+    pub pending: u64,
+    /// Matching events not delivered yet.
+    pub undelivered: u64,
+}
+
+/// An event a served consumer delivers.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub event: StoredEvent,
+    /// Its deliveries so far, this one included.
+    pub deliveries: u32,
+    /// What settles this delivery ([`ServedMember::settle`]).
+    pub token: String,
+}
+
+/// What becomes of a delivered event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with: acknowledged.
+    Ack,
+    /// To be delivered again after the delay (to any member).
+    Nak(Duration),
+    /// Never to be delivered again, unacknowledged (given up).
+    Term,
+}
+
+/// Where a served consumer stands, for a member that stops at a position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedState {
+    /// Events delivered and not settled.
+    pub unsettled: u64,
+    /// Matching events not delivered yet.
+    pub undelivered: u64,
+    /// The position after the last event delivered.
+    pub delivered_to: u64,
+}
+
+/// Durable and ephemeral consumers that the backend runs itself. The broker checks
+/// owners, patterns and limits; the backend keeps the rest.
+pub trait ServedConsumers: Send + Sync {
+    /// Durable consumer `name` of `namespace`, if it exists.
+    fn find<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a ConsumerName,
+    ) -> BoxFuture<'a, Result<Option<ServedConsumer>, StorageError>>;
+
+    /// Creates the consumer of `spec` unless it exists (a durable one is then left as it
+    /// is), and opens a member of it.
+    fn join<'a>(
+        &'a self,
+        spec: ServedSpec<'a>,
+    ) -> BoxFuture<'a, Result<Box<dyn ServedMember>, StorageError>>;
+
+    /// Gives durable consumer `name` an owner.
+    fn set_owner<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a ConsumerName,
+        owner: &'a Owner,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// Removes durable consumer `name`; whether it existed. Its members' next pulls fail
+    /// ([`ErrorKind::NotFound`]).
+    fn delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a ConsumerName,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+
+    /// The durable consumers of `namespace`, by name.
+    fn list<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ServedConsumer>, StorageError>>;
+}
+
+/// One member of a served consumer: it pulls events up to its window.
+pub trait ServedMember: Send + Sync {
+    /// Makes sure that up to `events` events more than this member holds, of at most
+    /// `bytes` in all, are on their way (when it holds none, the first is sent whatever
+    /// its size).
+    fn want(
+        &mut self,
+        events: usize,
+        bytes: usize,
+        holding: usize,
+    ) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// The next event for this member, or `None` when nothing came but the member should
+    /// ask again ([`ServedMember::want`]). Cancel-safe.
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Served>, StorageError>>;
+
+    /// Settles a delivery.
+    fn settle<'a>(&'a self, token: &'a str, how: Settle)
+        -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// Where the consumer stands.
+    fn state(&self) -> BoxFuture<'_, Result<ServedState, StorageError>>;
+
+    /// Leaves the consumer: stops taking deliveries, then gives back those it holds
+    /// (`held`, tokens) and those on their way, for the other members to take at once.
+    /// An ephemeral consumer is removed.
+    fn close(self: Box<Self>, held: Vec<String>) -> BoxFuture<'static, ()>;
+}
+
+/// Who runs a backend's consumers.
+#[derive(Clone)]
+pub enum Consumers {
+    /// The broker, storing their progress here.
+    Dispatched(Arc<dyn ConsumerStore>),
+    /// The backend itself.
+    Served(Arc<dyn ServedConsumers>),
+}
+
 /// A backend opened for the declared namespaces: what the server hands to the broker.
 #[derive(Clone)]
 pub struct Storage {
     pub logs: Vec<Arc<dyn EventLog>>,
-    pub consumers: Arc<dyn ConsumerStore>,
+    pub consumers: Consumers,
 }
 
 impl Storage {

@@ -24,7 +24,8 @@
 //!   commit times were stored fall back to `created_at`; see [`log`]).
 //!
 //! Everything outside this module reaches storage through [`api`]: the [`EventLog`] of a
-//! namespace, the [`ConsumerStore`] of durable consumers' progress and one
+//! namespace, the [`ConsumerStore`] of durable consumers' progress (or, for a backend
+//! that runs consumers itself, its [`ServedConsumers`]) and one
 //! [`StorageError`], so that another backend can take this one's place ([`memory`] is a
 //! second one, for the broker's tests). This module does not know subjects or
 //! subscriptions.
@@ -71,8 +72,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::api::{
-    Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent, LogStats,
-    Storage, StorageError,
+    Appended, BoxFuture, CommitTimings, ConsumerStore, Consumers, ErrorKind, EventLog, KeyedEvent,
+    LogStats, Served, ServedConsumer, ServedConsumers, ServedMember, ServedSpec, ServedState,
+    Settle, Storage, StorageError,
 };
 pub use self::cipher::Cipher;
 pub use self::consumers::{ConsumerName, ConsumerProgress, Owner};
@@ -202,7 +204,7 @@ impl Store {
                 .values()
                 .map(|log| Arc::clone(log) as Arc<dyn EventLog>)
                 .collect(),
-            consumers: Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>,
+            consumers: Consumers::Dispatched(Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>),
         }
     }
 

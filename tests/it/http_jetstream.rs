@@ -401,3 +401,159 @@ async fn the_deduplication_window_is_rebuilt_when_a_node_starts() {
     // The pass over the recent events left no consumer behind.
     assert_eq!(consumers_of_app(&nats).await, 0);
 }
+
+/// The payload of an event frame, as a number.
+fn payload_n(frame: &crate::common::http::Frame) -> u64 {
+    let event: serde_json::Value = serde_json::from_str(&frame.data.join("\n")).unwrap();
+    event["payload"].as_u64().expect("a numbered payload")
+}
+
+/// Waits (up to 10 s) until `check` holds.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_ack_consumers_are_jetstream_consumers() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = start(&nats, data.path()).await;
+    let ids = server.publish_numbered("app.jobs", 3).await;
+
+    // A durable consumer is the JetStream consumer of its name, with the bus's settings.
+    let mut sse = server
+        .subscribe("subject=app.jobs&start=oldest&ack=manual&consumer=billing&redelivery=2s&max_inflight=3")
+        .await;
+    let stream = app_stream(&nats).await;
+    let info = stream.consumer_info("billing").await.unwrap();
+    assert_eq!(info.config.filter_subject, "app.jobs");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(2));
+    assert_eq!(
+        info.config.ack_policy,
+        async_nats::jetstream::consumer::AckPolicy::Explicit
+    );
+    assert_eq!(info.config.metadata["bus_pattern"], "app.jobs");
+
+    // What it acknowledges is JetStream's.
+    let frames = sse.take(3).await;
+    assert_eq!(frames.iter().map(payload_n).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(server.ack(&sse.consumer_id, &ids[0]).await, 202);
+    assert_eq!(server.ack(&sse.consumer_id, &ids[1]).await, 202);
+    eventually("JetStream counts the acks", || async {
+        let info = stream.consumer_info("billing").await.unwrap();
+        info.ack_floor.stream_sequence == 2 && info.num_ack_pending == 1
+    })
+    .await;
+    let listed = server
+        .client
+        .get(format!("{}consumers/app", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let billing = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "billing")
+        .expect("billing is listed")
+        .clone();
+    assert_eq!(
+        (
+            &billing["acked_floor"],
+            &billing["pending"],
+            &billing["members"]
+        ),
+        (&json!(2), &json!(1), &json!(1)),
+        "{billing}"
+    );
+    drop(sse);
+
+    // A manual-ack subscription without a name is an ephemeral consumer, removed when
+    // the subscription ends.
+    let before = consumers_of_app(&nats).await;
+    let ephemeral = server
+        .subscribe("subject=app.jobs&start=oldest&ack=manual")
+        .await;
+    assert_eq!(consumers_of_app(&nats).await, before + 1);
+    drop(ephemeral);
+    eventually("the ephemeral consumer is removed", || async {
+        consumers_of_app(&nats).await == before
+    })
+    .await;
+
+    // Deleting the durable consumer deletes the JetStream consumer.
+    let deleted = server
+        .client
+        .delete(format!("{}consumers/app/billing", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    assert!(stream.consumer_info("billing").await.is_err());
+}
+
+/// A queue group whose members are on two nodes shares the work as on one node: every
+/// event goes to one member, once; and what a member held when its node stopped goes to
+/// the member on the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_spans_nodes_and_a_stopped_nodes_events_go_to_the_others() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut node_a = start(&nats, data_a.path()).await;
+    let node_b = start(&nats, data_b.path()).await;
+    let query =
+        "subject=app.work&start=oldest&ack=manual&consumer=workers&max_inflight=4&redelivery=30s";
+    let mut on_a = node_a.subscribe(query).await;
+    let mut on_b = node_b.subscribe(query).await;
+    node_a.publish_numbered("app.work", 40).await;
+
+    // Both members take and acknowledge until all 40 are done; none comes twice.
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 40 {
+        for (node, server, sse) in [("a", &node_a, &mut on_a), ("b", &node_b, &mut on_b)] {
+            if let Some(frame) = sse.next(Duration::from_millis(200)).await {
+                let n = payload_n(&frame);
+                assert!(seen.insert(n, node).is_none(), "event {n} delivered twice");
+                let id = frame.id.as_deref().unwrap();
+                assert_eq!(server.ack(&sse.consumer_id, id).await, 202);
+            }
+        }
+    }
+    assert!(
+        seen.values().any(|node| *node == "a") && seen.values().any(|node| *node == "b"),
+        "both members got work: {seen:?}"
+    );
+
+    // Node a's member holds work without acknowledging it while node b's member waits;
+    // node a stops: node b's member gets that work now, not after the 30 s redelivery
+    // time.
+    drop(on_b);
+    // Until node b sees the connection close, its member may still take work.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node_b.publish_numbered("app.work", 4).await;
+    let held_by_a: Vec<u64> = on_a.take(4).await.iter().map(payload_n).collect();
+    assert_eq!(held_by_a, [0, 1, 2, 3]);
+    let mut on_b = node_b.subscribe(query).await;
+    assert!(
+        on_b.next(Duration::from_millis(500)).await.is_none(),
+        "node a holds all there is"
+    );
+    node_a.stop().await;
+    drop(on_a);
+    let given_back: Vec<u64> = on_b.take(4).await.iter().map(payload_n).collect();
+    assert_eq!(given_back, held_by_a, "given back in order");
+}

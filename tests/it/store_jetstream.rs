@@ -1,12 +1,17 @@
 //! The JetStream store against a real nats-server: positions, ids, atomic batches, reads,
-//! time searches, deduplication keys, consumers' progress, and what survives a restart
+//! time searches, deduplication keys, consumers, and what survives a restart
 //! of nats-server and of the log.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus::event::{EventDraft, PendingEvent};
 use bus::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
-use bus::store::{Cipher, ConsumerName, ConsumerProgress, ConsumerStore, ErrorKind, EventLog};
+use bus::store::{
+    Cipher, ConsumerName, ErrorKind, EventLog, Owner, Served, ServedConsumers, ServedMember,
+    ServedSpec, Settle,
+};
 use bus::timestamp::Timestamp;
 
 use crate::common::jetstream::JetStreamServer;
@@ -208,37 +213,133 @@ async fn time_searches_keys_and_closing() {
     assert_eq!(log.read(0, 10).await.unwrap().len(), 3);
 }
 
+/// A served consumer is a JetStream consumer with the bus's settings: its filter is the
+/// pattern, acks are explicit, the redelivery time is its ack wait, the pattern and owner
+/// are in its metadata; a member pulls within its window, what it acknowledges is
+/// JetStream's (the ack floor), a negative ack comes back as the next delivery, and a
+/// deleted consumer ends its member's pulls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumers_progress_lives_in_a_bucket() {
+async fn consumers_are_jetstream_consumers() {
     let Some(server) = JetStreamServer::start() else {
         return;
     };
-    let (_client, context, _log) = open(&server).await;
-    let consumers = Arc::new(JetStreamConsumers::open(&context, 1).await.unwrap());
+    let (client, context, log) = open(&server).await;
+    for i in 0..5 {
+        let subject = if i == 2 {
+            "orders.other"
+        } else {
+            "orders.created"
+        };
+        log.append(vec![event(subject, "", &i.to_string())])
+            .await
+            .unwrap();
+    }
+    let sealings = HashMap::from([("orders".to_owned(), log.sealing().clone())]);
+    let consumers = JetStreamConsumers::new(client, context.clone(), sealings);
     let name = ConsumerName::parse("billing").unwrap();
-    let progress = ConsumerProgress {
-        pattern: "orders.>".into(),
-        next: 7,
-        unacked: vec![3, 5],
-        ..ConsumerProgress::default()
+    let owner = Owner("token-a".into());
+    let spec = ServedSpec {
+        namespace: "orders",
+        name: Some(&name),
+        pattern: "orders.created",
+        owner: Some(&owner),
+        start: 1,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 100,
     };
-    let listed = tokio::task::spawn_blocking(move || {
-        assert_eq!(consumers.load("orders", &name).unwrap(), None);
-        consumers.save("orders", &name, &progress).unwrap();
-        assert_eq!(
-            consumers.load("orders", &name).unwrap(),
-            Some(progress.clone())
-        );
-        let listed = consumers.list("orders").unwrap();
-        assert!(consumers.list("other").unwrap().is_empty());
-        consumers.remove("orders", &name).unwrap();
-        assert_eq!(consumers.load("orders", &name).unwrap(), None);
-        listed
-    })
-    .await
-    .unwrap();
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].0.as_str(), "billing");
+    assert_eq!(consumers.find("orders", &name).await.unwrap(), None);
+    let mut member = consumers.join(spec.clone()).await.unwrap();
+
+    let stream = context.get_stream("BUS_orders").await.unwrap();
+    let info = stream.consumer_info("billing").await.unwrap();
+    assert_eq!(info.config.filter_subject, "orders.created");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(30));
+    assert_eq!(
+        info.config.ack_policy,
+        async_nats::jetstream::consumer::AckPolicy::Explicit
+    );
+    assert_eq!(info.config.metadata["bus_pattern"], "orders.created");
+    assert_eq!(info.config.metadata["bus_owner"], "token-a");
+
+    // A window of two: two events, in order, from position 1, the other subject left out.
+    member.want(2, 1 << 20, 0).await.unwrap();
+    let first = pull(&mut *member).await;
+    let second = pull(&mut *member).await;
+    assert_eq!((first.event.position(), first.deliveries), (1, 1));
+    assert_eq!((second.event.position(), second.deliveries), (3, 1));
+    assert_eq!(first.event.payload_json(), &b"1"[..]);
+    member.settle(&first.token, Settle::Ack).await.unwrap();
+    member
+        .settle(&second.token, Settle::Nak(Duration::ZERO))
+        .await
+        .unwrap();
+    member.want(2, 1 << 20, 0).await.unwrap();
+    let mut pulled = vec![pull(&mut *member).await, pull(&mut *member).await];
+    pulled.sort_by_key(|served| served.event.position());
+    let seen: Vec<(u64, u32)> = pulled
+        .iter()
+        .map(|served| (served.event.position(), served.deliveries))
+        .collect();
+    assert_eq!(seen, [(3, 2), (4, 1)], "the nak'd event comes back");
+    for served in &pulled {
+        member.settle(&served.token, Settle::Ack).await.unwrap();
+    }
+
+    // Acks are JetStream's: the consumer as the broker reads it.
+    let mut found = None;
+    for _ in 0..50 {
+        found = consumers.find("orders", &name).await.unwrap();
+        if found
+            .as_ref()
+            .is_some_and(|c| c.floor == 5 && c.pending == 0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let found = found.expect("the consumer exists");
+    assert_eq!(
+        (
+            found.pattern.as_str(),
+            found.owner.as_ref(),
+            found.floor,
+            found.pending
+        ),
+        ("orders.created", Some(&owner), 5, 0)
+    );
+    assert_eq!(consumers.list("orders").await.unwrap(), [found]);
+
+    // Deleted: the member's pulls go unanswered, which it notices within two heartbeats.
+    assert!(consumers.delete("orders", &name).await.unwrap());
+    assert!(!consumers.delete("orders", &name).await.unwrap());
+    member.want(1, 1 << 20, 0).await.unwrap();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(15), member.next())
+            .await
+            .expect("an answer in time")
+        {
+            Ok(Some(_)) => panic!("an event from a deleted consumer"),
+            Ok(None) => member.want(1, 1 << 20, 0).await.unwrap(),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(ended.kind, ErrorKind::NotFound);
+    member.close(Vec::new()).await;
+    assert!(consumers.list("orders").await.unwrap().is_empty());
+}
+
+/// The next event a member is handed.
+async fn pull(member: &mut dyn ServedMember) -> Served {
+    loop {
+        let pulled = tokio::time::timeout(Duration::from_secs(10), member.next())
+            .await
+            .expect("a delivery in time")
+            .unwrap();
+        if let Some(served) = pulled {
+            return served;
+        }
+        member.want(1, 1 << 20, 1).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,121 +1,594 @@
-//! Durable consumers' progress on the JetStream store: a key-value bucket, so that it
-//! lives with the events, not on a node's disk.
+//! Consumers on the JetStream store: every manual-ack consumer is a JetStream consumer, so
+//! that what it was delivered and has acknowledged lives in JetStream, with the events,
+//! and any node can serve its members.
+//!
+//! The mapping:
+//! - A durable consumer `<name>` of namespace `<ns>` is the durable JetStream consumer
+//!   `<name>` on stream `BUS_<ns>`; an ephemeral one (a manual-ack subscription without a
+//!   name) is an ephemeral JetStream consumer, removed when its member leaves (or by
+//!   JetStream after [`EPHEMERAL_INACTIVE`] if its node died).
+//! - Its pattern is the consumer's filter subject (our syntax is NATS's); the pattern and
+//!   the owner are also in its metadata (`bus_pattern`, `bus_owner`), which is where the
+//!   broker reads them back.
+//! - Acks are explicit; the redelivery time is the ack wait; a negative ack's delay is a
+//!   `-NAK` with that delay; an event given up after its last delivery is terminated
+//!   (`+TERM`). JetStream's `max_deliver` is left unlimited: the broker gives an event up
+//!   itself when a delivery comes past the count (see its dead letters), so that an event
+//!   is never dropped by JetStream before its dead letter is written.
+//! - Members pull: each asks for as many events as its own window has room for, in
+//!   events and in bytes, so windows are per connection as on the file store. JetStream's
+//!   `max_ack_pending` is the consumer's ceiling across its members.
+//!
+//! A member holds one inbox subscription; its pull requests expire after
+//! [`PULL_EXPIRES`] and carry idle heartbeats, so that a request JetStream lost (a
+//! reconnect, a new consumer leader) is noticed and made again.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::runtime::Handle;
+use tokio::time::Instant;
 
-use async_nats::jetstream::{self, kv};
+use super::connection::{header_u64, stream_name, unavailable, REQUEST_TIMEOUT};
+use super::sealing::Sealing;
+use crate::store::api::{
+    BoxFuture, ErrorKind, Served, ServedConsumer, ServedConsumers, ServedMember, ServedSpec,
+    ServedState, Settle, StorageError,
+};
+use crate::store::consumers::{ConsumerName, Owner};
 
-use super::connection::{open_bucket, unavailable};
-use crate::store::api::{ConsumerStore, ErrorKind, StorageError};
-use crate::store::consumers::{ConsumerName, ConsumerProgress};
+/// The metadata entry with a consumer's pattern…
+const PATTERN_KEY: &str = "bus_pattern";
+/// …and the one with its owner.
+const OWNER_KEY: &str = "bus_owner";
+/// How long a pull request waits for events before JetStream ends it (it is made again).
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// How often JetStream tells a member with a waiting pull request that it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The smallest byte budget a bounded pull request is made with.
+const MIN_PULL_BYTES: usize = 64 << 10;
+/// How long JetStream keeps an ephemeral consumer whose member stopped pulling without
+/// removing it (its node died).
+const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(60);
 
-/// The bucket of durable consumers' progress.
-const CONSUMERS_BUCKET: &str = "BUS_CONSUMERS";
-
-/// Durable consumers' progress in a JetStream key-value bucket (key `<ns>.<name>`), so
-/// that it lives with the events, not on a node's disk.
+/// The consumers of the namespaces' streams.
 pub struct JetStreamConsumers {
-    bucket: kv::Store,
-    runtime: Handle,
+    client: async_nats::Client,
+    context: jetstream::Context,
+    /// How each namespace's messages are opened.
+    sealings: HashMap<String, Sealing>,
 }
 
 impl JetStreamConsumers {
-    /// Opens the bucket, creating it with `replicas` copies if it does not exist.
-    pub async fn open(
-        context: &jetstream::Context,
-        replicas: usize,
-    ) -> Result<JetStreamConsumers, StorageError> {
-        let bucket = open_bucket(context, CONSUMERS_BUCKET, replicas).await?;
-        Ok(JetStreamConsumers {
-            bucket,
-            runtime: Handle::current(),
+    /// The consumers of the namespaces whose logs are given as (namespace, sealing).
+    pub fn new(
+        client: async_nats::Client,
+        context: jetstream::Context,
+        sealings: HashMap<String, Sealing>,
+    ) -> JetStreamConsumers {
+        JetStreamConsumers {
+            client,
+            context,
+            sealings,
+        }
+    }
+
+    fn sealing(&self, namespace: &str) -> Result<&Sealing, StorageError> {
+        self.sealings.get(namespace).ok_or_else(|| {
+            StorageError::new(
+                ErrorKind::NotFound,
+                format!("namespace {namespace} is not open on this node"),
+            )
         })
     }
 
-    fn key(namespace: &str, name: &ConsumerName) -> String {
-        format!("{namespace}.{name}")
+    async fn stream(&self, namespace: &str) -> Result<jetstream::stream::Stream<()>, StorageError> {
+        self.context
+            .get_stream_no_info(stream_name(namespace))
+            .await
+            .map_err(|e| unavailable(&format!("reaching the stream of {namespace}"), e))
+    }
+
+    async fn info(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<consumer::Info>, StorageError> {
+        let stream = self.stream(namespace).await?;
+        match stream.consumer_info(name).await {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if not_found(&e.to_string()) => Ok(None),
+            Err(e) => Err(unavailable(&format!("reading consumer {name}"), e)),
+        }
+    }
+
+    async fn create(&self, spec: &ServedSpec<'_>) -> Result<consumer::Info, StorageError> {
+        let mut metadata = HashMap::from([(PATTERN_KEY.to_owned(), spec.pattern.to_owned())]);
+        if let Some(owner) = spec.owner {
+            metadata.insert(OWNER_KEY.to_owned(), owner.0.clone());
+        }
+        let config = consumer::Config {
+            durable_name: spec.name.map(|name| name.as_str().to_owned()),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: spec.start + 1,
+            },
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: spec.ack_wait,
+            max_deliver: -1,
+            filter_subject: spec.pattern.to_owned(),
+            max_ack_pending: i64::try_from(spec.max_ack_pending).unwrap_or(i64::MAX),
+            inactive_threshold: if spec.name.is_some() {
+                Duration::ZERO
+            } else {
+                EPHEMERAL_INACTIVE
+            },
+            metadata,
+            ..Default::default()
+        };
+        let created = self
+            .context
+            .create_consumer_strict_on_stream(config, stream_name(spec.namespace))
+            .await;
+        match created {
+            Ok(mut consumer) => consumer
+                .info()
+                .await
+                .cloned()
+                .map_err(|e| unavailable("reading a new consumer", e)),
+            // Created meanwhile (by another node): that one is joined.
+            Err(e)
+                if e.kind() == jetstream::stream::ConsumerCreateStrictErrorKind::AlreadyExists =>
+            {
+                let name = spec.name.map(ConsumerName::as_str).unwrap_or_default();
+                self.info(spec.namespace, name).await?.ok_or_else(|| {
+                    unavailable(&format!("creating consumer {name}"), "it came and went")
+                })
+            }
+            Err(e) => Err(unavailable(
+                &format!("creating a consumer of {}", spec.namespace),
+                e,
+            )),
+        }
     }
 }
 
-impl ConsumerStore for JetStreamConsumers {
-    fn load(
-        &self,
-        namespace: &str,
-        name: &ConsumerName,
-    ) -> Result<Option<ConsumerProgress>, StorageError> {
-        let key = Self::key(namespace, name);
-        let value = self
-            .runtime
-            .block_on(self.bucket.get(&key))
-            .map_err(|e| unavailable(&format!("reading consumer {key}"), e))?;
-        value
-            .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    StorageError::new(
-                        ErrorKind::Corrupt,
-                        format!("consumer progress {key} in {CONSUMERS_BUCKET}: damaged: {e}"),
-                    )
-                })
-            })
-            .transpose()
+/// Whether a JetStream error says that the consumer does not exist.
+fn not_found(error: &str) -> bool {
+    error.contains("consumer not found") || error.contains("10014")
+}
+
+/// What a member is told when its consumer is gone.
+fn deleted() -> StorageError {
+    StorageError::new(ErrorKind::NotFound, "the consumer was deleted")
+}
+
+/// A durable consumer as listed, from its JetStream info (`None` if bus did not create
+/// it).
+fn served_consumer(info: &consumer::Info) -> Option<ServedConsumer> {
+    let name = ConsumerName::parse(info.config.durable_name.as_deref()?).ok()?;
+    let pattern = info.config.metadata.get(PATTERN_KEY)?.clone();
+    let owner = info.config.metadata.get(OWNER_KEY).cloned().map(Owner);
+    // The ack floor is the last sequence up to which all is acknowledged: the position
+    // after it is the first not done.
+    let floor = info.ack_floor.stream_sequence;
+    Some(ServedConsumer {
+        name,
+        pattern,
+        owner,
+        floor,
+        pending: info.num_ack_pending as u64,
+        undelivered: info.num_pending,
+    })
+}
+
+impl ServedConsumers for JetStreamConsumers {
+    fn find<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a ConsumerName,
+    ) -> BoxFuture<'a, Result<Option<ServedConsumer>, StorageError>> {
+        Box::pin(async move {
+            Ok(self
+                .info(namespace, name.as_str())
+                .await?
+                .as_ref()
+                .and_then(served_consumer))
+        })
     }
 
-    fn save(
-        &self,
-        namespace: &str,
-        name: &ConsumerName,
-        progress: &ConsumerProgress,
-    ) -> Result<(), StorageError> {
-        let key = Self::key(namespace, name);
-        let body = serde_json::to_vec(progress)
-            .map_err(|e| StorageError::new(ErrorKind::Internal, e.to_string()))?;
-        self.runtime
-            .block_on(self.bucket.put(&key, Bytes::from(body)))
-            .map(|_| ())
-            .map_err(|e| unavailable(&format!("saving consumer {key}"), e))
-    }
-
-    fn remove(&self, namespace: &str, name: &ConsumerName) -> Result<(), StorageError> {
-        let key = Self::key(namespace, name);
-        self.runtime
-            .block_on(self.bucket.purge(&key))
-            .map_err(|e| unavailable(&format!("removing consumer {key}"), e))
-    }
-
-    fn list(&self, namespace: &str) -> Result<Vec<(ConsumerName, ConsumerProgress)>, StorageError> {
-        let prefix = format!("{namespace}.");
-        let keys: Vec<String> = self.runtime.block_on(async {
-            let mut keys = match self.bucket.keys().await {
-                Ok(keys) => keys,
-                Err(e) => return Err(unavailable("listing consumers", e)),
+    fn join<'a>(
+        &'a self,
+        spec: ServedSpec<'a>,
+    ) -> BoxFuture<'a, Result<Box<dyn ServedMember>, StorageError>> {
+        Box::pin(async move {
+            let sealing = self.sealing(spec.namespace)?.clone();
+            let existing = match spec.name {
+                Some(name) => self.info(spec.namespace, name.as_str()).await?,
+                None => None,
             };
-            let mut found = Vec::new();
-            while let Some(key) = keys.next().await {
-                match key {
-                    Ok(key) if key.starts_with(&prefix) => found.push(key),
-                    Ok(_) => {}
-                    Err(e) => return Err(unavailable("listing consumers", e)),
-                }
-            }
-            Ok(found)
-        })?;
-        let mut consumers = Vec::new();
-        for key in keys {
-            let Ok(name) = ConsumerName::parse(&key[prefix.len()..]) else {
-                continue;
+            let info = match existing {
+                Some(info) => info,
+                None => self.create(&spec).await?,
             };
-            match self.load(namespace, &name) {
-                Ok(Some(progress)) => consumers.push((name, progress)),
-                Ok(None) => {}
-                Err(e) if e.kind == ErrorKind::Corrupt => {
-                    tracing::warn!(error = %e, "a damaged consumer progress is left out")
-                }
-                Err(e) => return Err(e),
+            let inbox = self.client.new_inbox();
+            let answers = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| unavailable("subscribing to a consumer's deliveries", e))?;
+            Ok(Box::new(JetStreamMember {
+                client: self.client.clone(),
+                context: self.context.clone(),
+                stream: info.stream_name.clone(),
+                consumer: info.name.clone(),
+                ephemeral: spec.name.is_none(),
+                sealing,
+                inbox,
+                answers,
+                outstanding: 0,
+                outstanding_bytes: 0,
+                oversized: false,
+                heard: Instant::now(),
+            }) as Box<dyn ServedMember>)
+        })
+    }
+
+    fn set_owner<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a ConsumerName,
+        owner: &'a Owner,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let Some(info) = self.info(namespace, name.as_str()).await? else {
+                return Err(StorageError::new(
+                    ErrorKind::NotFound,
+                    format!("consumer {name} of {namespace} does not exist"),
+                ));
+            };
+            let mut config = info.config;
+            config
+                .metadata
+                .insert(OWNER_KEY.to_owned(), owner.0.clone());
+            self.context
+                .update_consumer_on_stream(config, stream_name(namespace))
+                .await
+                .map(drop)
+                .map_err(|e| unavailable(&format!("giving consumer {name} an owner"), e))
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a ConsumerName,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            match self
+                .context
+                .delete_consumer_from_stream(name.as_str(), stream_name(namespace))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if not_found(&e.to_string()) => Ok(false),
+                Err(e) => Err(unavailable(&format!("deleting consumer {name}"), e)),
             }
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ServedConsumer>, StorageError>> {
+        Box::pin(async move {
+            let stream = self.stream(namespace).await?;
+            let mut infos = stream.consumers();
+            let mut listed = Vec::new();
+            while let Some(info) = infos.next().await {
+                let info = info.map_err(|e| {
+                    unavailable(&format!("listing the consumers of {namespace}"), e)
+                })?;
+                listed.extend(served_consumer(&info));
+            }
+            listed.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(listed)
+        })
+    }
+}
+
+/// One member of a JetStream consumer.
+struct JetStreamMember {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    stream: String,
+    consumer: String,
+    ephemeral: bool,
+    sealing: Sealing,
+    /// Where its pull requests are answered.
+    inbox: String,
+    answers: async_nats::Subscriber,
+    /// Events asked for and not yet received, across its pull requests in flight…
+    outstanding: usize,
+    /// …and the bytes they may still bring (at most: the budget a request filled by
+    /// count did not use is counted until no request is left).
+    outstanding_bytes: usize,
+    /// The next event is larger than what a bounded pull may bring: only a pull while the
+    /// member holds nothing (unbounded, for one event) takes it.
+    oversized: bool,
+    /// When JetStream was last heard from (an event, a status, a heartbeat).
+    heard: Instant,
+}
+
+impl JetStreamMember {
+    async fn pull(&mut self, events: usize, bytes: Option<usize>) -> Result<(), StorageError> {
+        let mut request = serde_json::json!({
+            "batch": events,
+            "expires": PULL_EXPIRES.as_nanos() as u64,
+            "idle_heartbeat": HEARTBEAT.as_nanos() as u64,
+        });
+        if let Some(bytes) = bytes {
+            request["max_bytes"] = bytes.into();
         }
-        consumers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        Ok(consumers)
+        self.client
+            .publish_with_reply(
+                format!(
+                    "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                    self.stream, self.consumer
+                ),
+                self.inbox.clone(),
+                Bytes::from(request.to_string()),
+            )
+            .await
+            .map_err(|e| unavailable("asking a consumer for events", e))?;
+        if self.outstanding == 0 {
+            // The heartbeat clock starts with the first request in flight.
+            self.heard = Instant::now();
+        }
+        self.outstanding += events;
+        self.outstanding_bytes = self.outstanding_bytes.saturating_add(bytes.unwrap_or(0));
+        Ok(())
+    }
+
+    async fn consumer_info(&self) -> Result<Option<consumer::Info>, StorageError> {
+        let stream = self
+            .context
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| unavailable("reaching a consumer's stream", e))?;
+        match stream.consumer_info(&self.consumer).await {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if not_found(&e.to_string()) => Ok(None),
+            Err(e) => Err(unavailable(
+                &format!("reading consumer {}", self.consumer),
+                e,
+            )),
+        }
+    }
+
+    /// A pull request ended (expired, or ended by JetStream) with this much unfilled.
+    fn ended(&mut self, message: &async_nats::Message) {
+        let events = header_u64(message, "Nats-Pending-Messages").unwrap_or(0);
+        let bytes = header_u64(message, "Nats-Pending-Bytes").unwrap_or(0);
+        self.outstanding = self
+            .outstanding
+            .saturating_sub(usize::try_from(events).unwrap_or(usize::MAX));
+        self.outstanding_bytes = self
+            .outstanding_bytes
+            .saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
+        if self.outstanding == 0 {
+            self.outstanding_bytes = 0;
+        }
+    }
+}
+
+/// What a member publishes to a delivery's ack subject to settle it.
+fn settle_body(how: Settle) -> Bytes {
+    match how {
+        Settle::Ack => Bytes::from_static(b"+ACK"),
+        Settle::Term => Bytes::from_static(b"+TERM"),
+        Settle::Nak(Duration::ZERO) => Bytes::from_static(b"-NAK"),
+        Settle::Nak(delay) => Bytes::from(format!(
+            "-NAK {{\"delay\":{}}}",
+            u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX)
+        )),
+    }
+}
+
+impl ServedMember for JetStreamMember {
+    fn want(
+        &mut self,
+        events: usize,
+        bytes: usize,
+        holding: usize,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            if holding == 0 && self.outstanding == 0 {
+                // Nothing held, nothing asked: the first event comes whatever its size.
+                self.oversized = false;
+                self.pull(1, None).await?;
+            }
+            if self.oversized || events <= self.outstanding {
+                return Ok(());
+            }
+            // A request that could bring only a sliver of bytes would end at the next
+            // event: the requests in flight bring the events meanwhile, and their budget
+            // comes back when they end.
+            let budget = bytes.saturating_sub(self.outstanding_bytes);
+            if budget < MIN_PULL_BYTES.min(bytes) {
+                return Ok(());
+            }
+            self.pull(events - self.outstanding, Some(budget)).await
+        })
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Served>, StorageError>> {
+        Box::pin(async move {
+            let message = if self.outstanding > 0 {
+                // Two heartbeats missed: the requests are lost (they are made again), or
+                // the consumer is gone (JetStream does not answer pulls of a deleted one).
+                let deadline = self.heard + 2 * HEARTBEAT + Duration::from_secs(1);
+                match tokio::time::timeout_at(deadline, self.answers.next()).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        self.outstanding = 0;
+                        self.outstanding_bytes = 0;
+                        if self.consumer_info().await?.is_none() {
+                            return Err(deleted());
+                        }
+                        return Ok(None);
+                    }
+                }
+            } else {
+                self.answers.next().await
+            };
+            let Some(message) = message else {
+                return Err(unavailable(
+                    "receiving a consumer's events",
+                    "the connection closed",
+                ));
+            };
+            self.heard = Instant::now();
+            if let Some(status) = message.status {
+                let description = message.description.clone().unwrap_or_default();
+                return match status.as_u16() {
+                    // Idle heartbeat.
+                    100 => Ok(None),
+                    404 | 408 => {
+                        self.ended(&message);
+                        Ok(None)
+                    }
+                    409 if description.to_lowercase().contains("consumer deleted") => {
+                        Err(deleted())
+                    }
+                    409 => {
+                        if description.contains("Exceeds MaxBytes") {
+                            self.oversized = true;
+                        }
+                        self.ended(&message);
+                        Ok(None)
+                    }
+                    _ => {
+                        self.ended(&message);
+                        Ok(None)
+                    }
+                };
+            }
+            self.outstanding = self.outstanding.saturating_sub(1);
+            self.outstanding_bytes = if self.outstanding == 0 {
+                // Every request is done: none can bring more (a request filled by count
+                // ends without a word, its unused bytes with it).
+                0
+            } else {
+                self.outstanding_bytes.saturating_sub(message.length)
+            };
+            let message = jetstream::Message {
+                message,
+                context: self.context.clone(),
+            };
+            let (token, deliveries) = match message.info() {
+                Ok(info) => (
+                    message
+                        .reply
+                        .as_ref()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default(),
+                    u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                ),
+                Err(e) => {
+                    tracing::warn!(consumer = self.consumer, error = %e, "a delivery without a JetStream ack subject is skipped");
+                    return Ok(None);
+                }
+            };
+            match self.sealing.event(message.message.payload.clone()) {
+                Ok(event) => Ok(Some(Served {
+                    event,
+                    deliveries,
+                    token,
+                })),
+                Err(e) => {
+                    // Not an event of bus: terminated, never delivered again.
+                    tracing::warn!(consumer = self.consumer, error = %e, "a message that is not an event is skipped");
+                    let _ = self
+                        .client
+                        .publish(token, Bytes::from_static(b"+TERM"))
+                        .await;
+                    Ok(None)
+                }
+            }
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        token: &'a str,
+        how: Settle,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let body = settle_body(how);
+            match how {
+                // An ack is sent and not waited for: one JetStream did not take is
+                // followed by a redelivery, never by a loss.
+                Settle::Ack => self
+                    .client
+                    .publish(token.to_owned(), body)
+                    .await
+                    .map_err(|e| unavailable("acknowledging a delivery", e)),
+                // Waited for, so that the member's next pull comes after it: an event given
+                // back without delay is the next one delivered.
+                Settle::Nak(_) | Settle::Term => {
+                    let answer = self.client.request(token.to_owned(), body);
+                    match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(unavailable("settling a delivery", e)),
+                        Err(_) => Err(unavailable("settling a delivery", "no answer in time")),
+                    }
+                }
+            }
+        })
+    }
+
+    fn state(&self) -> BoxFuture<'_, Result<ServedState, StorageError>> {
+        Box::pin(async move {
+            let info = self.consumer_info().await?.ok_or_else(deleted)?;
+            Ok(ServedState {
+                unsettled: info.num_ack_pending as u64,
+                undelivered: info.num_pending,
+                delivered_to: info.delivered.stream_sequence,
+            })
+        })
+    }
+
+    fn close(self: Box<Self>, held: Vec<String>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut member = *self;
+            // Interest goes first: JetStream drops the pull requests of an inbox nobody
+            // listens to. Draining takes what was sent before the server saw that, so it
+            // is given back too rather than left to the redelivery time.
+            let _ = member.answers.drain().await;
+            let mut give_back = held;
+            while let Ok(Some(message)) =
+                tokio::time::timeout(REQUEST_TIMEOUT, member.answers.next()).await
+            {
+                if message.status.is_none() {
+                    give_back.extend(message.reply.map(|reply| reply.to_string()));
+                }
+            }
+            if member.ephemeral {
+                if let Err(e) = member
+                    .context
+                    .delete_consumer_from_stream(&member.consumer, &member.stream)
+                    .await
+                {
+                    tracing::debug!(consumer = member.consumer, error = %e, "removing an ephemeral consumer failed; JetStream removes it when it has been inactive");
+                }
+                return;
+            }
+            let nak = settle_body(Settle::Nak(Duration::ZERO));
+            for token in give_back {
+                let _ = member.client.publish(token, nak.clone()).await;
+            }
+        })
     }
 }

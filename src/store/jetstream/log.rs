@@ -199,6 +199,11 @@ impl JetStreamLog {
         })
     }
 
+    /// How this log's messages are sealed and opened.
+    pub fn sealing(&self) -> &Sealing {
+        &self.sealing
+    }
+
     fn closed_error(&self) -> StorageError {
         StoreError::Closed(self.namespace.clone()).into()
     }

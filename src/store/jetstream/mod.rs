@@ -1,6 +1,6 @@
-//! The JetStream store: each namespace's log kept in a NATS JetStream stream, and durable
-//! consumers' progress in a JetStream key-value bucket, so that the bus's data lives in
-//! a replicated, existing distributed log instead of a local directory.
+//! The JetStream store: each namespace's log kept in a NATS JetStream stream, and its
+//! manual-ack consumers as JetStream consumers, so that the bus's data and its consumers'
+//! progress live in a replicated, existing distributed log instead of a local directory.
 //!
 //! The mapping, and what it promises:
 //! - **One stream per namespace**, `BUS_<namespace>`, taking the namespace's subjects
@@ -26,6 +26,9 @@
 //!   chose.
 //! - **Reads are shared** by a node's readers of a namespace ([`reads`]): recent events
 //!   from memory, older ones in runs fetched once and ahead of the readers.
+//! - **Manual-ack consumers are JetStream consumers** ([`consumers`]): what each was
+//!   delivered and has acknowledged lives in JetStream; a node's connections pull from
+//!   them within their own windows.
 //! - **Every node sees every event**: nodes announce the ends of their commits, and check
 //!   the streams' ends every second ([`follow`]); readers fetch what others appended.
 //! - **Ids chosen by clients** (the restore and copy tools) are indexed in a key-value
@@ -38,7 +41,7 @@
 //!
 //! Files: `connection.rs` (reaching JetStream, shared requests), `log.rs` (the log:
 //! appends, group commits, ids, time, retention), `reads.rs`, `follow.rs`, `sealing.rs`, and
-//! `consumers.rs` (durable consumers' progress in the bucket `BUS_CONSUMERS`).
+//! `consumers.rs` (manual-ack consumers as JetStream consumers).
 
 mod connection;
 mod consumers;
@@ -50,3 +53,4 @@ mod sealing;
 pub use self::connection::{connect, stream_name, JetStreamConfig};
 pub use self::consumers::JetStreamConsumers;
 pub use self::log::JetStreamLog;
+pub use self::sealing::Sealing;

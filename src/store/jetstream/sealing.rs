@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+
+use crate::event::{self, JsonLayout, StoredEvent};
 
 use crate::store::api::{ErrorKind, StorageError};
 use crate::store::cipher::Cipher;
@@ -103,5 +105,23 @@ impl Sealing {
                     )
                 }),
         }
+    }
+
+    /// The event a message body holds, with its frame (one message at a time: runs of
+    /// them share a buffer, see the reads).
+    pub fn event(&self, body: Bytes) -> Result<StoredEvent, StorageError> {
+        let json = self.open(body)?;
+        let corrupt = |what: &str| {
+            StorageError::new(
+                ErrorKind::Corrupt,
+                format!("stream {}: a message {what}", self.stream),
+            )
+        };
+        let layout = JsonLayout::parse(&json).ok_or_else(|| corrupt("is not an event of bus"))?;
+        let position = event::index_of_json(&json).ok_or_else(|| corrupt("has no index"))?;
+        let id = std::str::from_utf8(&json[layout.id.clone()]).unwrap_or_default();
+        let mut frame = BytesMut::with_capacity(event::sse_frame_len(id, &json));
+        event::push_sse_frame(&mut frame, id, &json);
+        Ok(StoredEvent::new(position, frame.freeze(), &layout))
     }
 }
