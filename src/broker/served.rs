@@ -359,7 +359,8 @@ impl MemberLoop {
             }
         }
         // What it held goes to the other members now rather than after the redelivery
-        // time (a deleted consumer has no other members).
+        // time. After an error (the consumer deleted, the storage out of reach) there is
+        // no one to give it to, or no way to: the redelivery time brings it back.
         let held = match end {
             End::Error(_) => Vec::new(),
             _ => {
@@ -402,8 +403,7 @@ impl MemberLoop {
                     }
                 }
                 served = self.member.next() => match served {
-                    Ok(Some(served)) => self.deliver(served).await,
-                    Ok(None) => {}
+                    Ok(served) => self.deliver(served).await,
                     Err(e) if e.kind == ErrorKind::NotFound => {
                         return End::Error("the consumer was deleted".into());
                     }
@@ -461,39 +461,57 @@ impl MemberLoop {
         }
     }
 
-    async fn deliver(&mut self, served: Served) {
-        let Served {
+    /// Hands what came to the connection (in deliveries of up to `DELIVERY_BYTES`, a
+    /// larger event alone), after giving up what is past its last delivery.
+    async fn deliver(&mut self, served: Vec<Served>) {
+        let now = Instant::now();
+        let mut chunk: Vec<StoredEvent> = Vec::new();
+        let mut chunk_bytes = 0;
+        for Served {
             event,
             deliveries,
             token,
-        } = served;
-        if self.stop_at.is_some_and(|stop| event.position() >= stop) {
-            // Past where this member stops: not its to deliver.
-            let _ = self.member.settle(&token, Settle::Ack).await;
-            return;
+        } in served
+        {
+            if self.stop_at.is_some_and(|stop| event.position() >= stop) {
+                // Past where this member stops: not its to deliver.
+                let _ = self.member.settle(&token, Settle::Ack).await;
+                continue;
+            }
+            if self.max_deliveries.is_some_and(|max| deliveries > max) {
+                self.give_up(&event, deliveries - 1, &token).await;
+                continue;
+            }
+            if deliveries > 1 {
+                self.redeliveries.fetch_add(1, Ordering::Relaxed);
+            }
+            let size = event.sse_frame().len();
+            self.held_bytes += size;
+            self.held.insert(
+                event.id().to_owned(),
+                Held {
+                    event: event.clone(),
+                    token,
+                    deliveries,
+                    due: consumer::later(now, self.redelivery),
+                    replied: false,
+                },
+            );
+            if !chunk.is_empty() && chunk_bytes + size > consumer::DELIVERY_BYTES {
+                self.send(std::mem::take(&mut chunk)).await;
+                chunk_bytes = 0;
+            }
+            chunk.push(event);
+            chunk_bytes += size;
         }
-        if self.max_deliveries.is_some_and(|max| deliveries > max) {
-            self.give_up(&event, deliveries - 1, &token).await;
-            return;
+        if !chunk.is_empty() {
+            self.send(chunk).await;
         }
-        if deliveries > 1 {
-            self.redeliveries.fetch_add(1, Ordering::Relaxed);
-        }
-        let id = event.id().to_owned();
-        self.held_bytes += event.sse_frame().len();
-        self.held.insert(
-            id,
-            Held {
-                event: event.clone(),
-                token,
-                deliveries,
-                due: consumer::later(Instant::now(), self.redelivery),
-                replied: false,
-            },
-        );
-        // The connection's queue has room for its window; waiting here only while it
-        // reads.
-        let _ = self.deliveries.send(Delivery::Events(vec![event])).await;
+    }
+
+    /// The connection's queue has room for its window: this waits only while it reads.
+    async fn send(&self, events: Vec<StoredEvent>) {
+        let _ = self.deliveries.send(Delivery::Events(events)).await;
     }
 
     /// An event delivered `deliveries` times without an ack: its dead letter, then it is

@@ -334,9 +334,10 @@ pub trait ServedMember: Send + Sync {
         holding: usize,
     ) -> BoxFuture<'_, Result<(), StorageError>>;
 
-    /// The next event for this member, or `None` when nothing came but the member should
-    /// ask again ([`ServedMember::want`]). Cancel-safe.
-    fn next(&mut self) -> BoxFuture<'_, Result<Option<Served>, StorageError>>;
+    /// The next events for this member: those that arrived together, in order; none when
+    /// nothing came but the member should ask again ([`ServedMember::want`]).
+    /// Cancel-safe.
+    fn next(&mut self) -> BoxFuture<'_, Result<Vec<Served>, StorageError>>;
 
     /// Settles a delivery.
     fn settle<'a>(&'a self, token: &'a str, how: Settle)

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use super::connection::{header_u64, stream_name, unavailable, REQUEST_TIMEOUT};
@@ -47,6 +47,8 @@ const OWNER_KEY: &str = "bus_owner";
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// How often JetStream tells a member with a waiting pull request that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The most events [`ServedMember::next`] hands over at once.
+const NEXT_EVENTS: usize = 256;
 /// The smallest byte budget a bounded pull request is made with.
 const MIN_PULL_BYTES: usize = 64 << 10;
 /// How long JetStream keeps an ephemeral consumer whose member stopped pulling without
@@ -367,6 +369,69 @@ impl JetStreamMember {
         }
     }
 
+    /// What a message on the inbox is: an event delivered, or the state of the pulls.
+    async fn take(&mut self, message: async_nats::Message) -> Result<Option<Served>, StorageError> {
+        if let Some(status) = message.status {
+            let description = message.description.clone().unwrap_or_default();
+            return match status.as_u16() {
+                // Idle heartbeat.
+                100 => Ok(None),
+                409 if description.to_lowercase().contains("consumer deleted") => Err(deleted()),
+                409 => {
+                    if description.contains("Exceeds MaxBytes") {
+                        self.oversized = true;
+                    }
+                    self.ended(&message);
+                    Ok(None)
+                }
+                // 404, 408 (the request expired) and anything else end a request.
+                _ => {
+                    self.ended(&message);
+                    Ok(None)
+                }
+            };
+        }
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.outstanding_bytes = if self.outstanding == 0 {
+            // Every request is done: none can bring more (a request filled by count
+            // ends without a word, its unused bytes with it).
+            0
+        } else {
+            self.outstanding_bytes.saturating_sub(message.length)
+        };
+        let message = jetstream::Message {
+            message,
+            context: self.context.clone(),
+        };
+        let (token, deliveries) = match message.info() {
+            Ok(info) => (
+                message
+                    .reply
+                    .as_ref()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default(),
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            ),
+            Err(e) => {
+                tracing::warn!(consumer = self.consumer, error = %e, "a delivery without a JetStream ack subject is skipped");
+                return Ok(None);
+            }
+        };
+        match self.sealing.event(message.message.payload.clone()) {
+            Ok(event) => Ok(Some(Served {
+                event,
+                deliveries,
+                token,
+            })),
+            Err(e) => {
+                // Not an event of bus: terminated, never delivered again.
+                tracing::warn!(consumer = self.consumer, error = %e, "a message that is not an event is skipped");
+                let _ = self.client.publish(token, settle_body(Settle::Term)).await;
+                Ok(None)
+            }
+        }
+    }
+
     /// A pull request ended (expired, or ended by JetStream) with this much unfilled.
     fn ended(&mut self, message: &async_nats::Message) {
         let events = header_u64(message, "Nats-Pending-Messages").unwrap_or(0);
@@ -423,7 +488,7 @@ impl ServedMember for JetStreamMember {
         })
     }
 
-    fn next(&mut self) -> BoxFuture<'_, Result<Option<Served>, StorageError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Vec<Served>, StorageError>> {
         Box::pin(async move {
             let message = if self.outstanding > 0 {
                 // Two heartbeats missed: the requests are lost (they are made again), or
@@ -437,7 +502,7 @@ impl ServedMember for JetStreamMember {
                         if self.consumer_info().await?.is_none() {
                             return Err(deleted());
                         }
-                        return Ok(None);
+                        return Ok(Vec::new());
                     }
                 }
             } else {
@@ -450,73 +515,16 @@ impl ServedMember for JetStreamMember {
                 ));
             };
             self.heard = Instant::now();
-            if let Some(status) = message.status {
-                let description = message.description.clone().unwrap_or_default();
-                return match status.as_u16() {
-                    // Idle heartbeat.
-                    100 => Ok(None),
-                    404 | 408 => {
-                        self.ended(&message);
-                        Ok(None)
-                    }
-                    409 if description.to_lowercase().contains("consumer deleted") => {
-                        Err(deleted())
-                    }
-                    409 => {
-                        if description.contains("Exceeds MaxBytes") {
-                            self.oversized = true;
-                        }
-                        self.ended(&message);
-                        Ok(None)
-                    }
-                    _ => {
-                        self.ended(&message);
-                        Ok(None)
-                    }
+            let mut served = Vec::new();
+            served.extend(self.take(message).await?);
+            // What arrived with it goes along, without waiting for more.
+            while served.len() < NEXT_EVENTS {
+                let Some(Some(message)) = self.answers.next().now_or_never() else {
+                    break;
                 };
+                served.extend(self.take(message).await?);
             }
-            self.outstanding = self.outstanding.saturating_sub(1);
-            self.outstanding_bytes = if self.outstanding == 0 {
-                // Every request is done: none can bring more (a request filled by count
-                // ends without a word, its unused bytes with it).
-                0
-            } else {
-                self.outstanding_bytes.saturating_sub(message.length)
-            };
-            let message = jetstream::Message {
-                message,
-                context: self.context.clone(),
-            };
-            let (token, deliveries) = match message.info() {
-                Ok(info) => (
-                    message
-                        .reply
-                        .as_ref()
-                        .map(|r| r.to_string())
-                        .unwrap_or_default(),
-                    u32::try_from(info.delivered).unwrap_or(u32::MAX),
-                ),
-                Err(e) => {
-                    tracing::warn!(consumer = self.consumer, error = %e, "a delivery without a JetStream ack subject is skipped");
-                    return Ok(None);
-                }
-            };
-            match self.sealing.event(message.message.payload.clone()) {
-                Ok(event) => Ok(Some(Served {
-                    event,
-                    deliveries,
-                    token,
-                })),
-                Err(e) => {
-                    // Not an event of bus: terminated, never delivered again.
-                    tracing::warn!(consumer = self.consumer, error = %e, "a message that is not an event is skipped");
-                    let _ = self
-                        .client
-                        .publish(token, Bytes::from_static(b"+TERM"))
-                        .await;
-                    Ok(None)
-                }
-            }
+            Ok(served)
         })
     }
 
