@@ -21,7 +21,9 @@ use crate::config::{MemoryLimit, Retention, ServerConfig, StoreKind};
 use crate::http::auth::AuthTable;
 use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
-use crate::store::jetstream::{self, JetStreamConfig, JetStreamConsumers, JetStreamLog};
+use crate::store::jetstream::{
+    self, JetStreamConfig, JetStreamConsumers, JetStreamLog, JetStreamRelay,
+};
 use crate::store::{Consumers, EventLog, Storage, StorageError, Store, StoreConfig};
 use crate::units::approximate_size;
 
@@ -56,10 +58,12 @@ async fn open_jetstream(
         sealings.insert(namespace.clone(), log.sealing().clone());
         logs.push(Arc::new(log));
     }
+    let relay = JetStreamRelay::new(client.clone());
     let consumers = JetStreamConsumers::new(client, context, sealings);
     Ok(Storage {
         logs,
         consumers: Consumers::Served(Arc::new(consumers)),
+        relay: Some(Arc::new(relay)),
     })
 }
 

@@ -1290,6 +1290,7 @@ mod tests {
                 consumers: crate::store::Consumers::Dispatched(
                     Arc::clone(&consumers) as Arc<dyn ConsumerStore>
                 ),
+                relay: None,
             };
             let config = BrokerConfig {
                 dup_size: 0,

@@ -25,6 +25,7 @@ mod durable;
 pub mod inbox;
 mod publish;
 mod registry;
+mod relayed;
 mod reply;
 mod served;
 mod settling;
@@ -53,7 +54,9 @@ pub use self::reply::ReplyClaim;
 use self::settling::Settling;
 use crate::event::{EventDraft, StoredEvent};
 pub use crate::store::{ConsumerName, Owner};
-use crate::store::{ConsumerStore, Consumers, EventLog, ServedConsumers, Storage, StorageError};
+use crate::store::{
+    ConsumerStore, Consumers, EventLog, Relay, ServedConsumers, Storage, StorageError,
+};
 use crate::subject::Pattern;
 use crate::timestamp::Timestamp;
 
@@ -293,6 +296,8 @@ pub struct Broker {
     /// and must not interleave. An entry lives while someone holds or waits for it (or,
     /// if a request was dropped while it waited, until that consumer's next change).
     changing: Mutex<HashMap<DurableKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// How this node reaches the others on a shared backend (relayed acks).
+    relay: Option<Arc<dyn Relay>>,
     /// The members on this node of durable consumers that the storage serves.
     served_members: Arc<served::ServedMembers>,
     /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
@@ -396,6 +401,7 @@ impl Broker {
         Broker {
             logs,
             consumers,
+            relay: storage.relay,
             served_members: Arc::default(),
             dedup,
             inboxes: Inboxes::default(),

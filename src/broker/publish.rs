@@ -253,6 +253,7 @@ mod tests {
                 consumers: crate::store::Consumers::Dispatched(
                     Arc::new(MemoryConsumers::default()),
                 ),
+                relay: None,
             };
             let broker = Broker::new(
                 storage,

@@ -14,7 +14,7 @@ use super::{
     random_id, AckMode, Broker, BrokerError, ConsumerBackend, Delivery, Pattern, Registration,
     Start, SubscribeRequest, Subscription, INBOX_NAMESPACE, MAX_INFLIGHT,
 };
-use super::{served, subscription};
+use super::{relayed, served, subscription};
 use crate::store::EventLog;
 
 impl Broker {
@@ -129,10 +129,22 @@ impl Broker {
             request.zone.clone(),
             inputs.clone(),
         );
+        // On a shared backend, acks sent to another node come here too.
+        let listening = match &self.relay {
+            Some(relay) => match relayed::listen(relay, &self.acks, &consumer_id).await {
+                Ok(listening) => Some(listening),
+                Err(e) => {
+                    tracing::warn!(consumer_id, error = %e, "acks sent to other nodes will not reach this connection");
+                    None
+                }
+            },
+            None => None,
+        };
         let leave = LeaveOnDrop {
             inputs,
             member,
             _registration: registration,
+            _listening: listening,
         };
         let deliveries =
             futures_util::stream::unfold((member_rx, leave), |(mut rx, leave)| async move {
@@ -210,6 +222,7 @@ struct LeaveOnDrop {
     inputs: mpsc::Sender<Input>,
     member: u64,
     _registration: Registration,
+    _listening: Option<relayed::Listening>,
 }
 
 impl Drop for LeaveOnDrop {

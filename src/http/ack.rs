@@ -8,6 +8,10 @@
 //! `--auth-file` the acking token also needs `publish` on the reply's namespace (`_bus_`
 //! for inboxes).
 //!
+//! On a shared backend (JetStream, several nodes) an ack for a connection another node
+//! holds is handed to that node (a reply body is not: it goes to the connection's own
+//! node).
+//!
 //! Answers 202 whether or not anything was waiting for a plain ack (late acks are normal);
 //! 400 if a parameter is missing, malformed or repeated. With `--auth-file`, the token
 //! needs the `ack` grant (on the consumer's namespace when it is connected, on some
@@ -102,8 +106,16 @@ async fn acknowledge(
 ) -> Result<(), ApiError> {
     let who = app.authenticate(headers, params)?;
     let request = AckRequest::parse(params)?;
+    // A connection another node holds (on a shared backend): its acks are handed over.
+    let held_here = app.broker.consumer(&request.consumer_id);
+    let elsewhere = held_here.is_none() && app.broker.relays_acks();
     if app.auth.is_some() {
-        match app.broker.consumer(&request.consumer_id) {
+        let held = match &held_here {
+            Some(held) => Some(held.clone()),
+            None if elsewhere => app.broker.remote_consumer(&request.consumer_id).await?,
+            None => None,
+        };
+        match held {
             Some((namespace, owner)) => {
                 app.authorize(who.as_ref(), Operation::Ack, Some(&namespace))?;
                 if owner.as_ref() != who.as_ref().map(TokenId::owner) {
@@ -120,6 +132,12 @@ async fn acknowledge(
     let body = read_body(body, limits.max_body, limits.body_timeout).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         reply(app, who.as_ref(), &request, &body).await?;
+    }
+    if elsewhere {
+        app.broker
+            .relay_ack(&request.consumer_id, request.event_ids, request.nak)
+            .await?;
+        return Ok(());
     }
     match request.nak {
         None => {

@@ -25,6 +25,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::consumers::{ConsumerName, ConsumerProgress, Owner};
@@ -352,6 +353,35 @@ pub trait ServedMember: Send + Sync {
     fn close(self: Box<Self>, held: Vec<String>) -> BoxFuture<'static, ()>;
 }
 
+/// Messages between the nodes that share a backend, for what is never stored (an ack that
+/// reaches another node than the connection's): requests on subjects, answered by
+/// whichever node listens. Only a backend that several nodes share has one.
+pub trait Relay: Send + Sync {
+    /// Sends `body` to whoever listens on `subject` and waits for the answer; `None` when
+    /// nobody listens.
+    fn request<'a>(
+        &'a self,
+        subject: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>>;
+
+    /// Listens on `subject` until the listener is dropped.
+    fn listen<'a>(
+        &'a self,
+        subject: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn RelayListener>, StorageError>>;
+}
+
+/// Requests arriving on a subject ([`Relay::listen`]).
+pub trait RelayListener: Send {
+    /// The next request: its body, and where its answer goes. `None` once the relay is
+    /// gone.
+    fn next(&mut self) -> BoxFuture<'_, Option<(Bytes, String)>>;
+
+    /// Answers a request.
+    fn answer(&self, to: String, body: Bytes) -> BoxFuture<'_, ()>;
+}
+
 /// Who runs a backend's consumers.
 #[derive(Clone)]
 pub enum Consumers {
@@ -366,6 +396,8 @@ pub enum Consumers {
 pub struct Storage {
     pub logs: Vec<Arc<dyn EventLog>>,
     pub consumers: Consumers,
+    /// How this node reaches the others on the same backend, if it is shared.
+    pub relay: Option<Arc<dyn Relay>>,
 }
 
 impl Storage {

@@ -73,8 +73,8 @@ use std::time::Duration;
 
 pub use self::api::{
     Appended, BoxFuture, CommitTimings, ConsumerStore, Consumers, ErrorKind, EventLog, KeyedEvent,
-    LogStats, Served, ServedConsumer, ServedConsumers, ServedMember, ServedSpec, ServedState,
-    Settle, Storage, StorageError,
+    LogStats, Relay, RelayListener, Served, ServedConsumer, ServedConsumers, ServedMember,
+    ServedSpec, ServedState, Settle, Storage, StorageError,
 };
 pub use self::cipher::Cipher;
 pub use self::consumers::{ConsumerName, ConsumerProgress, Owner};
@@ -205,6 +205,7 @@ impl Store {
                 .map(|log| Arc::clone(log) as Arc<dyn EventLog>)
                 .collect(),
             consumers: Consumers::Dispatched(Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>),
+            relay: None,
         }
     }
 

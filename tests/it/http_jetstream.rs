@@ -557,3 +557,103 @@ async fn a_queue_group_spans_nodes_and_a_stopped_nodes_events_go_to_the_others()
     let given_back: Vec<u64> = on_b.take(4).await.iter().map(payload_n).collect();
     assert_eq!(given_back, held_by_a, "given back in order");
 }
+
+/// A `PUT` for a connection another node holds counts, as a load balancer sends it
+/// anywhere: acks free the window, naks redeliver, for ephemeral and durable consumers;
+/// with tokens, only the connection's own token may ack, on whichever node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_naks_sent_to_another_node_count() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let auth = data.path().join("auth");
+    std::fs::write(
+        &auth,
+        "writer  app  publish\nreader  app  subscribe,ack\nother  app  subscribe,ack\n",
+    )
+    .unwrap();
+    let auth = auth.display().to_string();
+    let url = nats.url();
+    let node = |dir: &str| {
+        let (dir, url, auth) = (data.path().join(dir), url.clone(), auth.clone());
+        async move {
+            TestServer::start(
+                &dir,
+                &[
+                    "--store",
+                    "jetstream",
+                    "--nats-url",
+                    &url,
+                    "--auth-file",
+                    &auth,
+                ],
+            )
+            .await
+        }
+    };
+    let (node_a, node_b) = (node("a").await, node("b").await);
+    for n in 0..4 {
+        let published = node_a
+            .client
+            .post(&node_a.url)
+            .bearer_auth("writer")
+            .body(json!({"subject": "app.jobs", "payload": n}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(published.status(), 202);
+    }
+    let put = |server: &TestServer, query: String, token: &'static str| {
+        let request = server
+            .client
+            .put(format!("{}?{query}", server.url))
+            .bearer_auth(token);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+
+    for consumer in ["", "&consumer=workers"] {
+        let query = format!(
+            "subject=app.jobs&start=oldest&ack=manual&max_inflight=2&redelivery=30s{consumer}"
+        );
+        let mut sse = node_a
+            .subscribe_with(&query, &[("Authorization", "Bearer reader")])
+            .await;
+        let held = sse.take(2).await;
+        assert_eq!(held.iter().map(payload_n).collect::<Vec<_>>(), [0, 1]);
+        let consumer_id = sse.consumer_id.clone();
+        let ack = |frame: &crate::common::http::Frame| {
+            format!(
+                "consumer_id={consumer_id}&event_id={}",
+                frame.id.as_deref().unwrap()
+            )
+        };
+
+        // Another token is refused on the other node too; nothing is acked.
+        assert_eq!(put(&node_b, ack(&held[0]), "other").await, 403);
+        assert!(sse.next(Duration::from_millis(300)).await.is_none());
+        // The connection's token, through node b: the window has room for event 2.
+        assert_eq!(put(&node_b, ack(&held[0]), "reader").await, 202);
+        let next = sse.take(1).await;
+        assert_eq!(payload_n(&next[0]), 2, "{consumer}");
+        // A nak through node b: event 1 comes back at once (not after 30 s).
+        assert_eq!(
+            put(&node_b, format!("{}&nak=1", ack(&held[1])), "reader").await,
+            202
+        );
+        let again = sse.take(1).await;
+        assert_eq!(again[0].id, held[1].id, "{consumer}");
+        drop(sse);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // An ack for a connection no node holds is accepted and ignored, as on one node.
+    assert_eq!(
+        put(
+            &node_b,
+            "consumer_id=c_nobodyholdsthis0000&event_id=e_x".to_owned(),
+            "reader"
+        )
+        .await,
+        202
+    );
+}

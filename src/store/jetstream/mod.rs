@@ -41,16 +41,19 @@
 //!
 //! Files: `connection.rs` (reaching JetStream, shared requests), `log.rs` (the log:
 //! appends, group commits, ids, time, retention), `reads.rs`, `follow.rs`, `sealing.rs`, and
-//! `consumers.rs` (manual-ack consumers as JetStream consumers).
+//! `consumers.rs` (manual-ack consumers as JetStream consumers), `relay.rs` (requests
+//! between nodes over NATS core, for what is never stored).
 
 mod connection;
 mod consumers;
 mod follow;
 mod log;
 mod reads;
+mod relay;
 mod sealing;
 
 pub use self::connection::{connect, stream_name, JetStreamConfig};
 pub use self::consumers::JetStreamConsumers;
 pub use self::log::JetStreamLog;
+pub use self::relay::JetStreamRelay;
 pub use self::sealing::Sealing;

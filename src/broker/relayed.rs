@@ -1,0 +1,150 @@
+//! Acks that reach another node than the one holding the connection: on a shared backend
+//! (JetStream) a load balancer may send a `PUT` anywhere. Each manual-ack connection
+//! listens, through the backend's [`Relay`], on `$BUS.consumer.<consumer_id>`; a node that
+//! gets an ack for a consumer id it does not hold asks there who holds it (for the
+//! authorization checks) and hands the ack over. Nothing answers for a consumer id no node
+//! holds: the ack is then accepted and ignored, as a late ack is on one node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::acks::Acks;
+use super::{Broker, BrokerError, Owner};
+use crate::store::{Relay, StorageError};
+
+/// What one node asks another about a connection it holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Ask {
+    /// Its namespace and owner.
+    Lookup,
+    Ack {
+        event_ids: Vec<String>,
+    },
+    Nak {
+        event_ids: Vec<String>,
+        delay_ms: u64,
+    },
+}
+
+/// The answer to [`Ask::Lookup`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Held {
+    namespace: String,
+    owner: Option<Owner>,
+}
+
+/// The subject a connection's acks are relayed on.
+fn subject(consumer_id: &str) -> String {
+    format!("$BUS.consumer.{consumer_id}")
+}
+
+/// A connection's listener for relayed acks; it stops when dropped.
+pub(super) struct Listening(JoinHandle<()>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts listening for acks relayed to manual-ack connection `consumer_id`.
+pub(super) async fn listen(
+    relay: &Arc<dyn Relay>,
+    acks: &Arc<Acks>,
+    consumer_id: &str,
+) -> Result<Listening, StorageError> {
+    let mut listener = relay.listen(&subject(consumer_id)).await?;
+    let (acks, consumer_id) = (Arc::clone(acks), consumer_id.to_owned());
+    Ok(Listening(tokio::spawn(async move {
+        while let Some((body, reply)) = listener.next().await {
+            let answer = match serde_json::from_slice::<Ask>(&body) {
+                Ok(Ask::Lookup) => match acks.consumer(&consumer_id) {
+                    Some((namespace, owner)) => serde_json::to_vec(&Held { namespace, owner }),
+                    None => continue,
+                },
+                Ok(Ask::Ack { event_ids }) => {
+                    acks.ack(&consumer_id, event_ids);
+                    Ok(b"{}".to_vec())
+                }
+                Ok(Ask::Nak {
+                    event_ids,
+                    delay_ms,
+                }) => {
+                    for id in event_ids {
+                        acks.nak(&consumer_id, id, Duration::from_millis(delay_ms));
+                    }
+                    Ok(b"{}".to_vec())
+                }
+                Err(e) => {
+                    tracing::warn!(consumer_id, error = %e, "a relayed ack that is not one is ignored");
+                    continue;
+                }
+            };
+            if let Ok(answer) = answer {
+                listener.answer(reply, Bytes::from(answer)).await;
+            }
+        }
+    })))
+}
+
+impl Broker {
+    /// Whether acks for connections this node does not hold can go to the node that does.
+    pub fn relays_acks(&self) -> bool {
+        self.relay.is_some()
+    }
+
+    /// The namespace and owner of a manual-ack connection another node holds; `None` if
+    /// no node holds it.
+    pub async fn remote_consumer(
+        &self,
+        consumer_id: &str,
+    ) -> Result<Option<(String, Option<Owner>)>, BrokerError> {
+        let Some(answer) = self.ask(consumer_id, &Ask::Lookup).await? else {
+            return Ok(None);
+        };
+        let held: Held = serde_json::from_slice(&answer).map_err(|e| {
+            tracing::error!(consumer_id, error = %e, "a node answered a lookup with nonsense");
+            BrokerError::Storage("the node holding this consumer answered nonsense".into())
+        })?;
+        Ok(Some((held.namespace, held.owner)))
+    }
+
+    /// Hands acks (or, with a delay, negative acks) to the node holding connection
+    /// `consumer_id`; whether one does.
+    pub async fn relay_ack(
+        &self,
+        consumer_id: &str,
+        event_ids: Vec<String>,
+        nak: Option<Duration>,
+    ) -> Result<bool, BrokerError> {
+        let ask = match nak {
+            None => Ask::Ack { event_ids },
+            Some(delay) => Ask::Nak {
+                event_ids,
+                delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            },
+        };
+        Ok(self.ask(consumer_id, &ask).await?.is_some())
+    }
+
+    async fn ask(&self, consumer_id: &str, ask: &Ask) -> Result<Option<Bytes>, BrokerError> {
+        let Some(relay) = &self.relay else {
+            return Ok(None);
+        };
+        let body = serde_json::to_vec(ask).map_err(|e| BrokerError::Storage(e.to_string()))?;
+        relay
+            .request(&subject(consumer_id), Bytes::from(body))
+            .await
+            .map_err(|e| {
+                tracing::warn!(consumer_id, error = %e, "relaying an ack failed");
+                BrokerError::Storage(
+                    "the node holding this consumer could not be reached; retry".into(),
+                )
+            })
+    }
+}
