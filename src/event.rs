@@ -367,6 +367,16 @@ impl StoredEvent {
         }
     }
 
+    /// The event whose JSON this is (as stored or streamed), at `position`, with a frame
+    /// of its own; `None` if the JSON is not an event's.
+    pub fn from_json(position: u64, json: &[u8]) -> Option<StoredEvent> {
+        let layout = JsonLayout::parse(json)?;
+        let id = std::str::from_utf8(&json[layout.id.clone()]).ok()?;
+        let mut frame = BytesMut::with_capacity(sse_frame_len(id, json));
+        push_sse_frame(&mut frame, id, json);
+        Some(StoredEvent::new(position, frame.freeze(), &layout))
+    }
+
     /// The event with a frame of its own, of its exact size: for holding an event long
     /// (an unacknowledged delivery) without keeping alive the larger buffer its frame may
     /// share with other events (a read of the log, a group commit in the tail).

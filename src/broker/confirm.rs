@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::listening::Listening;
+
 /// How many have confirmed: distinct consumers, distinct zones.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Confirmed {
@@ -36,6 +38,8 @@ pub struct ConfirmWait {
     waiters: Arc<Mutex<HashMap<String, Waiter>>>,
     event_id: String,
     progress: watch::Receiver<Confirmed>,
+    /// The listener for confirmations given on other nodes, if the backend is shared.
+    pub(super) relayed: Option<Listening>,
 }
 
 impl Confirmations {
@@ -54,6 +58,7 @@ impl Confirmations {
             waiters: Arc::clone(&self.waiters),
             event_id: event_id.to_owned(),
             progress: receiver,
+            relayed: None,
         }
     }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use super::listening::Listening;
 use crate::event::StoredEvent;
 
 /// Events an inbox subscription may have waiting.
@@ -47,9 +48,17 @@ pub struct InboxSubscription {
     /// Bytes of the events waiting in `events`.
     waiting: Arc<AtomicUsize>,
     _registration: Registration,
+    /// The node's listener for what other nodes publish to the subject, if it has one.
+    relayed: Option<Arc<Listening>>,
 }
 
 impl InboxSubscription {
+    /// Keeps the node listening for the subject's events from other nodes while this
+    /// subscription lives.
+    pub(super) fn hear_other_nodes(&mut self, listener: Option<Arc<Listening>>) {
+        self.relayed = listener;
+    }
+
     /// The next event published to the subject.
     pub async fn recv(&mut self) -> Option<StoredEvent> {
         let event = self.events.recv().await?;
@@ -100,12 +109,20 @@ impl Inboxes {
                 subject: subject.to_owned(),
                 id,
             },
+            relayed: None,
         }
     }
 
-    /// Hands an event to the current subscribers of `subject`; returns how many got it.
+    /// Hands an event published on this node to the current subscribers of `subject`;
+    /// returns how many got it.
     pub fn publish(&self, subject: &str, event: &StoredEvent) -> usize {
         self.published.fetch_add(1, Ordering::Relaxed);
+        self.deliver(subject, event)
+    }
+
+    /// Hands an event to the current subscribers of `subject` (one published on this node,
+    /// or relayed from another); returns how many got it.
+    pub fn deliver(&self, subject: &str, event: &StoredEvent) -> usize {
         let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         let Some(list) = subscribers.get(subject) else {
             return 0;

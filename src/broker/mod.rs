@@ -23,9 +23,11 @@ pub mod consumer;
 pub mod dedup;
 mod durable;
 pub mod inbox;
+mod listening;
 mod publish;
 mod registry;
 mod relayed;
+mod relayed_inboxes;
 mod reply;
 mod served;
 mod settling;
@@ -270,7 +272,9 @@ pub struct Broker {
     /// Who runs the manual-ack consumers.
     consumers: ConsumerBackend,
     dedup: Dedup,
-    inboxes: Inboxes,
+    inboxes: Arc<Inboxes>,
+    /// Inbox events to and from the other nodes on a shared backend.
+    relayed_inboxes: Option<relayed_inboxes::RelayedInboxes>,
     acks: Arc<Acks>,
     shutdown: watch::Sender<bool>,
     /// Permits for the reads that subscriptions make of the logs, shared by all of them.
@@ -382,6 +386,8 @@ impl Broker {
                 }
             }
         }
+        let inboxes = Arc::new(Inboxes::default());
+        let relayed_inboxes = storage.relay.clone();
         let consumers = match storage.consumers {
             Consumers::Dispatched(store) => ConsumerBackend::Dispatched {
                 saver: Arc::new(consumer::Saver::new(
@@ -404,7 +410,9 @@ impl Broker {
             relay: storage.relay,
             served_members: Arc::default(),
             dedup,
-            inboxes: Inboxes::default(),
+            relayed_inboxes: relayed_inboxes
+                .map(|relay| relayed_inboxes::RelayedInboxes::new(relay, Arc::clone(&inboxes))),
+            inboxes,
             acks: Arc::new(Acks::default()),
             shutdown: watch::channel(false).0,
             reads: Arc::new(tokio::sync::Semaphore::new(subscription::CONCURRENT_READS)),

@@ -69,7 +69,7 @@ impl Broker {
                     "inbox subjects (_bus_.…) take one event at a time, not batches".into(),
                 ));
             }
-            return Ok(vec![self.publish_to_inbox(&subject, &pending[0])]);
+            return Ok(vec![self.publish_to_inbox(&subject, &pending[0]).await]);
         }
         let log = self.log(&namespace).map_err(invalid)?;
 
@@ -129,7 +129,11 @@ impl Broker {
         }
     }
 
-    pub(super) fn publish_to_inbox(&self, subject: &str, pending: &PendingEvent) -> Published {
+    pub(super) async fn publish_to_inbox(
+        &self,
+        subject: &str,
+        pending: &PendingEvent,
+    ) -> Published {
         let id = match pending.client_id() {
             Some(id) => id.to_owned(),
             None => random_id("e_"),
@@ -141,6 +145,9 @@ impl Broker {
         event::push_sse_frame(&mut frame, &id, &json);
         let stored = StoredEvent::new(0, frame.freeze(), &layout);
         self.inboxes.publish(subject, &stored);
+        if let Some(relayed) = &self.relayed_inboxes {
+            relayed.publish(subject, &stored).await;
+        }
         Published {
             id,
             created_at,

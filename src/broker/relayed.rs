@@ -1,18 +1,24 @@
-//! Acks that reach another node than the one holding the connection: on a shared backend
-//! (JetStream) a load balancer may send a `PUT` anywhere. Each manual-ack connection
+//! Acks across nodes. On a shared backend (JetStream) a load balancer may send a `PUT`
+//! anywhere, and a publisher waiting for confirmations may be on another node than the
+//! consumers that give them. Each manual-ack connection
 //! listens, through the backend's [`Relay`], on `$BUS.consumer.<consumer_id>`; a node that
 //! gets an ack for a consumer id it does not hold asks there who holds it (for the
 //! authorization checks) and hands the ack over. Nothing answers for a consumer id no node
 //! holds: the ack is then accepted and ignored, as a late ack is on one node.
+//!
+//! Confirmations: the node of a connection that acknowledges an event sends the fact on
+//! `$BUS.confirm.<event_id>`; a node where a publisher waits for that event's
+//! confirmations listens there while it waits.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 
 use super::acks::Acks;
+use super::confirm::Confirmations;
+use super::listening::Listening;
 use super::{Broker, BrokerError, Owner};
 use crate::store::{Relay, StorageError};
 
@@ -43,15 +49,6 @@ fn subject(consumer_id: &str) -> String {
     format!("$BUS.consumer.{consumer_id}")
 }
 
-/// A connection's listener for relayed acks; it stops when dropped.
-pub(super) struct Listening(JoinHandle<()>);
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Starts listening for acks relayed to manual-ack connection `consumer_id`.
 pub(super) async fn listen(
     relay: &Arc<dyn Relay>,
@@ -62,6 +59,9 @@ pub(super) async fn listen(
     let (acks, consumer_id) = (Arc::clone(acks), consumer_id.to_owned());
     Ok(Listening(tokio::spawn(async move {
         while let Some((body, reply)) = listener.next().await {
+            let Some(reply) = reply else {
+                continue;
+            };
             let answer = match serde_json::from_slice::<Ask>(&body) {
                 Ok(Ask::Lookup) => match acks.consumer(&consumer_id) {
                     Some((namespace, owner)) => serde_json::to_vec(&Held { namespace, owner }),
@@ -147,4 +147,60 @@ impl Broker {
                 )
             })
     }
+}
+
+/// An ack that counts for a confirmation (`confirm=N`), sent to the node where the
+/// publisher waits: on a shared backend, the consumers may be on other nodes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Confirmation {
+    consumer: String,
+    zone: Option<String>,
+}
+
+/// The relay subject of the confirmations of `event_id`.
+fn confirmations_subject(event_id: &str) -> String {
+    format!("$BUS.confirm.{event_id}")
+}
+
+/// Tells the other nodes that `consumer` (in `zone`) acknowledged `event_id`: a publisher
+/// may wait for its confirmations there.
+pub(super) async fn send_confirmation(
+    relay: &dyn Relay,
+    event_id: &str,
+    consumer: &str,
+    zone: Option<&str>,
+) {
+    let confirmation = Confirmation {
+        consumer: consumer.to_owned(),
+        zone: zone.map(str::to_owned),
+    };
+    let Ok(body) = serde_json::to_vec(&confirmation) else {
+        return;
+    };
+    if let Err(e) = relay
+        .publish(&confirmations_subject(event_id), Bytes::from(body))
+        .await
+    {
+        tracing::warn!(event_id, error = %e, "a confirmation could not be sent to the other nodes");
+    }
+}
+
+/// Counts the confirmations of `event_id` that other nodes send, while the handle lives.
+pub(super) async fn hear_confirmations(
+    relay: &Arc<dyn Relay>,
+    confirmations: &Arc<Confirmations>,
+    event_id: &str,
+) -> Result<Listening, StorageError> {
+    let mut listener = relay.listen(&confirmations_subject(event_id)).await?;
+    let (confirmations, event_id) = (Arc::clone(confirmations), event_id.to_owned());
+    Ok(Listening(tokio::spawn(async move {
+        while let Some((body, _)) = listener.next().await {
+            match serde_json::from_slice::<Confirmation>(&body) {
+                Ok(c) => confirmations.record(&event_id, &c.consumer, c.zone.as_deref()),
+                Err(e) => {
+                    tracing::warn!(event_id, error = %e, "a relayed confirmation that is not one is ignored")
+                }
+            }
+        }
+    })))
 }

@@ -5,6 +5,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::consumer::{Input, ReplyRefused};
+use super::relayed;
 use super::{
     random_id, Broker, BrokerError, ConfirmWait, InboxSubscription, PublishError, INBOX_NAMESPACE,
 };
@@ -14,15 +15,35 @@ use crate::subject::Subject;
 impl Broker {
     /// Starts counting the consumers that acknowledge `event_id` (before it is published;
     /// see [`confirm`]).
-    pub fn expect_confirmations(&self, event_id: &str) -> ConfirmWait {
-        self.confirmations.expect(event_id)
+    pub async fn expect_confirmations(&self, event_id: &str) -> ConfirmWait {
+        let mut wait = self.confirmations.expect(event_id);
+        if let Some(relay) = &self.relay {
+            match relayed::hear_confirmations(relay, &self.confirmations, event_id).await {
+                Ok(listening) => wait.relayed = Some(listening),
+                Err(e) => {
+                    tracing::warn!(event_id, error = %e, "confirmations given on other nodes will not count")
+                }
+            }
+        }
+        wait
     }
 
-    /// A fresh inbox subject, already subscribed, for a reply to come to.
-    pub fn reply_inbox(&self) -> (String, InboxSubscription) {
+    /// A fresh inbox subject, already subscribed (also to what other nodes publish to it),
+    /// for a reply to come to.
+    pub async fn reply_inbox(&self) -> (String, InboxSubscription) {
         let subject = format!("{INBOX_NAMESPACE}.{}", random_id("r_"));
-        let inbox = self.inboxes.subscribe(&subject);
+        let inbox = self.subscribe_inbox(&subject).await;
         (subject, inbox)
+    }
+
+    /// Subscribes to inbox subject `subject`, on this node and, on a shared backend, on
+    /// the others.
+    pub(super) async fn subscribe_inbox(&self, subject: &str) -> InboxSubscription {
+        let mut inbox = self.inboxes.subscribe(subject);
+        if let Some(relayed) = &self.relayed_inboxes {
+            inbox.hear_other_nodes(relayed.listen(subject).await);
+        }
+        inbox
     }
 
     /// Claims the one reply to `event_id` for the connection `consumer_id`: the event
@@ -91,7 +112,7 @@ impl Broker {
         };
         let reply = PendingEvent::new(&draft).map_err(|e| PublishError::Invalid(e.to_string()))?;
         if subject.is_inbox() {
-            self.publish_to_inbox(&claim.subject, &reply);
+            self.publish_to_inbox(&claim.subject, &reply).await;
         } else {
             let log = self
                 .log(subject.namespace())

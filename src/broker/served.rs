@@ -32,11 +32,13 @@ use tokio::time::Instant;
 use super::confirm::Confirmations;
 use super::consumer::{self, give_up_event, sleep_until, Input, Redelivery, ReplyRefused};
 use super::durable::DurableKey;
+use super::relayed::send_confirmation;
 use super::subscription::{self, next_outage};
 use super::{Broker, BrokerError, ConsumerInfo, ConsumerName, Delivery, Owner, SubscribeRequest};
 use crate::event::StoredEvent;
 use crate::store::{
-    ErrorKind, EventLog, Served, ServedConsumers, ServedMember, ServedSpec, Settle, StorageError,
+    ErrorKind, EventLog, Relay, Served, ServedConsumers, ServedMember, ServedSpec, Settle,
+    StorageError,
 };
 
 /// The most unacknowledged events a consumer may have out in the storage, across its
@@ -131,6 +133,7 @@ impl Broker {
             held: HashMap::new(),
             held_bytes: 0,
             confirmations: Arc::clone(&self.confirmations),
+            relay: self.relay.clone(),
             redeliveries: Arc::clone(&self.redeliveries),
             shutdown: self.shutdown.subscribe(),
             outage: log.watch_outage(),
@@ -331,6 +334,8 @@ struct MemberLoop {
     held: HashMap<String, Held>,
     held_bytes: usize,
     confirmations: Arc<Confirmations>,
+    /// Where the confirmations go for publishers on other nodes, on a shared backend.
+    relay: Option<Arc<dyn Relay>>,
     redeliveries: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
     outage: watch::Receiver<Option<String>>,
@@ -552,6 +557,9 @@ impl MemberLoop {
                         return Some(End::Error(failed(&e)));
                     }
                     self.confirmations.record(&id, &confirmer, zone.as_deref());
+                    if let Some(relay) = &self.relay {
+                        send_confirmation(relay.as_ref(), &id, &confirmer, zone.as_deref()).await;
+                    }
                 }
             }
             Input::Nak { event_id, delay } => {

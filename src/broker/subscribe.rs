@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::consumer::{self, Dispatcher, Input};
+use super::listening::Listening;
 use super::{
     random_id, AckMode, Broker, BrokerError, ConsumerBackend, Delivery, Pattern, Registration,
     Start, SubscribeRequest, Subscription, INBOX_NAMESPACE, MAX_INFLIGHT,
@@ -37,7 +38,7 @@ impl Broker {
             }
         };
         if request.pattern.is_inbox() {
-            let inbox = self.inboxes.subscribe(request.pattern.as_str());
+            let inbox = self.subscribe_inbox(request.pattern.as_str()).await;
             return Ok(Subscription {
                 consumer_id,
                 deliveries: Box::pin(
@@ -222,7 +223,7 @@ struct LeaveOnDrop {
     inputs: mpsc::Sender<Input>,
     member: u64,
     _registration: Registration,
-    _listening: Option<relayed::Listening>,
+    _listening: Option<Listening>,
 }
 
 impl Drop for LeaveOnDrop {

@@ -382,11 +382,11 @@ async fn publish_body(
                 )
                 .into_response();
             }
-            let (subject, inbox) = app.broker.reply_inbox();
+            let (subject, inbox) = app.broker.reply_inbox().await;
             event.response_subject = subject;
             reply_inbox = Some(inbox);
         } else {
-            confirm_wait = Some(app.broker.expect_confirmations(&id));
+            confirm_wait = Some(app.broker.expect_confirmations(&id).await);
         }
     }
     let published = match app.broker.publish(events).await {

@@ -354,9 +354,17 @@ pub trait ServedMember: Send + Sync {
 }
 
 /// Messages between the nodes that share a backend, for what is never stored (an ack that
-/// reaches another node than the connection's): requests on subjects, answered by
-/// whichever node listens. Only a backend that several nodes share has one.
+/// reaches another node than the connection's, an inbox event): messages and requests on
+/// subjects, heard by the other nodes that listen there (a node never hears its own).
+/// Only a backend that several nodes share has one.
 pub trait Relay: Send + Sync {
+    /// Sends `body` to whoever listens on `subject`, if anyone; no answer.
+    fn publish<'a>(
+        &'a self,
+        subject: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+
     /// Sends `body` to whoever listens on `subject` and waits for the answer; `None` when
     /// nobody listens.
     fn request<'a>(
@@ -374,9 +382,9 @@ pub trait Relay: Send + Sync {
 
 /// Requests arriving on a subject ([`Relay::listen`]).
 pub trait RelayListener: Send {
-    /// The next request: its body, and where its answer goes. `None` once the relay is
-    /// gone.
-    fn next(&mut self) -> BoxFuture<'_, Option<(Bytes, String)>>;
+    /// The next message: its body, and where its answer goes if it is a request. `None`
+    /// once the relay is gone.
+    fn next(&mut self) -> BoxFuture<'_, Option<(Bytes, Option<String>)>>;
 
     /// Answers a request.
     fn answer(&self, to: String, body: Bytes) -> BoxFuture<'_, ()>;

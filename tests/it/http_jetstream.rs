@@ -657,3 +657,123 @@ async fn acks_and_naks_sent_to_another_node_count() {
         202
     );
 }
+
+/// Inbox subjects span the nodes: an inbox subscription on one node receives what is
+/// published to its subject through another (once, and once on the publisher's node too);
+/// a request published with `reply=1` through one node is answered by a worker on
+/// another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inboxes_and_request_reply_span_the_nodes() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = start(&nats, data_a.path()).await;
+    let node_b = start(&nats, data_b.path()).await;
+
+    let mut on_a = node_a.subscribe("subject=_bus_.room1").await;
+    let mut on_b = node_b.subscribe("subject=_bus_.room1").await;
+    let published = node_b
+        .publish(&json!({"subject": "_bus_.room1", "payload": "hello"}))
+        .await;
+    assert_eq!(published.index, -1, "not stored");
+    for sse in [&mut on_a, &mut on_b] {
+        let frame = sse.take(1).await.remove(0);
+        assert_eq!(frame.id.as_deref(), Some(published.id.as_str()));
+        assert!(
+            sse.next(Duration::from_millis(300)).await.is_none(),
+            "delivered once"
+        );
+    }
+
+    // A worker on node a answers a request made through node b.
+    let mut worker = node_a.subscribe("subject=app.math&ack=manual").await;
+    let request = {
+        let request = node_b
+            .client
+            .post(format!("{}?reply=1&timeout=10s", node_b.url))
+            .body(json!({"subject": "app.math", "payload": {"a": 1, "b": 2}}).to_string());
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        })
+    };
+    let question = worker.take(1).await.remove(0);
+    let answered = node_a
+        .client
+        .put(format!(
+            "{}?consumer_id={}&event_id={}",
+            node_a.url,
+            worker.consumer_id,
+            question.id.as_deref().unwrap()
+        ))
+        .body(json!({"sum": 3}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 202);
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        json!({"sum": 3})
+    );
+}
+
+/// Confirmations count across nodes: a publisher waiting on one node for `confirm=N`
+/// (or `confirm_zones=K`) counts the acks of consumers on other nodes; a queue group
+/// whose members are on two nodes confirms once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmations_count_acks_given_on_other_nodes() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = start(&nats, data_a.path()).await;
+    let node_b = start(&nats, data_b.path()).await;
+    let group = "subject=app.z&ack=manual&consumer=group&zone=eu";
+    let mut members = [
+        (&node_a, node_a.subscribe(group).await),
+        (&node_b, node_b.subscribe(group).await),
+    ];
+    let mut us = node_a.subscribe("subject=app.z&ack=manual&zone=us").await;
+
+    let publish = |query: &'static str| {
+        let request = node_b
+            .client
+            .post(format!("{}?{query}", node_b.url))
+            .body(json!({"subject": "app.z", "payload": 1}).to_string());
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let confirmed = response.headers()["x-bus-confirmed"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (response.status().as_u16(), confirmed)
+        })
+    };
+    let waiting = publish("confirm=2&confirm_zones=2&timeout=10s");
+    // The group's member that gets the event acks it, on its own node; so does `us`, on
+    // node a.
+    let mut acked = false;
+    while !acked {
+        for (node, member) in members.iter_mut() {
+            if let Some(frame) = member.next(Duration::from_millis(200)).await {
+                let ack = node
+                    .ack(&member.consumer_id, frame.id.as_deref().unwrap())
+                    .await;
+                assert_eq!(ack, 202);
+                acked = true;
+            }
+        }
+    }
+    let frame = us.take(1).await.remove(0);
+    assert_eq!(
+        node_a
+            .ack(&us.consumer_id, frame.id.as_deref().unwrap())
+            .await,
+        202
+    );
+    let (status, confirmed) = waiting.await.unwrap();
+    assert_eq!((status, confirmed.as_str()), (202, "2"));
+}

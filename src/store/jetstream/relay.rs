@@ -1,7 +1,8 @@
-//! Messages between the nodes on one JetStream: NATS core requests, for what is never
-//! stored. A node listens on subjects under `$BUS.` for what it holds (a manual-ack
-//! connection's consumer id); another node asks there, and hears nothing back (no
-//! responders) when no node holds it.
+//! Messages between the nodes on one JetStream: NATS core messages and requests, for what
+//! is never stored. A node listens on subjects under `$BUS.` for what it holds (a
+//! manual-ack connection's consumer id, an inbox subject with subscribers); another node
+//! sends there, and hears nothing back (no responders) when no node holds it. A node's
+//! messages carry its name, so that it does not hear its own.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -9,18 +10,42 @@ use futures_util::StreamExt;
 use super::connection::{unavailable, REQUEST_TIMEOUT};
 use crate::store::api::{BoxFuture, Relay, RelayListener, StorageError};
 
+/// The header naming the node a relayed message comes from, so that it does not hear its
+/// own.
+const FROM_NODE: &str = "Bus-Node";
+
 /// NATS core messaging between the nodes.
 pub struct JetStreamRelay {
     client: async_nats::Client,
+    /// Who this node is in the messages it sends.
+    node: String,
 }
 
 impl JetStreamRelay {
     pub fn new(client: async_nats::Client) -> JetStreamRelay {
-        JetStreamRelay { client }
+        JetStreamRelay {
+            client,
+            node: crate::random::token(16),
+        }
     }
 }
 
 impl Relay for JetStreamRelay {
+    fn publish<'a>(
+        &'a self,
+        subject: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(FROM_NODE, self.node.as_str());
+            self.client
+                .publish_with_headers(subject.to_owned(), headers, body)
+                .await
+                .map_err(|e| unavailable(&format!("sending to {subject}"), e))
+        })
+    }
+
     fn request<'a>(
         &'a self,
         subject: &'a str,
@@ -52,6 +77,7 @@ impl Relay for JetStreamRelay {
                 .map_err(|e| unavailable(&format!("listening on {subject}"), e))?;
             Ok(Box::new(Listener {
                 client: self.client.clone(),
+                node: self.node.clone(),
                 subscriber,
             }) as Box<dyn RelayListener>)
         })
@@ -60,18 +86,20 @@ impl Relay for JetStreamRelay {
 
 struct Listener {
     client: async_nats::Client,
+    node: String,
     subscriber: async_nats::Subscriber,
 }
 
 impl RelayListener for Listener {
-    fn next(&mut self) -> BoxFuture<'_, Option<(Bytes, String)>> {
+    fn next(&mut self) -> BoxFuture<'_, Option<(Bytes, Option<String>)>> {
         Box::pin(async move {
             loop {
                 let message = self.subscriber.next().await?;
-                // A message nobody waits an answer for is not a request.
-                if let Some(reply) = message.reply {
-                    return Some((message.payload, reply.to_string()));
+                let from = message.headers.as_ref().and_then(|h| h.get(FROM_NODE));
+                if from.is_some_and(|from| from.as_str() == self.node) {
+                    continue;
                 }
+                return Some((message.payload, message.reply.map(|r| r.to_string())));
             }
         })
     }

@@ -9,9 +9,9 @@
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
-use crate::event::{self, JsonLayout, StoredEvent};
+use crate::event::{self, StoredEvent};
 
 use crate::store::api::{ErrorKind, StorageError};
 use crate::store::cipher::Cipher;
@@ -117,11 +117,7 @@ impl Sealing {
                 format!("stream {}: a message {what}", self.stream),
             )
         };
-        let layout = JsonLayout::parse(&json).ok_or_else(|| corrupt("is not an event of bus"))?;
         let position = event::index_of_json(&json).ok_or_else(|| corrupt("has no index"))?;
-        let id = std::str::from_utf8(&json[layout.id.clone()]).unwrap_or_default();
-        let mut frame = BytesMut::with_capacity(event::sse_frame_len(id, &json));
-        event::push_sse_frame(&mut frame, id, &json);
-        Ok(StoredEvent::new(position, frame.freeze(), &layout))
+        StoredEvent::from_json(position, &json).ok_or_else(|| corrupt("is not an event of bus"))
     }
 }
