@@ -112,6 +112,17 @@ impl PendingEvent {
     }
 
     /// The client-supplied id, if any.
+    /// The event's subject and deduplication key as they are encoded (JSON strings,
+    /// escaped), if it has a key: what tells keyed events apart, as
+    /// [`JsonLayout::subject_and_key`] reads it from a stored event.
+    pub fn encoded_key(&self) -> Option<(&[u8], &[u8])> {
+        let key = self.members_layout.key.clone()?;
+        Some((
+            &self.members[self.members_layout.subject.clone()],
+            &self.members[key],
+        ))
+    }
+
     pub fn client_id(&self) -> Option<&str> {
         self.id.as_deref()
     }
@@ -269,6 +280,15 @@ impl JsonLayout {
             response_subject,
             created_at: created_at.start + 1..created_at.end - 1,
         })
+    }
+
+    /// The subject and key of a stored event's JSON as they are encoded, if it has a key
+    /// (see [`PendingEvent::encoded_key`]).
+    pub fn subject_and_key<'a>(&self, json: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+        Some((
+            json.get(self.subject.clone())?,
+            json.get(self.key.clone()?)?,
+        ))
     }
 
     /// The event's deduplication key, if it has one of at most `max_len` bytes.

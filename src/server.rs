@@ -31,10 +31,12 @@ use crate::units::approximate_size;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The streams of the namespaces, and their consumers, on JetStream.
+/// `key_window` is how long the nodes together remember a deduplication key.
 async fn open_jetstream(
     config: &JetStreamConfig,
     namespaces: &[String],
     store_config: &StoreConfig,
+    key_window: Duration,
 ) -> Result<Storage, StorageError> {
     let (client, context) = jetstream::connect(config).await?;
     let mut logs: Vec<Arc<dyn EventLog>> = Vec::with_capacity(namespaces.len());
@@ -47,6 +49,7 @@ async fn open_jetstream(
             config.replicas,
             store_config.cipher.as_ref(),
             store_config.tail_bytes,
+            key_window,
         )
         .await?;
         tracing::info!(
@@ -116,9 +119,17 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .context("opening the store")?
         .with_context(|| format!("opening the data directory {}", config.path.display()))?,
         StoreKind::Jetstream => {
-            open_jetstream(&config.jetstream_config(), &namespaces, &store_config)
-                .await
-                .with_context(|| format!("opening JetStream at {}", config.nats_url))?
+            let key_window = broker_config
+                .dup_ttl
+                .unwrap_or(jetstream::DEFAULT_KEY_WINDOW);
+            open_jetstream(
+                &config.jetstream_config(),
+                &namespaces,
+                &store_config,
+                key_window,
+            )
+            .await
+            .with_context(|| format!("opening JetStream at {}", config.nats_url))?
         }
     };
     let broker = {

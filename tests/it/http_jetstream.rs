@@ -777,3 +777,49 @@ async fn confirmations_count_acks_given_on_other_nodes() {
     let (status, confirmed) = waiting.await.unwrap();
     assert_eq!((status, confirmed.as_str()), (202, "2"));
 }
+
+/// A deduplication key is taken once across nodes: the same key published through two
+/// nodes at once gives exactly one 202 (the other is the reference's 409), and a key
+/// published through one node is refused through the other afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_taken_once_across_nodes() {
+    let Some(nats) = JetStreamServer::start() else {
+        return;
+    };
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = start(&nats, data_a.path()).await;
+    let node_b = start(&nats, data_b.path()).await;
+    let post = |server: &TestServer, key: String| {
+        let request = server
+            .client
+            .post(&server.url)
+            .body(json!({"subject": "app.pay", "key": key, "payload": 1}).to_string());
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        })
+    };
+    const KEYS: usize = 20;
+    for n in 0..KEYS {
+        let key = format!("payment-{n}");
+        let (a, b) = (post(&node_a, key.clone()), post(&node_b, key));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        let mut statuses = [a.0, b.0];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [202, 409], "key {n}: {a:?} {b:?}");
+        let refused = if a.0 == 409 { &a.1 } else { &b.1 };
+        assert!(refused.starts_with("key was processed before"), "{refused}");
+    }
+    assert_eq!(
+        payloads(&node_b, "subject=app.pay&start=oldest")
+            .await
+            .len(),
+        KEYS
+    );
+
+    // Later, through the other node.
+    let first = post(&node_a, "refund-1".into()).await.unwrap();
+    assert_eq!(first.0, 202, "{first:?}");
+    let again = post(&node_b, "refund-1".into()).await.unwrap();
+    assert_eq!(again.0, 409, "{again:?}");
+}

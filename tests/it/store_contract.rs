@@ -24,7 +24,9 @@ use std::time::Duration;
 use crate::common::jetstream::JetStreamServer;
 
 use bus::event::{EventDraft, PendingEvent, StoredEvent};
-use bus::store::jetstream::{connect as connect_jetstream, JetStreamConfig, JetStreamLog};
+use bus::store::jetstream::{
+    connect as connect_jetstream, JetStreamConfig, JetStreamLog, DEFAULT_KEY_WINDOW,
+};
 use bus::store::memory::{MemoryConsumers, MemoryLog};
 use bus::store::{
     ids, Appended, BoxFuture, Cipher, ConsumerName, ConsumerProgress, ConsumerStore, ErrorKind,
@@ -216,6 +218,7 @@ impl Backend for JetStreamBackend {
                     1,
                     self.cipher.as_ref(),
                     self.tail_bytes,
+                    DEFAULT_KEY_WINDOW,
                 )
                 .await
                 .expect("open the stream"),

@@ -60,7 +60,16 @@ async fn open_with(
         creds: None,
     };
     let (client, context) = jetstream::connect(&config).await.unwrap();
-    let log = JetStreamLog::open(&client, &context, "orders", 1, cipher, tail_bytes).await?;
+    let log = JetStreamLog::open(
+        &client,
+        &context,
+        "orders",
+        1,
+        cipher,
+        tail_bytes,
+        jetstream::DEFAULT_KEY_WINDOW,
+    )
+    .await?;
     Ok((client, context, log))
 }
 

@@ -63,11 +63,13 @@ pub async fn connect(
     Ok((client, context))
 }
 
-/// A key-value bucket, created with `replicas` copies if it does not exist.
+/// A key-value bucket, created with `replicas` copies if it does not exist, whose entries
+/// expire after `max_age` (never if zero).
 pub async fn open_bucket(
     context: &jetstream::Context,
     name: &str,
     replicas: usize,
+    max_age: Duration,
 ) -> Result<kv::Store, StorageError> {
     match context.get_key_value(name).await {
         Ok(bucket) => Ok(bucket),
@@ -75,6 +77,7 @@ pub async fn open_bucket(
             .create_key_value(kv::Config {
                 bucket: name.to_owned(),
                 history: 1,
+                max_age,
                 num_replicas: replicas,
                 storage: stream::StorageType::File,
                 ..Default::default()

@@ -19,6 +19,7 @@ use super::connection::{
     direct_get, header_u64, open_bucket, stream_name, unavailable, REQUEST_TIMEOUT,
 };
 use super::follow;
+use super::keys::Keys;
 use super::reads::Reads;
 use super::sealing::Sealing;
 use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
@@ -48,6 +49,8 @@ pub struct JetStreamLog {
     stream: String,
     /// Positions of the ids clients chose.
     client_ids: kv::Store,
+    /// Deduplication keys claimed across writers.
+    keys: Keys,
     client: async_nats::Client,
     context: jetstream::Context,
     runtime: Handle,
@@ -104,6 +107,7 @@ impl JetStreamLog {
         replicas: usize,
         cipher: Option<&Cipher>,
         tail_bytes: usize,
+        key_window: Duration,
     ) -> Result<JetStreamLog, StorageError> {
         let name = stream_name(namespace);
         let mut metadata = HashMap::from([(
@@ -172,11 +176,26 @@ impl JetStreamLog {
             writer.clone(),
             reads.clone(),
         );
-        let client_ids = open_bucket(context, &format!("BUS_IDS_{namespace}"), replicas).await?;
+        let client_ids = open_bucket(
+            context,
+            &format!("BUS_IDS_{namespace}"),
+            replicas,
+            Duration::ZERO,
+        )
+        .await?;
+        let key_bucket = open_bucket(
+            context,
+            &format!("BUS_KEYS_{namespace}"),
+            replicas,
+            key_window,
+        )
+        .await?;
+        let keys = Keys::new(key_bucket, client.clone(), &name, sealing.clone());
         Ok(JetStreamLog {
             namespace: namespace.to_owned(),
             stream: name,
             client_ids,
+            keys,
             client: client.clone(),
             context: context.clone(),
             runtime: Handle::current(),
@@ -275,8 +294,8 @@ impl JetStreamLog {
         group
     }
 
-    /// Commits a group of appends as one, answering each; an append whose client ids are
-    /// refused is answered alone and left out.
+    /// Commits a group of appends as one, answering each; an append whose client ids or
+    /// deduplication keys are refused is answered alone and left out.
     async fn commit_group(&self, state: &mut AppendState, group: Vec<Queued>) {
         if self.closed.load(Ordering::Acquire) {
             for queued in group {
@@ -298,8 +317,13 @@ impl JetStreamLog {
                     }),
                 Err(e) => Err(e),
             };
-            match checked {
-                Ok(()) => {
+            // Keys are claimed across writers last, once nothing else refuses the append.
+            let claimed = match checked {
+                Ok(()) => self.keys.claim(&queued.batch).await,
+                Err(e) => Err(e),
+            };
+            match claimed {
+                Ok(claims) => {
                     ids_in_group.extend(
                         queued
                             .batch
@@ -307,7 +331,7 @@ impl JetStreamLog {
                             .filter_map(PendingEvent::client_id)
                             .map(str::to_owned),
                     );
-                    accepted.push(queued);
+                    accepted.push((queued, claims));
                 }
                 Err(e) => {
                     let _ = queued.done.send(Err(e));
@@ -317,17 +341,31 @@ impl JetStreamLog {
         if accepted.is_empty() {
             return;
         }
-        let events: Vec<&PendingEvent> = accepted.iter().flat_map(|q| q.batch.iter()).collect();
+        let events: Vec<&PendingEvent> = accepted
+            .iter()
+            .flat_map(|(queued, _)| queued.batch.iter())
+            .collect();
         match self.commit(state, &events).await {
             Ok(appended) => {
                 let mut appended = appended.into_iter();
-                for queued in accepted {
-                    let part = appended.by_ref().take(queued.batch.len()).collect();
+                for (queued, claims) in accepted {
+                    let part: Vec<Appended> = appended.by_ref().take(queued.batch.len()).collect();
+                    if !claims.is_empty() {
+                        let positions: Vec<u64> = queued
+                            .batch
+                            .iter()
+                            .zip(&part)
+                            .filter(|(pending, _)| pending.encoded_key().is_some())
+                            .map(|(_, appended)| appended.position)
+                            .collect();
+                        self.keys.stored(claims, &positions).await;
+                    }
                     let _ = queued.done.send(Ok(part));
                 }
             }
             Err(e) => {
-                for queued in accepted {
+                for (queued, claims) in accepted {
+                    self.keys.release(claims).await;
                     let _ = queued.done.send(Err(e.clone()));
                 }
             }

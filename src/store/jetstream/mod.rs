@@ -47,6 +47,7 @@
 mod connection;
 mod consumers;
 mod follow;
+mod keys;
 mod log;
 mod reads;
 mod relay;
@@ -54,6 +55,7 @@ mod sealing;
 
 pub use self::connection::{connect, stream_name, JetStreamConfig};
 pub use self::consumers::JetStreamConsumers;
+pub use self::keys::DEFAULT_KEY_WINDOW;
 pub use self::log::JetStreamLog;
 pub use self::relay::JetStreamRelay;
 pub use self::sealing::Sealing;
