@@ -31,12 +31,13 @@ use crate::units::approximate_size;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The streams of the namespaces, and their consumers, on JetStream.
-/// `key_window` is how long the nodes together remember a deduplication key.
+/// `key_window` is how long the nodes together remember a deduplication key at most
+/// (`None`: deduplication is off).
 async fn open_jetstream(
     config: &JetStreamConfig,
     namespaces: &[String],
     store_config: &StoreConfig,
-    key_window: Duration,
+    key_window: Option<Duration>,
 ) -> Result<Storage, StorageError> {
     let (client, context) = jetstream::connect(config).await?;
     let mut logs: Vec<Arc<dyn EventLog>> = Vec::with_capacity(namespaces.len());
@@ -119,9 +120,11 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .context("opening the store")?
         .with_context(|| format!("opening the data directory {}", config.path.display()))?,
         StoreKind::Jetstream => {
-            let key_window = broker_config
-                .dup_ttl
-                .unwrap_or(jetstream::DEFAULT_KEY_WINDOW);
+            let key_window = (broker_config.dup_size > 0).then(|| {
+                broker_config
+                    .dup_ttl
+                    .unwrap_or(jetstream::DEFAULT_KEY_WINDOW)
+            });
             open_jetstream(
                 &config.jetstream_config(),
                 &namespaces,

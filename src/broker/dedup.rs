@@ -110,14 +110,13 @@ impl State {
         self.entries.insert(sequence, Entry { subject, key, at });
     }
 
-    /// Forgets the key registered under `sequence`.
-    fn remove(&mut self, sequence: u64) {
-        let Some(entry) = self.entries.remove(&sequence) else {
-            return;
-        };
+    /// Forgets the key registered under `sequence`; what it was.
+    fn remove(&mut self, sequence: u64) -> Option<(Arc<str>, Arc<str>)> {
+        let entry = self.entries.remove(&sequence)?;
         self.bytes -= entry.key.len() + ENTRY_OVERHEAD;
+        let forgotten = Some((Arc::clone(&entry.subject), Arc::clone(&entry.key)));
         let Some(keys) = self.subjects.get_mut(&entry.subject) else {
-            return;
+            return forgotten;
         };
         if keys.keys.get(&entry.key) == Some(&sequence) {
             keys.keys.remove(&entry.key);
@@ -132,6 +131,7 @@ impl State {
             self.subjects.remove(&entry.subject);
             self.bytes -= entry.subject.len() + SUBJECT_OVERHEAD;
         }
+        forgotten
     }
 
     /// The subject's oldest live key, if it has more than `size`.
@@ -149,14 +149,21 @@ impl State {
         None
     }
 
-    /// Forgets keys older than `ttl`, then the oldest while over `budget`.
-    fn prune(&mut self, ttl: Option<Duration>, budget: usize, now: Instant) {
+    /// Forgets keys older than `ttl`, then the oldest while over `budget`; adds them to
+    /// `forgotten`.
+    fn prune(
+        &mut self,
+        ttl: Option<Duration>,
+        budget: usize,
+        now: Instant,
+        forgotten: &mut Vec<(Arc<str>, Arc<str>)>,
+    ) {
         while let Some((&sequence, entry)) = self.entries.first_key_value() {
             let expired = ttl.is_some_and(|ttl| now.duration_since(entry.at) >= ttl);
             if !expired && self.bytes <= budget {
                 break;
             }
-            self.remove(sequence);
+            forgotten.extend(self.remove(sequence));
         }
     }
 }
@@ -169,9 +176,17 @@ impl State {
 pub struct Reservation {
     state: Option<Shared>,
     sequences: Vec<u64>,
+    /// (subject, key) of the keys the window forgot to make room or as they expired.
+    forgotten: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Reservation {
+    /// The keys the window forgot while reserving (pushed out by these, or expired): a
+    /// store that also holds keys (across nodes) lets them go too.
+    pub fn take_forgotten(&mut self) -> Vec<(Arc<str>, Arc<str>)> {
+        std::mem::take(&mut self.forgotten)
+    }
+
     /// Whether it holds no key (a publish without keys, or deduplication off).
     pub fn is_empty(&self) -> bool {
         self.sequences.is_empty()
@@ -247,7 +262,8 @@ impl Dedup {
         }
         let now = Instant::now();
         let mut state = self.lock();
-        state.prune(self.ttl, self.budget, now);
+        let mut forgotten = Vec::new();
+        state.prune(self.ttl, self.budget, now, &mut forgotten);
         let mut in_batch = HashSet::new();
         for (event, (subject, key)) in batch.clone().into_iter().enumerate() {
             if key.is_empty() {
@@ -263,6 +279,7 @@ impl Dedup {
         let mut reservation = Reservation {
             state: Some(Arc::clone(&self.state)),
             sequences: Vec::new(),
+            forgotten,
         };
         for (subject, key) in batch {
             if key.is_empty() {
@@ -273,10 +290,10 @@ impl Dedup {
             state.insert(subject, key, sequence, now, false);
             reservation.sequences.push(sequence);
             while let Some(oldest) = state.over_size(subject, self.size) {
-                state.remove(oldest);
+                reservation.forgotten.extend(state.remove(oldest));
             }
         }
-        state.prune(self.ttl, self.budget, now);
+        state.prune(self.ttl, self.budget, now, &mut reservation.forgotten);
         Ok(reservation)
     }
 

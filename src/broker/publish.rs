@@ -92,6 +92,15 @@ impl Broker {
                 ))
             })?;
         drop(keys);
+        let mut reservation = reservation;
+        let forgotten = reservation.take_forgotten();
+        if !forgotten.is_empty() {
+            let forgotten = forgotten
+                .iter()
+                .map(|(subject, key)| (subject.to_string(), key.to_string()))
+                .collect();
+            log.forget_keys(forgotten).await;
+        }
         let appended = if reservation.is_empty() {
             log.append(pending).await
         } else {

@@ -11,6 +11,7 @@
 //! - [`ServedConsumers`]: consumers the backend runs itself (JetStream consumers): it
 //!   keeps what each was delivered and acknowledged, redelivers what is not acknowledged
 //!   in time, and hands events to the [`ServedMember`]s that pull them.
+//! - [`Relay`]: messages between the nodes that share a backend, for what is never stored.
 //! - [`StorageError`]: one backend-neutral error, a [kind](ErrorKind) for the front end to
 //!   answer with and a message with the details for the server's log.
 //!
@@ -169,6 +170,14 @@ pub trait EventLog: Send + Sync {
         max_key_len: usize,
         visit: &mut dyn FnMut(KeyedEvent),
     ) -> Result<(), StorageError>;
+
+    /// The broker's deduplication window forgot these (subject, key) pairs: a backend that
+    /// also holds keys, across the nodes that share it, lets them go too, so that a key is
+    /// refused exactly while it is in the window of the node that took it. Others ignore
+    /// it.
+    fn forget_keys(&self, _keys: Vec<(String, String)>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 
     /// Why the log takes no appends any more, if it stopped after a failure.
     fn halted(&self) -> Option<String>;

@@ -218,7 +218,7 @@ impl Backend for JetStreamBackend {
                     1,
                     self.cipher.as_ref(),
                     self.tail_bytes,
-                    DEFAULT_KEY_WINDOW,
+                    Some(DEFAULT_KEY_WINDOW),
                 )
                 .await
                 .expect("open the stream"),

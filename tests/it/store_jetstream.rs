@@ -67,7 +67,7 @@ async fn open_with(
         1,
         cipher,
         tail_bytes,
-        jetstream::DEFAULT_KEY_WINDOW,
+        Some(jetstream::DEFAULT_KEY_WINDOW),
     )
     .await?;
     Ok((client, context, log))

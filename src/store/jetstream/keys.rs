@@ -11,8 +11,11 @@
 //! - `claiming`: waits for the other append to end (it becomes `at p`, or disappears),
 //!   and takes the entry over if it is older than [`STALE`] (its node died).
 //!
-//! Entries expire with the bucket's age limit: the window across nodes is `--dup-ttl`
-//! (24 hours when it is not set). The broker's own window still answers first.
+//! A key is let go when the window of the node that took it forgets it (pushed out by
+//! newer keys of its subject, `--dup-size`, or expired, `--dup-ttl`), so that across
+//! nodes a key is refused while it is in that window, as on one node; entries also expire
+//! with the bucket's age limit (`--dup-ttl`, 24 hours when it is not set), for keys whose
+//! node went away. The broker's own window still answers first.
 
 use std::time::Duration;
 
@@ -22,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::connection::{direct_get, header_u64, unavailable};
 use super::sealing::Sealing;
-use crate::event::{JsonLayout, PendingEvent};
+use crate::event::{EventDraft, JsonLayout, PendingEvent};
 use crate::store::api::{ErrorKind, StorageError};
 
 /// How old a `claiming` entry is when its append is taken to have died with its node.
@@ -175,6 +178,26 @@ impl Keys {
                 .bucket
                 .delete_expect_revision(&claim.entry, Some(claim.revision))
                 .await;
+        }
+    }
+
+    /// Lets keys go: the broker's window forgot them.
+    pub async fn forget(&self, keys: Vec<(String, String)>) {
+        for (subject, key) in keys {
+            let draft = EventDraft {
+                subject: &subject,
+                key: &key,
+                ..EventDraft::default()
+            };
+            let Ok(event) = PendingEvent::new(&draft) else {
+                continue;
+            };
+            let Some((subject, key)) = event.encoded_key() else {
+                continue;
+            };
+            if let Err(e) = self.bucket.delete(entry_name(subject, key)).await {
+                tracing::debug!(stream = self.stream, error = %e, "forgetting a deduplication key failed; it expires with the bucket's age limit");
+            }
         }
     }
 

@@ -49,8 +49,8 @@ pub struct JetStreamLog {
     stream: String,
     /// Positions of the ids clients chose.
     client_ids: kv::Store,
-    /// Deduplication keys claimed across writers.
-    keys: Keys,
+    /// Deduplication keys claimed across writers (`None`: deduplication is off).
+    keys: Option<Keys>,
     client: async_nats::Client,
     context: jetstream::Context,
     runtime: Handle,
@@ -107,7 +107,7 @@ impl JetStreamLog {
         replicas: usize,
         cipher: Option<&Cipher>,
         tail_bytes: usize,
-        key_window: Duration,
+        key_window: Option<Duration>,
     ) -> Result<JetStreamLog, StorageError> {
         let name = stream_name(namespace);
         let mut metadata = HashMap::from([(
@@ -183,14 +183,15 @@ impl JetStreamLog {
             Duration::ZERO,
         )
         .await?;
-        let key_bucket = open_bucket(
-            context,
-            &format!("BUS_KEYS_{namespace}"),
-            replicas,
-            key_window,
-        )
-        .await?;
-        let keys = Keys::new(key_bucket, client.clone(), &name, sealing.clone());
+        let keys = match key_window {
+            Some(window) => {
+                let bucket =
+                    open_bucket(context, &format!("BUS_KEYS_{namespace}"), replicas, window)
+                        .await?;
+                Some(Keys::new(bucket, client.clone(), &name, sealing.clone()))
+            }
+            None => None,
+        };
         Ok(JetStreamLog {
             namespace: namespace.to_owned(),
             stream: name,
@@ -318,9 +319,10 @@ impl JetStreamLog {
                 Err(e) => Err(e),
             };
             // Keys are claimed across writers last, once nothing else refuses the append.
-            let claimed = match checked {
-                Ok(()) => self.keys.claim(&queued.batch).await,
-                Err(e) => Err(e),
+            let claimed = match (checked, &self.keys) {
+                (Ok(()), Some(keys)) => keys.claim(&queued.batch).await,
+                (Ok(()), None) => Ok(Vec::new()),
+                (Err(e), _) => Err(e),
             };
             match claimed {
                 Ok(claims) => {
@@ -350,7 +352,7 @@ impl JetStreamLog {
                 let mut appended = appended.into_iter();
                 for (queued, claims) in accepted {
                     let part: Vec<Appended> = appended.by_ref().take(queued.batch.len()).collect();
-                    if !claims.is_empty() {
+                    if let (false, Some(keys)) = (claims.is_empty(), &self.keys) {
                         let positions: Vec<u64> = queued
                             .batch
                             .iter()
@@ -358,14 +360,16 @@ impl JetStreamLog {
                             .filter(|(pending, _)| pending.encoded_key().is_some())
                             .map(|(_, appended)| appended.position)
                             .collect();
-                        self.keys.stored(claims, &positions).await;
+                        keys.stored(claims, &positions).await;
                     }
                     let _ = queued.done.send(Ok(part));
                 }
             }
             Err(e) => {
                 for (queued, claims) in accepted {
-                    self.keys.release(claims).await;
+                    if let Some(keys) = &self.keys {
+                        keys.release(claims).await;
+                    }
                     let _ = queued.done.send(Err(e.clone()));
                 }
             }
@@ -907,6 +911,14 @@ impl EventLog for JetStreamLog {
             // Gone at once rather than when JetStream finds it idle.
             let _ = stream.delete_consumer(&name).await;
             visited
+        })
+    }
+
+    fn forget_keys(&self, keys: Vec<(String, String)>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(claimed) = &self.keys {
+                claimed.forget(keys).await;
+            }
         })
     }
 
