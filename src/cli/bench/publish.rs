@@ -28,6 +28,15 @@ pub struct PublishBench {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
+    /// Give every event a deduplication key of its own (what deduplication costs).
+    #[arg(long)]
+    pub keyed: bool,
+}
+
+/// An event of about `size` bytes of payload with deduplication key `key`.
+fn keyed_event_body(subject: &str, size: usize, key: &str) -> String {
+    let event = event_body(subject, size, 0);
+    format!(r#"{{"key":"{key}",{}"#, &event[1..])
 }
 
 pub async fn run(args: PublishBench) -> anyhow::Result<()> {
@@ -45,17 +54,42 @@ pub async fn run(args: PublishBench) -> anyhow::Result<()> {
         format!("[{}]", vec![one; args.batch].join(","))
     };
     let body = Arc::new(body.into_bytes());
+    let (keyed, batch, payload) = (args.keyed, args.batch, args.payload);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.connections {
+    for connection in 0..args.connections {
         let body = Arc::clone(&body);
         let host = server.host.clone();
+        let subject = subject.clone();
         tasks.push(tokio::spawn(async move {
             let mut poster = Poster::connect(&host).await?;
             let mut latencies = Vec::with_capacity(per_connection as usize);
-            for _ in 0..per_connection {
+            for request in 0..per_connection {
+                // Keyed: a body of its own per request, its keys unique across the run.
+                let keyed_body = keyed.then(|| {
+                    let events: Vec<String> = (0..batch)
+                        .map(|n| {
+                            keyed_event_body(
+                                &subject,
+                                payload,
+                                &format!("{connection}-{request}-{n}"),
+                            )
+                        })
+                        .collect();
+                    if batch == 1 {
+                        events.concat()
+                    } else {
+                        format!("[{}]", events.join(","))
+                    }
+                });
                 let sent = Instant::now();
-                poster.post(&body).await?;
+                poster
+                    .post(
+                        keyed_body
+                            .as_ref()
+                            .map_or(body.as_slice(), String::as_bytes),
+                    )
+                    .await?;
                 latencies.push(sent.elapsed());
             }
             anyhow::Ok(latencies)
@@ -75,6 +109,7 @@ pub async fn run(args: PublishBench) -> anyhow::Result<()> {
             "connections": args.connections,
             "batch": args.batch,
             "payload_bytes": args.payload,
+            "keyed": args.keyed,
             "events": events,
             "seconds": elapsed.as_secs_f64(),
             "events_per_sec": events as f64 / elapsed.as_secs_f64(),

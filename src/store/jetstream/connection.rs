@@ -64,12 +64,13 @@ pub async fn connect(
 }
 
 /// A key-value bucket, created with `replicas` copies if it does not exist, whose entries
-/// expire after `max_age` (never if zero).
+/// expire after `max_age` (never if zero), kept on disk or in memory (`storage`).
 pub async fn open_bucket(
     context: &jetstream::Context,
     name: &str,
     replicas: usize,
     max_age: Duration,
+    storage: stream::StorageType,
 ) -> Result<kv::Store, StorageError> {
     match context.get_key_value(name).await {
         Ok(bucket) => Ok(bucket),
@@ -79,7 +80,7 @@ pub async fn open_bucket(
                 history: 1,
                 max_age,
                 num_replicas: replicas,
-                storage: stream::StorageType::File,
+                storage,
                 ..Default::default()
             })
             .await

@@ -11,6 +11,13 @@
 //! - `claiming`: waits for the other append to end (it becomes `at p`, or disappears),
 //!   and takes the entry over if it is older than [`STALE`] (its node died).
 //!
+//! The bucket is kept in memory (with the stream's replicas): on disk, with
+//! `sync_interval: always`, every claim would cost a sync of its own, and keyed publishes
+//! ran at a quarter of the rate (BENCHMARKS.md). The price: if every nats-server of the
+//! cluster restarts at once, the claims are gone, and until the nodes' windows are rebuilt
+//! (at their own restart, from the streams) a key published through one node may be
+//! published again through another.
+//!
 //! A key is let go when the window of the node that took it forgets it (pushed out by
 //! newer keys of its subject, `--dup-size`, or expired, `--dup-ttl`), so that across
 //! nodes a key is refused while it is in that window, as on one node; entries also expire
@@ -21,6 +28,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use futures_util::future::join_all;
 use sha2::{Digest, Sha256};
 
 use super::connection::{direct_get, header_u64, unavailable};
@@ -99,17 +107,31 @@ impl Keys {
     /// Claims the keys of an append (before it is appended); a conflict, naming the key,
     /// if one of them was published before. Claims already taken are given back then.
     pub async fn claim(&self, batch: &[PendingEvent]) -> Result<Vec<Claim>, StorageError> {
-        let mut claims = Vec::new();
-        for (subject, key) in batch.iter().filter_map(PendingEvent::encoded_key) {
-            match self.claim_one(subject, key).await {
+        // All at once: each is a round trip to JetStream.
+        let claimed = join_all(
+            batch
+                .iter()
+                .filter_map(PendingEvent::encoded_key)
+                .map(|(subject, key)| self.claim_one(subject, key)),
+        )
+        .await;
+        let mut claims = Vec::with_capacity(claimed.len());
+        let mut refused = None;
+        for claim in claimed {
+            match claim {
                 Ok(claim) => claims.push(claim),
                 Err(e) => {
-                    self.release(claims).await;
-                    return Err(e);
+                    refused.get_or_insert(e);
                 }
             }
         }
-        Ok(claims)
+        match refused {
+            None => Ok(claims),
+            Some(e) => {
+                self.release(claims).await;
+                Err(e)
+            }
+        }
     }
 
     async fn claim_one(&self, subject: &[u8], key: &[u8]) -> Result<Claim, StorageError> {
@@ -163,22 +185,22 @@ impl Keys {
 
     /// The claimed keys' events are stored at these positions (one per claim, in order).
     pub async fn stored(&self, claims: Vec<Claim>, positions: &[u64]) {
-        for (claim, position) in claims.into_iter().zip(positions) {
+        let updates = claims.into_iter().zip(positions).map(|(claim, position)| async move {
             let at = Bytes::from(format!("at {position}"));
             if let Err(e) = self.bucket.update(&claim.entry, at, claim.revision).await {
                 tracing::warn!(stream = self.stream, error = %e, "recording where a keyed event is failed; its key is free again after 10 s");
             }
-        }
+        });
+        join_all(updates).await;
     }
 
     /// Gives claims back: their events were not stored.
     pub async fn release(&self, claims: Vec<Claim>) {
-        for claim in claims {
-            let _ = self
-                .bucket
+        join_all(claims.iter().map(|claim| {
+            self.bucket
                 .delete_expect_revision(&claim.entry, Some(claim.revision))
-                .await;
-        }
+        }))
+        .await;
     }
 
     /// Lets keys go: the broker's window forgot them.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
@@ -181,13 +182,21 @@ impl JetStreamLog {
             &format!("BUS_IDS_{namespace}"),
             replicas,
             Duration::ZERO,
+            stream::StorageType::File,
         )
         .await?;
         let keys = match key_window {
             Some(window) => {
-                let bucket =
-                    open_bucket(context, &format!("BUS_KEYS_{namespace}"), replicas, window)
-                        .await?;
+                // In memory (replicated): a claim is an arbiter between appends in flight,
+                // not a record; the events themselves are the record.
+                let bucket = open_bucket(
+                    context,
+                    &format!("BUS_KEYS_{namespace}"),
+                    replicas,
+                    window,
+                    stream::StorageType::Memory,
+                )
+                .await?;
                 Some(Keys::new(bucket, client.clone(), &name, sealing.clone()))
             }
             None => None,
@@ -304,10 +313,10 @@ impl JetStreamLog {
             }
             return;
         }
-        let mut accepted = Vec::with_capacity(group.len());
+        let mut checked = Vec::with_capacity(group.len());
         let mut ids_in_group = std::collections::HashSet::new();
         for queued in group {
-            let checked = match self.check_client_ids(&queued.batch).await {
+            let ids = match self.check_client_ids(&queued.batch).await {
                 Ok(()) => queued
                     .batch
                     .iter()
@@ -318,14 +327,8 @@ impl JetStreamLog {
                     }),
                 Err(e) => Err(e),
             };
-            // Keys are claimed across writers last, once nothing else refuses the append.
-            let claimed = match (checked, &self.keys) {
-                (Ok(()), Some(keys)) => keys.claim(&queued.batch).await,
-                (Ok(()), None) => Ok(Vec::new()),
-                (Err(e), _) => Err(e),
-            };
-            match claimed {
-                Ok(claims) => {
+            match ids {
+                Ok(()) => {
                     ids_in_group.extend(
                         queued
                             .batch
@@ -333,8 +336,23 @@ impl JetStreamLog {
                             .filter_map(PendingEvent::client_id)
                             .map(str::to_owned),
                     );
-                    accepted.push((queued, claims));
+                    checked.push(queued);
                 }
+                Err(e) => {
+                    let _ = queued.done.send(Err(e));
+                }
+            }
+        }
+        // Keys are claimed across writers last, once nothing else refuses an append, and
+        // for all the group's appends at once.
+        let claimed = match &self.keys {
+            Some(keys) => join_all(checked.iter().map(|queued| keys.claim(&queued.batch))).await,
+            None => checked.iter().map(|_| Ok(Vec::new())).collect(),
+        };
+        let mut accepted = Vec::with_capacity(checked.len());
+        for (queued, claims) in checked.into_iter().zip(claimed) {
+            match claims {
+                Ok(claims) => accepted.push((queued, claims)),
                 Err(e) => {
                     let _ = queued.done.send(Err(e));
                 }
@@ -350,9 +368,11 @@ impl JetStreamLog {
         match self.commit(state, &events).await {
             Ok(appended) => {
                 let mut appended = appended.into_iter();
+                let mut answers = Vec::with_capacity(accepted.len());
+                let mut stored = Vec::new();
                 for (queued, claims) in accepted {
                     let part: Vec<Appended> = appended.by_ref().take(queued.batch.len()).collect();
-                    if let (false, Some(keys)) = (claims.is_empty(), &self.keys) {
+                    if !claims.is_empty() {
                         let positions: Vec<u64> = queued
                             .batch
                             .iter()
@@ -360,16 +380,30 @@ impl JetStreamLog {
                             .filter(|(pending, _)| pending.encoded_key().is_some())
                             .map(|(_, appended)| appended.position)
                             .collect();
-                        keys.stored(claims, &positions).await;
+                        stored.push((claims, positions));
                     }
-                    let _ = queued.done.send(Ok(part));
+                    answers.push((queued.done, part));
+                }
+                if let Some(keys) = &self.keys {
+                    join_all(stored.into_iter().map(|(claims, positions)| async move {
+                        keys.stored(claims, &positions).await
+                    }))
+                    .await;
+                }
+                for (done, part) in answers {
+                    let _ = done.send(Ok(part));
                 }
             }
             Err(e) => {
-                for (queued, claims) in accepted {
-                    if let Some(keys) = &self.keys {
-                        keys.release(claims).await;
-                    }
+                if let Some(keys) = &self.keys {
+                    join_all(
+                        accepted
+                            .iter_mut()
+                            .map(|(_, claims)| keys.release(std::mem::take(claims))),
+                    )
+                    .await;
+                }
+                for (queued, _) in accepted {
                     let _ = queued.done.send(Err(e.clone()));
                 }
             }
