@@ -93,6 +93,21 @@ pub fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
     message.headers.as_ref()?.get(name)?.as_str().parse().ok()
 }
 
+/// The body of the message at `position` of `stream` (sequence `position + 1`), if there
+/// is one.
+pub async fn body_at(
+    client: &async_nats::Client,
+    stream: &str,
+    position: u64,
+) -> Result<Option<Bytes>, StorageError> {
+    let messages = direct_get(client, stream, serde_json::json!({ "seq": position + 1 })).await?;
+    Ok(messages
+        .into_iter()
+        .next()
+        .filter(|message| header_u64(message, "Nats-Sequence") == Some(position + 1))
+        .map(|message| message.payload))
+}
+
 /// A direct get from `stream`; the messages it answers with, none when there are none.
 pub async fn direct_get(
     client: &async_nats::Client,

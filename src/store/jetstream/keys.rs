@@ -31,7 +31,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use sha2::{Digest, Sha256};
 
-use super::connection::{direct_get, header_u64, unavailable};
+use super::connection::{body_at, unavailable};
 use super::sealing::Sealing;
 use crate::event::{EventDraft, JsonLayout, PendingEvent};
 use crate::store::api::{ErrorKind, StorageError};
@@ -225,19 +225,10 @@ impl Keys {
 
     /// Whether the event stored at `position` has this subject and key.
     async fn holds(&self, position: u64, subject: &[u8], key: &[u8]) -> Result<bool, StorageError> {
-        let messages = direct_get(
-            &self.client,
-            &self.stream,
-            serde_json::json!({ "seq": position + 1 }),
-        )
-        .await?;
-        let Some(message) = messages.into_iter().next() else {
+        let Some(body) = body_at(&self.client, &self.stream, position).await? else {
             return Ok(false);
         };
-        if header_u64(&message, "Nats-Sequence") != Some(position + 1) {
-            return Ok(false);
-        }
-        let json = self.sealing.open(message.payload)?;
+        let json = self.sealing.open(body)?;
         Ok(JsonLayout::parse(&json)
             .and_then(|layout| {
                 layout

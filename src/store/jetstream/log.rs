@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::connection::{
-    direct_get, header_u64, open_bucket, stream_name, unavailable, REQUEST_TIMEOUT,
+    body_at, direct_get, header_u64, open_bucket, stream_name, unavailable, REQUEST_TIMEOUT,
 };
 use super::follow;
 use super::keys::Keys;
@@ -642,19 +642,10 @@ impl JetStreamLog {
 
     /// Whether the event stored at `position` is the one with `id`.
     async fn holds(&self, position: u64, id: &str) -> Result<bool, StorageError> {
-        let messages = direct_get(
-            &self.client,
-            &self.stream,
-            serde_json::json!({ "seq": position + 1 }),
-        )
-        .await?;
-        let Some(message) = messages.into_iter().next() else {
+        let Some(body) = body_at(&self.client, &self.stream, position).await? else {
             return Ok(false);
         };
-        if header_u64(&message, "Nats-Sequence") != Some(position + 1) {
-            return Ok(false);
-        }
-        let json = self.sealing.open(message.payload)?;
+        let json = self.sealing.open(body)?;
         Ok(event::id_of_json(&json) == Some(id))
     }
 
