@@ -354,6 +354,13 @@ enum End {
 impl MemberLoop {
     async fn run(mut self) {
         let end = self.serve().await;
+        if matches!(end, End::Left) {
+            // Acks the connection sent before it left count (they were answered 202):
+            // what is given back below must not include them.
+            while let Ok(input) = self.inputs.try_recv() {
+                let _ = self.take(input).await;
+            }
+        }
         match &end {
             End::Left => {}
             End::Error(message) => {
