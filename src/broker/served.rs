@@ -16,8 +16,9 @@
 //!   holds whichever member, or node, gets that delivery; a node that dies between the
 //!   dead letter and the termination gives the event a second dead letter, never none.
 //! - **Leaving hands back**: a member that leaves gives back what it held (negative acks
-//!   without delay), so the others get it at once; a node that dies gives it back by the
-//!   redelivery time.
+//!   without delay), so the others get it within seconds (once its pull requests have
+//!   ended, see the store), not after the redelivery time; a node that dies gives it back
+//!   by the redelivery time.
 //! - **Replies** are claimed once per delivery to a connection: the claim is the member's
 //!   (in memory), not the storage's.
 

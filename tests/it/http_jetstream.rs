@@ -506,7 +506,7 @@ async fn manual_ack_consumers_are_jetstream_consumers() {
 
 /// A queue group whose members are on two nodes shares the work as on one node: every
 /// event goes to one member, once; and what a member held when its node stopped goes to
-/// the member on the other node.
+/// the member on the other node within seconds, not after the redelivery time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_spans_nodes_and_a_stopped_nodes_events_go_to_the_others() {
     let Some(nats) = JetStreamServer::start() else {
@@ -539,7 +539,7 @@ async fn a_queue_group_spans_nodes_and_a_stopped_nodes_events_go_to_the_others()
     );
 
     // Node a's member holds work without acknowledging it while node b's member waits;
-    // node a stops: node b's member gets that work now, not after the 30 s redelivery
+    // node a stops: node b's member gets that work within seconds, not after the 30 s redelivery
     // time.
     drop(on_b);
     // Until node b sees the connection close, its member may still take work.

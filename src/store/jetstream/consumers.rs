@@ -21,7 +21,9 @@
 //!
 //! A member holds one inbox subscription; its pull requests expire after
 //! [`PULL_EXPIRES`] and carry idle heartbeats, so that a request JetStream lost (a
-//! reconnect, a new consumer leader) is noticed and made again.
+//! reconnect, a new consumer leader) is noticed and made again. A member that leaves
+//! listens until its requests have ended (JetStream cannot be told to drop them, and
+//! would send into the void), then gives back what it holds: within `PULL_EXPIRES`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -44,9 +46,9 @@ const PATTERN_KEY: &str = "bus_pattern";
 /// …and the one with its owner.
 const OWNER_KEY: &str = "bus_owner";
 /// How long a pull request waits for events before JetStream ends it (it is made again).
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How often JetStream tells a member with a waiting pull request that it is alive.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(2);
 /// The most events [`ServedMember::next`] hands over at once.
 const NEXT_EVENTS: usize = 256;
 /// The smallest byte budget a bounded pull request is made with.
@@ -571,19 +573,8 @@ impl ServedMember for JetStreamMember {
     fn close(self: Box<Self>, held: Vec<String>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let mut member = *self;
-            // Interest goes first: JetStream drops the pull requests of an inbox nobody
-            // listens to. Draining takes what was sent before the server saw that, so it
-            // is given back too rather than left to the redelivery time.
-            let _ = member.answers.drain().await;
-            let mut give_back = held;
-            while let Ok(Some(message)) =
-                tokio::time::timeout(REQUEST_TIMEOUT, member.answers.next()).await
-            {
-                if message.status.is_none() {
-                    give_back.extend(message.reply.map(|reply| reply.to_string()));
-                }
-            }
             if member.ephemeral {
+                let _ = member.answers.unsubscribe().await;
                 if let Err(e) = member
                     .context
                     .delete_consumer_from_stream(&member.consumer, &member.stream)
@@ -593,6 +584,29 @@ impl ServedMember for JetStreamMember {
                 }
                 return;
             }
+            // JetStream cannot be told to forget a pull request, and what it sends to an
+            // inbox nobody listens to any more waits for the ack wait. So the member keeps
+            // listening until its requests have ended (each within PULL_EXPIRES), takes
+            // what still comes, and gives everything back only then: given back earlier,
+            // it could come straight back to one of these requests.
+            let mut give_back = held;
+            let deadline = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+            while member.outstanding > 0 {
+                let Ok(Some(message)) =
+                    tokio::time::timeout_at(deadline, member.answers.next()).await
+                else {
+                    break;
+                };
+                if message.status.is_some() {
+                    if matches!(message.status.map(|s| s.as_u16()), Some(404 | 408 | 409)) {
+                        member.ended(&message);
+                    }
+                    continue;
+                }
+                member.outstanding = member.outstanding.saturating_sub(1);
+                give_back.extend(message.reply.map(|reply| reply.to_string()));
+            }
+            let _ = member.answers.unsubscribe().await;
             let nak = settle_body(Settle::Nak(Duration::ZERO));
             for token in give_back {
                 let _ = member.client.publish(token, nak.clone()).await;
