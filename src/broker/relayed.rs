@@ -132,20 +132,24 @@ impl Broker {
         Ok(self.ask(consumer_id, &ask).await?.is_some())
     }
 
+    /// Asks the node holding `consumer_id`; `None` when none answers. A node that does
+    /// not answer in time (it is going away, or the connection just left) counts as none:
+    /// the ack is then a late one, accepted and ignored, and the event is redelivered.
     async fn ask(&self, consumer_id: &str, ask: &Ask) -> Result<Option<Bytes>, BrokerError> {
         let Some(relay) = &self.relay else {
             return Ok(None);
         };
         let body = serde_json::to_vec(ask).map_err(|e| BrokerError::Storage(e.to_string()))?;
-        relay
+        match relay
             .request(&subject(consumer_id), Bytes::from(body))
             .await
-            .map_err(|e| {
-                tracing::warn!(consumer_id, error = %e, "relaying an ack failed");
-                BrokerError::Storage(
-                    "the node holding this consumer could not be reached; retry".into(),
-                )
-            })
+        {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                tracing::warn!(consumer_id, error = %e, "no node answered for a consumer; its ack is dropped");
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -4,11 +4,17 @@
 //! sends there, and hears nothing back (no responders) when no node holds it. A node's
 //! messages carry its name, so that it does not hear its own.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::connection::{unavailable, REQUEST_TIMEOUT};
+use super::connection::unavailable;
 use crate::store::api::{BoxFuture, Relay, RelayListener, StorageError};
+
+/// How long a node waits for another's answer: they are on the same NATS, so a node that
+/// has not answered by then is going away (or its listener just did).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The header naming the node a relayed message comes from, so that it does not hear its
 /// own.
@@ -53,7 +59,7 @@ impl Relay for JetStreamRelay {
     ) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
         Box::pin(async move {
             let asked = self.client.request(subject.to_owned(), body);
-            match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+            match tokio::time::timeout(ANSWER_TIMEOUT, asked).await {
                 Ok(Ok(answer)) => Ok(Some(answer.payload)),
                 Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
                 Ok(Err(e)) => Err(unavailable(&format!("asking {subject}"), e)),
