@@ -81,6 +81,11 @@ impl Timestamp {
         self.0
     }
 
+    /// Whole milliseconds since the Unix epoch; 0 for instants before it.
+    pub fn unix_millis(self) -> u64 {
+        u64::try_from(self.0 / 1_000_000).unwrap_or(0)
+    }
+
     /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`; instants outside the RFC 3339 range are clamped.
     ///
     /// ```

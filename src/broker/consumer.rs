@@ -60,6 +60,7 @@ use crate::store::{
     ConsumerName, ConsumerProgress as Progress, ConsumerStore, EventLog, StorageError,
 };
 use crate::subject::Pattern;
+use crate::timestamp::Timestamp;
 
 /// Messages a consumer's dispatcher takes (from the broker, acks and members).
 #[derive(Debug)]
@@ -455,7 +456,7 @@ impl Dispatcher {
             .iter()
             .map(|&[position, n]| (position, u32::try_from(n).unwrap_or(u32::MAX)))
             .collect();
-        let (now, now_ms) = (Instant::now(), unix_millis());
+        let (now, now_ms) = (Instant::now(), Timestamp::now().unix_millis());
         let delayed: HashMap<u64, Instant> = progress
             .delayed
             .iter()
@@ -1004,7 +1005,7 @@ impl Dispatcher {
             .filter(|(_, p)| p.deliveries > 0)
             .map(|(&position, p)| [position, u64::from(p.deliveries)])
             .collect();
-        let (now, now_ms) = (Instant::now(), unix_millis());
+        let (now, now_ms) = (Instant::now(), Timestamp::now().unix_millis());
         progress.delayed = self
             .pending
             .iter()
@@ -1132,11 +1133,6 @@ pub(super) async fn give_up_event(
     if let Err(e) = appended {
         tracing::error!(consumer = %consumer, event_id = event.id(), error = %e, "appending a dead letter failed");
     }
-}
-
-/// The system clock in milliseconds since the Unix epoch (a delay's end, as stored).
-fn unix_millis() -> u64 {
-    u64::try_from(crate::timestamp::Timestamp::now().unix_nanos() / 1_000_000).unwrap_or(0)
 }
 
 /// `now + wait`, or a time beyond any server's lifetime if that cannot be represented:

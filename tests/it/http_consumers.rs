@@ -26,17 +26,6 @@ async fn publish_n(server: &TestServer, subject: &str, range: std::ops::Range<i6
     }
 }
 
-async fn list_consumers(server: &TestServer) -> Value {
-    let response = server
-        .client
-        .get(format!("{}consumers/app", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    serde_json::from_str(&response.text().await.unwrap()).unwrap()
-}
-
 async fn put(server: &TestServer, query: &str) -> u16 {
     server
         .client
@@ -308,7 +297,7 @@ async fn consumers_are_listed_and_deleted() {
     ack(&server, &sse, &[&got[0]]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let list = list_consumers(&server).await;
+    let list = server.list_consumers("app").await;
     let consumer = &list[0];
     assert_eq!(consumer["name"], "lister");
     assert_eq!(consumer["pattern"], "app.l");
@@ -348,7 +337,7 @@ async fn consumers_are_listed_and_deleted() {
     let last = last.expect("frames before the end");
     assert_eq!(last.event.as_deref(), Some("error"));
     assert!(last.data[0].contains("deleted"), "{last:?}");
-    let list = list_consumers(&server).await;
+    let list = server.list_consumers("app").await;
     assert_eq!(list, json!([]));
 
     // Created again, `start` applies anew.

@@ -452,16 +452,7 @@ async fn manual_ack_consumers_are_jetstream_consumers() {
         info.ack_floor.stream_sequence == 2 && info.num_ack_pending == 1
     })
     .await;
-    let listed = server
-        .client
-        .get(format!("{}consumers/app", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let listed = server.list_consumers("app").await;
     let billing = listed
         .as_array()
         .unwrap()

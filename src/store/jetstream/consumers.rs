@@ -100,12 +100,7 @@ impl JetStreamConsumers {
         namespace: &str,
         name: &str,
     ) -> Result<Option<consumer::Info>, StorageError> {
-        let stream = self.stream(namespace).await?;
-        match stream.consumer_info(name).await {
-            Ok(info) => Ok(Some(info)),
-            Err(e) if not_found(&e.to_string()) => Ok(None),
-            Err(e) => Err(unavailable(&format!("reading consumer {name}"), e)),
-        }
+        consumer_info(&self.context, &stream_name(namespace), name).await
     }
 
     async fn create(&self, spec: &ServedSpec<'_>) -> Result<consumer::Info, StorageError> {
@@ -155,6 +150,23 @@ impl JetStreamConsumers {
                 e,
             )),
         }
+    }
+}
+
+/// Consumer `name` of `stream`, if it exists.
+async fn consumer_info(
+    context: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> Result<Option<consumer::Info>, StorageError> {
+    let stream = context
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| unavailable(&format!("reaching stream {stream}"), e))?;
+    match stream.consumer_info(name).await {
+        Ok(info) => Ok(Some(info)),
+        Err(e) if not_found(&e.to_string()) => Ok(None),
+        Err(e) => Err(unavailable(&format!("reading consumer {name}"), e)),
     }
 }
 
@@ -356,19 +368,7 @@ impl JetStreamMember {
     }
 
     async fn consumer_info(&self) -> Result<Option<consumer::Info>, StorageError> {
-        let stream = self
-            .context
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(|e| unavailable("reaching a consumer's stream", e))?;
-        match stream.consumer_info(&self.consumer).await {
-            Ok(info) => Ok(Some(info)),
-            Err(e) if not_found(&e.to_string()) => Ok(None),
-            Err(e) => Err(unavailable(
-                &format!("reading consumer {}", self.consumer),
-                e,
-            )),
-        }
+        consumer_info(&self.context, &self.stream, &self.consumer).await
     }
 
     /// What a message on the inbox is: an event delivered, or the state of the pulls.

@@ -35,6 +35,7 @@ use super::connection::{body_at, unavailable};
 use super::sealing::Sealing;
 use crate::event::{EventDraft, JsonLayout, PendingEvent};
 use crate::store::api::{ErrorKind, StorageError};
+use crate::timestamp::Timestamp;
 
 /// How old a `claiming` entry is when its append is taken to have died with its node.
 const STALE: Duration = Duration::from_secs(10);
@@ -67,10 +68,6 @@ fn entry_name(subject: &[u8], key: &[u8]) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
-}
-
-fn unix_millis() -> u64 {
-    u64::try_from(crate::timestamp::Timestamp::now().unix_nanos() / 1_000_000).unwrap_or(0)
 }
 
 /// What an entry says.
@@ -138,7 +135,7 @@ impl Keys {
         let entry = entry_name(subject, key);
         let failed = |e: &dyn std::fmt::Display| unavailable("claiming a deduplication key", e);
         loop {
-            let claiming = Bytes::from(format!("claiming {}", unix_millis()));
+            let claiming = Bytes::from(format!("claiming {}", Timestamp::now().unix_millis()));
             match self.bucket.create(&entry, claiming.clone()).await {
                 Ok(revision) => return Ok(Claim { entry, revision }),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
@@ -169,7 +166,8 @@ impl Keys {
                     true
                 }
                 Some(Entry::Claiming { since_ms }) => {
-                    unix_millis().saturating_sub(since_ms) > STALE.as_millis() as u64
+                    Timestamp::now().unix_millis().saturating_sub(since_ms)
+                        > STALE.as_millis() as u64
                 }
                 None => true,
             };

@@ -93,6 +93,18 @@ impl TestServer {
         }
     }
 
+    /// `GET /consumers/{namespace}`: the durable consumers as listed; panics unless 200.
+    pub async fn list_consumers(&self, namespace: &str) -> serde_json::Value {
+        let response = self
+            .client
+            .get(format!("{}consumers/{namespace}", self.url))
+            .send()
+            .await
+            .expect("GET /consumers");
+        assert_eq!(response.status(), 200);
+        serde_json::from_str(&response.text().await.expect("body")).expect("JSON")
+    }
+
     /// POSTs a raw body.
     pub async fn post(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
         self.client
