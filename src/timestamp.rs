@@ -82,6 +82,14 @@ impl Timestamp {
     }
 
     /// Whole milliseconds since the Unix epoch; 0 for instants before it.
+    ///
+    /// ```
+    /// use bus::timestamp::Timestamp;
+    ///
+    /// assert_eq!(Timestamp::parse("1970-01-01T00:00:02.5Z")?.unix_millis(), 2_500);
+    /// assert_eq!(Timestamp::parse("1969-12-31T23:59:59Z")?.unix_millis(), 0);
+    /// # Ok::<(), bus::timestamp::TimestampError>(())
+    /// ```
     pub fn unix_millis(self) -> u64 {
         u64::try_from(self.0 / 1_000_000).unwrap_or(0)
     }
