@@ -55,6 +55,11 @@ pub struct ServerConfig {
     #[arg(long, env = "BUS_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
 
+    /// The name this server goes by: the `node` label of every metric and a field of its
+    /// start-up log, to tell the nodes of one JetStream apart. Default: the host name.
+    #[arg(long, env = "BUS_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// When appends reach the disk: `always` (acknowledged only once synced),
     /// `interval=<duration>` (synced at least that often) or `never` (left to the OS).
     #[arg(long, env = "BUS_FSYNC", default_value = "always")]
@@ -226,6 +231,14 @@ impl ServerConfig {
             tail_bytes: usize::try_from(self.tail_size).unwrap_or(usize::MAX),
             cipher,
         })
+    }
+
+    /// The node's name: `--node-name`, else the host name (`bus` if it has none).
+    pub fn node_name(&self) -> String {
+        match self.node_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => name.to_owned(),
+            _ => host_name().unwrap_or_else(|| "bus".to_owned()),
+        }
     }
 
     /// How to reach JetStream, with `--store jetstream`.
@@ -464,4 +477,17 @@ fn parse_memory_budget(text: &str) -> Result<MemoryLimit, String> {
             bytes => Ok(MemoryLimit::Bytes(bytes)),
         },
     }
+}
+
+/// The machine's host name (`gethostname`, a system call: no file read).
+fn host_name() -> Option<String> {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `name.len()` bytes into the buffer it is given.
+    let written = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+    if written != 0 {
+        return None;
+    }
+    let end = name.iter().position(|&b| b == 0)?;
+    let name = std::str::from_utf8(&name[..end]).ok()?.trim();
+    (!name.is_empty()).then(|| name.to_owned())
 }

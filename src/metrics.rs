@@ -107,6 +107,35 @@ pub fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The exposition `text` with `name="value"` added to the labels of every sample (the
+/// `node` label: one server's series told apart from another's by the same names).
+pub fn with_label(text: &str, name: &str, value: &str) -> String {
+    let pair = format!("{name}=\"{}\"", label(value));
+    let mut out = String::with_capacity(text.len() + text.lines().count() * (pair.len() + 3));
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            out.push_str(line);
+        } else if let Some(open) = line.find('{') {
+            let (metric, labels) = line.split_at(open + 1);
+            out.push_str(metric);
+            out.push_str(&pair);
+            if !labels.starts_with('}') {
+                out.push(',');
+            }
+            out.push_str(labels);
+        } else {
+            let (metric, sample) = line.split_at(line.find(' ').unwrap_or(line.len()));
+            out.push_str(metric);
+            out.push('{');
+            out.push_str(&pair);
+            out.push('}');
+            out.push_str(sample);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +157,16 @@ mod tests {
              x_seconds_count{ns=\"a\"} 4\n"
         );
         assert_eq!(h.count(), 4);
+    }
+
+    #[test]
+    fn a_label_goes_on_every_sample() {
+        let text = "# HELP a A.\n# TYPE a gauge\na 1\nb{ns=\"x\"} 2\nc{} 3\n";
+        assert_eq!(
+            with_label(text, "node", "n\"1"),
+            "# HELP a A.\n# TYPE a gauge\na{node=\"n\\\"1\"} 1\n\
+             b{node=\"n\\\"1\",ns=\"x\"} 2\nc{node=\"n\\\"1\"} 3\n"
+        );
     }
 
     #[test]

@@ -168,6 +168,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     );
     state.auth = auth;
     state.cors_origins = cors_origins.map(Arc::new);
+    let node = config.node_name();
+    state.node = Arc::from(node.as_str());
     if retention.is_set() {
         tokio::spawn(enforce_retention(
             storage.logs.clone(),
@@ -186,6 +188,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     ));
     tracing::info!(
         %addr,
+        %node,
         path = %config.path.display(),
         fsync = %config.fsync,
         auth = if config.auth_file.is_some() { "tokens" } else { "open" },

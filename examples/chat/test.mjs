@@ -12,12 +12,12 @@
 
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { createServer } from "node:http";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { startStatic } from "./static.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const busBin = process.env.BUS_BIN || resolve(here, "../../target/debug/bus");
@@ -56,17 +56,6 @@ async function stopBus(bus) {
   if (code !== 0) fail(`bus exited with ${code} on SIGTERM`);
 }
 
-// Serves the page the way a user would with any static file server.
-async function startStatic() {
-  const page = readFileSync(join(here, "index.html"));
-  const server = createServer((request, response) => {
-    response.writeHead(200, { "Content-Type": "text/html; charset=utf-8" });
-    response.end(page);
-  });
-  server.listen(0, "127.0.0.1");
-  await once(server, "listening");
-  return server;
-}
 
 async function publish(busUrl, text) {
   const response = await fetch(busUrl, {
@@ -93,7 +82,7 @@ async function waitFor(what, check, timeoutMs = 20_000) {
 
 let bus = await startBus("127.0.0.1:0");
 const busUrl = `http://${bus.address}/`;
-const staticServer = await startStatic();
+const staticServer = await startStatic(here);
 const pageUrl = (name) =>
   `http://127.0.0.1:${staticServer.address().port}/?bus=${encodeURIComponent(busUrl)}&room=lobby&name=${name}`;
 const browser = await chromium.launch({ executablePath: chromiumPath, args: ["--no-sandbox"] });

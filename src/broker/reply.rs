@@ -1,11 +1,9 @@
 //! The waits of a publish that the server does itself — confirmations (`confirm=N`) and
 //! replies (`reply=1`) — and replies carried by an ack, which are taken once, for an
-//! event delivered to that connection.
+//! event delivered to that connection (claimed through [`super::reply_claim`]).
 
-use tokio::sync::{mpsc, oneshot};
-
-use super::consumer::{Input, ReplyRefused};
 use super::relayed;
+use super::reply_claim::{claim_held, not_delivered, ClaimHolder, ReplyClaim};
 use super::{
     random_id, Broker, BrokerError, ConfirmWait, InboxSubscription, PublishError, INBOX_NAMESPACE,
 };
@@ -50,51 +48,20 @@ impl Broker {
     /// must have been delivered to that connection, not be acknowledged yet, not have
     /// been replied to, and name a `response_subject`. The claim tells where the reply
     /// goes (for the front end to authorize); [`Broker::publish_reply`] publishes it, and
-    /// a claim dropped unpublished lets the event be replied to again.
+    /// a claim dropped unpublished lets the event be replied to again. On a shared
+    /// backend the connection may be on another node: the claim is then that node's.
     pub async fn claim_reply(
         &self,
         consumer_id: &str,
         event_id: &str,
     ) -> Result<ReplyClaim, BrokerError> {
-        let not_delivered = || {
-            BrokerError::Conflict(format!(
-                "event {event_id} is not waiting for an ack from consumer {consumer_id}: a reply goes \
-                 with the ack of an event delivered to that connection and not yet acknowledged"
-            ))
-        };
-        let (inputs, member) = self
-            .acks
-            .dispatcher(consumer_id)
-            .ok_or_else(not_delivered)?;
-        let (answer, answered) = oneshot::channel();
-        let claim = Input::ClaimReply {
-            event_id: event_id.to_owned(),
-            member,
-            answer,
-        };
-        if inputs.send(claim).await.is_err() {
-            return Err(not_delivered());
+        if let Some(claimed) = claim_held(&self.acks, consumer_id, event_id).await {
+            return claimed;
         }
-        let event = match answered.await {
-            Ok(Ok(event)) => event,
-            Ok(Err(ReplyRefused::Replied)) => {
-                return Err(BrokerError::Conflict(format!(
-                    "event {event_id} was replied to already; an event takes one reply"
-                )))
-            }
-            Ok(Err(ReplyRefused::NotDelivered)) | Err(_) => return Err(not_delivered()),
-        };
-        let mut claim = ReplyClaim {
-            subject: String::new(),
-            event_id: event_id.to_owned(),
-            inputs: Some(inputs),
-        };
-        claim.subject = event.response_subject().ok_or_else(|| {
-            BrokerError::Conflict(format!(
-                "event {event_id} has no response_subject: its publisher asked for no reply"
-            ))
-        })?;
-        Ok(claim)
+        match &self.relay {
+            Some(relay) => relayed::claim_reply(relay, consumer_id, event_id).await,
+            None => Err(not_delivered(consumer_id, event_id)),
+        }
     }
 
     /// Publishes `payload` as the claimed reply, to the event's `response_subject`.
@@ -121,36 +88,13 @@ impl Broker {
                 .await
                 .map_err(PublishError::Storage)?;
         }
-        claim.inputs = None;
-        Ok(())
-    }
-}
-
-/// The one reply to an event, claimed by a connection it was delivered to
-/// ([`Broker::claim_reply`]); dropped without being published, it is given back.
-pub struct ReplyClaim {
-    /// Where the reply goes: the event's `response_subject`.
-    pub subject: String,
-    event_id: String,
-    /// The dispatcher to give the claim back to; `None` once published.
-    inputs: Option<mpsc::Sender<Input>>,
-}
-
-impl Drop for ReplyClaim {
-    fn drop(&mut self) {
-        let Some(inputs) = self.inputs.take() else {
-            return;
-        };
-        let release = Input::ReleaseReply {
-            event_id: std::mem::take(&mut self.event_id),
-        };
-        if let Err(mpsc::error::TrySendError::Full(release)) = inputs.try_send(release) {
-            // A busy dispatcher gets it as soon as it has room.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = inputs.send(release).await;
-                });
-            }
+        // Published: the claim is not given back (here, by dropping it; on the node
+        // holding the connection, by telling it).
+        if let (Some(ClaimHolder::Elsewhere { consumer_id, .. }), Some(relay)) =
+            (claim.holder.take(), &self.relay)
+        {
+            relayed::replied(relay, &consumer_id, &claim.event_id).await;
         }
+        Ok(())
     }
 }

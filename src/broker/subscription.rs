@@ -194,6 +194,9 @@ impl Cursor {
                 Err(e) => return Err(format!("reading the log failed: {e}")),
             };
             let Some(last) = events.last() else {
+                // Nothing is stored from `next` to the watermark (positions a store skips):
+                // what comes next is beyond it.
+                self.next = committed;
                 continue;
             };
             self.next = last.position() + 1;

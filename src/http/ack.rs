@@ -9,8 +9,7 @@
 //! for inboxes).
 //!
 //! On a shared backend (JetStream, several nodes) an ack for a connection another node
-//! holds is handed to that node (a reply body is not: it is refused with 409, and goes
-//! to the connection's own node).
+//! holds is handed to that node; a reply is claimed there and published from here.
 //!
 //! Answers 202 whether or not anything was waiting for a plain ack (late acks are normal);
 //! 400 if a parameter is missing, malformed or repeated. With `--auth-file`, the token
@@ -131,18 +130,6 @@ async fn acknowledge(
     let limits = &app.limits;
     let body = read_body(body, limits.max_body, limits.body_timeout).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
-        if elsewhere
-            && app
-                .broker
-                .remote_consumer(&request.consumer_id)
-                .await?
-                .is_some()
-        {
-            return Err(ApiError::conflict(format!(
-                "consumer {} is connected to another node: a reply goes with the ack to the node its event stream is connected to",
-                request.consumer_id
-            )));
-        }
         reply(app, who.as_ref(), &request, &body).await?;
     }
     if elsewhere {

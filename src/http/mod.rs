@@ -83,6 +83,8 @@ pub struct AppState {
     /// The server's memory budget: new publishes and subscriptions wait while it is
     /// spent (`--max-memory`).
     pub memory: Arc<MemoryBudget>,
+    /// The server's name (`--node-name`): the `node` label of its metrics.
+    pub node: Arc<str>,
 }
 
 impl AppState {
@@ -104,6 +106,7 @@ impl AppState {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             publish_micros: Arc::new(Histogram::new(metrics::DURATION_BOUNDS_MICROS)),
             limits: Arc::new(limits),
+            node: Arc::from("bus"),
         }
     }
 

@@ -6,7 +6,8 @@
 //!   `503` with the reason when one has halted after a storage failure or the server is
 //!   shutting down.
 //! - `GET /metrics` — Prometheus text format (version 0.0.4), described in HTTP_API.md;
-//!   with `--auth-file`, for tokens granted `metrics`.
+//!   with `--auth-file`, for tokens granted `metrics`. Every sample carries the label
+//!   `node` (`--node-name`), so that the nodes of one JetStream can be told apart.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -71,6 +72,7 @@ pub async fn metrics(State(app): State<AppState>, params: Params, headers: Heade
     .unwrap_or_default();
     let mut text = render(&app, &disk_bytes);
     render_consumers(&mut text, &consumers);
+    let text = crate::metrics::with_label(&text, "node", &app.node);
     (
         [(
             header::CONTENT_TYPE,

@@ -127,7 +127,10 @@ pub trait EventLog: Send + Sync {
 
     /// Up to `max_events` committed events starting at position `from`, in order. It may
     /// return fewer (it stops at a segment's end or after about 256 KiB), but never none
-    /// while `from` is below the committed watermark; at or past it, none.
+    /// while an event is stored between `from` and the committed watermark; at or past
+    /// it, none. Positions where a store keeps nothing are skipped (a clustered JetStream
+    /// stream skips the sequence of an append refused after it was proposed; the file
+    /// and memory stores have no such gaps).
     fn read(
         &self,
         from: u64,

@@ -286,7 +286,7 @@ async fn an_exhausted_event_goes_to_the_dead_letter_subject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_are_listed_and_deleted() {
     let data = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start(data.path(), &[]).await;
+    let mut server = TestServer::start(data.path(), &["--node-name", "n1"]).await;
     publish_n(&server, "app.l", 0..5).await;
     let mut sse = server
         .subscribe(
@@ -317,7 +317,7 @@ async fn consumers_are_listed_and_deleted() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("bus_consumer_lag{namespace=\"app\",consumer=\"lister\"} 4"),
+        metrics.contains("bus_consumer_lag{node=\"n1\",namespace=\"app\",consumer=\"lister\"} 4"),
         "{metrics}"
     );
 

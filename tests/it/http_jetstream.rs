@@ -305,8 +305,9 @@ async fn two_nodes_on_one_jetstream_stream_each_others_events_live() {
         return;
     };
     let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let node_a = start(&nats, data_a.path()).await;
-    let node_b = start(&nats, data_b.path()).await;
+    // Started at once on a fresh JetStream: both create the namespaces' streams, and one
+    // stream (one generation of ids) is the namespace's for both.
+    let (node_a, node_b) = tokio::join!(start(&nats, data_a.path()), start(&nats, data_b.path()));
     let mut on_a = node_a.subscribe("subject=app.>").await;
     let mut on_b = node_b.subscribe("subject=app.>").await;
 
@@ -677,18 +678,20 @@ async fn inboxes_and_request_reply_span_the_nodes() {
         );
     }
 
-    // A worker on node a answers a request made through node b.
-    let mut worker = node_a.subscribe("subject=app.math&ack=manual").await;
-    let request = {
-        let request = node_b
+    // A request (`reply=1`) through `node`, answered in a task: its status and body.
+    let ask = |node: &TestServer, a: u64, b: u64| {
+        let request = node
             .client
-            .post(format!("{}?reply=1&timeout=10s", node_b.url))
-            .body(json!({"subject": "app.math", "payload": {"a": 1, "b": 2}}).to_string());
+            .post(format!("{}?reply=1&timeout=10s", node.url))
+            .body(json!({"subject": "app.math", "payload": {"a": a, "b": b}}).to_string());
         tokio::spawn(async move {
             let response = request.send().await.unwrap();
             (response.status().as_u16(), response.text().await.unwrap())
         })
     };
+    // A worker on node a answers a request made through node b.
+    let mut worker = node_a.subscribe("subject=app.math&ack=manual").await;
+    let request = ask(&node_b, 1, 2);
     let question = worker.take(1).await.remove(0);
     let answered = node_a
         .client
@@ -709,6 +712,35 @@ async fn inboxes_and_request_reply_span_the_nodes() {
         serde_json::from_str::<serde_json::Value>(&body).unwrap(),
         json!({"sum": 3})
     );
+
+    // The worker's answer reaches node b (a load balancer sends a PUT anywhere): it is
+    // claimed on node a, which holds the worker's stream, and published from node b; the
+    // event is acknowledged, so a second answer is refused.
+    let request = ask(&node_a, 2, 3);
+    let question = worker.take(1).await.remove(0);
+    let answer_through_b = |sum: u64| {
+        node_b
+            .client
+            .put(format!(
+                "{}?consumer_id={}&event_id={}",
+                node_b.url,
+                worker.consumer_id,
+                question.id.as_deref().unwrap()
+            ))
+            .body(json!({ "sum": sum }).to_string())
+            .send()
+    };
+    assert_eq!(answer_through_b(5).await.unwrap().status(), 202);
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        json!({"sum": 5})
+    );
+    let again = answer_through_b(6).await.unwrap();
+    assert_eq!(again.status(), 409);
+    let refusal = again.text().await.unwrap();
+    assert!(refusal.contains("not waiting for an ack"), "{refusal}");
 }
 
 /// Confirmations count across nodes: a publisher waiting on one node for `confirm=N`

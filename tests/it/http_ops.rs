@@ -39,7 +39,7 @@ async fn liveness_and_readiness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_publishes_deliveries_syncs_and_redeliveries() {
     let data = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start(data.path(), &[]).await;
+    let mut server = TestServer::start(data.path(), &["--node-name", "n1"]).await;
     let mut follower = server.subscribe("subject=app.>").await;
     let mut worker = server
         .subscribe("subject=app.>&ack=manual&redelivery=100ms&redelivery_count=2")
@@ -80,43 +80,72 @@ async fn metrics_count_publishes_deliveries_syncs_and_redeliveries() {
         );
     }
     assert_eq!(
-        sample(&text, "bus_events_published_total{namespace=\"app\"}"),
+        sample(
+            &text,
+            "bus_events_published_total{node=\"n1\",namespace=\"app\"}"
+        ),
         3.0
     );
     assert_eq!(
-        sample(&text, "bus_events_published_total{namespace=\"orders\"}"),
+        sample(
+            &text,
+            "bus_events_published_total{node=\"n1\",namespace=\"orders\"}"
+        ),
         0.0
     );
-    assert_eq!(sample(&text, "bus_log_events{namespace=\"app\"}"), 3.0);
+    assert_eq!(
+        sample(&text, "bus_log_events{node=\"n1\",namespace=\"app\"}"),
+        3.0
+    );
     // 3 to the follower, 3 (first, again, second) to the worker.
     assert_eq!(
-        sample(&text, "bus_events_delivered_total{namespace=\"app\"}"),
+        sample(
+            &text,
+            "bus_events_delivered_total{node=\"n1\",namespace=\"app\"}"
+        ),
         6.0
     );
-    assert_eq!(sample(&text, "bus_redeliveries_total"), 1.0);
-    assert_eq!(sample(&text, "bus_publish_duration_seconds_count"), 2.0);
+    assert_eq!(sample(&text, "bus_redeliveries_total{node=\"n1\"}"), 1.0);
     assert_eq!(
-        sample(&text, "bus_publish_duration_seconds_bucket{le=\"+Inf\"}"),
+        sample(&text, "bus_publish_duration_seconds_count{node=\"n1\"}"),
         2.0
     );
     assert_eq!(
-        sample(&text, "bus_group_commit_events_sum{namespace=\"app\"}"),
+        sample(
+            &text,
+            "bus_publish_duration_seconds_bucket{node=\"n1\",le=\"+Inf\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "bus_group_commit_events_sum{node=\"n1\",namespace=\"app\"}"
+        ),
         3.0
     );
     assert_eq!(
-        sample(&text, "bus_group_commit_events_count{namespace=\"app\"}"),
+        sample(
+            &text,
+            "bus_group_commit_events_count{node=\"n1\",namespace=\"app\"}"
+        ),
         2.0
     );
-    assert!(sample(&text, "bus_fsync_duration_seconds_count{namespace=\"app\"}") >= 2.0);
-    assert_eq!(sample(&text, "bus_subscriptions_active"), 2.0);
-    assert!(sample(&text, "bus_connections_active") >= 2.0);
-    assert!(sample(&text, "bus_log_disk_bytes{namespace=\"app\"}") > 0.0);
+    assert!(
+        sample(
+            &text,
+            "bus_fsync_duration_seconds_count{node=\"n1\",namespace=\"app\"}"
+        ) >= 2.0
+    );
+    assert_eq!(sample(&text, "bus_subscriptions_active{node=\"n1\"}"), 2.0);
+    assert!(sample(&text, "bus_connections_active{node=\"n1\"}") >= 2.0);
+    assert!(sample(&text, "bus_log_disk_bytes{node=\"n1\",namespace=\"app\"}") > 0.0);
 
     drop(follower);
     drop(worker);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_, _, text) = get_text(&server, "metrics").await;
-    assert_eq!(sample(&text, "bus_subscriptions_active"), 0.0);
+    assert_eq!(sample(&text, "bus_subscriptions_active{node=\"n1\"}"), 0.0);
     server.stop().await;
 }
 

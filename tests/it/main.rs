@@ -52,7 +52,9 @@ mod http_security;
 mod http_subscribe;
 mod http_tls;
 
-// `bus server` as a process: signals, faults, and its memory under load.
+// `bus server` as a process: signals, faults, and its memory under load; several of them
+// on one JetStream losing a machine.
+mod cluster_failover;
 mod memory_consumers;
 mod memory_dedup_inbox;
 mod memory_publish;

@@ -285,7 +285,7 @@ async fn subscribers_that_never_read_hold_a_bounded_amount_each() {
     let data = tempfile::tempdir().unwrap();
     // A small tail: the subscribers read from the segment files, as they would from a
     // log larger than the tail.
-    let server = start(data.path(), &["--tail-size", "1MiB"]);
+    let server = start(data.path(), &["--tail-size", "1MiB", "--node-name", "n1"]);
     let url = server.url.clone();
     // 16 MiB of 8 KB events: each subscriber has far more to read than it holds.
     let (body, _) = batch_of(4 << 20, 8000);
@@ -316,7 +316,7 @@ async fn subscribers_that_never_read_hold_a_bounded_amount_each() {
         "+{held} bytes for {SUBSCRIBERS} subscribers (bound {bound})"
     );
     assert_eq!(
-        metric(&client, &url, "bus_subscriptions_active").await,
+        metric(&client, &url, "bus_subscriptions_active{node=\"n1\"}").await,
         SUBSCRIBERS as f64
     );
     a_normal_client_is_served(&client, &url).await;
@@ -344,11 +344,18 @@ async fn over_its_memory_budget_the_server_refuses_new_work_until_memory_is_free
     let data = tempfile::tempdir().unwrap();
     let server = start(
         data.path(),
-        &["--max-memory", "64MiB", "--tail-size", "1MiB"],
+        &[
+            "--max-memory",
+            "64MiB",
+            "--tail-size",
+            "1MiB",
+            "--node-name",
+            "n1",
+        ],
     );
     let url = server.url.clone();
     assert_eq!(
-        metric(&client, &url, "bus_memory_budget_bytes").await,
+        metric(&client, &url, "bus_memory_budget_bytes{node=\"n1\"}").await,
         (64 * MIB) as f64
     );
     // Events of 4 MiB: a subscriber that does not read holds one (more than a new
@@ -385,7 +392,7 @@ async fn over_its_memory_budget_the_server_refuses_new_work_until_memory_is_free
     eprintln!(
         "{} subscribers admitted; used {} MiB",
         stalled.len(),
-        metric(&client, &url, "bus_memory_used_bytes").await as u64 >> 20
+        metric(&client, &url, "bus_memory_used_bytes{node=\"n1\"}").await as u64 >> 20
     );
     // Out of room for another subscriber; to be over the budget, where publishes wait
     // too, a little more memory may be needed: the tail's (2 MiB, kept). Each kind of
@@ -453,7 +460,7 @@ async fn over_its_memory_budget_the_server_refuses_new_work_until_memory_is_free
         metric(
             &client,
             &url,
-            "bus_memory_refusals_total{request=\"publish\"}"
+            "bus_memory_refusals_total{node=\"n1\",request=\"publish\"}"
         )
         .await
             >= 2.0
@@ -462,7 +469,7 @@ async fn over_its_memory_budget_the_server_refuses_new_work_until_memory_is_free
         metric(
             &client,
             &url,
-            "bus_memory_refusals_total{request=\"subscribe\"}"
+            "bus_memory_refusals_total{node=\"n1\",request=\"subscribe\"}"
         )
         .await
             >= 2.0
@@ -482,7 +489,7 @@ async fn over_its_memory_budget_the_server_refuses_new_work_until_memory_is_free
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     a_normal_client_is_served(&client, &url).await;
-    assert!(metric(&client, &url, "bus_memory_used_bytes").await < (64 * MIB) as f64);
+    assert!(metric(&client, &url, "bus_memory_used_bytes{node=\"n1\"}").await < (64 * MIB) as f64);
 }
 
 /// A group of events larger than the in-memory tail leaves the tail its newest events

@@ -42,10 +42,13 @@ pub async fn run(args: FanoutBench) -> anyhow::Result<()> {
     crate::cli::server::raise_open_file_limit();
     let server = args.target.start().await?;
     let subject = args.target.subject("fanout");
-    let url = format!("{}/?subject={subject}", server.host.trim_end_matches('/'));
     let http = reqwest::Client::new();
     let mut subscribers = Vec::new();
-    for _ in 0..args.subscribers {
+    for s in 0..args.subscribers {
+        let url = format!(
+            "{}/?subject={subject}",
+            server.node(s).trim_end_matches('/')
+        );
         let response = http.get(&url).send().await?;
         if response.status() != 200 {
             bail!("subscribe answered {}", response.status());
@@ -92,7 +95,7 @@ pub async fn run(args: FanoutBench) -> anyhow::Result<()> {
         .then(|| Duration::from_secs_f64(args.publishers as f64 * batch as f64 / args.rate as f64));
     let mut publishers = Vec::new();
     for p in 0..args.publishers as u64 {
-        let host = server.host.clone();
+        let host = server.node(p as usize).to_owned();
         let subject = subject.clone();
         let published = Arc::clone(&published);
         let total = args.events;

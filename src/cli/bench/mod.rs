@@ -16,6 +16,8 @@
 //! - `durable_acks.rs`: publish latency while durable consumers ack.
 //! - `durable_catchup.rs`: a durable consumer catching up a log, against a replay.
 //! - `jetstream.rs`: JetStream's own publish rate (no `bus`), the JetStream store's ceiling.
+//! - `failover.rs`: two nodes on one JetStream, one killed: time until its subscriber
+//!   gets events again through the other.
 //!
 //! Shared by the HTTP benchmarks, and importing none of them:
 //! - `target.rs`: the server under test (`--host`, or a `bus server` child process).
@@ -25,6 +27,7 @@
 mod ack;
 mod durable_acks;
 mod durable_catchup;
+mod failover;
 mod fanout;
 mod idle;
 mod jetstream;
@@ -69,6 +72,8 @@ pub enum BenchKind {
     DurableCatchup(durable_catchup::DurableCatchupBench),
     /// JetStream's own publish rate from Rust, without bus: the JetStream store's ceiling.
     Jetstream(jetstream::JetStreamBench),
+    /// Two nodes on one JetStream, one killed: time until its subscriber gets events again.
+    Failover(failover::FailoverBench),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -84,5 +89,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::DurableAcks(bench) => durable_acks::run(bench).await,
         BenchKind::Jetstream(bench) => jetstream::run(bench).await,
         BenchKind::DurableCatchup(bench) => durable_catchup::run(bench).await,
+        BenchKind::Failover(bench) => failover::run(bench).await,
     }
 }

@@ -59,7 +59,7 @@ pub async fn run(args: PublishBench) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for connection in 0..args.connections {
         let body = Arc::clone(&body);
-        let host = server.host.clone();
+        let host = server.node(connection).to_owned();
         let subject = subject.clone();
         tasks.push(tokio::spawn(async move {
             let mut poster = Poster::connect(&host).await?;

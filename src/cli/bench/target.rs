@@ -14,7 +14,8 @@ use clap::Args;
 /// Where the server under test is.
 #[derive(Debug, Clone, Args)]
 pub struct Target {
-    /// The server to measure.
+    /// The server to measure; several nodes of one bus (on one JetStream) separated by
+    /// commas: the load's connections are spread over them in turn.
     #[arg(long, env = "BUS_HOST", default_value = crate::client::DEFAULT_HOST)]
     pub host: String,
     /// Start a server for the run instead (`bus server` on a temporary directory).
@@ -47,12 +48,17 @@ struct Embedded {
 impl Embedded {
     /// Stops the server (SIGTERM, as an operator would) and waits for it to exit.
     fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` to the server, unless it exited, and waits for it to exit.
+    fn signal(&mut self, signal: libc::c_int) {
         // Once reaped, its process id may be another process's: signal it only while it
         // has not been (`try_wait` answers from what `wait` kept, without a system call).
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill only sends a signal to the child we started.
             unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGTERM);
+                libc::kill(self.child.id() as i32, signal);
             }
             let _ = self.child.wait();
         }
@@ -71,12 +77,27 @@ impl Drop for Embedded {
 
 /// The server under test: its address, and its process id when known (for memory).
 pub struct Server {
+    /// The (first) node's address.
     pub host: String,
+    /// Every node's address (`--host` may name several).
+    pub hosts: Vec<String>,
     pub pid: Option<u32>,
     _embedded: Option<Embedded>,
 }
 
 impl Server {
+    /// The node the `n`-th connection of a kind goes to: the nodes in turn.
+    pub fn node(&self, n: usize) -> &str {
+        &self.hosts[n % self.hosts.len()]
+    }
+
+    /// Kills an embedded server (SIGKILL: a machine lost, nothing flushed or said).
+    pub fn kill(mut self) {
+        if let Some(embedded) = self._embedded.as_mut() {
+            embedded.signal(libc::SIGKILL);
+        }
+    }
+
     /// Stops an embedded server; the reads it made from its segment files (rather than
     /// its in-memory tail) in `namespace`, from the statistics it logs as it stops.
     pub fn stop(mut self, namespace: &str) -> Option<u64> {
@@ -115,13 +136,30 @@ impl Target {
     /// Starts the server, embedded with `extra` flags before the user's.
     pub async fn start_with(&self, extra: &[&str]) -> anyhow::Result<Server> {
         if !self.embedded {
+            let hosts: Vec<String> = self
+                .host
+                .split(',')
+                .map(str::trim)
+                .filter(|host| !host.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let Some(host) = hosts.first().cloned() else {
+                anyhow::bail!("--host names no server");
+            };
             return Ok(Server {
-                host: self.host.clone(),
+                host,
+                hosts,
                 pid: None,
                 _embedded: None,
             });
         }
-        let dir = std::env::temp_dir().join(format!("bus-bench-server-{}", std::process::id()));
+        // One directory per server a run starts (a run may start several nodes).
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "bus-bench-server-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let exe = std::env::current_exe().context("finding the bus binary")?;
         let mut command = Command::new(exe);
@@ -171,8 +209,10 @@ impl Target {
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
             .await?
             .context("the embedded server did not start")?;
+        let host = format!("http://{addr}");
         Ok(Server {
-            host: format!("http://{addr}"),
+            hosts: vec![host.clone()],
+            host,
             pid: Some(pid),
             _embedded: Some(embedded),
         })

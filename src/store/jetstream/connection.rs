@@ -55,12 +55,38 @@ pub async fn connect(
             .await
             .map_err(|e| unavailable(&format!("reading {}", creds.display()), e))?;
     }
-    let client = tokio::time::timeout(REQUEST_TIMEOUT, options.connect(config.url.as_str()))
+    let servers = server_addrs(&config.url)?;
+    let client = tokio::time::timeout(REQUEST_TIMEOUT, options.connect(servers))
         .await
         .map_err(|_| unavailable(&format!("connecting to {}", config.url), "timed out"))?
         .map_err(|e| unavailable(&format!("connecting to {}", config.url), e))?;
     let context = jetstream::new(client.clone());
     Ok((client, context))
+}
+
+/// The servers of `--nats-url`: URLs separated by commas (the client tries each, and
+/// moves to another when the one it uses goes away).
+fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, StorageError> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>().map_err(|e| {
+                StorageError::new(
+                    ErrorKind::Internal,
+                    format!("--nats-url: {url:?} is not a NATS server URL (nats://host:port): {e}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(StorageError::new(
+            ErrorKind::Internal,
+            "--nats-url names no server; give nats://host:port, or several separated by commas",
+        ));
+    }
+    Ok(servers)
 }
 
 /// A key-value bucket, created with `replicas` copies if it does not exist, whose entries
@@ -155,4 +181,19 @@ pub async fn direct_get(
     }
     let _ = answers.unsubscribe().await;
     Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_url_lists_servers_separated_by_commas() {
+        let servers = server_addrs("nats://127.0.0.1:4222, nats://h2:4223,").unwrap();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[1].port(), 4223);
+        let bad = server_addrs("nats://h:notaport").unwrap_err();
+        assert!(bad.to_string().contains("--nats-url"), "{bad}");
+        assert!(server_addrs(" , ").is_err());
+    }
 }

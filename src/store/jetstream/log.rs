@@ -36,13 +36,24 @@ use crate::timestamp::Timestamp;
 /// Events committed together at most: appends queued behind one in flight are joined up
 /// to this many (JetStream's limit on an atomic batch is 1,000 messages).
 const MAX_GROUP_EVENTS: usize = 1000;
-/// Attempts at an append whose expected last sequence was wrong (another writer got in
-/// between) before it fails as a conflict.
-const APPEND_ATTEMPTS: usize = 5;
+/// How long an append keeps trying when other writers (other nodes) keep getting in
+/// before it (its expected last sequence was wrong) before it fails: long enough that
+/// the busiest other node's queue drains, short of a client's timeout.
+const APPEND_CONTENDED_FOR: Duration = Duration::from_secs(10);
+
+/// How long an append waits for JetStream's acknowledgement before it asks the stream's
+/// leader whether the events are there (an acknowledgement is lost when the server the
+/// node is connected to goes away, or the stream's leader does).
+const APPEND_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// The stream metadata entry that holds the id generation.
 const GENERATION_KEY: &str = "bus_generation";
 /// The header with the time the log committed a message (Unix nanoseconds).
 const COMMITTED_AT: &str = "Bus-Committed-At";
+
+/// How long a read waits for the replicas of a stream to serve an event its leader holds
+/// (any replica answers direct gets; one that was behind catches up within moments of a
+/// leader change).
+const LAGGING_REPLICA_WAIT: Duration = Duration::from_secs(5);
 
 /// A namespace's log in a JetStream stream.
 pub struct JetStreamLog {
@@ -126,10 +137,16 @@ impl JetStreamLog {
             metadata,
             ..Default::default()
         };
-        let mut stream = context
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| unavailable(&format!("opening stream {name}"), e))?;
+        let mut stream = match context.get_or_create_stream(config).await {
+            Ok(stream) => stream,
+            // Another node created it at the same moment, with a generation of its own
+            // (JetStream refuses a second creation with another configuration): that
+            // stream is the namespace's.
+            Err(creating) => context
+                .get_stream(&name)
+                .await
+                .map_err(|_| unavailable(&format!("opening stream {name}"), creating))?,
+        };
         let mut info = stream
             .info()
             .await
@@ -416,7 +433,16 @@ impl JetStreamLog {
         state: &mut AppendState,
         batch: &[&PendingEvent],
     ) -> Result<Vec<Appended>, StorageError> {
-        for _ in 0..APPEND_ATTEMPTS {
+        let contended_until = tokio::time::Instant::now() + APPEND_CONTENDED_FOR;
+        for lost in 0u64.. {
+            if lost > 0 && tokio::time::Instant::now() >= contended_until {
+                break;
+            }
+            if lost >= 2 {
+                // Writers that keep meeting in lockstep are set apart by a random pause of
+                // up to a millisecond.
+                tokio::time::sleep(Duration::from_micros(crate::random::number() % 1000)).await;
+            }
             // Nothing is sent while the connection is down: the client would hold it and
             // send it once reconnected, storing events whose publisher was told they were
             // not.
@@ -440,15 +466,19 @@ impl JetStreamLog {
                     self.committed_group(state, created, events).await;
                     return Ok(appended);
                 }
-                Err(Publish::WrongLastSequence) => {
-                    // Another writer appended since: start after what is there now.
-                    state.next = self.last_sequence().await?;
+                Err(Publish::WrongLastSequence(last)) => {
+                    // Another writer appended since: start after what is there now (as
+                    // JetStream's refusal says, or its stream info).
+                    state.next = match last {
+                        Some(last) if last >= state.next => last,
+                        _ => self.last_sequence().await?,
+                    };
                     self.reads.learn_end(state.next);
                 }
                 Err(Publish::Failed(error)) => {
                     // The append may have been stored with only its acknowledgement lost:
                     // find out, so that a refusal never hides stored events.
-                    if self.stored_at(state.next, &appended[0].id).await == Some(true) {
+                    if self.stored_at(state.next, &events[0].json()).await == Some(true) {
                         self.committed_group(state, created, events).await;
                         return Ok(appended);
                     }
@@ -575,7 +605,15 @@ impl JetStreamLog {
         let Some(ack) = ack else {
             return Ok(());
         };
-        let ack = ack.await.map_err(publish_failed)?;
+        let ack = tokio::time::timeout(APPEND_ACK_TIMEOUT, ack)
+            .await
+            .map_err(|_| {
+                Publish::Failed(unavailable(
+                    &format!("appending to stream {}", self.stream),
+                    format!("no acknowledgement within {APPEND_ACK_TIMEOUT:?}"),
+                ))
+            })?
+            .map_err(publish_failed)?;
         let expected = next + count as u64;
         if ack.sequence != expected {
             return Err(Publish::Failed(StorageError::new(
@@ -649,21 +687,63 @@ impl JetStreamLog {
         Ok(event::id_of_json(&json) == Some(id))
     }
 
-    /// Whether the event at `position` is the one with `id`, once the connection is up to
-    /// tell (within a few seconds); `None` when it cannot be told. A publish sent before
-    /// a failure reaches JetStream before a request sent after it on the same connection,
-    /// so a position found empty stays empty for that publish.
-    async fn stored_at(&self, position: u64, id: &str) -> Option<bool> {
+    /// Whether the event at `position` is `json`, once the connection is up to tell
+    /// (within a few seconds); `None` when it cannot be told. A publish sent before a
+    /// failure reaches JetStream before a request sent after it on the same connection, so
+    /// a position found empty stays empty for that publish. The whole event is compared,
+    /// not its id: every node gives the event at a position the same id, so another
+    /// node's event there has it too.
+    async fn stored_at(&self, position: u64, json: &[u8]) -> Option<bool> {
         let deadline = tokio::time::Instant::now() + 2 * REQUEST_TIMEOUT;
         while tokio::time::Instant::now() < deadline {
             if self.halted().is_none() {
-                if let Ok(held) = self.holds(position, id).await {
-                    return Some(held);
+                if let Ok(stored) = self.leader_message(position).await {
+                    return match stored {
+                        None => Some(false),
+                        Some(body) => self.sealing.open(body).ok().map(|stored| stored == json),
+                    };
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         None
+    }
+
+    /// The body of the message at `position` as the stream's leader has it (direct gets,
+    /// which any replica answers, may come from one that is behind); `None` if it has
+    /// none.
+    async fn leader_message(&self, position: u64) -> Result<Option<Bytes>, StorageError> {
+        use jetstream::stream::RawMessageErrorKind;
+        let stream = self
+            .context
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))?;
+        match stream.get_raw_message(position + 1).await {
+            Ok(message) => Ok(Some(message.payload)),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(
+                &format!("reading position {position} of stream {}", self.stream),
+                e,
+            )),
+        }
+    }
+
+    /// The stream's state as its leader has it, with the sequences inside it that hold no
+    /// message.
+    async fn stream_state_with_gaps(&self) -> Result<stream::State, StorageError> {
+        let stream = self
+            .context
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))?;
+        stream
+            .info_builder()
+            .with_deleted(true)
+            .fetch()
+            .await
+            .map(|info| info.info.state)
+            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))
     }
 
     async fn stream_info(&self) -> Result<stream::Info, StorageError> {
@@ -684,14 +764,29 @@ impl JetStreamLog {
 }
 
 enum Publish {
-    WrongLastSequence,
+    /// Another writer appended first; the stream's last sequence, if the refusal said.
+    WrongLastSequence(Option<u64>),
     Failed(StorageError),
+}
+
+/// The stream's last sequence in JetStream's refusal of an append ("wrong last sequence:
+/// 1234 (code 400, error code 10071)").
+fn last_sequence_in(refusal: &str) -> Option<u64> {
+    let (_, after) = refusal.split_once("last sequence:")?;
+    let digits = after.trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
 }
 
 fn publish_failed(error: jetstream::context::PublishError) -> Publish {
     use jetstream::context::PublishErrorKind;
     match error.kind() {
-        PublishErrorKind::WrongLastSequence => Publish::WrongLastSequence,
+        PublishErrorKind::WrongLastSequence => Publish::WrongLastSequence(
+            std::error::Error::source(&error)
+                .and_then(|cause| last_sequence_in(&cause.to_string())),
+        ),
         PublishErrorKind::MaxPayloadExceeded => Publish::Failed(StorageError::new(
             ErrorKind::TooLarge,
             format!("the event is larger than NATS takes (its max_payload): {error}"),
@@ -775,30 +870,48 @@ impl EventLog for JetStreamLog {
                     format!("position {from} was removed by retention"),
                 ));
             }
-            let events = self.reads.read(from, committed, max_events).await?;
-            match events.first() {
-                Some(event) if event.position() != from => {
-                    // JetStream's limits removed it since the log last looked: readers
-                    // learn the new start from `first_position`.
-                    self.first.fetch_max(event.position(), Ordering::AcqRel);
-                    Err(StorageError::new(
-                        ErrorKind::NotFound,
-                        format!("position {from} was removed by retention"),
-                    ))
+            let lagging_until = tokio::time::Instant::now() + LAGGING_REPLICA_WAIT;
+            let mut from = from;
+            while from < committed {
+                let events = self.reads.read(from, committed, max_events).await?;
+                if events.first().is_some_and(|event| event.position() == from) {
+                    return Ok(events);
                 }
-                Some(_) => Ok(events),
-                None => {
-                    // Nothing from `from` to the watermark any more: the limits removed
-                    // it all.
-                    let info = self.stream_info().await?;
-                    let first = info.state.first_sequence.saturating_sub(1);
+                // `from` did not come back: JetStream's limits removed it since the log
+                // last looked (readers learn the new start from `first_position`); or the
+                // stream has no message there (a clustered stream skips the sequence of an
+                // append refused after it was proposed, and lists it as deleted); or the
+                // replica that answered the direct get is behind (just after a leader
+                // change). The leader's stream info tells which.
+                let state = self.stream_state_with_gaps().await?;
+                let first = state.first_sequence.saturating_sub(1);
+                if from < first {
                     self.first.fetch_max(first.min(committed), Ordering::AcqRel);
-                    Err(StorageError::new(
+                    return Err(StorageError::new(
                         ErrorKind::NotFound,
                         format!("position {from} was removed by retention"),
-                    ))
+                    ));
                 }
+                if state
+                    .deleted
+                    .as_ref()
+                    .is_some_and(|gaps| gaps.contains(&(from + 1)))
+                {
+                    from += 1;
+                    continue;
+                }
+                if tokio::time::Instant::now() >= lagging_until {
+                    return Err(StorageError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "stream {}: position {from} is stored, but no replica served it within {LAGGING_REPLICA_WAIT:?}",
+                            self.stream
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            Ok(Vec::new())
         })
     }
 
@@ -1031,5 +1144,24 @@ impl EventLog for JetStreamLog {
 impl Drop for JetStreamLog {
     fn drop(&mut self) {
         self.follower.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_sequence_in;
+
+    #[test]
+    fn a_refused_append_says_the_last_sequence() {
+        assert_eq!(
+            last_sequence_in("wrong last sequence: 1234 (code 400, error code 10071)"),
+            Some(1234)
+        );
+        assert_eq!(last_sequence_in("wrong last sequence: 7"), Some(7));
+        assert_eq!(last_sequence_in("wrong last sequence"), None);
+        assert_eq!(
+            last_sequence_in("unknown (code 400, error code 10071)"),
+            None
+        );
     }
 }

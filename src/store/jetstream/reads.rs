@@ -310,11 +310,16 @@ async fn fetch_run(
     for (json, layout) in jsons {
         let position = event::index_of_json(&json)
             .ok_or_else(|| corrupt(format!("an event after position {from} has no index")))?;
-        // Positions only grow along the stream; one may be missing if it was deleted.
         if position < next {
             return Err(corrupt(format!(
                 "the event at position {position} is out of place (expected {next} or later)"
             )));
+        }
+        // A run is the events from `from` without a gap: the stream's limits remove events
+        // from its start only, so a missing one was not served (a replica behind its
+        // leader answered); the run ends before it and the reader asks again there.
+        if position > next {
+            break;
         }
         next = position + 1;
         let id = std::str::from_utf8(&json[layout.id.clone()]).unwrap_or_default();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod balancer;
 pub mod cli;
 pub mod http;
 pub mod jetstream;

@@ -53,6 +53,8 @@ impl ServerProcess {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        // What it logged, for the panic message if it does not start.
+        let mut logged = Vec::new();
         loop {
             sample(pid);
             let wait = deadline
@@ -72,11 +74,14 @@ impl ServerProcess {
                         log,
                     };
                 }
-                Ok(_) => {}
+                Ok(line) => logged.push(line),
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("server did not start: {e}");
+                    panic!(
+                        "server did not start ({e}); it said:\n{}",
+                        logged.join("\n")
+                    );
                 }
             }
         }
