@@ -28,6 +28,7 @@ mod publish;
 mod registry;
 mod relayed;
 mod relayed_inboxes;
+mod relayed_members;
 mod reply;
 mod reply_claim;
 mod served;
@@ -305,6 +306,8 @@ pub struct Broker {
     relay: Option<Arc<dyn Relay>>,
     /// The members on this node of durable consumers that the storage serves.
     served_members: Arc<served::ServedMembers>,
+    /// Answers other nodes' questions about `served_members`, once this node has some.
+    members_answering: tokio::sync::OnceCell<Option<listening::Listening>>,
     /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
     /// and append dead letters).
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
@@ -410,6 +413,7 @@ impl Broker {
             consumers,
             relay: storage.relay,
             served_members: Arc::default(),
+            members_answering: tokio::sync::OnceCell::new(),
             dedup,
             relayed_inboxes: relayed_inboxes
                 .map(|relay| relayed_inboxes::RelayedInboxes::new(relay, Arc::clone(&inboxes))),

@@ -34,8 +34,12 @@ use super::confirm::Confirmations;
 use super::consumer::{self, give_up_event, sleep_until, Input, Redelivery, ReplyRefused};
 use super::durable::DurableKey;
 use super::relayed::send_confirmation;
+use super::relayed_members;
 use super::subscription::{self, next_outage};
-use super::{Broker, BrokerError, ConsumerInfo, ConsumerName, Delivery, Owner, SubscribeRequest};
+use super::{
+    Broker, BrokerError, ConsumerBackend, ConsumerInfo, ConsumerName, Delivery, Owner,
+    SubscribeRequest,
+};
 use crate::event::StoredEvent;
 use crate::store::{
     ErrorKind, EventLog, Relay, Served, ServedConsumers, ServedMember, ServedSpec, Settle,
@@ -119,6 +123,7 @@ impl Broker {
                 .entry(key.clone())
                 .or_default()
                 .insert(joining.member, inputs.clone());
+            self.answer_member_counts().await;
         }
         let member_loop = MemberLoop {
             member,
@@ -245,6 +250,45 @@ impl Broker {
                 }
             })
             .collect())
+    }
+
+    /// From now on, answers other nodes (on a shared backend) asking how many members
+    /// this node has of each durable consumer.
+    async fn answer_member_counts(&self) {
+        let Some(relay) = &self.relay else {
+            return;
+        };
+        self.members_answering
+            .get_or_init(|| async {
+                let members = Arc::clone(&self.served_members);
+                let count = move |namespace: &str| {
+                    let members = members.lock().unwrap_or_else(|p| p.into_inner());
+                    members
+                        .iter()
+                        .filter(|((ns, _), _)| ns == namespace)
+                        .map(|((_, name), of_consumer)| {
+                            (name.to_string(), of_consumer.len() as u64)
+                        })
+                        .collect()
+                };
+                match relayed_members::listen(relay, count).await {
+                    Ok(listening) => Some(listening),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "other nodes will not count this node's members of durable consumers");
+                        None
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Adds to `consumers` (the durable consumers of `namespace`, as listed by
+    /// [`Broker::consumers`]) their members on other nodes, when the storage serves
+    /// consumers to several nodes.
+    pub async fn add_members_elsewhere(&self, namespace: &str, consumers: &mut [ConsumerInfo]) {
+        if let (Some(relay), ConsumerBackend::Served(_)) = (&self.relay, &self.consumers) {
+            relayed_members::add_members_elsewhere(relay.as_ref(), namespace, consumers).await;
+        }
     }
 
     /// Deletes durable consumer `name` from the storage; this node's members' streams end.

@@ -1,7 +1,8 @@
 //! Admin endpoints for durable consumers, on a path the event API (all at `/`) never uses:
 //!
 //! - `GET /consumers/{namespace}` — JSON array of the namespace's durable consumers:
-//!   `name`, `pattern`, `acked_floor`, `pending`, `lag`, `members`, `dead_letter_subject`.
+//!   `name`, `pattern`, `acked_floor`, `pending`, `lag`, `members`, `dead_letter_subject`
+//!   (on a shared backend, `members` counts the members on every node).
 //! - `DELETE /consumers/{namespace}/{name}` — ends its members' streams and forgets its
 //!   progress: `204`, or `404` if there is no such consumer.
 //!
@@ -31,7 +32,8 @@ pub async fn list(
     }
     // Stored consumers are read from the namespace's directory: off the async workers.
     let broker = std::sync::Arc::clone(&app.broker);
-    let listed = tokio::task::spawn_blocking(move || broker.consumers(&namespace)).await;
+    let of = namespace.clone();
+    let listed = tokio::task::spawn_blocking(move || broker.consumers(&of)).await;
     let listed = match listed {
         Ok(listed) => listed,
         Err(e) => {
@@ -43,14 +45,19 @@ pub async fn list(
         }
     };
     match listed {
-        Ok(consumers) => match serde_json::to_string(&consumers) {
-            Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-            Err(e) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("listing consumers failed: {e}"),
-            )
-            .into_response(),
-        },
+        Ok(mut consumers) => {
+            app.broker
+                .add_members_elsewhere(&namespace, &mut consumers)
+                .await;
+            match serde_json::to_string(&consumers) {
+                Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+                Err(e) => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("listing consumers failed: {e}"),
+                )
+                .into_response(),
+            }
+        }
         Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -385,6 +385,15 @@ pub trait Relay: Send + Sync {
         body: Bytes,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>>;
 
+    /// Sends `body` to every other node listening on `subject`; their answers, as they
+    /// come in until none has come for a moment (nodes on one NATS answer within
+    /// milliseconds of each other), none when nobody listens.
+    fn gather<'a>(
+        &'a self,
+        subject: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, StorageError>>;
+
     /// Listens on `subject` until the listener is dropped.
     fn listen<'a>(
         &'a self,

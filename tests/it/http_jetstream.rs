@@ -511,6 +511,12 @@ async fn a_queue_group_spans_nodes_and_a_stopped_nodes_events_go_to_the_others()
         "subject=app.work&start=oldest&ack=manual&consumer=workers&max_inflight=4&redelivery=30s";
     let mut on_a = node_a.subscribe(query).await;
     let mut on_b = node_b.subscribe(query).await;
+    // Either node lists the consumer with its two members, one on each node.
+    for node in [&node_a, &node_b] {
+        let listed = node.list_consumers("app").await;
+        assert_eq!(listed[0]["name"], "workers");
+        assert_eq!(listed[0]["members"], 2, "{listed}");
+    }
     node_a.publish_numbered("app.work", 40).await;
 
     // Both members take and acknowledge until all 40 are done; none comes twice.

@@ -16,6 +16,10 @@ use crate::store::api::{BoxFuture, Relay, RelayListener, StorageError};
 /// has not answered by then is going away (or its listener just did).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a gathering waits for one more answer after the last (or the first): the
+/// nodes that answer do so within milliseconds of each other.
+const GATHER_STALL: Duration = Duration::from_millis(50);
+
 /// The header naming the node a relayed message comes from, so that it does not hear its
 /// own.
 const FROM_NODE: &str = "Bus-Node";
@@ -36,6 +40,15 @@ impl JetStreamRelay {
     }
 }
 
+impl JetStreamRelay {
+    /// The headers of a message this node sends: its name, so that it does not hear it.
+    fn node_headers(&self) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(FROM_NODE, self.node.as_str());
+        headers
+    }
+}
+
 impl Relay for JetStreamRelay {
     fn publish<'a>(
         &'a self,
@@ -43,10 +56,8 @@ impl Relay for JetStreamRelay {
         body: Bytes,
     ) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(FROM_NODE, self.node.as_str());
             self.client
-                .publish_with_headers(subject.to_owned(), headers, body)
+                .publish_with_headers(subject.to_owned(), self.node_headers(), body)
                 .await
                 .map_err(|e| unavailable(&format!("sending to {subject}"), e))
         })
@@ -67,6 +78,42 @@ impl Relay for JetStreamRelay {
                     &format!("asking {subject}"),
                     "no answer in time",
                 )),
+            }
+        })
+    }
+
+    fn gather<'a>(
+        &'a self,
+        subject: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, StorageError>> {
+        Box::pin(async move {
+            let inbox = self.client.new_inbox();
+            let mut answers = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| unavailable(&format!("asking {subject}"), e))?;
+            self.client
+                .publish_with_reply_and_headers(
+                    subject.to_owned(),
+                    inbox,
+                    self.node_headers(),
+                    body,
+                )
+                .await
+                .map_err(|e| unavailable(&format!("asking {subject}"), e))?;
+            let until = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+            let mut gathered = Vec::new();
+            loop {
+                let stall =
+                    GATHER_STALL.min(until.saturating_duration_since(tokio::time::Instant::now()));
+                match tokio::time::timeout(stall, answers.next()).await {
+                    // A status (no responders) is no node's answer.
+                    Ok(Some(answer)) if answer.status.is_none() => gathered.push(answer.payload),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return Ok(gathered),
+                }
             }
         })
     }
