@@ -307,7 +307,7 @@ pub struct Broker {
     /// The members on this node of durable consumers that the storage serves.
     served_members: Arc<served::ServedMembers>,
     /// Answers other nodes' questions about `served_members`, once this node has some.
-    members_answering: tokio::sync::OnceCell<Option<listening::Listening>>,
+    members_answering: tokio::sync::OnceCell<listening::Listening>,
     /// The dispatchers of manual-ack consumers, awaited at shutdown (they store progress
     /// and append dead letters).
     dispatchers: Mutex<Vec<JoinHandle<()>>>,

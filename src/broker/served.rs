@@ -258,28 +258,22 @@ impl Broker {
         let Some(relay) = &self.relay else {
             return;
         };
-        self.members_answering
-            .get_or_init(|| async {
-                let members = Arc::clone(&self.served_members);
-                let count = move |namespace: &str| {
-                    let members = members.lock().unwrap_or_else(|p| p.into_inner());
-                    members
-                        .iter()
-                        .filter(|((ns, _), _)| ns == namespace)
-                        .map(|((_, name), of_consumer)| {
-                            (name.to_string(), of_consumer.len() as u64)
-                        })
-                        .collect()
-                };
-                match relayed_members::listen(relay, count).await {
-                    Ok(listening) => Some(listening),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "other nodes will not count this node's members of durable consumers");
-                        None
-                    }
-                }
-            })
-            .await;
+        let answering = self.members_answering.get_or_try_init(|| async {
+            let members = Arc::clone(&self.served_members);
+            let count = move |namespace: &str| {
+                let members = members.lock().unwrap_or_else(|p| p.into_inner());
+                members
+                    .iter()
+                    .filter(|((ns, _), _)| ns == namespace)
+                    .map(|((_, name), of_consumer)| (name.to_string(), of_consumer.len() as u64))
+                    .collect()
+            };
+            relayed_members::listen(relay, count).await
+        });
+        // Tried again when the next member joins.
+        if let Err(e) = answering.await {
+            tracing::warn!(error = %e, "other nodes do not count this node's members of durable consumers yet");
+        }
     }
 
     /// Adds to `consumers` (the durable consumers of `namespace`, as listed by
