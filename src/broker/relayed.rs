@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::acks::Acks;
 use super::confirm::Confirmations;
+use super::consumer::sleep_until;
 use super::listening::Listening;
 use super::reply_claim::{self, ClaimHolder, ReplyClaim};
 use super::{Broker, BrokerError, Owner};
@@ -164,14 +165,6 @@ pub(super) async fn listen(
             }
         }
     })))
-}
-
-/// Sleeps until `deadline`; forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Claims, on the node holding connection `consumer_id`, the reply to `event_id`.

@@ -121,7 +121,7 @@ impl Publisher {
 }
 
 /// What a resuming subscriber received: (publisher, n, index) of each event, in order.
-type Received3 = Vec<(usize, u64, i64)>;
+type Delivered = Vec<(usize, u64, i64)>;
 
 /// A resuming subscriber: follows `pattern` through `url` from the oldest event into a
 /// shared list (with the time of each event); the client reconnects by itself when the
@@ -132,7 +132,7 @@ async fn follow(
     url: &str,
     pattern: &str,
 ) -> (
-    Arc<Mutex<Received3>>,
+    Arc<Mutex<Delivered>>,
     Arc<Mutex<Vec<Instant>>>,
     tokio::task::JoinHandle<()>,
 ) {
@@ -196,7 +196,7 @@ fn numbers(event: &Event) -> (usize, u64) {
 /// Checks what a subscriber received against what each publisher had acknowledged:
 /// positions strictly increasing (log order, nothing twice), each publisher's numbers
 /// increasing, and every acknowledged number there.
-fn check_exactly_once_in_order(who: &str, received: &Received3, acknowledged: &[Vec<u64>]) {
+fn check_exactly_once_in_order(who: &str, received: &Delivered, acknowledged: &[Vec<u64>]) {
     for pair in received.windows(2) {
         assert!(
             pair[0].2 < pair[1].2,
@@ -225,7 +225,7 @@ fn check_exactly_once_in_order(who: &str, received: &Received3, acknowledged: &[
 }
 
 /// Waits until every subscriber has received every acknowledged publish.
-async fn wait_for_all(subscribers: &[Arc<Mutex<Received3>>], acknowledged: &[Vec<u64>]) {
+async fn wait_for_all(subscribers: &[Arc<Mutex<Delivered>>], acknowledged: &[Vec<u64>]) {
     let wanted: usize = acknowledged.iter().map(Vec::len).sum();
     let deadline = Instant::now() + Duration::from_secs(60);
     for (i, received) in subscribers.iter().enumerate() {

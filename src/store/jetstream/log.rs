@@ -709,17 +709,25 @@ impl JetStreamLog {
         None
     }
 
+    /// The stream, for requests its leader answers (no request is made to get it).
+    async fn stream_handle(&self) -> Result<stream::Stream<()>, StorageError> {
+        self.context
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))
+    }
+
     /// The body of the message at `position` as the stream's leader has it (direct gets,
     /// which any replica answers, may come from one that is behind); `None` if it has
     /// none.
     async fn leader_message(&self, position: u64) -> Result<Option<Bytes>, StorageError> {
         use jetstream::stream::RawMessageErrorKind;
-        let stream = self
-            .context
-            .get_stream_no_info(&self.stream)
+        match self
+            .stream_handle()
+            .await?
+            .get_raw_message(position + 1)
             .await
-            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))?;
-        match stream.get_raw_message(position + 1).await {
+        {
             Ok(message) => Ok(Some(message.payload)),
             Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(
@@ -732,12 +740,8 @@ impl JetStreamLog {
     /// The stream's state as its leader has it, with the sequences inside it that hold no
     /// message.
     async fn stream_state_with_gaps(&self) -> Result<stream::State, StorageError> {
-        let stream = self
-            .context
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(|e| unavailable(&format!("reading stream {}", self.stream), e))?;
-        stream
+        self.stream_handle()
+            .await?
             .info_builder()
             .with_deleted(true)
             .fetch()

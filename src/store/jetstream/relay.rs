@@ -38,9 +38,7 @@ impl JetStreamRelay {
             node: crate::random::token(16),
         }
     }
-}
 
-impl JetStreamRelay {
     /// The headers of a message this node sends: its name, so that it does not hear it.
     fn node_headers(&self) -> async_nats::HeaderMap {
         let mut headers = async_nats::HeaderMap::new();
