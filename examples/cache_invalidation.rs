@@ -5,7 +5,9 @@
 //! bus; `-- bus` over a `bus` server with the `app` namespace (`BUS_HOST`, default
 //! `http://localhost:2021`); `-- nats` over NATS (`NATS_URL`, default
 //! `nats://127.0.0.1:4222`); `-- redis` over Redis (`REDIS_URL`, default
-//! `redis://127.0.0.1:6379/`).
+//! `redis://127.0.0.1:6379/`); `-- kafka` over Kafka (`KAFKA_BROKERS`, comma-separated
+//! `host:port`s, default `127.0.0.1:9092`); `-- mesh` peer to peer over UDP on loopback,
+//! with no server at all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,8 @@ use std::time::Duration;
 
 use bus::client::Client;
 use bus::syncbus::{
-    BusSyncBus, InMemoryBus, NatsSyncBus, PublishOptions, RedisSyncBus, SyncBus, SyncError,
+    BusSyncBus, InMemoryBus, KafkaSyncBus, MeshOptions, MeshSyncBus, NatsSyncBus, PublishOptions,
+    RedisSyncBus, SyncBus, SyncError,
 };
 use futures_util::StreamExt;
 
@@ -53,7 +56,8 @@ impl<B: SyncBus> Node<B> {
     }
 
     /// Writes through, and waits until the other node has dropped its copy (where the
-    /// bus can tell; Redis cannot, so there it publishes and lets delivery happen).
+    /// bus can tell; Redis and Kafka cannot, so there it publishes and lets delivery
+    /// happen).
     async fn set(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.database
             .lock()
@@ -140,7 +144,31 @@ async fn main() -> anyhow::Result<()> {
             };
             scenario(node().await?, node().await?).await?;
         }
-        other => anyhow::bail!("unknown backend {other:?}: use memory, bus, nats or redis"),
+        "kafka" => {
+            let brokers =
+                std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+            let brokers: Vec<String> = brokers.split(',').map(str::to_owned).collect();
+            let node = || KafkaSyncBus::new(brokers.clone(), "app");
+            scenario(node().await?, node().await?).await?;
+        }
+        "mesh" => {
+            let options = |peers: Vec<String>, zone: &str| MeshOptions {
+                bind: ([127, 0, 0, 1], 0).into(),
+                peers,
+                zone: zone.into(),
+                heartbeat: Duration::from_millis(100),
+                ..MeshOptions::default()
+            };
+            let a = MeshSyncBus::new(options(vec![], "a")).await?;
+            // b joins through a; on a network, each node lists one or more others.
+            let b = MeshSyncBus::new(options(vec![a.local_addr()?.to_string()], "b")).await?;
+            a.wait_for_peers(1, Duration::from_secs(5)).await?;
+            b.wait_for_peers(1, Duration::from_secs(5)).await?;
+            scenario(a, b).await?;
+        }
+        other => {
+            anyhow::bail!("unknown backend {other:?}: use memory, bus, nats, redis, kafka or mesh")
+        }
     }
     println!("consistent");
     Ok(())

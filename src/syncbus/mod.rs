@@ -4,8 +4,21 @@
 //! subscribed to the key drops its local copy. [`SyncBus`] is the interface applications
 //! program against. [`InMemoryBus`] serves tests and single-process use; [`BusSyncBus`]
 //! runs it over a `bus` server, where quorum and topology waits are the server's
-//! confirmations; `NatsSyncBus` and `RedisSyncBus` (cargo features `nats` and `redis`)
-//! run it over NATS and Redis pub/sub.
+//! confirmations; [`MeshSyncBus`] runs it peer to peer over UDP, with no server at all;
+//! `NatsSyncBus`, `RedisSyncBus` and `KafkaSyncBus` (cargo features `nats`, `redis` and
+//! `kafka`) run it over NATS and Redis pub/sub and a Kafka topic.
+//!
+//! # Adaptive batching
+//!
+//! The NATS, Redis and Kafka backends batch bursts: while a handle publishes more than
+//! [`BatchOptions::threshold`] invalidations per second, they are gathered into batches
+//! that each go as one message, gzip-compressed (on NATS and Redis, the gzip of their
+//! JSON array on the bus's `batch` subject or channel; on Kafka, one produce request of
+//! gzip-compressed records). A batch gathers while the one before it is on its way, and
+//! for [`BatchOptions::window`] at most, so a publish waits for about one send. Below
+//! the threshold nothing waits. Receivers hand out a batch's invalidations in order. The mesh
+//! packs whatever is queued for a member into each datagram, which batches bursts with no
+//! wait at all.
 //!
 //! ```
 //! use std::time::Duration;
@@ -28,8 +41,13 @@
 
 #![warn(missing_docs)]
 
+mod batching;
 mod bus;
+mod dispatch;
+#[cfg(feature = "kafka")]
+mod kafka_bus;
 mod memory;
+mod mesh;
 #[cfg(feature = "nats")]
 mod nats_bus;
 #[cfg(feature = "redis")]
@@ -46,8 +64,12 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+pub use self::batching::BatchOptions;
 pub use self::bus::BusSyncBus;
+#[cfg(feature = "kafka")]
+pub use self::kafka_bus::KafkaSyncBus;
 pub use self::memory::InMemoryBus;
+pub use self::mesh::{MeshMulticast, MeshOptions, MeshStats, MeshSyncBus};
 #[cfg(feature = "nats")]
 pub use self::nats_bus::NatsSyncBus;
 #[cfg(feature = "redis")]
@@ -134,7 +156,8 @@ pub struct SyncEvent {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Metrics {
     /// Messages this handle sent: invalidations (a coalesced burst counts the ones
-    /// actually sent), quorum and topology publishes, and lease revocations.
+    /// actually sent; a batch, each it carries), quorum and topology publishes, and lease
+    /// revocations.
     pub published: u64,
     /// Events this handle's subscriptions (of keys and leases) handed to their readers.
     pub delivered: u64,
@@ -168,10 +191,19 @@ pub enum SyncError {
         /// How many the caller asked for.
         required: usize,
     },
-    /// This backend cannot count acknowledgements honestly (Redis), so it does not wait
-    /// for them. Nothing was published.
+    /// This backend cannot count acknowledgements honestly (Redis, Kafka), so it does not
+    /// wait for them. Nothing was published.
     #[error("this bus cannot wait for acknowledgements")]
     QuorumUnsupported,
+    /// The invalidation is larger than the backend carries: on [`MeshSyncBus`], its key,
+    /// region and scope must fit one datagram. Nothing was published.
+    #[error("an invalidation of {size} bytes is too large: this bus carries at most {limit} bytes of key, region and scope")]
+    TooLarge {
+        /// The bytes of key, region and scope together.
+        size: usize,
+        /// The most this bus carries.
+        limit: usize,
+    },
     /// The backend did not answer within the publish timeout (the duration given). The
     /// invalidation may or may not have gone out.
     #[error("the bus did not answer within {0:?}")]
@@ -212,6 +244,7 @@ pub trait SyncBus: Send + Sync {
     /// it return at once and make it publish once more when done, so the last change is
     /// announced after it happened and a burst costs two messages. Fails with
     /// [`SyncError::Timeout`] if the backend does not answer within the publish timeout,
+    /// [`SyncError::TooLarge`] if it cannot carry the invalidation (the mesh),
     /// [`SyncError::Backend`] if it fails.
     ///
     /// ```
@@ -400,8 +433,9 @@ pub trait SyncBus: Send + Sync {
     fn metrics(&self) -> Metrics;
 
     /// Whether the backend answers now: always for [`InMemoryBus`]; for a remote backend,
-    /// whether the server answers a health check (`bus`: `GET /health`; Redis: `PING`,
-    /// within the publish timeout) or the connection is up (NATS). Never fails.
+    /// whether the server answers a health check (`bus`: `GET /health`; Redis: `PING`;
+    /// Kafka: a metadata request; within the publish timeout) or the connection is up
+    /// (NATS); for [`MeshSyncBus`], whether its socket's tasks run. Never fails.
     ///
     /// ```
     /// use bus::syncbus::{InMemoryBus, SyncBus};
@@ -424,6 +458,9 @@ pub trait SyncBus: Send + Sync {
     ///   cluster, as they announce themselves (`nats://host:port`).
     /// - `RedisSyncBus`: the Redis server it connects to (`redis://host:port`, without
     ///   database or password).
+    /// - `KafkaSyncBus`: the brokers it was given (`kafka://host:port`).
+    /// - [`MeshSyncBus`]: the addresses of the live members (`host:port`), this node
+    ///   excepted.
     ///
     /// ```
     /// use bus::syncbus::{InMemoryBus, SyncBus};
@@ -599,6 +636,19 @@ pub(crate) fn event_json(key: &str, options: PublishOptions) -> Result<String, S
         options,
     })
     .map_err(|e| SyncError::Backend(format!("encoding the event: {e}")))
+}
+
+/// Whether `acknowledged` (subscriptions or zones) reach `required`: how a quorum or
+/// topology wait that counted answers ends.
+pub(crate) fn quorum(acknowledged: usize, required: usize) -> Result<(), SyncError> {
+    if acknowledged >= required {
+        Ok(())
+    } else {
+        Err(SyncError::QuorumNotSatisfied {
+            acknowledged,
+            required,
+        })
+    }
 }
 
 /// `call`, or [`SyncError::Timeout`] once `limit` has passed: how the remote backends

@@ -1,6 +1,8 @@
 //! [`NatsSyncBus`]: the sync bus over NATS core pub/sub (crate `async-nats`).
 //!
-//! Keys are subjects `<prefix>.k<hex>` (leases `<prefix>.l<hex>`). Quorum is request/reply:
+//! Keys are subjects `<prefix>.k<hex>` (leases `<prefix>.l<hex>`); batches of invalidations
+//! go on `<prefix>.batch`, which a handle follows from its first subscription on and hands
+//! out to its subscriptions. Quorum is request/reply:
 //! a publish that waits carries a fresh reply inbox, every subscriber answers it with its
 //! zone once it has handed the event to the application, and the publisher counts the
 //! answers until it has enough or the timeout passes.
@@ -12,11 +14,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
+use super::batching::{decode_batch, gzip_batcher, Batcher};
+use super::dispatch::Subscribers;
 use super::{
-    encoded, event_json, within, AbortOnDrop, BackendState, KeySubscription, Metrics,
-    PublishOptions, SyncBus, SyncError, SyncEvent, SUBSCRIPTION_BUFFER,
+    encoded, event_json, quorum, within, AbortOnDrop, BackendState, BatchOptions, KeySubscription,
+    Metrics, PublishOptions, SyncBus, SyncError, SyncEvent,
 };
 
 /// A node's handle on a sync bus carried by NATS core pub/sub. Its clones share its counts
@@ -45,7 +48,12 @@ pub struct NatsSyncBus {
     prefix: String,
     zone: String,
     publish_timeout: Duration,
+    batching: BatchOptions,
+    batcher: Arc<Batcher>,
     state: Arc<BackendState>,
+    subscribers: Arc<Subscribers>,
+    /// The task that hands out the batches, started at the handle's first subscription.
+    batches: Arc<tokio::sync::Mutex<Option<AbortOnDrop>>>,
 }
 
 /// What a subscriber answers to a publish that waits.
@@ -74,13 +82,62 @@ impl NatsSyncBus {
     /// # Ok(()) }
     /// ```
     pub fn new(client: async_nats::Client, prefix: &str) -> NatsSyncBus {
+        let state = Arc::new(BackendState::default());
+        let (publish_timeout, batching) = (Duration::from_secs(5), BatchOptions::default());
         NatsSyncBus {
+            batcher: batcher(
+                &client,
+                format!("{prefix}.batch"),
+                publish_timeout,
+                batching,
+                &state,
+            ),
+            subscribers: Arc::new(Subscribers::new(Arc::clone(&state.delivered))),
             client,
             prefix: prefix.to_owned(),
             zone: "default".into(),
-            publish_timeout: Duration::from_secs(5),
-            state: Arc::default(),
+            publish_timeout,
+            batching,
+            state,
+            batches: Arc::default(),
         }
+    }
+
+    /// When invalidations are batched (see [`BatchOptions`]; by default above 1000 per
+    /// second, in windows of 10 ms). A batch is one message on the subject
+    /// `<prefix>.batch` carrying the gzip of its events' JSON array, which every handle
+    /// with subscriptions receives and hands out, in order, to the subscriptions of each
+    /// key.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bus::syncbus::{BatchOptions, NatsSyncBus};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let never = NatsSyncBus::new(client, "warp.sync").with_batching(BatchOptions::disabled());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_batching(mut self, options: BatchOptions) -> NatsSyncBus {
+        self.batching = options;
+        self.with_batcher()
+    }
+
+    /// The handle's batcher again, after a setting it sends with changed.
+    fn with_batcher(mut self) -> NatsSyncBus {
+        self.batcher = batcher(
+            &self.client,
+            self.batch_subject(),
+            self.publish_timeout,
+            self.batching,
+            &self.state,
+        );
+        self
+    }
+
+    fn batch_subject(&self) -> String {
+        format!("{}.batch", self.prefix)
     }
 
     /// The zone this node is in (`default` unless set), which its subscriptions answer
@@ -123,7 +180,7 @@ impl NatsSyncBus {
     /// ```
     pub fn with_publish_timeout(mut self, timeout: Duration) -> NatsSyncBus {
         self.publish_timeout = timeout;
-        self
+        self.with_batcher()
     }
 
     fn subject(&self, kind: char, key: &str) -> String {
@@ -186,7 +243,35 @@ impl NatsSyncBus {
         Ok((subscribers, zones.len()))
     }
 
+    /// Starts handing out batches, unless it has.
+    async fn receive_batches(&self) -> Result<(), SyncError> {
+        let mut batches = self.batches.lock().await;
+        if batches.as_ref().is_some_and(|task| !task.0.is_finished()) {
+            return Ok(());
+        }
+        let mut messages = within(self.publish_timeout, async {
+            let messages = self
+                .client
+                .subscribe(self.batch_subject())
+                .await
+                .map_err(backend)?;
+            self.client.flush().await.map_err(backend)?;
+            Ok(messages)
+        })
+        .await?;
+        let subscribers = Arc::clone(&self.subscribers);
+        *batches = Some(AbortOnDrop(tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                for event in decode_batch(&message.payload).unwrap_or_default() {
+                    subscribers.deliver(&encoded('k', &event.key), &event).await;
+                }
+            }
+        })));
+        Ok(())
+    }
+
     async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
+        self.receive_batches().await?;
         let mut messages = within(self.publish_timeout, async {
             let messages = self
                 .client
@@ -198,7 +283,8 @@ impl NatsSyncBus {
             Ok(messages)
         })
         .await?;
-        let (sender, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let fed = self.subscribers.add(&encoded(kind, key), None);
+        let sender = fed.sender;
         let client = self.client.clone();
         let delivered = Arc::clone(&self.state.delivered);
         let ack = serde_json::to_vec(&Ack {
@@ -219,15 +305,46 @@ impl NatsSyncBus {
                 }
             }
         });
-        Ok(KeySubscription::new(events, AbortOnDrop(task)))
+        Ok(KeySubscription::new(
+            fed.events,
+            (fed.registration, AbortOnDrop(task)),
+        ))
     }
+}
+
+/// A batcher whose batches are one message each on `subject`.
+fn batcher(
+    client: &async_nats::Client,
+    subject: String,
+    timeout: Duration,
+    options: BatchOptions,
+    state: &Arc<BackendState>,
+) -> Arc<Batcher> {
+    let client = client.clone();
+    gzip_batcher(options, timeout, state, move |body| {
+        let (client, subject) = (client.clone(), subject.clone());
+        async move {
+            client
+                .publish(subject, body.into())
+                .await
+                .map_err(backend)?;
+            client.flush().await.map_err(backend)
+        }
+    })
 }
 
 impl SyncBus for NatsSyncBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
         self.state
             .coalescer
-            .publish(key, || self.send('k', key, options.clone()))
+            .publish(key, || {
+                let event = SyncEvent {
+                    key: key.to_owned(),
+                    options: options.clone(),
+                };
+                self.batcher
+                    .publish(event, self.send('k', key, options.clone()))
+            })
             .await
     }
 
@@ -238,14 +355,7 @@ impl SyncBus for NatsSyncBus {
         timeout: Duration,
     ) -> Result<(), SyncError> {
         let (subscribers, _) = self.counted(key, |n, _| n >= replicas, timeout).await?;
-        if subscribers >= replicas {
-            Ok(())
-        } else {
-            Err(SyncError::QuorumNotSatisfied {
-                acknowledged: subscribers,
-                required: replicas,
-            })
-        }
+        quorum(subscribers, replicas)
     }
 
     async fn publish_and_await_topology(
@@ -255,14 +365,7 @@ impl SyncBus for NatsSyncBus {
         timeout: Duration,
     ) -> Result<(), SyncError> {
         let (_, zones) = self.counted(key, |_, z| z >= min_zones, timeout).await?;
-        if zones >= min_zones {
-            Ok(())
-        } else {
-            Err(SyncError::QuorumNotSatisfied {
-                acknowledged: zones,
-                required: min_zones,
-            })
-        }
+        quorum(zones, min_zones)
     }
 
     async fn subscribe(&self, key: &str) -> Result<KeySubscription, SyncError> {

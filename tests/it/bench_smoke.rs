@@ -89,3 +89,51 @@ fn every_http_benchmark_runs_and_checks_its_work() {
     assert_eq!(catchup["events"], 3000);
     assert_eq!(catchup["durable_consumer_disk_reads"], 0);
 }
+
+/// `bus bench syncbus <args> --json`: its JSON objects, one per line (no server: memory
+/// and mesh).
+fn syncbus_bench(args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["bench", "syncbus"];
+    all.extend(args);
+    all.push("--json");
+    let out = run(&all, None);
+    out.ok()
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn the_syncbus_benchmark_runs_and_checks_its_work() {
+    let memory = &syncbus_bench(&["--backend", "memory", "--events", "2000"])[0];
+    assert_eq!(memory["backend"], "memory");
+    assert_eq!(memory["deliveries"], 2000 * 4);
+    assert_eq!(memory["nodes_delivered"], 2000 * 4);
+    assert!(memory["latency_p50_ms"].is_number());
+
+    let mesh = syncbus_bench(&[
+        "--backend",
+        "mesh",
+        "--events",
+        "2000",
+        "--subscribers",
+        "2",
+        "--loss",
+        "0.05",
+    ]);
+    assert_eq!(mesh[0]["backend"], "mesh");
+    assert_eq!(mesh[0]["deliveries"], 2000 * 2);
+    assert_eq!(mesh[0]["nodes_delivered"], 2000 * 2);
+    // Then what the mesh sent, the retransmissions that made up for the loss among it.
+    assert!(mesh[1]["data"].as_u64().unwrap() > 0, "{:?}", mesh[1]);
+    assert!(mesh[1]["dropped"].as_u64().unwrap() > 0, "{:?}", mesh[1]);
+
+    // Lanes own their keys: fewer keys than publishes in flight is refused.
+    let refused = run(
+        &["bench", "syncbus", "--backend", "memory", "--keys", "8"],
+        None,
+    );
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("--keys"), "{refused:?}");
+}

@@ -45,7 +45,8 @@ fn the_rust_examples_run() {
     }
     let nats = Backend::nats();
     let redis = Backend::redis();
-    let mut backends = vec![("memory", None), ("bus", None)];
+    let kafka = Backend::kafka();
+    let mut backends = vec![("memory", None), ("bus", None), ("mesh", None)];
     if let Some(nats) = &nats {
         let url = format!("nats://127.0.0.1:{}", nats.port);
         backends.push(("nats", Some(("NATS_URL", url))));
@@ -53,6 +54,10 @@ fn the_rust_examples_run() {
     if let Some(redis) = &redis {
         let url = format!("redis://127.0.0.1:{}/", redis.port);
         backends.push(("redis", Some(("REDIS_URL", url))));
+    }
+    if let Some(kafka) = &kafka {
+        let brokers = format!("127.0.0.1:{}", kafka.port);
+        backends.push(("kafka", Some(("KAFKA_BROKERS", brokers))));
     }
     for (backend, url) in backends {
         let output = Command::new(example("cache_invalidation"))

@@ -72,3 +72,4 @@ mod client_sdk;
 mod examples;
 mod readme_tour;
 mod syncbus_conformance;
+mod syncbus_mesh;

@@ -18,6 +18,8 @@
 //! - `jetstream.rs`: JetStream's own publish rate (no `bus`), the JetStream store's ceiling.
 //! - `failover.rs`: two nodes on one JetStream, one killed: time until its subscriber
 //!   gets events again through the other.
+//! - `syncbus.rs`: cache invalidations through a sync bus (memory, bus, NATS, Redis, Kafka
+//!   or mesh), one publisher to N subscriber nodes: invalidations/s, delivery latency.
 //!
 //! Shared by the HTTP benchmarks, and importing none of them:
 //! - `target.rs`: the server under test (`--host`, or a `bus server` child process).
@@ -38,6 +40,7 @@ mod replay;
 mod reply;
 mod resume;
 mod store;
+mod syncbus;
 mod target;
 
 use clap::{Args, Subcommand};
@@ -74,6 +77,8 @@ pub enum BenchKind {
     Jetstream(jetstream::JetStreamBench),
     /// Two nodes on one JetStream, one killed: time until its subscriber gets events again.
     Failover(failover::FailoverBench),
+    /// Cache invalidations through a sync bus, one publisher to N nodes: rate, latency.
+    Syncbus(syncbus::SyncbusBench),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -90,5 +95,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Jetstream(bench) => jetstream::run(bench).await,
         BenchKind::DurableCatchup(bench) => durable_catchup::run(bench).await,
         BenchKind::Failover(bench) => failover::run(bench).await,
+        BenchKind::Syncbus(bench) => syncbus::run(bench).await,
     }
 }

@@ -1,10 +1,14 @@
-//! NATS and Redis servers for the sync-bus tests.
+//! NATS, Redis and Kafka (tansu) servers for the sync-bus tests.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-/// A server process (nats-server, redis-server) on a free port, killed when dropped; `None`
-/// if the program is not installed (`.ci/run` installs both).
+/// The tansu release the tests run, and where `.ci/run` installs it.
+const TANSU_VERSION: &str = "0.6.0";
+
+/// A server process (nats-server, redis-server, tansu) on a free port, killed when
+/// dropped; `None` if the program is not installed (`.ci/run` installs them all).
 pub struct Backend {
     child: std::process::Child,
     pub port: u16,
@@ -23,7 +27,12 @@ impl Backend {
     }
 
     pub fn redis() -> Option<Backend> {
-        Backend::start("redis-server", |port| {
+        Backend::redis_on(super::cli::free_port())
+    }
+
+    /// A Redis server on `port` (again, after one there was stopped, say).
+    pub fn redis_on(port: u16) -> Option<Backend> {
+        Backend::start_on("redis-server", port, |port| {
             [
                 "--port",
                 &port.to_string(),
@@ -39,8 +48,46 @@ impl Backend {
         })
     }
 
+    /// A Kafka-protocol broker: tansu, keeping its topics in memory, advertising its own
+    /// address.
+    pub fn kafka() -> Option<Backend> {
+        Backend::kafka_advertising(None)
+    }
+
+    /// As [`Backend::kafka`], but telling clients (in its metadata) to connect to
+    /// `127.0.0.1:<advertised>` rather than to the broker itself: to a proxy there, say.
+    pub fn kafka_advertising(advertised: Option<u16>) -> Option<Backend> {
+        let Some(tansu) = tansu() else {
+            eprintln!(
+                "skipped: tansu is not installed (cargo install tansu --version {TANSU_VERSION} \
+                 --locked --features dynostore, or set TANSU to its path)"
+            );
+            return None;
+        };
+        Backend::start(&tansu.to_string_lossy(), |port| {
+            let advertised = advertised.unwrap_or(port);
+            [
+                "broker",
+                "--cluster-id",
+                "bus-test",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{advertised}"),
+                "--storage-engine",
+                "memory://tansu/",
+                "--silent",
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+    }
+
     fn start(program: &str, args: impl Fn(u16) -> Vec<String>) -> Option<Backend> {
-        let port = super::cli::free_port();
+        Backend::start_on(program, super::cli::free_port(), args)
+    }
+
+    fn start_on(program: &str, port: u16, args: impl Fn(u16) -> Vec<String>) -> Option<Backend> {
         let child = match std::process::Command::new(program)
             .args(args(port))
             .stdout(std::process::Stdio::null())
@@ -65,6 +112,22 @@ impl Backend {
         }
         Some(backend)
     }
+}
+
+/// The tansu binary: `$TANSU`, else `tansu` on the PATH, else where `.ci/run` installs it.
+fn tansu() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TANSU") {
+        return Some(path.into());
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("tansu"))
+            .find(|path| path.is_file())
+    });
+    let installed = std::env::var_os("HOME").map(|home| {
+        PathBuf::from(home).join(format!(".cache/bus-ci/tansu-{TANSU_VERSION}/bin/tansu"))
+    });
+    on_path.or(installed.filter(|path| path.is_file()))
 }
 
 impl Drop for Backend {
