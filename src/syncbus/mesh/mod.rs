@@ -138,7 +138,10 @@ impl Default for MeshOptions {
 ///
 /// A publish returns once the invalidation is queued for every live member and handed to
 /// this node's subscriptions, so publishes are not coalesced. Clones are the same node;
-/// it stops when the last clone and subscription are dropped.
+/// it stops when the last clone and subscription are dropped. A subscription whose
+/// reader stops reading holds up what its node receives: the other members then queue
+/// for it (their publishes wait once a queue is full), and past
+/// [`MeshOptions::dead_after`] the stalled node drops them, with what it had queued.
 ///
 /// ```
 /// use std::time::Duration;

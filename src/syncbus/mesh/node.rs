@@ -246,7 +246,7 @@ impl Inner {
     }
 
     /// Queues `item` for every live member and wakes the sender; waits while a member's
-    /// queue is full (until `deadline`).
+    /// queue is full (for `timeout` at most).
     pub(crate) async fn broadcast(&self, item: &Item, timeout: Duration) -> Result<(), SyncError> {
         let bytes: Arc<[u8]> = wire::encode_item(item).into();
         let deadline = Instant::now() + timeout;
