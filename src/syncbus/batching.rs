@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{SyncError, SyncEvent};
+use super::{Coalescer, PublishOptions, SyncError, SyncEvent};
 
 /// When a backend batches invalidations (see [the module's "Adaptive
 /// batching"](crate::syncbus#adaptive-batching)).
@@ -84,7 +84,7 @@ impl BatchOptions {
 }
 
 /// The most invalidations one batch carries; a fuller one is sent at once.
-pub(crate) const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 4096;
 
 /// How a backend sends a batch.
 pub(crate) type SendBatch = Arc<
@@ -141,6 +141,31 @@ impl Batcher {
         }
     }
 
+    /// Publishes an invalidation of `key` as the broker backends do: coalesced with
+    /// publishes of the key on their way (see [`Coalescer`]), then alone with `send_one`
+    /// or in a batch (see [`Batcher::publish`]).
+    pub(crate) async fn publish_key<F, Fut>(
+        &self,
+        coalescer: &Coalescer,
+        key: &str,
+        options: PublishOptions,
+        send_one: F,
+    ) -> Result<(), SyncError>
+    where
+        F: Fn(PublishOptions) -> Fut,
+        Fut: Future<Output = Result<(), SyncError>>,
+    {
+        coalescer
+            .publish(key, || {
+                let event = SyncEvent {
+                    key: key.to_owned(),
+                    options: options.clone(),
+                };
+                self.publish(event, send_one(options.clone()))
+            })
+            .await
+    }
+
     /// Sends `event` alone with `send_one` while the rate is below the threshold, else
     /// adds it to the batch gathering; returns once it has been sent either way.
     pub(crate) async fn publish<F>(&self, event: SyncEvent, send_one: F) -> Result<(), SyncError>
@@ -169,7 +194,7 @@ impl Batcher {
                         outcome: sender,
                     });
                     if state.senders == 0 {
-                        self.start_sender(&mut state);
+                        start_sender(&self.state, &self.send_batch, &mut state);
                     } else {
                         self.send_after_window(number);
                     }
@@ -182,10 +207,6 @@ impl Batcher {
             None => send_one.await,
             Some(outcome) => wait(outcome).await,
         }
-    }
-
-    fn start_sender(&self, state: &mut State) {
-        start_sender(&self.state, &self.send_batch, state);
     }
 
     /// Sends batch `number` beside the one on its way once the window has passed, if it

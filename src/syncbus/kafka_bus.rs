@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rskafka::chrono::{DateTime, Utc};
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
@@ -26,9 +26,10 @@ use tokio::sync::Mutex;
 use super::batching::{Batcher, SendBatch};
 use super::dispatch::Subscribers;
 use super::{
-    encoded, event_json, within, AbortOnDrop, BackendState, BatchOptions, KeySubscription, Metrics,
-    PublishOptions, SyncBus, SyncError, SyncEvent,
+    encoded, event_json, with_scheme, within, AbortOnDrop, BackendState, BatchOptions,
+    KeySubscription, Metrics, PublishOptions, SyncBus, SyncError, SyncEvent,
 };
+use crate::timestamp::Timestamp;
 
 /// The only partition of a bus's topic: one partition keeps every record in publish order.
 const PARTITION: i32 = 0;
@@ -104,11 +105,8 @@ fn record(kind: char, key: &str, options: PublishOptions) -> Result<Record, Sync
 
 /// The time now, as Kafka records carry it (milliseconds since the Unix epoch).
 fn now() -> DateTime<Utc> {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let millis = i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX);
-    DateTime::from_timestamp_millis(millis).unwrap_or_default()
+    let millis = Timestamp::now().unix_millis();
+    DateTime::from_timestamp_millis(i64::try_from(millis).unwrap_or(i64::MAX)).unwrap_or_default()
 }
 
 /// A client of `brokers`. rskafka retries a failed request until it succeeds; its pauses
@@ -413,15 +411,9 @@ impl Consumer {
 
 impl SyncBus for KafkaSyncBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
-        self.state
-            .coalescer
-            .publish(key, || {
-                let event = SyncEvent {
-                    key: key.to_owned(),
-                    options: options.clone(),
-                };
-                self.batcher
-                    .publish(event, self.send('k', key, options.clone()))
+        self.batcher
+            .publish_key(&self.state.coalescer, key, options, |options| {
+                self.send('k', key, options)
             })
             .await
     }
@@ -466,13 +458,7 @@ impl SyncBus for KafkaSyncBus {
     }
 
     fn peers(&self) -> Vec<String> {
-        let url = |broker: &String| {
-            if broker.contains("://") {
-                broker.clone()
-            } else {
-                format!("kafka://{broker}")
-            }
-        };
+        let url = |broker: &String| with_scheme("kafka", broker);
         let peers: BTreeSet<String> = self.brokers.iter().map(url).collect();
         peers.into_iter().collect()
     }

@@ -638,6 +638,16 @@ pub(crate) fn event_json(key: &str, options: PublishOptions) -> Result<String, S
     .map_err(|e| SyncError::Backend(format!("encoding the event: {e}")))
 }
 
+/// `address` as a URL: as it is if it has a scheme, else with `scheme`.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) fn with_scheme(scheme: &str, address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("{scheme}://{address}")
+    }
+}
+
 /// Whether `acknowledged` (subscriptions or zones) reach `required`: how a quorum or
 /// topology wait that counted answers ends.
 pub(crate) fn quorum(acknowledged: usize, required: usize) -> Result<(), SyncError> {

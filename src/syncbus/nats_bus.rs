@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::batching::{decode_batch, gzip_batcher, Batcher};
 use super::dispatch::Subscribers;
 use super::{
-    encoded, event_json, quorum, within, AbortOnDrop, BackendState, BatchOptions, KeySubscription,
-    Metrics, PublishOptions, SyncBus, SyncError, SyncEvent,
+    encoded, event_json, quorum, with_scheme, within, AbortOnDrop, BackendState, BatchOptions,
+    KeySubscription, Metrics, PublishOptions, SyncBus, SyncError, SyncEvent,
 };
 
 /// A node's handle on a sync bus carried by NATS core pub/sub. Its clones share its counts
@@ -335,15 +335,9 @@ fn batcher(
 
 impl SyncBus for NatsSyncBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
-        self.state
-            .coalescer
-            .publish(key, || {
-                let event = SyncEvent {
-                    key: key.to_owned(),
-                    options: options.clone(),
-                };
-                self.batcher
-                    .publish(event, self.send('k', key, options.clone()))
+        self.batcher
+            .publish_key(&self.state.coalescer, key, options, |options| {
+                self.send('k', key, options)
             })
             .await
     }
@@ -390,13 +384,7 @@ impl SyncBus for NatsSyncBus {
 
     fn peers(&self) -> Vec<String> {
         let info = self.client.server_info();
-        let url = |address: &str| {
-            if address.contains("://") {
-                address.to_owned()
-            } else {
-                format!("nats://{address}")
-            }
-        };
+        let url = |address: &str| with_scheme("nats", address);
         let mut peers: BTreeSet<String> = info.connect_urls.iter().map(|a| url(a)).collect();
         if !info.host.is_empty() {
             // The server gives IPv6 hosts without brackets; a URL needs them.

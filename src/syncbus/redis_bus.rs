@@ -346,15 +346,9 @@ fn batcher(
 
 impl SyncBus for RedisSyncBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), SyncError> {
-        self.state
-            .coalescer
-            .publish(key, || {
-                let event = SyncEvent {
-                    key: key.to_owned(),
-                    options: options.clone(),
-                };
-                self.batcher
-                    .publish(event, self.send('k', key, options.clone()))
+        self.batcher
+            .publish_key(&self.state.coalescer, key, options, |options| {
+                self.send('k', key, options)
             })
             .await
     }

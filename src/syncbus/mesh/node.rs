@@ -131,10 +131,10 @@ struct Received {
 }
 
 #[derive(Default)]
-pub(crate) struct Wait {
-    pub(crate) subscriptions: usize,
-    pub(crate) zones: HashSet<String>,
-    pub(crate) changed: Arc<Notify>,
+struct Wait {
+    subscriptions: usize,
+    zones: HashSet<String>,
+    changed: Arc<Notify>,
 }
 
 impl Member {
