@@ -12,9 +12,9 @@
 
 pub mod ack;
 pub mod auth;
+pub mod connection;
 pub mod consumers;
 pub mod error;
-pub mod listener;
 pub mod ops;
 pub mod publish;
 pub mod query;

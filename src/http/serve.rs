@@ -4,12 +4,8 @@
 //!   `503 Service Unavailable` with `Retry-After` and closed, so that a surge is told to
 //!   come back instead of slowing everyone down; beyond [`MAX_REFUSING`] connections being
 //!   refused at the same moment, new ones are closed without an answer.
-//! - A connection that goes `--idle-timeout` without sending a whole request head is
-//!   closed: an idle keep-alive connection, or a client sending its head byte by byte
-//!   (slowloris). A request head larger than [`MAX_HEAD`] is answered 431.
-//! - Each connection buffers at most [`MAX_BUFFER`] of response bytes beyond what the
-//!   kernel's socket buffer holds: a subscriber that stops reading stops its stream from
-//!   being polled, and costs no more memory than that.
+//! - Each connection is served by [`super::connection`]: the request-head timeout and size
+//!   limit, body framing, and event streams that hold no buffers of their own.
 //! - With TLS, each connection first completes its handshake (within 10 s); one over the
 //!   connection limit is closed without an answer.
 //! - Shutting down stops accepting, asks every connection to finish its request in flight
@@ -19,9 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -29,13 +22,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::error::RETRY_AFTER_SECONDS;
-use super::listener::LenientRequests;
 use super::Limits;
 
-/// Largest request head (request line and headers).
-pub const MAX_HEAD: usize = 64 << 10;
-/// Response bytes a connection queues before it stops polling the response body.
-pub const MAX_BUFFER: usize = 64 << 10;
 /// Connections answered 503 at the same moment; more are closed at once.
 const MAX_REFUSING: usize = 256;
 /// How long a client has to complete its TLS handshake.
@@ -121,30 +109,11 @@ impl Connection {
         }
     }
 
-    async fn serve<S>(mut self, stream: S)
+    async fn serve<S>(self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(LenientRequests::new(stream));
-        let service = TowerToHyperService::new(self.router.clone());
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.idle_timeout)
-            .max_buf_size(MAX_BUFFER.max(MAX_HEAD))
-            .max_header_size(MAX_HEAD)
-            .serve_connection(io, service);
-        tokio::pin!(connection);
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            () = shut_down(&mut self.shutdown) => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        };
-        if let Err(e) = result {
-            // A client going away mid-request, or sending garbage: its own business.
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
+        super::connection::serve(stream, self.router, self.limits, self.shutdown).await;
     }
 }
 

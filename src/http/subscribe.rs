@@ -44,15 +44,16 @@ use crate::wire::param::{
 use crate::wire::{AckParam, MaxDeliveries, StartParam, HEADER_CONSUMER_ID, HEADER_LAST_EVENT_ID};
 
 const PING: &[u8] = b": ping\n\n";
-/// What one event stream holds at most while its subscriber does not read: 64 KiB of
-/// its connection's buffer, one read of the log (at most 256 KiB, or one larger event),
-/// the stream's own state and what the allocator keeps around them (measured: 290 to
-/// 425 KiB with reads of 256 KiB; see HTTP_API.md's limits). What a new subscription is
+/// What one event stream holds at most while its subscriber does not read: the delivery
+/// waiting to go out (from one read of the log: at most 256 KiB, or one larger event),
+/// the next read, the stream's own state and what the allocator keeps around them
+/// (measured: 290 to 425 KiB with reads of 256 KiB when connections also buffered 64 KiB;
+/// see HTTP_API.md's limits). What a new subscription is
 /// charged against the memory budget, and what a closed one reports freed.
 pub const STREAM_MEMORY: usize = 512 << 10;
 /// A delivery of one event this large is streamed from its buffer as it is; smaller
 /// ones are copied (see `subscribe`).
-const SHARE_FRAMES_FROM: usize = super::serve::MAX_BUFFER;
+const SHARE_FRAMES_FROM: usize = 64 << 10;
 /// Ends a stream opened with `until=now`. Browsers drop events without data, so it has
 /// some.
 const DONE: &[u8] = b"event: done\ndata: end\n\n";

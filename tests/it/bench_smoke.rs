@@ -137,3 +137,26 @@ fn the_syncbus_benchmark_runs_and_checks_its_work() {
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("--keys"), "{refused:?}");
 }
+
+#[test]
+fn the_fsync_benchmark_syncs_each_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        &[
+            "bench",
+            "fsync",
+            "--syncs",
+            "50",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    );
+    let line = out.ok().lines().last().unwrap_or_default().to_owned();
+    let fsync: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    assert_eq!(fsync["syncs"], 50);
+    assert!(fsync["sync_p50_ms"].as_f64().unwrap() > 0.0, "{fsync}");
+    // Its file is gone afterwards.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

@@ -31,6 +31,7 @@ mod durable_acks;
 mod durable_catchup;
 mod failover;
 mod fanout;
+mod fsync;
 mod idle;
 mod jetstream;
 mod load;
@@ -59,6 +60,8 @@ pub enum BenchKind {
     Publish(publish::PublishBench),
     /// Subscribers on one subject, publishers at a rate: deliveries/s, end-to-end latency.
     Fanout(fanout::FanoutBench),
+    /// One writer appending and syncing a file: this disk's fdatasync time, without bus.
+    Fsync(fsync::FsyncBench),
     /// One subscriber reading a namespace from the oldest event.
     Replay(replay::ReplayBench),
     /// Time to the first event when resuming from an id, Last-Event-ID or newest.
@@ -86,6 +89,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Store(bench) => store::run(bench).await,
         BenchKind::Publish(bench) => publish::run(bench).await,
         BenchKind::Fanout(bench) => fanout::run(bench).await,
+        BenchKind::Fsync(bench) => fsync::run(bench).await,
         BenchKind::Replay(bench) => replay::run(bench).await,
         BenchKind::Resume(bench) => resume::run(bench).await,
         BenchKind::Ack(bench) => ack::run(bench).await,
