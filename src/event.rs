@@ -56,12 +56,14 @@ pub struct EventDraft<'a> {
 pub struct PendingEvent {
     pub(crate) id: Option<Box<str>>,
     pub(crate) created_at: Option<Timestamp>,
-    /// The JSON members between `id` and `created_at`, each preceded by a comma.
-    members: Bytes,
-    /// Where the members are in `members` (see [`JsonLayout`]; `id` is unused).
+    /// The JSON members between `id` and `created_at`, each preceded by a comma, then
+    /// `,"payload":<json>` (or nothing) from `payload_at` on: one buffer, made with one
+    /// allocation of exactly its size.
+    encoded: Bytes,
+    /// Where the payload member starts in `encoded`.
+    payload_at: usize,
+    /// Where the members are in `encoded` (see [`JsonLayout`]; `id` is unused).
     members_layout: JsonLayout,
-    /// `,"payload":<json>` or empty.
-    payload_member: Bytes,
 }
 
 impl PendingEvent {
@@ -72,12 +74,22 @@ impl PendingEvent {
         if draft.subject.len() > MAX_SUBJECT_LEN {
             return Err(EventError::SubjectTooLong(draft.subject.len()));
         }
-        let mut members = Vec::with_capacity(
-            64 + draft.subject.len()
-                + draft.trace_id.len()
-                + draft.key.len()
-                + draft.response_subject.len(),
-        );
+        let member_len = |name: &str, value: &str| {
+            if value.is_empty() {
+                0
+            } else {
+                b",\"\":".len() + name.len() + json_string_len(value)
+            }
+        };
+        let payload_len = draft.payload.map_or(0, |p| PAYLOAD_PREFIX.len() + p.len());
+        // The exact size, so that the buffer becomes `Bytes` without another allocation.
+        let len = member_len("trace_id", draft.trace_id)
+            + member_len("key", draft.key)
+            + b",\"subject\":".len()
+            + json_string_len(draft.subject)
+            + member_len("response_subject", draft.response_subject)
+            + payload_len;
+        let mut members = Vec::with_capacity(len);
         let trace_id = push_member(&mut members, "trace_id", draft.trace_id);
         let key = push_member(&mut members, "key", draft.key);
         members.extend_from_slice(b",\"subject\":");
@@ -86,19 +98,21 @@ impl PendingEvent {
         let subject = subject_start..members.len() - 1;
         let response_subject =
             push_member(&mut members, "response_subject", draft.response_subject);
-        let payload_member = match draft.payload {
-            Some(payload) => {
-                let mut member = Vec::with_capacity(payload.len() + 11);
-                member.extend_from_slice(b",\"payload\":");
-                member.extend_from_slice(payload);
-                Bytes::from(member)
-            }
-            None => Bytes::new(),
-        };
+        let payload_at = members.len();
+        if let Some(payload) = draft.payload {
+            members.extend_from_slice(PAYLOAD_PREFIX);
+            members.extend_from_slice(payload);
+        }
+        debug_assert_eq!(
+            members.len(),
+            len,
+            "PendingEvent::new sizes its buffer exactly"
+        );
         Ok(PendingEvent {
             id: draft.id.map(Box::from),
             created_at: draft.created_at,
-            members: Bytes::from(members),
+            encoded: Bytes::from(members),
+            payload_at,
             members_layout: JsonLayout {
                 id: 0..0,
                 trace_id,
@@ -107,8 +121,17 @@ impl PendingEvent {
                 response_subject,
                 created_at: 0..0,
             },
-            payload_member,
         })
+    }
+
+    /// The JSON members between `id` and `created_at`.
+    fn members(&self) -> &[u8] {
+        &self.encoded[..self.payload_at]
+    }
+
+    /// `,"payload":<json>` or empty.
+    fn payload_member(&self) -> &[u8] {
+        &self.encoded[self.payload_at..]
     }
 
     /// The client-supplied id, if any.
@@ -118,8 +141,8 @@ impl PendingEvent {
     pub fn encoded_key(&self) -> Option<(&[u8], &[u8])> {
         let key = self.members_layout.key.clone()?;
         Some((
-            &self.members[self.members_layout.subject.clone()],
-            &self.members[key],
+            &self.encoded[self.members_layout.subject.clone()],
+            &self.encoded[key],
         ))
     }
 
@@ -129,7 +152,7 @@ impl PendingEvent {
 
     /// Upper bound of the encoded JSON's length, for buffer sizing.
     pub(crate) fn encoded_len_hint(&self) -> usize {
-        self.members.len() + self.payload_member.len() + MAX_ID_LEN + FORMATTED_LEN + 64
+        self.encoded.len() + MAX_ID_LEN + FORMATTED_LEN + 64
     }
 
     /// The exact length of the JSON [`PendingEvent::write_json`] writes with an id of
@@ -142,11 +165,10 @@ impl PendingEvent {
         b"{\"id\":\"".len()
             + id_len
             + 1
-            + self.members.len()
+            + self.encoded.len()
             + b",\"created_at\":\"".len()
             + FORMATTED_LEN
             + 1
-            + self.payload_member.len()
             + b",\"index\":".len()
             + usize::from(index < 0)
             + digits
@@ -168,12 +190,12 @@ impl PendingEvent {
         out.extend_from_slice(b"{\"id\":\"");
         out.extend_from_slice(id.as_bytes());
         out.push(b'"');
-        out.extend_from_slice(&self.members);
+        out.extend_from_slice(self.members());
         out.extend_from_slice(b",\"created_at\":\"");
         let created_at_start = out.len() - json_start;
         out.extend_from_slice(created_at);
         out.push(b'"');
-        out.extend_from_slice(&self.payload_member);
+        out.extend_from_slice(self.payload_member());
         out.extend_from_slice(b",\"index\":");
         if index < 0 {
             out.push(b'-');
@@ -507,27 +529,34 @@ pub fn compact_payload(json: &[u8]) -> Option<Vec<u8>> {
 fn compact_and_measure(json: &[u8]) -> (Vec<u8>, usize) {
     let mut out = Vec::with_capacity(json.len());
     let (mut depth, mut deepest) = (0usize, 0usize);
-    let mut in_string = false;
-    let mut escaped = false;
     // Bytes are copied in runs between the whitespace that is dropped, not one by one.
     let mut run_start = 0;
-    for (i, &b) in json.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&b) = json.get(i) {
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => {
                 out.extend_from_slice(&json[run_start..i]);
                 run_start = i + 1;
             }
-            b'"' => in_string = true,
+            b'"' => {
+                // Strings are skipped whole, to their closing quote: the next quote or
+                // backslash is found with memchr, and an escape skips the byte after it.
+                i += 1;
+                loop {
+                    let rest = json.get(i..).unwrap_or_default();
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        Some(found) if rest[found] == b'\\' => i += found + 2,
+                        Some(found) => {
+                            i += found;
+                            break;
+                        }
+                        None => {
+                            i = json.len();
+                            break;
+                        }
+                    }
+                }
+            }
             b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -535,9 +564,25 @@ fn compact_and_measure(json: &[u8]) -> (Vec<u8>, usize) {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     out.extend_from_slice(&json[run_start..]);
     (out, deepest)
+}
+
+/// The start of a stored event's payload member.
+const PAYLOAD_PREFIX: &[u8] = b",\"payload\":";
+
+/// The length of `value` as [`push_json_string`] writes it.
+fn json_string_len(value: &str) -> usize {
+    2 + value
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
 }
 
 /// Appends `value` as a JSON string literal.

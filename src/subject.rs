@@ -139,19 +139,20 @@ fn check(text: &str, wildcards: bool) -> Result<(), SubjectError> {
     if text.starts_with('.') || text.ends_with('.') {
         return Err(error(text, "it starts or ends with a dot"));
     }
-    let segments: Vec<&str> = text.split('.').collect();
-    if segments.len() < 2 {
+    if !text.contains('.') {
         return Err(error(
             text,
             "it needs a namespace and at least one more segment, like orders.created",
         ));
     }
-    let last = segments.len() - 1;
-    for (i, segment) in segments.iter().enumerate() {
+    // Walked without collecting the segments first (this runs for every publish).
+    let mut segments = text.split('.').enumerate().peekable();
+    while let Some((i, segment)) = segments.next() {
+        let is_last = segments.peek().is_none();
         if segment.is_empty() {
             return Err(error(text, "it has an empty segment (two dots in a row)"));
         }
-        if *segment == "*" || *segment == ">" {
+        if segment == "*" || segment == ">" {
             if !wildcards {
                 return Err(error(
                     text,
@@ -164,9 +165,17 @@ fn check(text: &str, wildcards: bool) -> Result<(), SubjectError> {
                     "the namespace (first segment) cannot be a wildcard",
                 ));
             }
-            if *segment == ">" && i != last {
+            if segment == ">" && !is_last {
                 return Err(error(text, "> may only be the last segment"));
             }
+            continue;
+        }
+        // ASCII first (cheap); then any script. A valid segment holds no * or >.
+        let valid = segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || segment.chars().all(is_segment_char);
+        if valid {
             continue;
         }
         if segment.contains(['*', '>']) {
@@ -175,12 +184,10 @@ fn check(text: &str, wildcards: bool) -> Result<(), SubjectError> {
                 "* and > must stand alone in a segment (a.* is valid, a.b* is not)",
             ));
         }
-        if !segment.chars().all(is_segment_char) {
-            return Err(error(
-                text,
-                "segments may contain only letters, digits, '_' and '-'",
-            ));
-        }
+        return Err(error(
+            text,
+            "segments may contain only letters, digits, '_' and '-'",
+        ));
     }
     Ok(())
 }

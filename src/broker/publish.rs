@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::{
-    dedup, random_id, Broker, Dedup, Publication, PublishError, Published, DEDUP_REBUILD_EVENTS,
-    DUPLICATE_KEY,
+    dedup, random_id, Broker, Dedup, NewEvent, Publication, PublishError, Published,
+    DEDUP_REBUILD_EVENTS, DUPLICATE_KEY,
 };
 use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
 use crate::store::{ErrorKind, EventLog, KeyedEvent, StorageError};
@@ -22,31 +22,29 @@ impl Broker {
     /// Publishes one event or an atomic batch (see the module docs).
     pub async fn publish(&self, publication: Publication) -> Result<Vec<Published>, PublishError> {
         let invalid = PublishError::Invalid;
-        let (batch, is_batch) = match publication {
-            Publication::One(event) => (vec![event], false),
-            Publication::Batch(events) => (events, true),
+        // A single event is not put into a Vec of its own: `first` and the rest.
+        let (first, rest, is_batch) = match publication {
+            Publication::One(event) => (event, Vec::new().into_iter(), false),
+            Publication::Batch(events) => {
+                let mut events = events.into_iter();
+                let Some(first) = events.next() else {
+                    return Err(invalid("empty batch: send at least one event".into()));
+                };
+                (first, events, true)
+            }
         };
-        let Some(first) = batch.first() else {
-            return Err(invalid("empty batch: send at least one event".into()));
+        let (namespace_len, is_inbox) = {
+            let subject = Subject::parse(&first.subject).map_err(|e| invalid(e.to_string()))?;
+            // The namespace is the first subject's prefix of this many bytes.
+            (subject.namespace().len(), subject.is_inbox())
         };
-        let first_subject = Subject::parse(&first.subject).map_err(|e| invalid(e.to_string()))?;
-        let namespace = first_subject.namespace().to_owned();
-        let inbox_subject = first_subject.is_inbox().then(|| first.subject.clone());
         // The events are consumed as they are encoded, so that a large batch is not held
         // in both forms; only the deduplication keys (if any) are kept for the check below.
-        let keyed = batch.iter().any(|e| !e.key.is_empty());
-        let mut keys: Vec<(String, String)> =
-            Vec::with_capacity(if keyed { batch.len() } else { 0 });
-        let mut pending = Vec::with_capacity(batch.len());
-        for event in batch {
-            let subject = Subject::parse(&event.subject).map_err(|e| invalid(e.to_string()))?;
-            if subject.namespace() != namespace {
-                return Err(invalid(format!(
-                    "a batch must stay in one namespace: {:?} and {:?} differ",
-                    namespace,
-                    subject.namespace()
-                )));
-            }
+        let keyed = !first.key.is_empty() || rest.as_slice().iter().any(|e| !e.key.is_empty());
+        let count = 1 + rest.len();
+        let mut keys: Vec<(String, String)> = Vec::with_capacity(if keyed { count } else { 0 });
+        let mut pending = Vec::with_capacity(count);
+        let encode = |event: &NewEvent, pending: &mut Vec<PendingEvent>| {
             if !event.response_subject.is_empty() {
                 if is_batch {
                     return Err(invalid(
@@ -58,20 +56,46 @@ impl Broker {
                     .map_err(|e| invalid(format!("response_subject: {e}")))?;
             }
             pending.push(PendingEvent::new(&event.draft()).map_err(|e| invalid(e.to_string()))?);
+            Ok(())
+        };
+        encode(&first, &mut pending)?;
+        // Only the first event's subject (the namespace is its prefix) and key are kept:
+        // its payload is dropped now, as the others' are in the loop, not after the append.
+        let (first_subject, first_key) = subject_and_key(first);
+        if keyed {
+            // Filled in below, once the first subject is no longer needed as the namespace.
+            keys.push((String::new(), String::new()));
+        }
+        for event in rest {
+            let subject = Subject::parse(&event.subject).map_err(|e| invalid(e.to_string()))?;
+            let namespace = &first_subject[..namespace_len];
+            if subject.namespace() != namespace {
+                return Err(invalid(format!(
+                    "a batch must stay in one namespace: {:?} and {:?} differ",
+                    namespace,
+                    subject.namespace()
+                )));
+            }
+            encode(&event, &mut pending)?;
             if keyed {
                 keys.push((event.subject, event.key));
             }
         }
 
-        if let Some(subject) = inbox_subject {
+        if is_inbox {
             if is_batch {
                 return Err(invalid(
                     "inbox subjects (_bus_.…) take one event at a time, not batches".into(),
                 ));
             }
-            return Ok(vec![self.publish_to_inbox(&subject, &pending[0]).await]);
+            return Ok(vec![
+                self.publish_to_inbox(&first_subject, &pending[0]).await,
+            ]);
         }
-        let log = self.log(&namespace).map_err(invalid)?;
+        let log = self.log(&first_subject[..namespace_len]).map_err(invalid)?;
+        if keyed {
+            keys[0] = (first_subject, first_key);
+        }
 
         let reservation = self
             .dedup
@@ -163,6 +187,11 @@ impl Broker {
             index: -1,
         }
     }
+}
+
+/// An event's subject and key; the rest of it is dropped.
+fn subject_and_key(event: NewEvent) -> (String, String) {
+    (event.subject, event.key)
 }
 
 /// Refills the deduplication window from the newest events of a log.
