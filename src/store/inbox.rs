@@ -5,6 +5,11 @@
 //! must be able to wait for more appends *with a deadline* measured in microseconds — to
 //! let a group commit fill up before paying for a sync — which neither a blocking channel
 //! receive nor an async runtime's millisecond timers offer.
+//!
+//! Wake-ups: a wake costs a `futex` syscall even when nobody sleeps any more, so a waiting
+//! writer is woken once per wait, by the item that completes what it waits for (one item,
+//! or the group it lingers for: [`Inbox::take_at_least`]), not by every item queued
+//! before it runs again. It takes everything queued when it runs.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -22,7 +27,10 @@ pub(crate) struct Inbox<T> {
 struct State<T> {
     queue: VecDeque<T>,
     closed: bool,
+    /// The writer waits and has not been woken yet.
     writer_waiting: bool,
+    /// How many queued items the waiting writer waits for.
+    wake_at: usize,
 }
 
 /// What [`Inbox::take`] found.
@@ -43,6 +51,7 @@ impl<T> Inbox<T> {
                 queue: VecDeque::with_capacity(capacity.min(1024)),
                 closed: false,
                 writer_waiting: false,
+                wake_at: 1,
             }),
             arrived: Condvar::new(),
             room: Semaphore::new(capacity),
@@ -81,7 +90,12 @@ impl<T> Inbox<T> {
             return Err(item);
         }
         state.queue.push_back(item);
-        let wake = state.writer_waiting;
+        // Only the item that completes what the writer waits for wakes it (see the module
+        // docs); it clears the flag so that the items after it do not wake it again.
+        let wake = state.writer_waiting && state.queue.len() >= state.wake_at;
+        if wake {
+            state.writer_waiting = false;
+        }
         drop(state);
         if wake {
             self.arrived.notify_one();
@@ -109,12 +123,23 @@ impl<T> Inbox<T> {
     /// Moves every queued item into `out`, first waiting until there is one (or until
     /// `deadline`, if given).
     pub fn take(&self, out: &mut Vec<T>, deadline: Option<Instant>) -> Taken {
+        self.take_at_least(out, 1, deadline)
+    }
+
+    /// Moves every queued item into `out`, first waiting until there are at least `want`
+    /// (or until `deadline`, if given, or the inbox is closed: then whatever is queued).
+    pub fn take_at_least(&self, out: &mut Vec<T>, want: usize, deadline: Option<Instant>) -> Taken {
+        let want = want.max(1);
         let mut state = self.lock();
-        while state.queue.is_empty() {
+        while state.queue.len() < want {
             if state.closed {
-                return Taken::Closed;
+                if state.queue.is_empty() {
+                    return Taken::Closed;
+                }
+                break;
             }
             state.writer_waiting = true;
+            state.wake_at = want;
             state = match deadline {
                 None => self
                     .arrived
@@ -123,7 +148,10 @@ impl<T> Inbox<T> {
                 Some(deadline) => {
                     let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                         state.writer_waiting = false;
-                        return Taken::TimedOut;
+                        if state.queue.is_empty() {
+                            return Taken::TimedOut;
+                        }
+                        break;
                     };
                     self.arrived
                         .wait_timeout(state, left)
@@ -164,6 +192,40 @@ mod tests {
         inbox.close();
         assert_eq!(inbox.send(4).await, Err(4));
         assert_eq!(inbox.take(&mut out, None), Taken::Closed);
+    }
+
+    #[test]
+    fn a_writer_waiting_for_several_items_gets_them_all() {
+        let inbox = Arc::new(Inbox::new(8));
+        let writer = {
+            let inbox = Arc::clone(&inbox);
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let later = Instant::now() + Duration::from_secs(30);
+                let taken = inbox.take_at_least(&mut out, 3, Some(later));
+                (taken, out)
+            })
+        };
+        for item in 1..=3 {
+            std::thread::sleep(Duration::from_millis(10));
+            inbox.try_send(item).unwrap();
+        }
+        assert_eq!(writer.join().unwrap(), (Taken::Items(3), vec![1, 2, 3]));
+        // At the deadline, what is queued is taken even if it is fewer.
+        inbox.try_send(4).unwrap();
+        let mut out = Vec::new();
+        let soon = Instant::now() + Duration::from_millis(5);
+        assert_eq!(
+            inbox.take_at_least(&mut out, 3, Some(soon)),
+            Taken::Items(1)
+        );
+        assert_eq!(out, vec![4]);
+        // A closed inbox gives what it holds, then says so.
+        inbox.try_send(5).unwrap();
+        inbox.close();
+        out.clear();
+        assert_eq!(inbox.take_at_least(&mut out, 3, None), Taken::Items(1));
+        assert_eq!(inbox.take_at_least(&mut out, 3, None), Taken::Closed);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! group, the writer waits for as many appends as the previous group held, for at most a
 //! quarter of the recent sync time (never more than 500 µs). A lone publisher's next
 //! append is taken at once; the wait only ever costs a fraction of the sync it shares.
+//! The inbox wakes the lingering writer once, when the appends it misses are queued (or
+//! at the deadline), not once per append.
 //!
 //! Batch atomicity on disk: every record of a batch but the last carries the
 //! "continues" flag; recovery drops a batch whose last record is missing. A batch with an
@@ -304,7 +306,10 @@ impl Writer {
         };
         let deadline = Instant::now() + (self.sync_time / 4).min(MAX_LINGER);
         while appends(commands) < self.last_group_requests {
-            match self.inbox.take(commands, Some(deadline)) {
+            // Woken once, when the missing appends are queued (or at the deadline), not
+            // by each of them.
+            let missing = self.last_group_requests - appends(commands);
+            match self.inbox.take_at_least(commands, missing, Some(deadline)) {
                 Taken::Items(_) => {}
                 Taken::TimedOut | Taken::Closed => return,
             }
