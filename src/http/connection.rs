@@ -330,7 +330,7 @@ where
         if !declared && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
             match (framing, exact) {
                 (Streamed::No, Some(len)) => {
-                    put_header(out, "content-length", len.to_string().as_bytes());
+                    put_header(out, "content-length", digits(len, 10, &mut [0; 20]));
                 }
                 (Streamed::Chunked, _) => put_header(out, "transfer-encoding", b"chunked"),
                 _ => {}
@@ -409,12 +409,14 @@ where
                 continue;
             }
             if framing == Streamed::Chunked {
-                let mut size = [0u8; 18];
-                let size = chunk_size_line(data.len(), &mut size);
+                // `<size in hex>\r\n<data>\r\n`
+                let mut size = [0u8; 20];
+                let size = digits(data.len() as u64, 16, &mut size);
                 write_all(
                     &self.wire,
                     &mut [
                         IoSlice::new(size),
+                        IoSlice::new(b"\r\n"),
                         IoSlice::new(&data),
                         IoSlice::new(b"\r\n"),
                     ],
@@ -478,22 +480,18 @@ fn refusal(status: StatusCode, reason: &'static str) -> Response<Body> {
     response
 }
 
-/// `<size in hex>\r\n`, the line before a chunk of this size.
-fn chunk_size_line(size: usize, buf: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut at = 16;
-    let mut left = size;
+/// `n` in base `radix` (10 or 16, lower case), written at the end of `buf`.
+fn digits(mut n: u64, radix: u64, buf: &mut [u8; 20]) -> &[u8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut at = buf.len();
     loop {
         at -= 1;
-        buf[at] = HEX[left & 0xf];
-        left >>= 4;
-        if left == 0 {
-            break;
+        buf[at] = DIGITS[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            return &buf[at..];
         }
     }
-    buf[16] = b'\r';
-    buf[17] = b'\n';
-    &buf[at..]
 }
 
 fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -744,7 +742,11 @@ fn body_framing(headers: &HeaderMap, version: Version) -> Result<BodyState, Head
             Some(n)
         }
     };
-    if let Some(coding) = headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+    if let Some(coding) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         if length.is_some() {
             return Err(refused(
                 "the request has both Content-Length and Transfer-Encoding; send one",
@@ -867,6 +869,16 @@ enum Piece {
     NeedMore,
 }
 
+/// Up to `left` body bytes of what is buffered, and how many are left after them; `None`
+/// if nothing is buffered.
+fn take_body_bytes(input: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
+    if input.is_empty() {
+        return None;
+    }
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
+    Some((input.split_to(n).freeze(), left - n as u64))
+}
+
 fn next_body_piece<S>(wire: &mut Wire<S>) -> io::Result<Piece> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
     loop {
@@ -874,14 +886,9 @@ fn next_body_piece<S>(wire: &mut Wire<S>) -> io::Result<Piece> {
             BodyState::Done => return Ok(Piece::End),
             BodyState::Broken => return Err(invalid("the body was cut off or malformed")),
             BodyState::Length(left) => {
-                if wire.input.is_empty() {
+                let Some((data, left)) = take_body_bytes(&mut wire.input, left) else {
                     return Ok(Piece::NeedMore);
-                }
-                let n = usize::try_from(left)
-                    .unwrap_or(usize::MAX)
-                    .min(wire.input.len());
-                let data = wire.input.split_to(n).freeze();
-                let left = left - n as u64;
+                };
                 wire.body = if left == 0 {
                     BodyState::Done
                 } else {
@@ -890,14 +897,9 @@ fn next_body_piece<S>(wire: &mut Wire<S>) -> io::Result<Piece> {
                 return Ok(Piece::Data(data));
             }
             BodyState::Chunked(Chunk::Data(left)) => {
-                if wire.input.is_empty() {
+                let Some((data, left)) = take_body_bytes(&mut wire.input, left) else {
                     return Ok(Piece::NeedMore);
-                }
-                let n = usize::try_from(left)
-                    .unwrap_or(usize::MAX)
-                    .min(wire.input.len());
-                let data = wire.input.split_to(n).freeze();
-                let left = left - n as u64;
+                };
                 wire.body = BodyState::Chunked(if left == 0 {
                     Chunk::DataEnd
                 } else {

@@ -327,3 +327,12 @@ async fn a_malformed_body_closes_the_connection_after_its_answer() {
     assert!(text.contains("connection: close\r\n"), "{text}");
     assert!(!text.contains("smuggled"), "{text}");
 }
+
+#[test]
+fn digits_are_written_in_either_base() {
+    assert_eq!(digits(0, 10, &mut [0; 20]), b"0");
+    assert_eq!(digits(8_192, 10, &mut [0; 20]), b"8192");
+    assert_eq!(digits(u64::MAX, 10, &mut [0; 20]), b"18446744073709551615");
+    assert_eq!(digits(255, 16, &mut [0; 20]), b"ff");
+    assert_eq!(digits(0x1_0000, 16, &mut [0; 20]), b"10000");
+}
