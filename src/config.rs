@@ -159,6 +159,11 @@ pub struct ServerConfig {
     #[arg(long, env = "BUS_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
 
+    /// Also accept a token from this cookie (for browsers: EventSource with
+    /// `withCredentials`, no token in the URL); needs --auth-file.
+    #[arg(long, env = "BUS_AUTH_COOKIE", requires = "auth_file", value_parser = parse_cookie_name)]
+    pub auth_cookie: Option<String>,
+
     /// Origins whose browser pages may use the server, comma-separated
     /// (`https://app.example.com`), or `*` for any.
     #[arg(
@@ -490,4 +495,15 @@ fn host_name() -> Option<String> {
     let end = name.iter().position(|&b| b == 0)?;
     let name = std::str::from_utf8(&name[..end]).ok()?.trim();
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// A cookie name as RFC 6265 allows it: an HTTP token.
+fn parse_cookie_name(text: &str) -> Result<String, String> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if text.is_empty() || !text.bytes().all(token) {
+        return Err(format!(
+            "{text:?} is not a cookie name: use letters, digits and !#$%&'*+-.^_`|~, like bus_token"
+        ));
+    }
+    Ok(text.to_owned())
 }

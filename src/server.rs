@@ -168,6 +168,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     );
     state.auth = auth;
     state.cors_origins = cors_origins.map(Arc::new);
+    state.auth_cookie = config.auth_cookie.as_deref().map(Arc::from);
     let node = config.node_name();
     state.node = Arc::from(node.as_str());
     if retention.is_set() {

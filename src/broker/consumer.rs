@@ -54,7 +54,7 @@ use tokio::time::Instant;
 
 use super::confirm::Confirmations;
 use super::subscription::{Cursor, From, Readers};
-use super::{Delivery, READ_BATCH};
+use super::{Delivery, Skipped, READ_BATCH};
 use crate::event::{EventDraft, PendingEvent, StoredEvent};
 use crate::store::{
     ConsumerName, ConsumerProgress as Progress, ConsumerStore, EventLog, StorageError,
@@ -257,7 +257,7 @@ impl Reader {
     /// The next batch of matching events (see [`Cursor::next_batch`]) and the cursor's
     /// notice, if it has one. Cancel-safe: dropped before it is ready, it leaves the read
     /// running for the next call to finish.
-    async fn next_batch(&mut self) -> (ReadResult, Option<String>) {
+    async fn next_batch(&mut self) -> (ReadResult, Option<Skipped>) {
         if self.read.is_none() {
             let Some(mut cursor) = self.idle.take() else {
                 // Cannot happen: a read that ends gives the cursor back.
@@ -577,9 +577,9 @@ impl Dispatcher {
                     }
                 },
                 (batch, notice) = self.reader.next_batch(), if read => {
-                    if let Some(notice) = notice {
+                    if let Some(skipped) = notice {
                         for member in self.members.values() {
-                            let _ = member.deliveries.try_send(Delivery::Notice(notice.clone()));
+                            let _ = member.deliveries.try_send(Delivery::Skipped(skipped));
                         }
                     }
                     match batch {

@@ -222,9 +222,27 @@ pub enum Delivery {
     /// The subscription reached the end it was asked to stop at; the stream ends after
     /// this.
     End,
-    /// Something the subscriber should know that is not an event (events it asked for
-    /// were removed by retention); sent as an SSE comment.
-    Notice(String),
+    /// Events the subscriber asked for were removed by retention before it read them.
+    Skipped(Skipped),
+}
+
+/// Events a subscription was to read that retention removed first: positions `first` to
+/// `last`; it goes on from `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skipped {
+    pub first: u64,
+    pub last: u64,
+    pub next: u64,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "events {} to {} were removed by retention; continuing from position {}",
+            self.first, self.last, self.next
+        )
+    }
 }
 
 pub type Deliveries = Pin<Box<dyn Stream<Item = Delivery> + Send>>;

@@ -37,7 +37,7 @@ use super::relayed::send_confirmation;
 use super::relayed_members;
 use super::subscription::{self, next_outage};
 use super::{
-    Broker, BrokerError, ConsumerBackend, ConsumerInfo, ConsumerName, Delivery, Owner,
+    Broker, BrokerError, ConsumerBackend, ConsumerInfo, ConsumerName, Delivery, Owner, Skipped,
     SubscribeRequest,
 };
 use crate::event::StoredEvent;
@@ -90,11 +90,10 @@ impl Broker {
             }
         };
         let first = log.first_position();
-        let notice = (start < first).then(|| {
-            format!(
-                "events {start} to {} were removed by retention; continuing from position {first}",
-                first - 1
-            )
+        let notice = (start < first).then(|| Skipped {
+            first: start,
+            last: first - 1,
+            next: first,
         });
         let spec = ServedSpec {
             namespace,
@@ -109,8 +108,8 @@ impl Broker {
             None => served.join(spec).await.map_err(storage_failed)?,
             Some(name) => self.join_durable(served, name, request, spec).await?,
         };
-        if let Some(notice) = notice {
-            let _ = joining.deliveries.try_send(Delivery::Notice(notice));
+        if let Some(skipped) = notice {
+            let _ = joining.deliveries.try_send(Delivery::Skipped(skipped));
         }
         let key = request
             .consumer

@@ -20,7 +20,7 @@ use futures_util::Stream;
 use tokio::sync::{watch, Semaphore};
 
 use super::inbox::InboxSubscription;
-use super::{Delivery, READ_BATCH};
+use super::{Delivery, Skipped, READ_BATCH};
 use crate::event::StoredEvent;
 use crate::store::EventLog;
 use crate::subject::Pattern;
@@ -93,7 +93,7 @@ pub(super) struct Cursor {
     shutdown: watch::Receiver<bool>,
     reads: Arc<Semaphore>,
     /// Why the cursor jumped ahead, not yet reported.
-    notice: Option<String>,
+    notice: Option<Skipped>,
 }
 
 impl Cursor {
@@ -138,16 +138,16 @@ impl Cursor {
         if self.next >= first {
             return;
         }
-        self.notice = Some(format!(
-            "events {} to {} were removed by retention; continuing from position {first}",
-            self.next,
-            first - 1
-        ));
+        self.notice = Some(Skipped {
+            first: self.next,
+            last: first - 1,
+            next: first,
+        });
         self.next = first;
     }
 
     /// The notice of the last [`Cursor::skip_removed`] that moved the cursor, once.
-    pub(super) fn take_notice(&mut self) -> Option<String> {
+    pub(super) fn take_notice(&mut self) -> Option<Skipped> {
         self.notice.take()
     }
 
@@ -242,13 +242,13 @@ pub fn follow(
         };
         // Told before anything else, not with the first event, which may be long in coming.
         cursor.skip_removed();
-        if let Some(notice) = cursor.take_notice() {
-            yield Delivery::Notice(notice);
+        if let Some(skipped) = cursor.take_notice() {
+            yield Delivery::Skipped(skipped);
         }
         loop {
             let batch = cursor.next_batch().await;
-            if let Some(notice) = cursor.take_notice() {
-                yield Delivery::Notice(notice);
+            if let Some(skipped) = cursor.take_notice() {
+                yield Delivery::Skipped(skipped);
             }
             match batch {
                 Ok(Some(events)) => yield Delivery::Events(events),

@@ -231,7 +231,13 @@ fn owner_of(digest: &[u8; 32]) -> Owner {
 
 /// The token a request presents: `Authorization: Bearer …`, else `access_token` in the
 /// query string (a 400 if it is given twice).
-pub fn presented_token(headers: &HeaderMap, params: &Params) -> Result<Option<String>, ApiError> {
+/// The token a request presents: `Authorization: Bearer`, else the `access_token` query
+/// parameter, else (with `--auth-cookie`) the cookie of that name.
+pub fn presented_token(
+    headers: &HeaderMap,
+    params: &Params,
+    cookie: Option<&str>,
+) -> Result<Option<String>, ApiError> {
     if let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -243,7 +249,31 @@ pub fn presented_token(headers: &HeaderMap, params: &Params) -> Result<Option<St
             .map(|(_, token)| token.trim().to_owned());
         return Ok(token);
     }
-    Ok(params.get("access_token")?.map(str::to_owned))
+    if let Some(token) = params.get("access_token")? {
+        return Ok(Some(token.to_owned()));
+    }
+    Ok(cookie.and_then(|name| cookie_value(headers, name)))
+}
+
+/// The value of the first cookie called `name` in the request's `Cookie` headers
+/// (RFC 6265: `name=value` pairs separated by `; `, a value optionally in double quotes).
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| {
+            let value = value.trim();
+            value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value)
+                .to_owned()
+        })
+        .filter(|value| !value.is_empty())
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
@@ -340,24 +370,57 @@ sha256:0b8b9b9f3ef9a7b0e3a35e8a40f4d8f1d2e3a1e7c2b1f6a7f8e9d0c1b2a39485 * metric
         let query = |text| Params::parse(Some(text)).unwrap();
         let mut headers = HeaderMap::new();
         assert_eq!(
-            presented_token(&headers, &query("subject=a&access_token=x%2By")).unwrap(),
+            presented_token(&headers, &query("subject=a&access_token=x%2By"), None).unwrap(),
             Some("x+y".into())
         );
         assert_eq!(
-            presented_token(&headers, &query("subject=a")).unwrap(),
+            presented_token(&headers, &query("subject=a"), None).unwrap(),
             None
         );
-        let twice = presented_token(&headers, &query("access_token=a&access_token=b"));
+        let twice = presented_token(&headers, &query("access_token=a&access_token=b"), None);
         assert_eq!(twice.unwrap_err().status, StatusCode::BAD_REQUEST);
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),
         );
         assert_eq!(
-            presented_token(&headers, &query("access_token=x")).unwrap(),
+            presented_token(&headers, &query("access_token=x"), None).unwrap(),
             Some("abc".into())
         );
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(presented_token(&headers, &Params::default()).unwrap(), None);
+        assert_eq!(
+            presented_token(&headers, &Params::default(), None).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn with_a_cookie_name_the_token_may_come_from_that_cookie() {
+        use axum::http::HeaderValue;
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; bus_token_x=no; bus_token=abc"),
+        );
+        headers.append(header::COOKIE, HeaderValue::from_static("bus_token=later"));
+        let none = Params::default();
+        assert_eq!(
+            presented_token(&headers, &none, Some("bus_token")).unwrap(),
+            Some("abc".into())
+        );
+        // Only when the server was told the cookie's name.
+        assert_eq!(presented_token(&headers, &none, None).unwrap(), None);
+        let quoted =
+            HeaderMap::from_iter([(header::COOKIE, HeaderValue::from_static("bus_token=\"q\""))]);
+        assert_eq!(
+            presented_token(&quoted, &none, Some("bus_token")).unwrap(),
+            Some("q".into())
+        );
+        // A header or a query parameter comes first.
+        let query = Params::parse(Some("access_token=fromquery")).unwrap();
+        assert_eq!(
+            presented_token(&headers, &query, Some("bus_token")).unwrap(),
+            Some("fromquery".into())
+        );
     }
 }

@@ -80,6 +80,8 @@ pub struct AppState {
     pub auth: Option<Arc<AuthTable>>,
     /// Origins allowed to read responses in browsers; `None`: any (`*`).
     pub cors_origins: Option<Arc<Vec<HeaderValue>>>,
+    /// `--auth-cookie`: the cookie a browser's token may come in.
+    pub auth_cookie: Option<Arc<str>>,
     /// The server's memory budget: new publishes and subscriptions wait while it is
     /// spent (`--max-memory`).
     pub memory: Arc<MemoryBudget>,
@@ -102,6 +104,7 @@ impl AppState {
             shutdown,
             auth: None,
             cors_origins: None,
+            auth_cookie: None,
             subscriptions: Arc::new(Semaphore::new(limits.max_subscriptions)),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             publish_micros: Arc::new(Histogram::new(metrics::DURATION_BOUNDS_MICROS)),
@@ -120,7 +123,7 @@ impl AppState {
         match &self.auth {
             None => Ok(None),
             Some(table) => {
-                let token = auth::presented_token(headers, params)?;
+                let token = auth::presented_token(headers, params, self.auth_cookie.as_deref())?;
                 table.authenticate(token.as_deref()).map(Some)
             }
         }
@@ -257,6 +260,14 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
     let Some(allow) = allow else {
         return response;
     };
+    if app.cors_origins.is_some() {
+        // Only a listed origin is echoed here (never `*`), so its pages may send their
+        // cookies (`--auth-cookie`) and EventSource's `withCredentials`.
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,

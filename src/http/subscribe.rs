@@ -30,13 +30,14 @@ use super::error::{unavailable, ApiError};
 use super::query::Params;
 use super::AppState;
 use crate::broker::{
-    AckMode, ConsumerName, Delivery, Start, SubscribeRequest, DEFAULT_MAX_DELIVERIES,
+    AckMode, ConsumerName, Delivery, Skipped, Start, SubscribeRequest, DEFAULT_MAX_DELIVERIES,
     DEFAULT_REDELIVERY, MAX_INFLIGHT, MAX_REDELIVERY,
 };
 use crate::duration::parse_go_duration;
 use crate::event::validate_client_id;
 use crate::memory::{MemoryBudget, Work};
 use crate::subject::Pattern;
+use crate::wire;
 use crate::wire::param::{
     ACK, CONSUMER, MAX_INFLIGHT as MAX_INFLIGHT_PARAM, REDELIVERY, REDELIVERY_COUNT, START,
     SUBJECT, UNTIL, UNTIL_NOW, ZONE,
@@ -258,7 +259,7 @@ pub async fn subscribe(
         }
         Delivery::Error(message) => error_frame(&message),
         Delivery::End => Bytes::from_static(DONE),
-        Delivery::Notice(text) => Bytes::from(format!(": {}\n\n", one_line(&text))),
+        Delivery::Skipped(skipped) => skipped_frames(skipped),
     });
     // The subscription's end (an error, or the broker shutting down) ends the body; the
     // endless pings must not keep it open. Hence the `None` after the last frame.
@@ -330,6 +331,19 @@ impl Drop for StreamLifetime {
         self.memory.released(STREAM_MEMORY as u64);
         tracing::debug!(parent: &self.span, "stream closed");
     }
+}
+
+/// What a subscriber is told when retention removed events it was to read: a comment in
+/// the reference's words (which its clients log), and an `event: skipped` a page can
+/// listen to (EventSource hides comments) with the range as JSON ([`wire::Skipped`]).
+fn skipped_frames(skipped: Skipped) -> Bytes {
+    let range = wire::Skipped {
+        first_index: skipped.first,
+        last_index: skipped.last,
+        next_index: skipped.next,
+    };
+    let data = serde_json::to_string(&range).unwrap_or_default();
+    Bytes::from(format!(": {skipped}\n\nevent: skipped\ndata: {data}\n\n"))
 }
 
 /// `event: error` with the message on one `data:` line.

@@ -14,6 +14,29 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+/// The data of an `event: skipped` frame: retention removed the events from `first_index`
+/// to `last_index` before the subscription read them, and it goes on from `next_index`.
+/// (EventSource hides SSE comments, so the server sends this as an event too.)
+///
+/// ```
+/// use bus::wire::Skipped;
+///
+/// let data = r#"{"first_index":0,"last_index":99,"next_index":100}"#;
+/// let skipped: Skipped = serde_json::from_str(data)?;
+/// assert_eq!(skipped.last_index - skipped.first_index + 1, 100);
+/// assert_eq!(serde_json::to_string(&skipped)?, data);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// The first removed position.
+    pub first_index: u64,
+    /// The last removed position.
+    pub last_index: u64,
+    /// The position the subscription goes on from.
+    pub next_index: u64,
+}
+
 /// Go's zero `time.Time`, which Go clients send as `created_at` when they leave it unset:
 /// the server treats it as absent.
 pub const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";

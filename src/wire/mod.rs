@@ -2,7 +2,7 @@
 //! HTTP layer, the `bus` tools and the client SDK all read and write these.
 //!
 //! - [`events`]: an event's JSON as a publisher sends it ([`EventIn`]) and as the server
-//!   streams and dumps it ([`EventOut`]).
+//!   streams and dumps it ([`EventOut`]); what an `event: skipped` frame says ([`Skipped`]).
 //! - [`headers`]: the names of the `X-BUS-*` headers.
 //! - [`consumers`]: the durable-consumer listing ([`ConsumerInfo`]).
 //! - [`param`]: query parameter names and the encodings of their values ([`StartParam`],
@@ -19,6 +19,6 @@ pub mod headers;
 pub mod param;
 
 pub use self::consumers::ConsumerInfo;
-pub use self::events::{EventIn, EventOut, GO_ZERO_TIME};
+pub use self::events::{EventIn, EventOut, Skipped, GO_ZERO_TIME};
 pub use self::headers::*;
 pub use self::param::{AckParam, MaxDeliveries, ParamError, StartParam};

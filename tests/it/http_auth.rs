@@ -266,6 +266,8 @@ async fn allowed_origins_only() {
         "https://app.example.com"
     );
     assert_eq!(header(&allowed, "vary"), "Origin");
+    // A listed origin (never `*`) may send credentials: cookies, `withCredentials`.
+    assert_eq!(header(&allowed, "access-control-allow-credentials"), "true");
     let refused = from("https://evil.example.net").await.unwrap();
     assert_eq!(refused.status(), 403);
     assert!(refused.text().await.unwrap().contains("--cors-origins"));
@@ -274,6 +276,63 @@ async fn allowed_origins_only() {
     assert_eq!(plain.status(), 202);
     assert_eq!(header(&plain, "access-control-allow-origin"), "");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_cookie_a_browser_presents_its_token_in_a_cookie() {
+    let data = tempfile::tempdir().unwrap();
+    let auth = data.path().join("auth");
+    std::fs::write(&auth, AUTH_FILE).unwrap();
+    let auth = auth.display().to_string();
+    let mut server = TestServer::start(
+        &data.path().join("data"),
+        &["--auth-file", &auth, "--auth-cookie", "bus_token"],
+    )
+    .await;
+    let publish = |cookie: &'static str| {
+        server
+            .client
+            .post(&server.url)
+            .header("cookie", cookie)
+            .body(json!({"subject": "orders.new"}).to_string())
+            .send()
+    };
+    assert_eq!(
+        publish("theme=dark; bus_token=publisher-tok")
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    // A token of the wrong kind, a missing one, another cookie: refused as without cookies.
+    assert_eq!(publish("bus_token=reader-tok").await.unwrap().status(), 403);
+    assert_eq!(publish("other=publisher-tok").await.unwrap().status(), 401);
+    // Subscribing: the cookie alone opens the stream.
+    let stream = server
+        .client
+        .get(format!("{}?subject=orders.>", server.url))
+        .header("cookie", "bus_token=reader-tok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    drop(stream);
+    // With the default CORS (`*`, any origin), answers never grant credentials.
+    let any = publish("bus_token=publisher-tok").await.unwrap();
+    assert_eq!(header(&any, "access-control-allow-origin"), "*");
+    assert_eq!(header(&any, "access-control-allow-credentials"), "");
+    server.stop().await;
+
+    // The flag needs an auth file, and a cookie name.
+    let refused = crate::common::cli::run(&["server", "--auth-cookie", "bus_token"], None);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("--auth-file"), "{refused:?}");
+    let bad = crate::common::cli::run(
+        &["server", "--auth-file", &auth, "--auth-cookie", "a b"],
+        None,
+    );
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("not a cookie name"), "{bad:?}");
 }
 
 #[test]

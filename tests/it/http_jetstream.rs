@@ -224,6 +224,12 @@ async fn retention_is_the_streams_limits_and_readers_behind_it_get_a_notice() {
             .first()
             .is_some_and(|c| c.contains("continuing from position 3"))
         {
+            let skipped = old.next(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(skipped.event.as_deref(), Some("skipped"), "{skipped:?}");
+            assert_eq!(
+                skipped.json(),
+                serde_json::json!({"first_index": 0, "last_index": 2, "next_index": 3})
+            );
             let event = old.next(Duration::from_secs(5)).await.unwrap();
             assert_eq!(event.json()["payload"], "kept");
             break;

@@ -105,6 +105,23 @@ async fn size_retention_moves_readers_ahead_and_survives_a_restart() {
     let text = String::from_utf8_lossy(&received);
     assert!(!text.contains("event: error"), "no error frame");
     assert_eq!(text.matches("removed by retention").count(), 1, "told once");
+    // And told as an event a browser's EventSource can listen to.
+    assert_eq!(text.matches("event: skipped\n").count(), 1, "{text:.2000}");
+    let skipped_line = text
+        .split("event: skipped\ndata: ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap();
+    let skipped: Value = serde_json::from_str(skipped_line).unwrap();
+    assert!(
+        skipped["first_index"].as_u64().unwrap() <= skipped["last_index"].as_u64().unwrap(),
+        "{skipped}"
+    );
+    assert_eq!(
+        skipped["next_index"].as_u64().unwrap(),
+        skipped["last_index"].as_u64().unwrap() + 1,
+        "{skipped}"
+    );
     let indexes: Vec<u64> = text
         .split("\"index\":")
         .skip(1)
@@ -125,6 +142,12 @@ async fn size_retention_moves_readers_ahead_and_survives_a_restart() {
     assert!(
         notice.comments[0].contains(&format!("continuing from position {kept}")),
         "{notice:?}"
+    );
+    let skipped = old.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(skipped.event.as_deref(), Some("skipped"), "{skipped:?}");
+    assert_eq!(
+        skipped.json(),
+        json!({"first_index": 3, "last_index": kept - 1, "next_index": kept})
     );
     assert_eq!(
         old.next(Duration::from_secs(5)).await.unwrap().json()["index"],
