@@ -65,8 +65,14 @@ impl Broker {
             max_inflight,
         } = request.ack
         else {
-            let deliveries =
-                subscription::follow(log, request.pattern, start, stop_at, self.readers());
+            let deliveries = subscription::follow(
+                log,
+                request.pattern,
+                Vec::new(),
+                start,
+                stop_at,
+                self.readers(),
+            );
             return Ok(Subscription {
                 consumer_id,
                 deliveries: Box::pin(deliveries.inspect(count)),
@@ -197,6 +203,65 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// A log subscription (`ack=none`) for several patterns of one namespace: every event
+    /// matching any of them, once, in log order (one cursor, so an event that matches two
+    /// is read once). Unlike [`Broker::subscribe`] it resolves its start before it
+    /// returns, and says which position that is, so that a stream of several namespaces
+    /// can say where it stands in each before any event arrives.
+    pub async fn follow_patterns(
+        &self,
+        patterns: Vec<Pattern>,
+        start: Start,
+        until_now: bool,
+    ) -> Result<(Subscription, u64), BrokerError> {
+        let mut patterns = patterns.into_iter();
+        let Some(pattern) = patterns.next() else {
+            return Err(BrokerError::Invalid("no subject pattern to follow".into()));
+        };
+        let also: Vec<Pattern> = patterns.collect();
+        let namespace = pattern.namespace().to_owned();
+        if pattern.is_inbox() || also.iter().any(|p| p.namespace() != namespace) {
+            return Err(BrokerError::Invalid(
+                "patterns followed together must be of one namespace, not an inbox".into(),
+            ));
+        }
+        let log = Arc::clone(self.log(&namespace).map_err(BrokerError::Invalid)?);
+        let from = match start {
+            Start::Newest => subscription::From::Position(log.committed()),
+            Start::Oldest => subscription::From::Position(log.first_position()),
+            Start::After(id) => subscription::From::After(id),
+            Start::Position(position) => subscription::From::Position(position),
+            Start::Time(time) => subscription::From::Time(time),
+        };
+        let by_id = matches!(from, subscription::From::After(_));
+        let position = subscription::resolve(log.as_ref(), from)
+            .await
+            .map_err(|message| match by_id {
+                true => BrokerError::NotFound(message),
+                false => BrokerError::Storage(message),
+            })?;
+        let stop_at = until_now.then(|| log.committed());
+        let delivered = self.delivered.get(&namespace).cloned().unwrap_or_default();
+        let deliveries = subscription::follow(
+            log,
+            pattern,
+            also,
+            subscription::From::Position(position),
+            stop_at,
+            self.readers(),
+        )
+        .inspect(move |delivery| {
+            if let Delivery::Events(events) = delivery {
+                delivered.fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let subscription = Subscription {
+            consumer_id: random_id("c_"),
+            deliveries: Box::pin(deliveries),
+        };
+        Ok((subscription, position))
     }
 
     /// What a new cursor of this broker shares with the others.

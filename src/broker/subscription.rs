@@ -83,6 +83,8 @@ pub(super) async fn resolve(log: &dyn EventLog, from: From) -> Result<u64, Strin
 pub(super) struct Cursor {
     log: Arc<dyn EventLog>,
     pattern: Pattern,
+    /// More patterns of the same namespace: an event matching any is read.
+    also: Vec<Pattern>,
     next: u64,
     /// Where the subscription ends, if it was asked to stop at the log's end as it was
     /// when it started.
@@ -112,6 +114,7 @@ impl Cursor {
             outage,
             log,
             pattern,
+            also: Vec::new(),
             next,
             stop_at,
             watermark,
@@ -202,7 +205,10 @@ impl Cursor {
             self.next = last.position() + 1;
             let matching: Vec<StoredEvent> = events
                 .into_iter()
-                .filter(|e| self.pattern.matches(e.subject()))
+                .filter(|e| {
+                    self.pattern.matches(e.subject())
+                        || self.also.iter().any(|p| p.matches(e.subject()))
+                })
                 .collect();
             if !matching.is_empty() {
                 return Ok(Some(matching));
@@ -224,17 +230,19 @@ pub(super) async fn next_outage(outage: &mut watch::Receiver<Option<String>>) ->
     }
 }
 
-/// `ack=none`: every matching event, once, in log order.
+/// `ack=none`: every event matching `pattern` or one of `also` (patterns of the same
+/// namespace), once, in log order.
 pub fn follow(
     log: Arc<dyn EventLog>,
     pattern: Pattern,
+    also: Vec<Pattern>,
     from: From,
     stop_at: Option<u64>,
     readers: Readers,
 ) -> impl Stream<Item = Delivery> {
     async_stream::stream! {
         let mut cursor = match Cursor::open(log, pattern, from, stop_at, readers).await {
-            Ok(cursor) => cursor,
+            Ok(cursor) => Cursor { also, ..cursor },
             Err(message) => {
                 yield Delivery::Error(message);
                 return;

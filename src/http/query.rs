@@ -8,8 +8,8 @@
 //! The rules, the same on every route:
 //! - A malformed escape (`%` not followed by two hex digits) or a decoded value that is
 //!   not UTF-8 is a 400: a parameter the server cannot read is never taken as absent.
-//! - A parameter given twice is a 400 when the endpoint reads it (none of the bus's
-//!   parameters means anything repeated; `event_id` lists several ids with commas).
+//! - A parameter given twice is a 400 when the endpoint reads it (`event_id` lists
+//!   several ids with commas), except `subject` on `GET /`: several patterns, one stream.
 //!   Parameters an endpoint does not read are ignored, repeated or not, as the reference
 //!   ignores them.
 //! - Values are returned as decoded; each endpoint trims and interprets them, with the
@@ -56,6 +56,16 @@ impl Params {
             )));
         }
         Ok(first)
+    }
+
+    /// Every value of `name`, in order: for the one parameter that may repeat (`subject`
+    /// of a stream of several subjects).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.pairs
+            .iter()
+            .filter(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+            .collect()
     }
 
     /// The trimmed value of `name`, `""` if it is absent (the Go SDK sends every parameter,

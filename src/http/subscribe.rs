@@ -9,6 +9,11 @@
 //! 400 that names it. A `Last-Event-ID` header (browsers send it when they reconnect)
 //! overrides `start`.
 //!
+//! Several `subject` parameters open one stream of all their events, each namespace's in
+//! order, whose `id:`s are cursors over every namespace (`cursor:orders=1042,chat=77`) so
+//! that `Last-Event-ID` resumes each exactly; what only means something for one log
+//! (manual acks, consumers, a start id or position) is refused for them.
+//!
 //! The response head (with `X-BUS-CONSUMER-ID`) is sent at once; then events as
 //! `id:`/`event: msg`/`data:` frames, a `: ping` comment every ping interval, and, if the
 //! subscription cannot go on (an unknown start id), one `event: error` frame before the
@@ -125,15 +130,7 @@ pub fn parse_request(params: &Params, headers: &HeaderMap) -> Result<SubscribeRe
             max_inflight,
         },
     };
-    let until_now = match param(UNTIL)? {
-        "" => false,
-        UNTIL_NOW => true,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "{UNTIL}: {other:?} is not supported; use until=now to end the stream after the events already stored"
-            )))
-        }
-    };
+    let until_now = until_now(params)?;
     let zone = match param(ZONE)? {
         "" => None,
         zone => {
@@ -208,6 +205,10 @@ pub async fn subscribe(
     params: Params,
     headers: HeaderMap,
 ) -> Response {
+    let subjects = params.all(SUBJECT);
+    if subjects.len() > 1 {
+        return subscribe_many(&app, method, &params, &headers, &subjects).await;
+    }
     let request = match admit(&app, &params, &headers) {
         Ok(request) => request,
         Err(e) => return e.into_response(),
@@ -217,15 +218,9 @@ pub async fn subscribe(
         // (no consumer is created, no stream held open).
         return event_stream_response(Body::empty(), None);
     }
-    if let Err(refused) = app.memory.admit(Work::Subscribe, STREAM_MEMORY as u64) {
-        return super::over_memory_budget(refused, "subscriptions").into_response();
-    }
-    let Ok(permit) = Arc::clone(&app.subscriptions).try_acquire_owned() else {
-        return unavailable(format!(
-            "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",
-            app.limits.max_subscriptions
-        ))
-        .into_response();
+    let permit = match stream_slot(&app) {
+        Ok(permit) => permit,
+        Err(refused) => return refused.into_response(),
     };
     let pattern = request.pattern.to_string();
     let subscription = match app.broker.subscribe(request).await {
@@ -261,6 +256,274 @@ pub async fn subscribe(
         Delivery::End => Bytes::from_static(DONE),
         Delivery::Skipped(skipped) => skipped_frames(skipped),
     });
+    event_stream(&app, frames, &subscription.consumer_id, lifetime)
+}
+
+/// What prefixes the `id:` of a stream of several subjects, and so its `Last-Event-ID`.
+const CURSOR_PREFIX: &str = "cursor:";
+
+/// A stream of several subject patterns, as asked for.
+#[derive(Debug, PartialEq, Eq)]
+struct ManyRequest {
+    /// Each namespace with its patterns, in the order the request first names them.
+    namespaces: Vec<(String, Vec<Pattern>)>,
+    /// Where a namespace starts that the resumed cursor does not name (all of them when
+    /// not resuming).
+    start: Start,
+    /// From `Last-Event-ID`: the next position to read in each namespace.
+    resume: Vec<(String, u64)>,
+    until_now: bool,
+}
+
+/// Reads a request with several `subject` parameters: one stream of all their events,
+/// each namespace's in order. What only means something for one log (manual acks, a
+/// durable consumer, a start id or position) is refused with a 400 that says so.
+fn parse_many(
+    params: &Params,
+    headers: &HeaderMap,
+    subjects: &[&str],
+) -> Result<ManyRequest, ApiError> {
+    let one_subject = |what: &str| {
+        ApiError::bad_request(format!(
+            "{what} needs a stream of one subject; open one stream per subject pattern for it"
+        ))
+    };
+    if AckParam::parse(params.text(ACK)?)? == AckParam::Manual {
+        return Err(one_subject("ack=manual"));
+    }
+    for name in [CONSUMER, ZONE, MAX_INFLIGHT_PARAM] {
+        if !params.text(name)?.is_empty() {
+            return Err(one_subject(name));
+        }
+    }
+    let mut namespaces: Vec<(String, Vec<Pattern>)> = Vec::new();
+    for &subject in subjects {
+        if subject.is_empty() {
+            return Err(ApiError::bad_request(
+                "missing subject: every subject parameter needs a pattern, e.g. ?subject=orders.>&subject=chat.room1",
+            ));
+        }
+        let pattern = Pattern::parse(subject).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if pattern.is_inbox() {
+            return Err(one_subject("an inbox subject (_bus_.…)"));
+        }
+        let namespace = pattern.namespace().to_owned();
+        match namespaces.iter_mut().find(|(ns, _)| *ns == namespace) {
+            Some((_, patterns)) if !patterns.contains(&pattern) => patterns.push(pattern),
+            Some(_) => {}
+            None => namespaces.push((namespace, vec![pattern])),
+        }
+    }
+    let start = match StartParam::from_query(|name| params.text(name))? {
+        StartParam::Oldest => Start::Oldest,
+        StartParam::Newest => Start::Newest,
+        StartParam::Time(time) => Start::Time(time),
+        StartParam::After(_) => return Err(one_subject("start=<event id>")),
+        StartParam::Index(_) => return Err(one_subject("start_index")),
+    };
+    let resume = match headers
+        .get(HEADER_LAST_EVENT_ID)
+        .map(|v| v.to_str().map(str::trim))
+    {
+        None => Vec::new(),
+        Some(Ok("")) => Vec::new(),
+        Some(Ok(text)) => parse_cursor(text)?,
+        Some(Err(_)) => return Err(bad_cursor("(not text)")),
+    };
+    let until_now = until_now(params)?;
+    Ok(ManyRequest {
+        namespaces,
+        start,
+        resume,
+        until_now,
+    })
+}
+
+/// `until=now`: end the stream once it has passed what was stored when it opened.
+fn until_now(params: &Params) -> Result<bool, ApiError> {
+    Ok(match params.text(UNTIL)? {
+        "" => false,
+        UNTIL_NOW => true,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "{UNTIL}: {other:?} is not supported; use until=now to end the stream after the events already stored"
+            )))
+        }
+    })
+}
+
+fn bad_cursor(text: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "Last-Event-ID: {text:?} is not the id of a stream of several subjects \
+         ({CURSOR_PREFIX}<namespace>=<position>,…); resume with the last id the stream sent"
+    ))
+}
+
+/// `cursor:orders=1042,chat=77`: the next position to read in each namespace.
+fn parse_cursor(text: &str) -> Result<Vec<(String, u64)>, ApiError> {
+    let pairs = text
+        .strip_prefix(CURSOR_PREFIX)
+        .ok_or_else(|| bad_cursor(text))?;
+    pairs
+        .split(',')
+        .map(|pair| {
+            let (namespace, position) = pair.split_once('=').ok_or_else(|| bad_cursor(text))?;
+            let position = position.parse().map_err(|_| bad_cursor(text))?;
+            if namespace.is_empty() {
+                return Err(bad_cursor(text));
+            }
+            Ok((namespace.to_owned(), position))
+        })
+        .collect()
+}
+
+/// Appends one event's frame with the stream's cursor as its `id:` (every namespace's
+/// next position, this event counted) instead of the event's own id, which its data
+/// carries anyway.
+fn push_cursor_frame(out: &mut BytesMut, namespaces: &[String], next: &[u64], frame: &[u8]) {
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(CURSOR_PREFIX.as_bytes());
+    for (i, (namespace, position)) in namespaces.iter().zip(next).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b",");
+        }
+        out.extend_from_slice(namespace.as_bytes());
+        out.extend_from_slice(b"=");
+        out.extend_from_slice(position.to_string().as_bytes());
+    }
+    // The shared frame without its own `id:` line.
+    let rest = frame
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(frame, |i| &frame[i..]);
+    out.extend_from_slice(rest);
+}
+
+/// `GET /` with several `subject` parameters: one stream of the events of every pattern,
+/// each namespace's in log order (one cursor per namespace, so an event two patterns
+/// match comes once). Its `id:`s are cursors that name the next position in every
+/// namespace, so a browser's `Last-Event-ID` resumes each exactly where it stopped.
+async fn subscribe_many(
+    app: &AppState,
+    method: Method,
+    params: &Params,
+    headers: &HeaderMap,
+    subjects: &[&str],
+) -> Response {
+    let admitted = (|| {
+        let who = app.authenticate(headers, params)?;
+        for subject in subjects {
+            app.check_subject_len("the subject pattern", subject)?;
+        }
+        let request = parse_many(params, headers, subjects)?;
+        for (namespace, _) in &request.namespaces {
+            app.authorize(who.as_ref(), Operation::Subscribe, Some(namespace))?;
+        }
+        Ok::<_, ApiError>(request)
+    })();
+    let request = match admitted {
+        Ok(request) => request,
+        Err(e) => return e.into_response(),
+    };
+    if method == Method::HEAD {
+        return event_stream_response(Body::empty(), None);
+    }
+    let permit = match stream_slot(app) {
+        Ok(permit) => permit,
+        Err(refused) => return refused.into_response(),
+    };
+    let mut names = Vec::new();
+    let mut next = Vec::new();
+    let mut streams = Vec::new();
+    let mut consumer_id = None;
+    for (namespace, patterns) in request.namespaces {
+        let start = match request.resume.iter().find(|(ns, _)| *ns == namespace) {
+            Some((_, position)) => Start::Position(*position),
+            None => request.start.clone(),
+        };
+        let (subscription, position) = match app
+            .broker
+            .follow_patterns(patterns, start, request.until_now)
+            .await
+        {
+            Ok(opened) => opened,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+        let index = names.len();
+        consumer_id.get_or_insert(subscription.consumer_id);
+        streams.push(
+            subscription
+                .deliveries
+                .map(move |delivery| (index, delivery)),
+        );
+        names.push(namespace);
+        next.push(position);
+    }
+    let consumer_id = consumer_id.unwrap_or_default();
+    let lifetime = StreamLifetime::new(
+        &consumer_id,
+        &subjects.join(" "),
+        permit,
+        Arc::clone(&app.memory),
+    );
+    let frames = async_stream::stream! {
+        let mut merged = stream::select_all(streams);
+        let mut ended = 0;
+        while let Some((index, delivery)) = merged.next().await {
+            match delivery {
+                Delivery::Events(events) => {
+                    let mut buf = BytesMut::new();
+                    for event in &events {
+                        next[index] = event.position() + 1;
+                        push_cursor_frame(&mut buf, &names, &next, event.sse_frame());
+                    }
+                    yield buf.freeze();
+                }
+                Delivery::Skipped(skipped) => {
+                    next[index] = next[index].max(skipped.next);
+                    yield skipped_frames(skipped);
+                }
+                Delivery::Error(message) => {
+                    yield error_frame(&message);
+                    return;
+                }
+                Delivery::End => {
+                    ended += 1;
+                    if ended == names.len() {
+                        yield Bytes::from_static(DONE);
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    event_stream(app, frames, &consumer_id, lifetime)
+}
+
+/// A place for one more event stream: within the memory budget and
+/// `--max-subscriptions`, or the 503 that says which is spent.
+fn stream_slot(app: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    if let Err(refused) = app.memory.admit(Work::Subscribe, STREAM_MEMORY as u64) {
+        return Err(super::over_memory_budget(refused, "subscriptions"));
+    }
+    Arc::clone(&app.subscriptions)
+        .try_acquire_owned()
+        .map_err(|_| {
+            unavailable(format!(
+                "the server is at its limit of {} open event streams (--max-subscriptions); retry shortly",
+                app.limits.max_subscriptions
+            ))
+        })
+}
+
+/// The answer that streams `frames`, with pings between them, until they end, the client
+/// leaves or the server shuts down; `lifetime` lives as long as the stream.
+fn event_stream(
+    app: &AppState,
+    frames: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+    consumer_id: &str,
+    lifetime: StreamLifetime,
+) -> Response {
     // The subscription's end (an error, or the broker shutting down) ends the body; the
     // endless pings must not keep it open. Hence the `None` after the last frame.
     let frames = frames.map(Some).chain(stream::once(async { None }));
@@ -275,8 +538,7 @@ pub async fn subscribe(
             let _ = &lifetime; // lives as long as the stream
             Ok::<Bytes, std::convert::Infallible>(frame)
         });
-
-    event_stream_response(Body::from_stream(body), Some(&subscription.consumer_id))
+    event_stream_response(Body::from_stream(body), Some(consumer_id))
 }
 
 /// `200` with the head of an event stream.

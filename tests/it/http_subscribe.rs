@@ -525,3 +525,151 @@ async fn a_pattern_with_spaces_is_refused_like_a_subject_with_them() {
     }
     server.stop().await;
 }
+
+/// The `id:` of a frame of a stream of several subjects, as a map of namespace to the
+/// next position it names.
+fn cursor(frame: &Frame) -> std::collections::BTreeMap<String, u64> {
+    let id = frame.id.as_deref().expect("an id");
+    let pairs = id.strip_prefix("cursor:").unwrap_or_else(|| panic!("{id}"));
+    pairs
+        .split(',')
+        .map(|pair| {
+            let (ns, position) = pair.split_once('=').unwrap();
+            (ns.to_owned(), position.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_subjects_in_one_stream_resume_exactly_from_its_cursor() {
+    let (_data, mut server) = server_with(&[]).await;
+    // Two namespaces, and two patterns of one of them, which an event may both match.
+    let query = "subject=orders.>&subject=app.chat.room1&subject=app.chat.*&start=oldest";
+    let mut sse = server.subscribe(query).await;
+    for event in [
+        json!({"subject": "orders.new", "payload": 1}),
+        json!({"subject": "app.chat.room1", "payload": 2}),
+        json!({"subject": "app.other.x", "payload": 3}),
+        json!({"subject": "app.chat.room2", "payload": 4}),
+        json!({"subject": "orders.paid", "payload": 5}),
+    ] {
+        server.publish(&event).await;
+    }
+    let frames = sse.take(4).await;
+    let mut got: Vec<(String, i64)> = frames
+        .iter()
+        .map(|f| {
+            let event = f.json();
+            (
+                event["subject"].as_str().unwrap().to_owned(),
+                event["payload"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    // Each namespace's events in their order; app.chat.room1 once though two patterns
+    // match it; app.other.x not at all.
+    let orders: Vec<_> = got
+        .iter()
+        .filter(|(s, _)| s.starts_with("orders."))
+        .cloned()
+        .collect();
+    assert_eq!(
+        orders,
+        [("orders.new".into(), 1), ("orders.paid".into(), 5)]
+    );
+    got.retain(|(s, _)| s.starts_with("app."));
+    assert_eq!(
+        got,
+        [("app.chat.room1".into(), 2), ("app.chat.room2".into(), 4)]
+    );
+    // Every id names both namespaces; the last one is past everything delivered.
+    let last = cursor(frames.last().unwrap());
+    assert_eq!(last.keys().collect::<Vec<_>>(), ["app", "orders"]);
+    assert_eq!(last["orders"], 2);
+    assert_eq!(last["app"], 3);
+    let after_second = frames[1].id.clone().unwrap();
+    drop(sse);
+
+    // Resuming from the second frame's cursor: exactly what came after it, in both
+    // namespaces, including what was published while disconnected.
+    server
+        .publish(&json!({"subject": "app.chat.room1", "payload": 6}))
+        .await;
+    server
+        .publish(&json!({"subject": "orders.new", "payload": 7}))
+        .await;
+    let mut resumed = server
+        .subscribe_with(query, &[("last-event-id", &after_second)])
+        .await;
+    let expected_after: Vec<i64> = {
+        let seen: Vec<i64> = frames[..2]
+            .iter()
+            .map(|f| f.json()["payload"].as_i64().unwrap())
+            .collect();
+        [1, 2, 4, 5, 6, 7]
+            .into_iter()
+            .filter(|p| !seen.contains(p))
+            .collect()
+    };
+    let again = resumed.take(expected_after.len()).await;
+    let mut payloads: Vec<i64> = again
+        .iter()
+        .map(|f| f.json()["payload"].as_i64().unwrap())
+        .collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, expected_after);
+    assert!(
+        resumed.next(Duration::from_millis(300)).await.is_none(),
+        "nothing twice"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_subjects_end_together_with_until_now_and_refuse_what_needs_one_log() {
+    let (_data, mut server) = server_with(&[]).await;
+    server
+        .publish(&json!({"subject": "orders.a", "payload": 1}))
+        .await;
+    server
+        .publish(&json!({"subject": "app.b", "payload": 2}))
+        .await;
+    let mut sse = server
+        .subscribe("subject=orders.>&subject=app.>&start=oldest&until=now")
+        .await;
+    let frames = sse.take(2).await;
+    assert_eq!(frames.len(), 2);
+    let done = sse.next(Duration::from_secs(5)).await.expect("the end");
+    assert_eq!(done.event.as_deref(), Some("done"), "{done:?}");
+
+    for (query, expected) in [
+        ("subject=orders.>&subject=app.>&ack=manual", "ack=manual"),
+        ("subject=orders.>&subject=app.>&consumer=c", "consumer"),
+        (
+            "subject=orders.>&subject=app.>&start=e_1",
+            "start=<event id>",
+        ),
+        (
+            "subject=orders.>&subject=app.>&start_index=3",
+            "start_index",
+        ),
+        ("subject=orders.>&subject=_bus_.x", "inbox"),
+        ("subject=orders.>&subject=", "missing subject"),
+        ("subject=orders.>&subject=nope.x", "nope"),
+    ] {
+        let response = server.request(reqwest::Method::GET, query).await;
+        assert_eq!(response.status(), 400, "{query}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(expected), "{query}: {text}");
+    }
+    let response = server
+        .client
+        .get(format!("{}?subject=orders.>&subject=app.>", server.url))
+        .header("last-event-id", "e_123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("cursor:"));
+    server.stop().await;
+}
