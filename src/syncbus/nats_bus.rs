@@ -255,7 +255,7 @@ impl NatsSyncBus {
                 .subscribe(self.batch_subject())
                 .await
                 .map_err(backend)?;
-            self.client.flush().await.map_err(backend)?;
+            self.server_round_trip().await?;
             Ok(messages)
         })
         .await?;
@@ -270,6 +270,21 @@ impl NatsSyncBus {
         Ok(())
     }
 
+    /// Returns once the server has processed everything this connection sent before, its
+    /// new subscriptions above all, so that a publish from any other connection reaches
+    /// them. (`flush` only writes them to the socket: the server may still be reading
+    /// them when another connection's publish arrives, and that publish would miss them.)
+    /// A request nobody subscribes to comes back as the server's "no responders" status,
+    /// which is exactly that round trip.
+    async fn server_round_trip(&self) -> Result<(), SyncError> {
+        let nobody = self.client.new_inbox();
+        match self.client.request(nobody, Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
     async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
         self.receive_batches().await?;
         let mut messages = within(self.publish_timeout, async {
@@ -278,8 +293,7 @@ impl NatsSyncBus {
                 .subscribe(self.subject(kind, key))
                 .await
                 .map_err(backend)?;
-            // The subscription is in place at the server once this round trip is done.
-            self.client.flush().await.map_err(backend)?;
+            self.server_round_trip().await?;
             Ok(messages)
         })
         .await?;

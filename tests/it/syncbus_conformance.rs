@@ -513,3 +513,27 @@ async fn kafka_burst_arrives_whole_in_few_produce_requests() {
     );
     eprintln!("{KEYS} events in {requests} produce requests");
 }
+
+/// A subscription that `subscribe` returned is in place at the NATS server: a publish
+/// from another connection right after it reaches it, every time. (Writing the SUB out
+/// is not enough: the server may still be reading it when the other connection's publish
+/// arrives; this raced under load before `subscribe` waited for a round trip.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_subscriptions_are_in_place_when_subscribe_returns() {
+    let Some(server) = Backend::nats() else {
+        return;
+    };
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let publisher = NatsSyncBus::new(async_nats::connect(&url).await.unwrap(), "race");
+    let subscriber = NatsSyncBus::new(async_nats::connect(&url).await.unwrap(), "race");
+    for round in 0..300 {
+        let key = format!("key-{round}");
+        let mut subscription = subscriber.subscribe(&key).await.unwrap();
+        publisher
+            .publish(&key, PublishOptions::default())
+            .await
+            .unwrap();
+        let event = next(&mut subscription).await;
+        assert_eq!(event.key, key, "round {round}");
+    }
+}
