@@ -53,6 +53,8 @@ use super::Limits;
 pub const MAX_HEAD: usize = 64 << 10;
 /// Most header fields in one request head.
 const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line of a chunked body (its extensions included).
+const MAX_CHUNK_LINE: usize = 1024;
 /// What a read asks for at least while a head is arriving.
 const HEAD_READ: usize = 4 << 10;
 /// What a read of a body asks for at most.
@@ -869,6 +871,22 @@ enum Piece {
     NeedMore,
 }
 
+/// The size a chunk-size line (without its `\n`) gives: hex digits, then optionally
+/// whitespace and a `;` extension (ignored), and the `\r` before the `\n`.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 || line.contains(&b'\r') {
+        return None;
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return None;
+    }
+    let hex = std::str::from_utf8(&line[..digits]).ok()?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Up to `left` body bytes of what is buffered, and how many are left after them; `None`
 /// if nothing is buffered.
 fn take_body_bytes(input: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
@@ -908,23 +926,27 @@ fn next_body_piece<S>(wire: &mut Wire<S>) -> io::Result<Piece> {
                 return Ok(Piece::Data(data));
             }
             BodyState::Chunked(Chunk::Size) => {
-                if wire.input.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
-                    return Err(invalid("a chunk of the body has no size"));
-                }
-                match httparse::parse_chunk_size(&wire.input) {
-                    Ok(httparse::Status::Complete((len, size))) => {
-                        wire.input.advance(len);
-                        wire.body = BodyState::Chunked(if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        });
+                // Decided on the whole line only, never on part of it, so that what a
+                // body means does not depend on how its bytes arrive.
+                let Some(end) = wire
+                    .input
+                    .iter()
+                    .take(MAX_CHUNK_LINE + 1)
+                    .position(|&b| b == b'\n')
+                else {
+                    if wire.input.len() > MAX_CHUNK_LINE {
+                        return Err(invalid("a chunk-size line of the body is too long"));
                     }
-                    Ok(httparse::Status::Partial) if wire.input.len() < 1024 => {
-                        return Ok(Piece::NeedMore)
-                    }
-                    _ => return Err(invalid("the chunked body's framing is malformed")),
-                }
+                    return Ok(Piece::NeedMore);
+                };
+                let size = chunk_size(&wire.input[..end])
+                    .ok_or_else(|| invalid("the chunked body's framing is malformed"))?;
+                wire.input.advance(end + 1);
+                wire.body = BodyState::Chunked(if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                });
             }
             BodyState::Chunked(Chunk::DataEnd) => {
                 if wire.input.len() < 2 {
