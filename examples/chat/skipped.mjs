@@ -8,13 +8,12 @@
 // BUS_BIN names the bus binary (default ../../target/debug/bus) and CHROMIUM the browser
 // (default /usr/bin/chromium).
 
-import { spawn } from "node:child_process";
-import { once } from "node:events";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { startBus } from "./bus.mjs";
 import { startStatic } from "./static.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -27,23 +26,10 @@ function fail(message) {
 }
 
 // Small segments and a small size limit, enforced often: old events go quickly.
-const child = spawn(
-  busBin,
-  [
-    "server", "--addr", "127.0.0.1:0", "--path", data, "--namespaces", "app",
-    "--segment-size", "64KiB", "--retention-bytes", "128KiB", "--retention-interval", "100ms",
-  ],
-  { stdio: ["ignore", "ignore", "pipe"] },
-);
-let log = "";
-const address = await new Promise((resolveListening, reject) => {
-  child.stderr.on("data", (chunk) => {
-    log += chunk;
-    const match = log.match(/bus server listening addr=(\S+)/);
-    if (match) resolveListening(match[1]);
-  });
-  child.on("exit", (code) => reject(new Error(`bus exited with ${code}: ${log}`)));
-});
+const { child, address } = await startBus(busBin, [
+  "--addr", "127.0.0.1:0", "--path", data, "--namespaces", "app",
+  "--segment-size", "64KiB", "--retention-bytes", "128KiB", "--retention-interval", "100ms",
+]);
 const busUrl = `http://${address}/`;
 const staticServer = await startStatic(here);
 const browser = await chromium.launch({ executablePath: chromiumPath, args: ["--no-sandbox"] });

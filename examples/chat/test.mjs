@@ -13,13 +13,13 @@
 // BUS_BIN names the bus binary (default ../../target/debug/bus) and CHROMIUM the browser
 // (default /usr/bin/chromium).
 
-import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { startBus } from "./bus.mjs";
 import { startStatic } from "./static.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -34,29 +34,12 @@ function fail(message) {
   throw new Error(message);
 }
 
-// Starts `bus server` and resolves with its address once it listens.
-async function startBus(addr) {
-  const child = spawn(
-    busBin,
-    [
-      "server", "--addr", addr, "--path", join(data, "bus"), "--namespaces", "app",
-      "--auth-file", authFile, "--auth-cookie", "bus_token", "--cors-origins", origin,
-    ],
-    { stdio: ["ignore", "ignore", "pipe"] },
-  );
-  let log = "";
-  const listening = new Promise((resolveListening, reject) => {
-    child.stderr.on("data", (chunk) => {
-      log += chunk;
-      const match = log.match(/bus server listening addr=(\S+)/);
-      if (match) resolveListening(match[1]);
-    });
-    child.on("exit", (code) => reject(new Error(`bus exited with ${code}: ${log}`)));
-  });
-  const timeout = setTimeout(() => child.kill("SIGKILL"), 30_000);
-  const address = await listening;
-  clearTimeout(timeout);
-  return { child, address };
+// Starts `bus server` on `addr` with the test's data, tokens and page origin.
+function startTestBus(addr) {
+  return startBus(busBin, [
+    "--addr", addr, "--path", join(data, "bus"), "--namespaces", "app",
+    "--auth-file", authFile, "--auth-cookie", "bus_token", "--cors-origins", origin,
+  ]);
 }
 
 async function stopBus(bus) {
@@ -100,7 +83,7 @@ async function waitFor(what, check, timeoutMs = 20_000) {
 
 const staticServer = await startStatic(here);
 origin = `http://127.0.0.1:${staticServer.address().port}`;
-let bus = await startBus("127.0.0.1:0");
+let bus = await startTestBus("127.0.0.1:0");
 const busUrl = `http://${bus.address}/`;
 const pageUrl = (name) =>
   `${origin}/?bus=${encodeURIComponent(busUrl)}&rooms=lobby,random&name=${name}&token=chat-token`;
@@ -145,7 +128,7 @@ try {
   for (const page of [ana, bob]) {
     await waitFor("the page to notice", () => page.$eval("#status", (s) => s.textContent !== "live"));
   }
-  bus = await startBus(bus.address);
+  bus = await startTestBus(bus.address);
   const missed = [
     ["lobby", "while you were away 1"],
     ["random", "while you were away 2"],

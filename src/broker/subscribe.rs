@@ -31,12 +31,7 @@ impl Broker {
         } else {
             request.pattern.namespace()
         };
-        let delivered = self.delivered.get(namespace).cloned().unwrap_or_default();
-        let count = move |delivery: &Delivery| {
-            if let Delivery::Events(events) = delivery {
-                delivered.fetch_add(events.len() as u64, Ordering::Relaxed);
-            }
-        };
+        let count = self.count_delivered(namespace);
         if request.pattern.is_inbox() {
             let inbox = self.subscribe_inbox(request.pattern.as_str()).await;
             return Ok(Subscription {
@@ -50,14 +45,7 @@ impl Broker {
             self.log(request.pattern.namespace())
                 .map_err(BrokerError::Invalid)?,
         );
-        // "newest" means: what is published from now on.
-        let start = match &request.start {
-            Start::Newest => subscription::From::Position(log.committed()),
-            Start::Oldest => subscription::From::Position(log.first_position()),
-            Start::After(id) => subscription::From::After(id.clone()),
-            Start::Position(position) => subscription::From::Position(*position),
-            Start::Time(time) => subscription::From::Time(*time),
-        };
+        let start = subscription::From::of(&request.start, log.as_ref());
         let stop_at = request.until_now.then(|| log.committed());
         let AckMode::Manual {
             redelivery,
@@ -228,13 +216,7 @@ impl Broker {
             ));
         }
         let log = Arc::clone(self.log(&namespace).map_err(BrokerError::Invalid)?);
-        let from = match start {
-            Start::Newest => subscription::From::Position(log.committed()),
-            Start::Oldest => subscription::From::Position(log.first_position()),
-            Start::After(id) => subscription::From::After(id),
-            Start::Position(position) => subscription::From::Position(position),
-            Start::Time(time) => subscription::From::Time(time),
-        };
+        let from = subscription::From::of(&start, log.as_ref());
         let by_id = matches!(from, subscription::From::After(_));
         let position = subscription::resolve(log.as_ref(), from)
             .await
@@ -243,7 +225,7 @@ impl Broker {
                 false => BrokerError::Storage(message),
             })?;
         let stop_at = until_now.then(|| log.committed());
-        let delivered = self.delivered.get(&namespace).cloned().unwrap_or_default();
+        let count = self.count_delivered(&namespace);
         let deliveries = subscription::follow(
             log,
             pattern,
@@ -252,16 +234,22 @@ impl Broker {
             stop_at,
             self.readers(),
         )
-        .inspect(move |delivery| {
-            if let Delivery::Events(events) = delivery {
-                delivered.fetch_add(events.len() as u64, Ordering::Relaxed);
-            }
-        });
+        .inspect(count);
         let subscription = Subscription {
             consumer_id: random_id("c_"),
             deliveries: Box::pin(deliveries),
         };
         Ok((subscription, position))
+    }
+
+    /// Counts the events a subscription of `namespace` delivers, for the metrics.
+    fn count_delivered(&self, namespace: &str) -> impl Fn(&Delivery) + Send + Sync + 'static {
+        let delivered = self.delivered.get(namespace).cloned().unwrap_or_default();
+        move |delivery: &Delivery| {
+            if let Delivery::Events(events) = delivery {
+                delivered.fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+        }
     }
 
     /// What a new cursor of this broker shares with the others.

@@ -20,7 +20,7 @@ use futures_util::Stream;
 use tokio::sync::{watch, Semaphore};
 
 use super::inbox::InboxSubscription;
-use super::{Delivery, Skipped, READ_BATCH};
+use super::{Delivery, Skipped, Start, READ_BATCH};
 use crate::event::StoredEvent;
 use crate::store::EventLog;
 use crate::subject::Pattern;
@@ -55,6 +55,20 @@ pub enum From {
     /// At the first event the log committed at or after this time (the server's commit
     /// time, not a `created_at` the client chose).
     Time(Timestamp),
+}
+
+impl From {
+    /// Where a subscription's `start` begins in `log`, as of now: "newest" means what is
+    /// published from now on.
+    pub(super) fn of(start: &Start, log: &dyn EventLog) -> From {
+        match start {
+            Start::Newest => From::Position(log.committed()),
+            Start::Oldest => From::Position(log.first_position()),
+            Start::After(id) => From::After(id.clone()),
+            Start::Position(position) => From::Position(*position),
+            Start::Time(time) => From::Time(*time),
+        }
+    }
 }
 
 /// The position a start names; an error message if it names an id the log does not have

@@ -249,16 +249,7 @@ impl NatsSyncBus {
         if batches.as_ref().is_some_and(|task| !task.0.is_finished()) {
             return Ok(());
         }
-        let mut messages = within(self.publish_timeout, async {
-            let messages = self
-                .client
-                .subscribe(self.batch_subject())
-                .await
-                .map_err(backend)?;
-            self.server_round_trip().await?;
-            Ok(messages)
-        })
-        .await?;
+        let mut messages = self.subscribe_in_place(self.batch_subject()).await?;
         let subscribers = Arc::clone(&self.subscribers);
         *batches = Some(AbortOnDrop(tokio::spawn(async move {
             while let Some(message) = messages.next().await {
@@ -270,33 +261,31 @@ impl NatsSyncBus {
         Ok(())
     }
 
-    /// Returns once the server has processed everything this connection sent before, its
-    /// new subscriptions above all, so that a publish from any other connection reaches
-    /// them. (`flush` only writes them to the socket: the server may still be reading
-    /// them when another connection's publish arrives, and that publish would miss them.)
-    /// A request nobody subscribes to comes back as the server's "no responders" status,
-    /// which is exactly that round trip.
-    async fn server_round_trip(&self) -> Result<(), SyncError> {
-        let nobody = self.client.new_inbox();
-        match self.client.request(nobody, Default::default()).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(backend(e)),
-        }
+    /// Subscribes to `subject` and returns once the server has the subscription, so that
+    /// a publish from any other connection reaches it. (`flush` only writes the SUB to the
+    /// socket: the server may still be reading it when another connection's publish
+    /// arrives, and that publish would miss it.) The round trip is a request nobody
+    /// subscribes to, which comes back as the server's "no responders" status once the
+    /// server has processed everything this connection sent before it.
+    async fn subscribe_in_place(
+        &self,
+        subject: String,
+    ) -> Result<async_nats::Subscriber, SyncError> {
+        within(self.publish_timeout, async {
+            let messages = self.client.subscribe(subject).await.map_err(backend)?;
+            let nobody = self.client.new_inbox();
+            match self.client.request(nobody, Default::default()).await {
+                Ok(_) => Ok(messages),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(messages),
+                Err(e) => Err(backend(e)),
+            }
+        })
+        .await
     }
 
     async fn subscribe_to(&self, kind: char, key: &str) -> Result<KeySubscription, SyncError> {
         self.receive_batches().await?;
-        let mut messages = within(self.publish_timeout, async {
-            let messages = self
-                .client
-                .subscribe(self.subject(kind, key))
-                .await
-                .map_err(backend)?;
-            self.server_round_trip().await?;
-            Ok(messages)
-        })
-        .await?;
+        let mut messages = self.subscribe_in_place(self.subject(kind, key)).await?;
         let fed = self.subscribers.add(&encoded(kind, key), None);
         let sender = fed.sender;
         let client = self.client.clone();
