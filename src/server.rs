@@ -90,12 +90,17 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     let store_config = config.store_config().map_err(anyhow::Error::msg)?;
     let retention = config.retention().map_err(anyhow::Error::msg)?;
     let cors_origins = config.cors_origins().map_err(anyhow::Error::msg)?;
-    let tls = match (&config.tls_cert, &config.tls_key) {
+    let certificate = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
-            Some(http::tls::acceptor(cert, key).map_err(anyhow::Error::msg)?)
+            Some(http::tls::Certificate::load(cert, key).map_err(anyhow::Error::msg)?)
         }
         _ => None,
     };
+    let tls = certificate
+        .as_ref()
+        .map(|certificate| certificate.acceptor())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let auth = match &config.auth_file {
         None => None,
         Some(path) => Some(Arc::new(AuthTable::load(path).map_err(anyhow::Error::msg)?)),

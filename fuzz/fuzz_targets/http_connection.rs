@@ -19,6 +19,7 @@ use axum::extract::Request;
 use axum::Router;
 use bus::http::connection::serve;
 use bus::http::Limits;
+use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -76,7 +77,13 @@ fn run(stream: &[u8], rng: Option<Rng>) -> Vec<u8> {
         idle_timeout: Duration::from_secs(60),
         body_timeout: Duration::from_secs(60),
     });
-    runtime.block_on(serve(connection, router(), limits, shutdown));
+    runtime.block_on(serve(
+        connection,
+        BytesMut::new(),
+        router(),
+        limits,
+        shutdown,
+    ));
     let written = written.lock().expect("not poisoned").clone();
     let text = written
         .split_inclusive(|&b| b == b'\n')

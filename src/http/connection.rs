@@ -56,7 +56,7 @@ const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line of a chunked body (its extensions included).
 const MAX_CHUNK_LINE: usize = 1024;
 /// What a read asks for at least while a head is arriving.
-const HEAD_READ: usize = 4 << 10;
+pub const HEAD_READ: usize = 4 << 10;
 /// What a read of a body asks for at most.
 const BODY_READ: usize = 64 << 10;
 /// An answer of known size this small goes out in one write with its head.
@@ -67,15 +67,20 @@ const KEEP_BUFFER: usize = 16 << 10;
 /// that the client reads the answer rather than a reset.
 const LINGER: Duration = Duration::from_secs(1);
 
-/// Serves requests on `io` until the client leaves, the connection idles out, or the
-/// server shuts down.
-pub async fn serve<S>(io: S, router: Router, limits: Arc<Limits>, shutdown: watch::Receiver<bool>)
-where
+/// Serves requests on `io`, whose first bytes (`read`) were already read from it, until
+/// the client leaves, the connection idles out, or the server shuts down.
+pub async fn serve<S>(
+    io: S,
+    read: BytesMut,
+    router: Router,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let wire = Arc::new(Mutex::new(Wire {
         io,
-        input: BytesMut::new(),
+        input: read,
         body: BodyState::Done,
         continue_due: false,
         read_end: false,

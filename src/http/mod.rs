@@ -15,6 +15,7 @@ pub mod auth;
 pub mod connection;
 pub mod consumers;
 pub mod error;
+pub mod http2;
 pub mod ops;
 pub mod publish;
 pub mod query;

@@ -4,8 +4,12 @@
 //!   `503 Service Unavailable` with `Retry-After` and closed, so that a surge is told to
 //!   come back instead of slowing everyone down; beyond [`MAX_REFUSING`] connections being
 //!   refused at the same moment, new ones are closed without an answer.
-//! - Each connection is served by [`super::connection`]: the request-head timeout and size
-//!   limit, body framing, and event streams that hold no buffers of their own.
+//! - Each connection speaks HTTP/1.1, served by [`super::connection`] (the request-head
+//!   timeout and size limit, body framing, event streams that hold no buffers of their
+//!   own), or HTTP/2, served by [`super::http2`]. Which one is read from its first bytes:
+//!   an HTTP/2 client opens with the HTTP/2 preface, whether it chose `h2` by ALPN over TLS
+//!   or knows in advance that the server speaks it in clear text (h2c). A client that
+//!   sends nothing within `--idle-timeout` is closed.
 //! - With TLS, each connection first completes its handshake (within 10 s); one over the
 //!   connection limit is closed without an answer.
 //! - Shutting down stops accepting, asks every connection to finish its request in flight
@@ -15,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -109,11 +114,57 @@ impl Connection {
         }
     }
 
-    async fn serve<S>(self, stream: S)
+    async fn serve<S>(self, mut stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        super::connection::serve(stream, self.router, self.limits, self.shutdown).await;
+        let sniffed =
+            tokio::time::timeout(self.limits.idle_timeout, first_bytes(&mut stream)).await;
+        let (read, protocol) = match sniffed {
+            Ok(Ok(Some(sniffed))) => sniffed,
+            // Closed, failed or silent before its first request: nothing to answer.
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
+        };
+        let Connection {
+            router,
+            limits,
+            shutdown,
+            ..
+        } = self;
+        match protocol {
+            Protocol::Http1 => {
+                super::connection::serve(stream, read, router, limits, shutdown).await;
+            }
+            Protocol::Http2 => super::http2::serve(stream, read, router, limits, shutdown).await,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Reads a connection's first bytes until they tell its protocol: the whole HTTP/2
+/// preface, or a byte that differs from it (no HTTP/1 request starts with `PRI * `).
+/// `None` if the client closed first.
+async fn first_bytes<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<Option<(BytesMut, Protocol)>> {
+    let preface = super::http2::PREFACE;
+    let mut read = BytesMut::with_capacity(super::connection::HEAD_READ);
+    loop {
+        if stream.read_buf(&mut read).await? == 0 {
+            return Ok(None);
+        }
+        let compared = read.len().min(preface.len());
+        if read[..compared] != preface[..compared] {
+            return Ok(Some((read, Protocol::Http1)));
+        }
+        if compared == preface.len() {
+            return Ok(Some((read, Protocol::Http2)));
+        }
     }
 }
 

@@ -40,6 +40,7 @@ mod store_segments;
 mod http_auth;
 mod http_confirm_reply;
 mod http_consumers;
+mod http_http2;
 mod http_inbox_cors;
 mod http_jetstream;
 mod http_limits;

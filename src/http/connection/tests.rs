@@ -74,7 +74,13 @@ fn connect(
 ) {
     let (client, server) = tokio::io::duplex(1 << 16);
     let (stop, shutdown) = watch::channel(false);
-    let task = tokio::spawn(serve(server, router(), limits(idle_timeout), shutdown));
+    let task = tokio::spawn(serve(
+        server,
+        BytesMut::new(),
+        router(),
+        limits(idle_timeout),
+        shutdown,
+    ));
     (client, stop, task)
 }
 
