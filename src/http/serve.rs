@@ -135,7 +135,11 @@ impl Connection {
             Protocol::Http1 => {
                 super::connection::serve(stream, read, router, limits, shutdown).await;
             }
-            Protocol::Http2 => super::http2::serve(stream, read, router, limits, shutdown).await,
+            // Boxed: the HTTP/2 connection's state is large, and every HTTP/1.1
+            // connection's task would otherwise be as large as it.
+            Protocol::Http2 => {
+                Box::pin(super::http2::serve(stream, read, router, limits, shutdown)).await;
+            }
         }
     }
 }
