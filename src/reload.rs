@@ -33,6 +33,7 @@ pub struct StepReport {
 /// What a reload did, step by step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReloadReport {
+    /// One per step, in the order they ran.
     pub steps: Vec<StepReport>,
 }
 

@@ -23,10 +23,15 @@ use crate::subject::{check_grant_pattern, pattern_contains};
 /// What a token may be allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Operation {
+    /// `POST /`.
     Publish,
+    /// `GET /`.
     Subscribe,
+    /// `PUT /`.
     Ack,
+    /// `GET /metrics`.
     Metrics,
+    /// `/consumers` and `/admin/reload`.
     Admin,
 }
 

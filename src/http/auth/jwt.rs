@@ -120,7 +120,9 @@ pub struct JwtKeys {
 /// What a verified token says.
 #[derive(Debug)]
 pub struct Verified {
+    /// What its `bus` claim grants.
     pub grants: Grants,
+    /// Its identity as an owner, from `iss` and `sub`.
     pub owner: Owner,
     /// The last second (Unix time) it is accepted: its `exp` plus the leeway.
     pub expires: u64,
