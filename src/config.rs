@@ -160,9 +160,32 @@ pub struct ServerConfig {
     pub auth_file: Option<PathBuf>,
 
     /// Also accept a token from this cookie (for browsers: EventSource with
-    /// `withCredentials`, no token in the URL); needs --auth-file.
-    #[arg(long, env = "BUS_AUTH_COOKIE", requires = "auth_file", value_parser = parse_cookie_name)]
+    /// `withCredentials`, no token in the URL); needs --auth-file or a --jwt-… key.
+    #[arg(long, env = "BUS_AUTH_COOKIE", value_parser = parse_cookie_name)]
     pub auth_cookie: Option<String>,
+
+    /// Accept JWTs signed with HS256 (or HS384/HS512) with the secret in this file (its
+    /// content, surrounding whitespace trimmed; at least 32 bytes).
+    #[arg(long, env = "BUS_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Accept JWTs signed with the private key of this PEM public key: RSA (RS256…, PS256…),
+    /// EC P-256 (ES256) or P-384 (ES384), Ed25519 (EdDSA); the algorithm follows the key.
+    #[arg(long, env = "BUS_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Accept JWTs signed with a key of this JWKS file (`{"keys":[…]}`), chosen by the
+    /// token's `kid`.
+    #[arg(long, env = "BUS_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+
+    /// With JWTs: their `aud` must contain this.
+    #[arg(long, env = "BUS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// With JWTs: their `iss` must be this.
+    #[arg(long, env = "BUS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
 
     /// Origins whose browser pages may use the server, comma-separated
     /// (`https://app.example.com`), or `*` for any.
@@ -326,6 +349,28 @@ impl ServerConfig {
             Some(port) => format!("0.0.0.0:{port}"),
             None => self.addr.clone(),
         }
+    }
+
+    /// The authentication flags, checked together: `--auth-cookie`, `--jwt-audience` and
+    /// `--jwt-issuer` mean nothing without credentials to go with them.
+    pub fn check_auth_flags(&self) -> Result<(), String> {
+        let jwt = self.jwt_secret_file.is_some()
+            || self.jwt_public_key.is_some()
+            || self.jwt_jwks.is_some();
+        if self.auth_cookie.is_some() && !jwt && self.auth_file.is_none() {
+            return Err("--auth-cookie needs tokens to read: add --auth-file or a JWT key (--jwt-secret-file, --jwt-public-key, --jwt-jwks)".into());
+        }
+        for (flag, set) in [
+            ("--jwt-audience", self.jwt_audience.is_some()),
+            ("--jwt-issuer", self.jwt_issuer.is_some()),
+        ] {
+            if set && !jwt {
+                return Err(format!(
+                    "{flag} checks JWTs: add a key to verify them (--jwt-secret-file, --jwt-public-key or --jwt-jwks)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The declared namespaces, trimmed, without empty entries (`a,,b` or a trailing comma).

@@ -13,8 +13,9 @@
 //!   them; [`random`] the random ids.
 //! - [`subject`]: subjects and subscription patterns.
 //! - [`broker`]: publish, subscribe, manual acks, inboxes and deduplication on the logs.
-//! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle; [`memory`] the memory budget
-//!   that decides when new work must wait.
+//! - [`http`]: the HTTP/SSE API; [`server`] its lifecycle; [`reload`] re-reading its
+//!   files (credentials, certificate) while it runs; [`memory`] the memory budget that
+//!   decides when new work must wait.
 //! - [`config`]: server settings from flags and `BUS_*` environment variables.
 //! - [`wire`]: what crosses the wire (event JSON, `X-BUS-*` header names, query
 //!   parameters, consumer listings), defined once for the server, the tools and the client.
@@ -47,6 +48,8 @@ pub mod memory;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod random;
+#[cfg(feature = "server")]
+pub mod reload;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -18,9 +18,11 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::{MemoryLimit, Retention, ServerConfig, StoreKind};
-use crate::http::auth::AuthTable;
+use crate::http::auth::jwt::JwtSettings;
+use crate::http::auth::{Authenticator, CredentialFiles};
 use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
+use crate::reload::{ReloadReport, Reloader};
 use crate::store::jetstream::{
     self, JetStreamConfig, JetStreamConsumers, JetStreamLog, JetStreamRelay,
 };
@@ -78,6 +80,8 @@ pub struct RunningServer {
     broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
     serving: JoinHandle<()>,
+    /// What [`RunningServer::reload`] re-reads.
+    reloader: Arc<Reloader>,
 }
 
 /// Opens the data directory and starts serving.
@@ -101,10 +105,26 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .map(|certificate| certificate.acceptor())
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let auth = match &config.auth_file {
-        None => None,
-        Some(path) => Some(Arc::new(AuthTable::load(path).map_err(anyhow::Error::msg)?)),
+    config.check_auth_flags().map_err(anyhow::Error::msg)?;
+    let credentials = credential_files(config);
+    let auth = if credentials.is_set() {
+        let auth = tokio::task::spawn_blocking(move || Authenticator::load(credentials))
+            .await
+            .context("reading the credentials")?
+            .map_err(anyhow::Error::msg)?;
+        Some(Arc::new(auth))
+    } else {
+        None
     };
+    // What SIGHUP and `POST /admin/reload` re-read, in this order.
+    let mut reloader = Reloader::new();
+    if let Some(auth) = &auth {
+        reloader.add(Arc::clone(auth) as _);
+    }
+    if let Some(certificate) = &certificate {
+        reloader.add(Arc::clone(certificate) as _);
+    }
+    let reloader = Arc::new(reloader);
     let broker_config = config.broker_config();
     let storage = match config.store {
         StoreKind::File => tokio::task::spawn_blocking(move || {
@@ -171,7 +191,12 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         limits.clone(),
         memory,
     );
+    let auth_kind = match &auth {
+        None => "open".to_owned(),
+        Some(auth) => auth.current().describe(),
+    };
     state.auth = auth;
+    state.reloader = Arc::clone(&reloader);
     state.cors_origins = cors_origins.map(Arc::new);
     state.auth_cookie = config.auth_cookie.as_deref().map(Arc::from);
     let node = config.node_name();
@@ -197,7 +222,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         %node,
         path = %config.path.display(),
         fsync = %config.fsync,
-        auth = if config.auth_file.is_some() { "tokens" } else { "open" },
+        auth = %auth_kind,
         tls = tls.is_some(),
         "bus server listening"
     );
@@ -207,12 +232,33 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         broker,
         shutdown,
         serving,
+        reloader,
     })
+}
+
+/// Which credential files the flags name.
+fn credential_files(config: &ServerConfig) -> CredentialFiles {
+    CredentialFiles {
+        auth_file: config.auth_file.clone(),
+        jwt: JwtSettings {
+            secret_file: config.jwt_secret_file.clone(),
+            public_key: config.jwt_public_key.clone(),
+            jwks: config.jwt_jwks.clone(),
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+        },
+    }
 }
 
 impl RunningServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Re-reads the server's files (credentials; see [`crate::reload`]) as SIGHUP asks;
+    /// `why` names who asked, for the log.
+    pub async fn reload(&self, why: &str) -> ReloadReport {
+        self.reloader.reload(why).await
     }
 
     /// The storage the server runs on.

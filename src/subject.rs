@@ -110,6 +110,46 @@ impl Pattern {
     }
 }
 
+/// Whether every subject that the pattern `inner` matches is also matched by `outer`: the
+/// pattern a subscription asks for (`inner`) lies within a pattern a token was granted
+/// (`outer`). Both are patterns in the syntax above, except that `outer` may also be `>`
+/// alone (every subject of every namespace) and either may have wildcards in `_bus_`;
+/// a subject is a pattern without wildcards, so `pattern_contains(grant, subject)` says
+/// whether the grant matches that subject.
+///
+/// Segment by segment: `>` in `outer` covers whatever `inner` has there and after, if
+/// anything (one segment at least); `*` covers one segment of `inner`, a literal or `*`,
+/// but not `>` (which may be several); a literal covers only itself. `chat.room1` and
+/// `chat.*.x` lie within `chat.>`; `chat.>` does not lie within `chat.*`, nor `chat.*`
+/// within `chat.room1`.
+pub fn pattern_contains(outer: &str, inner: &str) -> bool {
+    let mut inner_segments = inner.split('.');
+    for segment in outer.split('.') {
+        let Some(within) = inner_segments.next() else {
+            // `outer` needs more segments than `inner` has.
+            return false;
+        };
+        match segment {
+            ">" => return true,
+            "*" if within != ">" => {}
+            "*" => return false,
+            literal if literal == within && within != "*" && within != ">" => {}
+            _ => return false,
+        }
+    }
+    inner_segments.next().is_none()
+}
+
+/// Checks the syntax of a pattern a token is granted: a pattern as subscriptions use
+/// (wildcards allowed in `_bus_` too, whose inboxes a grant may cover as a whole) or `>`
+/// alone, every subject.
+pub fn check_grant_pattern(text: &str) -> Result<(), SubjectError> {
+    if text == ">" {
+        return Ok(());
+    }
+    check(text, true)
+}
+
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -242,6 +282,136 @@ mod tests {
             "*.a", ">.a", "a.>.b", "a.b*", "a.**", "a.*b", "a", "a..*", "_bus_.*", "_bus_.>", "*",
         ] {
             assert!(Pattern::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn containment_of_patterns() {
+        for (outer, inner) in [
+            ("chat.>", "chat.room1"),
+            ("chat.>", "chat.*.x"),
+            ("chat.>", "chat.>"),
+            ("chat.>", "chat.*"),
+            ("chat.*", "chat.*"),
+            ("chat.*", "chat.room1"),
+            ("chat.*.x", "chat.a.x"),
+            ("chat.*.>", "chat.*.x.>"),
+            ("chat.room1", "chat.room1"),
+            (">", "chat.>"),
+            (">", "_bus_.abc"),
+            ("_bus_.>", "_bus_.abc"),
+        ] {
+            assert!(pattern_contains(outer, inner), "{inner} within {outer}");
+        }
+        for (outer, inner) in [
+            ("chat.*", "chat.>"),
+            ("chat.room1", "chat.>"),
+            ("chat.room1", "chat.*"),
+            ("chat.room1", "chat.room2"),
+            ("chat.room1", "chat.room1.x"),
+            ("chat.room1.x", "chat.room1"),
+            ("chat.>", "chat"),
+            ("chat.>", "orders.x"),
+            ("chat.*.>", "chat.>"),
+            ("chat.*.x", "chat.*.*"),
+            ("chat.*", "chat.a.b"),
+        ] {
+            assert!(
+                !pattern_contains(outer, inner),
+                "{inner} not within {outer}"
+            );
+        }
+    }
+
+    #[test]
+    fn grant_patterns() {
+        for good in [">", "a.>", "a.*.b", "_bus_.>", "_bus_.x"] {
+            assert!(check_grant_pattern(good).is_ok(), "{good}");
+        }
+        for bad in ["", "*", "a", "*.>", ">.a", "a.b*", "a..b"] {
+            assert!(check_grant_pattern(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    mod containment {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A pattern over a small alphabet, so that generated subjects often match it:
+        /// a namespace `a` or `b`, then one to four segments of `a`, `b`, `*`, and
+        /// maybe `>` last.
+        fn pattern() -> impl Strategy<Value = String> {
+            let namespace = prop_oneof![Just("a"), Just("b")];
+            let segment = prop_oneof![Just("a"), Just("b"), Just("*")];
+            (
+                namespace,
+                proptest::collection::vec(segment, 0..4),
+                any::<bool>(),
+            )
+                .prop_filter_map("a pattern needs two segments", |(ns, rest, tail)| {
+                    let mut segments = vec![ns];
+                    segments.extend(rest);
+                    if tail {
+                        segments.push(">");
+                    }
+                    (segments.len() >= 2).then(|| segments.join("."))
+                })
+        }
+
+        fn subject() -> impl Strategy<Value = String> {
+            let segment = prop_oneof![Just("a"), Just("b"), Just("c")];
+            proptest::collection::vec(segment, 2..7).prop_map(|s| s.join("."))
+        }
+
+        /// Subjects that `pattern` matches, with `*` and `>` taken by a segment no
+        /// generated pattern names (`z`), and `>` by one to `max_tail` of them.
+        fn instances(pattern: &str, max_tail: usize) -> Vec<String> {
+            let fixed: Vec<&str> = pattern
+                .split('.')
+                .map(|s| if s == "*" { "z" } else { s })
+                .collect();
+            match fixed.last() {
+                Some(&">") => (1..=max_tail)
+                    .map(|n| {
+                        let mut segments = fixed[..fixed.len() - 1].to_vec();
+                        segments.extend(std::iter::repeat_n("z", n));
+                        segments.join(".")
+                    })
+                    .collect(),
+                _ => vec![fixed.join(".")],
+            }
+        }
+
+        proptest! {
+            /// Sound: when containment says yes, every subject the inner pattern
+            /// matches is matched by the outer one (by the matcher subscriptions use).
+            #[test]
+            fn containment_agrees_with_the_matcher(
+                outer in pattern(),
+                inner in pattern(),
+                subjects in proptest::collection::vec(subject(), 1..40),
+            ) {
+                let (o, i) = (Pattern::parse(&outer).unwrap(), Pattern::parse(&inner).unwrap());
+                let contained = pattern_contains(&outer, &inner);
+                for s in subjects.iter().map(String::as_str).chain(instances(&inner, 6).iter().map(String::as_str)) {
+                    if contained && i.matches(s) {
+                        prop_assert!(o.matches(s), "{inner} within {outer}, but {s} matches only the inner one");
+                    }
+                }
+                // Complete: when it says no, some subject shows it.
+                if !contained {
+                    let witness = instances(&inner, outer.split('.').count() + 1)
+                        .into_iter()
+                        .find(|s| i.matches(s) && !o.matches(s));
+                    prop_assert!(witness.is_some(), "{inner} not within {outer}, but no subject shows it");
+                }
+                // A grant of `>` holds everything.
+                prop_assert!(pattern_contains(">", &inner));
+                // A subject is matched by a pattern exactly when it lies within it.
+                for s in &subjects {
+                    prop_assert_eq!(pattern_contains(&outer, s), o.matches(s));
+                }
+            }
         }
     }
 

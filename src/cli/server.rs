@@ -1,5 +1,6 @@
 //! `bus server`: serves until SIGINT or SIGTERM, then shuts down cleanly (see
-//! [`crate::server`]) and exits 0.
+//! [`crate::server`]) and exits 0. SIGHUP re-reads the server's files (see
+//! [`crate::reload`]) and serves on.
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -11,11 +12,24 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     raise_open_file_limit();
     let server = crate::server::start(&config).await?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received, shutting down"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM received, shutting down");
+                break;
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT received, shutting down");
+                break;
+            }
+            // Each step logs what it reloaded or why it kept the old.
+            _ = hangup.recv() => {
+                server.reload("SIGHUP").await;
+            }
+        }
     }
     server.shutdown().await?;
     tracing::info!("bus server stopped");

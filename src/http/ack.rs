@@ -5,14 +5,14 @@
 //! A JSON body is a reply, published to the event's `response_subject` before the ack
 //! (request/reply in one call). A reply is taken once, and only for an event that was
 //! delivered to that connection and is not acknowledged yet (409 otherwise); with
-//! `--auth-file` the acking token also needs `publish` on the reply's namespace (`_bus_`
-//! for inboxes).
+//! authentication the acking token also needs `publish` on the reply's subject (an inbox
+//! `_bus_.…` for request/reply).
 //!
 //! On a shared backend (JetStream, several nodes) an ack for a connection another node
 //! holds is handed to that node; a reply is claimed there and published from here.
 //!
 //! Answers 202 whether or not anything was waiting for a plain ack (late acks are normal);
-//! 400 if a parameter is missing, malformed or repeated. With `--auth-file`, the token
+//! 400 if a parameter is missing, malformed or repeated. With authentication, the token
 //! needs the `ack` grant (on the consumer's namespace when it is connected, on some
 //! namespace when it is not), and only the token that opened the consumer may ack its
 //! events (403).
@@ -24,7 +24,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::auth::{Operation, TokenId};
+use super::auth::{Operation, Target, TokenId};
 use super::error::ApiError;
 use super::publish::read_body;
 use super::query::Params;
@@ -116,7 +116,7 @@ async fn acknowledge(
         };
         match held {
             Some((namespace, owner)) => {
-                app.authorize(who.as_ref(), Operation::Ack, Some(&namespace))?;
+                app.authorize(who.as_ref(), Operation::Ack, Target::Namespace(&namespace))?;
                 if owner.as_ref() != who.as_ref().map(TokenId::owner) {
                     return Err(ApiError::forbidden(
                         "this consumer was opened with another token; only its own token may ack its events",
@@ -124,7 +124,7 @@ async fn acknowledge(
                 }
             }
             // Nothing waits for this ack, but only a token that may ack learns that.
-            None => app.authorize(who.as_ref(), Operation::Ack, None)?,
+            None => app.authorize(who.as_ref(), Operation::Ack, Target::Any)?,
         }
     }
     let limits = &app.limits;
@@ -189,11 +189,9 @@ async fn reply(
         .await?;
     // The reply is a publish to the event's response_subject: the acking token needs that
     // grant (inboxes are the namespace `_bus_`). Dropping the claim gives it back.
-    let namespace = Subject::parse(&claim.subject)
-        .map_err(|e| ApiError::bad_request(format!("response_subject: {e}")))?
-        .namespace()
-        .to_owned();
-    app.authorize(who, Operation::Publish, Some(&namespace))?;
+    let subject = Subject::parse(&claim.subject)
+        .map_err(|e| ApiError::bad_request(format!("response_subject: {e}")))?;
+    app.authorize(who, Operation::Publish, Target::Subject(subject.as_str()))?;
     app.broker.publish_reply(claim, &payload).await?;
     Ok(())
 }

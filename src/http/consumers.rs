@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::auth::Operation;
+use super::auth::{Operation, Target};
 use super::error::ApiError;
 use super::query::Params;
 use super::AppState;
@@ -27,7 +27,12 @@ pub async fn list(
     params: Params,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = app.admit(&headers, &params, Operation::Admin, Some(&namespace)) {
+    if let Err(denied) = app.admit(
+        &headers,
+        &params,
+        Operation::Admin,
+        Target::Namespace(&namespace),
+    ) {
         return denied.into_response();
     }
     // Stored consumers are read from the namespace's directory: off the async workers.
@@ -68,7 +73,12 @@ pub async fn delete(
     params: Params,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = app.admit(&headers, &params, Operation::Admin, Some(&namespace)) {
+    if let Err(denied) = app.admit(
+        &headers,
+        &params,
+        Operation::Admin,
+        Target::Namespace(&namespace),
+    ) {
         return denied.into_response();
     }
     let name = match ConsumerName::parse(&name) {

@@ -4,7 +4,8 @@
 //!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]); `OPTIONS` on any path answers CORS
 //!   preflights.
 //! - `GET /healthz` (and `/health`), `GET /readyz` and `GET /metrics` are for operators
-//!   ([`ops`]; not in the reference).
+//!   ([`ops`]; not in the reference), as are `/consumers` ([`consumers`]) and
+//!   `POST /admin/reload` ([`reload`]).
 //! - Every response carries the same CORS headers, so browsers on any origin can publish,
 //!   subscribe and read the `X-BUS-*` headers.
 //!
@@ -19,6 +20,7 @@ pub mod http2;
 pub mod ops;
 pub mod publish;
 pub mod query;
+pub mod reload;
 pub mod serve;
 pub mod subscribe;
 pub mod tls;
@@ -34,12 +36,13 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::{watch, Semaphore};
 
-use self::auth::{AuthTable, Operation, TokenId};
+use self::auth::{Authenticator, Operation, Target, TokenId};
 use self::error::ApiError;
 use self::query::Params;
 use crate::broker::Broker;
 use crate::memory::{MemoryBudget, Refused};
 use crate::metrics::{self, Histogram};
+use crate::reload::Reloader;
 use crate::wire::{CORS_REQUEST_HEADERS, CORS_RESPONSE_HEADERS};
 
 /// What a client may ask of the server (set by the server's flags).
@@ -77,8 +80,10 @@ pub struct AppState {
     pub connections: Arc<Semaphore>,
     /// Durations of publish requests, in µs.
     pub publish_micros: Arc<Histogram>,
-    /// Who may do what, when requests are authenticated (`--auth-file`).
-    pub auth: Option<Arc<AuthTable>>,
+    /// Who may do what, when requests are authenticated (`--auth-file`, `--jwt-…`).
+    pub auth: Option<Arc<Authenticator>>,
+    /// What `POST /admin/reload` re-reads (the server's reload steps).
+    pub reloader: Arc<Reloader>,
     /// Origins allowed to read responses in browsers; `None`: any (`*`).
     pub cors_origins: Option<Arc<Vec<HeaderValue>>>,
     /// `--auth-cookie`: the cookie a browser's token may come in.
@@ -104,6 +109,7 @@ impl AppState {
             ping_interval,
             shutdown,
             auth: None,
+            reloader: Arc::new(Reloader::new()),
             cors_origins: None,
             auth_cookie: None,
             subscriptions: Arc::new(Semaphore::new(limits.max_subscriptions)),
@@ -123,37 +129,37 @@ impl AppState {
     ) -> Result<Option<TokenId>, ApiError> {
         match &self.auth {
             None => Ok(None),
-            Some(table) => {
+            Some(auth) => {
                 let token = auth::presented_token(headers, params, self.auth_cookie.as_deref())?;
-                table.authenticate(token.as_deref()).map(Some)
+                auth.authenticate(token.as_deref()).map(Some)
             }
         }
     }
 
-    /// A 403 unless `who` may do `operation` in `namespace` (always allowed without auth;
-    /// `None` for the namespace: in some namespace).
+    /// A 403 unless `who` may do `operation` on `target` (always allowed without auth,
+    /// when there is no `who`).
     pub fn authorize(
         &self,
         who: Option<&TokenId>,
         operation: Operation,
-        namespace: Option<&str>,
+        target: Target<'_>,
     ) -> Result<(), ApiError> {
-        match (&self.auth, who) {
-            (Some(table), Some(who)) => table.authorize(who, operation, namespace),
-            _ => Ok(()),
+        match who {
+            Some(who) => who.authorize(operation, target),
+            None => Ok(()),
         }
     }
 
-    /// Authenticates the request and checks that it may do `operation` in `namespace`.
+    /// Authenticates the request and checks that it may do `operation` on `target`.
     pub fn admit(
         &self,
         headers: &HeaderMap,
         params: &Params,
         operation: Operation,
-        namespace: Option<&str>,
+        target: Target<'_>,
     ) -> Result<Option<TokenId>, ApiError> {
         let who = self.authenticate(headers, params)?;
-        self.authorize(who.as_ref(), operation, namespace)?;
+        self.authorize(who.as_ref(), operation, target)?;
         Ok(who)
     }
 
@@ -210,6 +216,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/admin/reload", axum::routing::post(reload::reload))
         .route("/consumers/{namespace}", get(consumers::list))
         .route(
             "/consumers/{namespace}/{name}",

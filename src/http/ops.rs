@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 
-use super::auth::Operation;
+use super::auth::{Operation, Target};
 use super::error::unavailable;
 use super::query::Params;
 use super::AppState;
@@ -48,7 +48,7 @@ fn not_ready(message: String) -> Response {
 }
 
 pub async fn metrics(State(app): State<AppState>, params: Params, headers: HeaderMap) -> Response {
-    if let Err(denied) = app.admit(&headers, &params, Operation::Metrics, None) {
+    if let Err(denied) = app.admit(&headers, &params, Operation::Metrics, Target::Any) {
         return denied.into_response();
     }
     let broker = Arc::clone(&app.broker);

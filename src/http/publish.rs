@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
-use super::auth::Operation;
+use super::auth::{Operation, Target};
 use super::error::ApiError;
 use super::query::Params;
 use super::AppState;
@@ -345,21 +345,23 @@ async fn publish_body(
     };
     // The events own their fields: the body is not needed while they are stored.
     drop(body);
-    // Every namespace the publication writes to needs the grant: its events', and where
-    // replies to them will be published (the namespace of a response_subject, `_bus_`
-    // for inboxes).
+    // Every subject the publication writes to needs the grant: its events', and where
+    // replies to them will be published (a response_subject, an inbox `_bus_.…` or not).
     let written = match &events {
         Publication::One(event) => std::slice::from_ref(event),
         Publication::Batch(events) => events.as_slice(),
     };
-    let namespaces = written
-        .iter()
-        .flat_map(|e| [&e.subject, &e.response_subject])
-        .filter(|subject| !subject.is_empty())
-        .filter_map(|subject| subject.split('.').next());
-    for namespace in namespaces {
-        if let Err(denied) = app.authorize(who.as_ref(), Operation::Publish, Some(namespace)) {
-            return denied.into_response();
+    if who.is_some() {
+        let subjects = written
+            .iter()
+            .flat_map(|e| [&e.subject, &e.response_subject])
+            .filter(|subject| !subject.is_empty());
+        for subject in subjects {
+            if let Err(denied) =
+                app.authorize(who.as_ref(), Operation::Publish, Target::Subject(subject))
+            {
+                return denied.into_response();
+            }
         }
     }
     let wait = match Wait::parse(params) {

@@ -16,8 +16,9 @@
 //!
 //! The response head (with `X-BUS-CONSUMER-ID`) is sent at once; then events as
 //! `id:`/`event: msg`/`data:` frames, a `: ping` comment every ping interval, and, if the
-//! subscription cannot go on (an unknown start id), one `event: error` frame before the
-//! stream ends. Shutting the server down ends every stream cleanly.
+//! subscription cannot go on (an unknown start id, or a token that expired or that a
+//! reload of the credentials revoked), one `event: error` frame before the stream ends.
+//! Shutting the server down ends every stream cleanly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use bytes::BytesMut;
 use futures_util::{stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::auth::Operation;
+use super::auth::{Operation, StreamAuth, Target, TokenId};
 use super::error::{unavailable, ApiError};
 use super::query::Params;
 use super::AppState;
@@ -176,27 +177,53 @@ fn event_id(text: &str, what: &str) -> Result<String, ApiError> {
 }
 
 /// What a subscription request is checked for before it opens: who asks, whether the
-/// request is well-formed, and whether they may.
+/// request is well-formed, and whether they may. With authentication, also what the
+/// stream re-checks while it runs.
 fn admit(
     app: &AppState,
     params: &Params,
     headers: &HeaderMap,
-) -> Result<SubscribeRequest, ApiError> {
+) -> Result<(SubscribeRequest, Option<StreamAuth>), ApiError> {
+    // Read before the token is checked: a reload in between is seen by the stream.
+    let generation = app.auth.as_ref().map(|auth| auth.generation());
     let who = app.authenticate(headers, params)?;
     app.check_subject_len("the subject pattern", params.get(SUBJECT)?.unwrap_or(""))?;
     let mut request = parse_request(params, headers)?;
-    let namespace = request.pattern.as_str().split('.').next();
-    app.authorize(who.as_ref(), Operation::Subscribe, namespace)?;
+    let pattern = request.pattern.as_str();
+    let namespace = request.pattern.namespace();
+    app.authorize(who.as_ref(), Operation::Subscribe, Target::Pattern(pattern))?;
+    let mut guard = stream_auth(app, who.as_ref(), generation);
+    if let Some(guard) = &mut guard {
+        guard.needs_pattern(Operation::Subscribe, pattern);
+    }
     if request.ack != AckMode::None {
         // Manual acks are sent with the same token (see `PUT /`).
-        app.authorize(who.as_ref(), Operation::Ack, namespace)?;
+        app.authorize(who.as_ref(), Operation::Ack, Target::Namespace(namespace))?;
+        if let Some(guard) = &mut guard {
+            guard.needs_namespace(Operation::Ack, namespace);
+        }
     }
     request.admin = request.consumer.is_some()
         && app
-            .authorize(who.as_ref(), Operation::Admin, namespace)
+            .authorize(who.as_ref(), Operation::Admin, Target::Namespace(namespace))
             .is_ok();
     request.owner = who.map(|who| who.owner().clone());
-    Ok(request)
+    Ok((request, guard))
+}
+
+/// What a stream opened by `who` re-checks (see [`StreamAuth`]); `None` without
+/// authentication.
+fn stream_auth(
+    app: &AppState,
+    who: Option<&TokenId>,
+    generation: Option<u64>,
+) -> Option<StreamAuth> {
+    match (&app.auth, who, generation) {
+        (Some(auth), Some(who), Some(generation)) => {
+            Some(StreamAuth::new(Arc::clone(auth), who.clone(), generation))
+        }
+        _ => None,
+    }
 }
 
 pub async fn subscribe(
@@ -209,8 +236,8 @@ pub async fn subscribe(
     if subjects.len() > 1 {
         return subscribe_many(&app, method, &params, &headers, &subjects).await;
     }
-    let request = match admit(&app, &params, &headers) {
-        Ok(request) => request,
+    let (request, guard) = match admit(&app, &params, &headers) {
+        Ok(admitted) => admitted,
         Err(e) => return e.into_response(),
     };
     if method == Method::HEAD {
@@ -256,7 +283,7 @@ pub async fn subscribe(
         Delivery::End => Bytes::from_static(DONE),
         Delivery::Skipped(skipped) => skipped_frames(skipped),
     });
-    event_stream(&app, frames, &subscription.consumer_id, lifetime)
+    event_stream(&app, frames, &subscription.consumer_id, lifetime, guard)
 }
 
 /// What prefixes the `id:` of a stream of several subjects, and so its `Last-Event-ID`.
@@ -411,18 +438,24 @@ async fn subscribe_many(
     subjects: &[&str],
 ) -> Response {
     let admitted = (|| {
+        let generation = app.auth.as_ref().map(|auth| auth.generation());
         let who = app.authenticate(headers, params)?;
         for subject in subjects {
             app.check_subject_len("the subject pattern", subject)?;
         }
         let request = parse_many(params, headers, subjects)?;
-        for (namespace, _) in &request.namespaces {
-            app.authorize(who.as_ref(), Operation::Subscribe, Some(namespace))?;
+        let mut guard = stream_auth(app, who.as_ref(), generation);
+        for pattern in request.namespaces.iter().flat_map(|(_, patterns)| patterns) {
+            let pattern = pattern.as_str();
+            app.authorize(who.as_ref(), Operation::Subscribe, Target::Pattern(pattern))?;
+            if let Some(guard) = &mut guard {
+                guard.needs_pattern(Operation::Subscribe, pattern);
+            }
         }
-        Ok::<_, ApiError>(request)
+        Ok::<_, ApiError>((request, guard))
     })();
-    let request = match admitted {
-        Ok(request) => request,
+    let (request, guard) = match admitted {
+        Ok(admitted) => admitted,
         Err(e) => return e.into_response(),
     };
     if method == Method::HEAD {
@@ -497,7 +530,7 @@ async fn subscribe_many(
             }
         }
     };
-    event_stream(app, frames, &consumer_id, lifetime)
+    event_stream(app, frames, &consumer_id, lifetime, guard)
 }
 
 /// A place for one more event stream: within the memory budget and
@@ -517,12 +550,16 @@ fn stream_slot(app: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
 }
 
 /// The answer that streams `frames`, with pings between them, until they end, the client
-/// leaves or the server shuts down; `lifetime` lives as long as the stream.
+/// leaves or the server shuts down; `lifetime` lives as long as the stream. With `guard`,
+/// before each event and ping the stream checks that its token is still accepted, and
+/// ends with an `event: error` frame saying why once it is not (expired, or revoked by a
+/// reload of the credentials).
 fn event_stream(
     app: &AppState,
     frames: impl futures_util::Stream<Item = Bytes> + Send + 'static,
     consumer_id: &str,
     lifetime: StreamLifetime,
+    guard: Option<StreamAuth>,
 ) -> Response {
     // The subscription's end (an error, or the broker shutting down) ends the body; the
     // endless pings must not keep it open. Hence the `None` after the last frame.
@@ -530,7 +567,20 @@ fn event_stream(
     let pings = ping_stream(app.ping_interval).map(Some);
     let mut shutdown = app.shutdown.clone();
     let body = stream::select(frames, pings)
-        .scan((), |(), frame| std::future::ready(frame))
+        .scan((guard, false), |(guard, ended), frame| {
+            if *ended {
+                return std::future::ready(None);
+            }
+            let frame = match (frame, guard.as_mut().map(StreamAuth::check)) {
+                (Some(_), Some(Err(reason))) => {
+                    *ended = true;
+                    tracing::debug!("ending an event stream: {reason}");
+                    Some(error_frame(&reason))
+                }
+                (frame, _) => frame,
+            };
+            std::future::ready(frame)
+        })
         .take_until(async move {
             let _ = shutdown.wait_for(|down| *down).await;
         })

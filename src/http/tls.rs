@@ -3,8 +3,8 @@
 //! ALPN. The certificate file holds the chain in PEM (leaf first), the key file one PEM
 //! private key (PKCS #8, PKCS #1 or SEC1).
 //!
-//! The certificate can be replaced while the server runs ([`Certificate::reload`], on
-//! SIGHUP): handshakes from then on present the new one; connections already open keep
+//! The certificate can be replaced while the server runs (a [`ReloadStep`]: on SIGHUP and
+//! `POST /admin/reload`): handshakes from then on present the new one; connections already open keep
 //! the session they have. A reload that fails (a missing file, a key that does not match)
 //! leaves the certificate in use as it was.
 
@@ -18,6 +18,8 @@ use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
+
+use crate::reload::ReloadStep;
 
 /// The server's certificate and key, as last read from their files.
 #[derive(Debug)]
@@ -41,14 +43,6 @@ impl Certificate {
         }))
     }
 
-    /// Reads the files again; new handshakes present what they hold. On an error the
-    /// certificate in use stays.
-    pub fn reload(&self) -> Result<(), String> {
-        let fresh = read(&self.cert_path, &self.key_path, &self.provider)?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
-        Ok(())
-    }
-
     /// The acceptor of TLS connections presenting this certificate.
     pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, String> {
         let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
@@ -58,6 +52,24 @@ impl Certificate {
             .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Reads the files again; new handshakes present what they hold. On an error the
+/// certificate in use stays.
+impl ReloadStep for Certificate {
+    fn name(&self) -> &'static str {
+        "TLS certificate"
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        let fresh = read(&self.cert_path, &self.key_path, &self.provider)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(format!(
+            "{} with the key {}",
+            self.cert_path.display(),
+            self.key_path.display()
+        ))
     }
 }
 

@@ -195,3 +195,155 @@ async fn bad_certificate_settings_fail_at_start_with_the_file_named() {
         "{error}"
     );
 }
+
+/// A TLS connection to `addr` checked against `ca` for `name`, offering `alpn`.
+async fn connect_tls(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    name: &'static str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(fixture(ca)).unwrap())
+        .unwrap();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(name).unwrap(), tcp)
+        .await
+}
+
+/// `POST /admin/reload` over HTTP/2 on `send`: the status and the JSON report.
+async fn admin_reload(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+) -> (u16, serde_json::Value) {
+    let request = axum::http::Request::post("https://localhost/admin/reload")
+        .body(())
+        .unwrap();
+    let (answer, _) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, true)
+        .unwrap();
+    let answer = answer.await.unwrap();
+    let status = answer.status().as_u16();
+    let mut body = answer.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = body.data().await {
+        text.extend_from_slice(&data.unwrap());
+    }
+    (status, serde_json::from_slice(&text).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_replaces_the_certificate_and_open_connections_go_on() {
+    let data = tempfile::tempdir().unwrap();
+    let (cert, key) = (data.path().join("cert.pem"), data.path().join("key.pem"));
+    std::fs::copy(fixture("cert.pem"), &cert).unwrap();
+    std::fs::copy(fixture("key.pem"), &key).unwrap();
+    let mut server = TestServer::start(
+        &data.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let addr = server.server.as_ref().unwrap().local_addr();
+
+    // An HTTP/2 connection with an event stream open, from before the reload.
+    let tls = connect_tls(addr, "ca.pem", "localhost", &[b"h2"])
+        .await
+        .unwrap();
+    let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = axum::http::Request::get("https://localhost/?subject=app.%3E")
+        .body(())
+        .unwrap();
+    let (answer, _) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, true)
+        .unwrap();
+    let mut stream = answer.await.unwrap().into_body();
+
+    // Another certificate (another name, another CA) in the same files, then a reload.
+    std::fs::copy(fixture("public-name-cert.pem"), &cert).unwrap();
+    std::fs::copy(fixture("public-name-key.pem"), &key).unwrap();
+    let (status, report) = admin_reload(&mut send).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["steps"][0]["name"], "TLS certificate", "{report}");
+    assert_eq!(report["steps"][0]["ok"], true, "{report}");
+
+    // New handshakes present the new certificate; the old one is no longer offered.
+    connect_tls(
+        addr,
+        "public-name-ca.pem",
+        "bus.example.com",
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("the new certificate");
+    let old = connect_tls(addr, "ca.pem", "localhost", &[b"http/1.1"]).await;
+    assert!(old.is_err(), "the old certificate is still presented");
+
+    // The connection from before goes on: its stream gets what is published now.
+    let request = axum::http::Request::post("https://localhost/")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    body.send_data(r#"{"subject":"app.after","payload":1}"#.into(), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 202);
+    let mut read = String::new();
+    while !read.contains("app.after") {
+        let data = tokio::time::timeout(Duration::from_secs(10), stream.data())
+            .await
+            .expect("the event on the stream opened before the reload")
+            .unwrap()
+            .unwrap();
+        read.push_str(&String::from_utf8_lossy(&data));
+    }
+
+    // A key that does not match: the reload fails, saying why, and the certificate stays.
+    std::fs::copy(fixture("key.pem"), &key).unwrap();
+    let (status, report) = admin_reload(&mut send).await;
+    assert_eq!(status, 500, "{report}");
+    assert_eq!(report["steps"][0]["ok"], false, "{report}");
+    assert!(
+        report["steps"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--tls-key"),
+        "{report}"
+    );
+    connect_tls(
+        addr,
+        "public-name-ca.pem",
+        "bus.example.com",
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("the certificate from before the failed reload");
+    server.stop().await;
+}
