@@ -1,7 +1,7 @@
 //! Two nodes, each with its own cache, kept consistent through one sync bus: a `set` on
 //! one node invalidates the key on the other, which reloads it on its next read.
 //!
-//! `cargo run --example cache_invalidation -- memory` runs both nodes on the in-memory
+//! `cargo run --features nats,redis,kafka --example cache_invalidation -- memory` runs both nodes on the in-memory
 //! bus; `-- bus` over a `bus` server with the `app` namespace (`BUS_HOST`, default
 //! `http://localhost:2021`); `-- nats` over NATS (`NATS_URL`, default
 //! `nats://127.0.0.1:4222`); `-- redis` over Redis (`REDIS_URL`, default

@@ -22,3 +22,14 @@ export async function startBus(busBin, args) {
     clearTimeout(timeout);
   }
 }
+
+// Stops a server started by startBus: SIGTERM, then waits until it has exited (its files
+// closed, so that its data directory can be removed); SIGKILL after 10 s.
+export async function stopBus(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolveExit) => child.once("exit", resolveExit));
+  child.kill("SIGTERM");
+  const timeout = setTimeout(() => child.kill("SIGKILL"), 10_000);
+  await exited;
+  clearTimeout(timeout);
+}

@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { startBus } from "./bus.mjs";
+import { startBus, stopBus } from "./bus.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const busBin = process.env.BUS_BIN || resolve(here, "../../target/debug/bus");
@@ -44,10 +44,7 @@ const https = await startBus(busBin, [
 const plain = await startBus(busBin, [
   "--addr", "127.0.0.1:0", "--path", join(data, "plain"), "--namespaces", "app",
 ]);
-const browser = await chromium.launch({
-  executablePath: chromiumPath,
-  args: ["--no-sandbox", `--ignore-certificate-errors-spki-list=${pin}`],
-});
+let browser;
 
 // Opens STREAMS EventSources to `origin` from a page of that origin, publishes one event
 // once the server counts them open (or after `settle` ms), and resolves with how many
@@ -86,6 +83,10 @@ async function streamsReceiving(origin, publish, wait) {
 }
 
 try {
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ["--no-sandbox", `--ignore-certificate-errors-spki-list=${pin}`],
+  });
   const body = JSON.stringify({ subject: "app.live", payload: { text: "hello" } });
   const overHttp2 = await streamsReceiving(
     `https://localhost:${https.address.split(":").pop()}`,
@@ -119,8 +120,9 @@ try {
       `${overHttp1.received} over HTTP/1.1)`,
   );
 } finally {
-  await browser.close();
-  https.child.kill("SIGTERM");
-  plain.child.kill("SIGTERM");
+  // The servers are stopped whatever failed, the browser's start included.
+  await browser?.close();
+  await stopBus(https.child);
+  await stopBus(plain.child);
   rmSync(data, { recursive: true, force: true });
 }

@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { startBus } from "./bus.mjs";
+import { startBus, stopBus } from "./bus.mjs";
 import { startStatic } from "./static.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -90,6 +90,6 @@ try {
 } finally {
   await browser.close();
   staticServer.close();
-  child.kill("SIGTERM");
+  await stopBus(child);
   rmSync(data, { recursive: true, force: true });
 }

@@ -161,6 +161,10 @@ try {
 } finally {
   await browser.close();
   staticServer.close();
-  bus.child.kill("SIGTERM");
+  // Its data directory is removed once it has exited (closed its files).
+  if (bus.child.exitCode === null && bus.child.signalCode === null) {
+    bus.child.kill("SIGTERM");
+    await once(bus.child, "exit");
+  }
   rmSync(data, { recursive: true, force: true });
 }

@@ -54,14 +54,12 @@ pub struct KeyArgs {
     /// With --path: the secret key the data directory is encrypted with.
     #[arg(long, env = "BUS_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
-    /// Plaintext bytes sealed together when writing encrypted data.
-    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
-    pub block_size: usize,
 }
 
 impl KeyArgs {
-    pub fn cipher(&self) -> anyhow::Result<Option<Cipher>> {
-        cipher_for(self.secret_key.as_deref(), self.block_size)
+    /// The cipher to read with (and to write with in blocks of `block_size`).
+    pub fn cipher(&self, block_size: usize) -> anyhow::Result<Option<Cipher>> {
+        cipher_for(self.secret_key.as_deref(), block_size)
     }
 }
 
@@ -102,7 +100,8 @@ pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
                 true => inspect::namespaces(path)?,
                 false => args.namespace.clone(),
             };
-            let cipher = args.source.key.cipher()?;
+            // Readers take blocks of any size.
+            let cipher = args.source.key.cipher(DEFAULT_BLOCK_SIZE)?;
             let path = path.clone();
             let bar = bar.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
@@ -214,6 +213,9 @@ pub struct RestoreArgs {
     /// JSON Lines file to read (default: standard input).
     #[arg(long, short)]
     pub input: Option<PathBuf>,
+    /// With --path and --secret-key: plaintext bytes sealed together in the files written.
+    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
 }
 
 /// A run of consecutive lines that go out together.
@@ -235,7 +237,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let mut sink = match &args.target.path {
         Some(path) => Sink::Directory {
             path: path.clone(),
-            cipher: args.target.key.cipher()?,
+            cipher: args.target.key.cipher(args.block_size)?,
             logs: BTreeMap::new(),
         },
         None => Sink::Server(args.target.server.client()?),

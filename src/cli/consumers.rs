@@ -14,16 +14,22 @@ pub struct ConsumersArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConsumersCommand {
     /// List a namespace's durable consumers, one JSON object per line.
+    #[command(after_help = "Example:
+  bus consumers list --namespace orders")]
     List {
         #[command(flatten)]
         host: HostArgs,
+        /// The namespace whose consumers to list.
         #[arg(long)]
         namespace: String,
     },
     /// Delete a durable consumer: its connections' streams end, its progress is forgotten.
+    #[command(after_help = "Example:
+  bus consumers delete --namespace orders --name billing")]
     Delete {
         #[command(flatten)]
         host: HostArgs,
+        /// The consumer's namespace.
         #[arg(long)]
         namespace: String,
         /// The consumer's name.

@@ -1,14 +1,14 @@
 //! `bus debug`: what a data directory holds, read directly from its files while no server
 //! has it open. Statistics per namespace; `--list` prints every record with its file and
 //! offset; `--verify` checks every record's checksum and the indexes and reports each
-//! problem with file and offset (exit code 4 when the data is damaged).
+//! problem with file and offset (exit code 1 when the data is damaged).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 
-use super::{progress, Exit, EXIT_DAMAGED};
+use super::{progress, Exit, EXIT_FAILURE};
 use crate::event::JsonLayout;
 use crate::store::inspect::{self, LogFiles};
 
@@ -44,7 +44,8 @@ fn debug(args: &DebugArgs) -> anyhow::Result<()> {
     if namespaces.is_empty() {
         anyhow::bail!("{} holds no namespace", args.path.display());
     }
-    let cipher = args.key.cipher()?;
+    // Readers take blocks of any size.
+    let cipher = args.key.cipher(crate::store::cipher::DEFAULT_BLOCK_SIZE)?;
     let mut damaged = Vec::new();
     for namespace in &namespaces {
         let files = LogFiles::open(&args.path.join(namespace), cipher.as_ref())
@@ -61,7 +62,7 @@ fn debug(args: &DebugArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     Err(Exit {
-        code: EXIT_DAMAGED,
+        code: EXIT_FAILURE,
         message: format!("damaged data in namespace {}", damaged.join(", ")),
     }
     .into())

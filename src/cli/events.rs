@@ -2,7 +2,7 @@
 //! running server, with the [`crate::client`] module.
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -18,13 +18,33 @@ use crate::client::{
 pub struct PutArgs {
     #[command(flatten)]
     pub host: HostArgs,
-    /// Subject to publish to, e.g. orders.created.
-    #[arg(long)]
-    pub subject: String,
+    /// Subject to publish to, e.g. orders.created (or --subject).
+    #[arg(value_name = "SUBJECT", required_unless_present = "subject_flag")]
+    pub subject: Option<String>,
     /// The payload: JSON, or text (sent as a JSON string); `@FILE` reads it from a file,
-    /// `-` from standard input.
-    #[arg(long)]
+    /// `-` from standard input. Read from standard input when absent (with SUBJECT given
+    /// as an argument).
+    #[arg(value_name = "DATA", requires = "subject")]
     pub data: Option<String>,
+    /// Subject to publish to, as a flag (as the reference's CLI takes it).
+    #[arg(
+        long = "subject",
+        id = "subject_flag",
+        value_name = "SUBJECT",
+        conflicts_with = "subject"
+    )]
+    pub subject_flag: Option<String>,
+    /// The payload, as a flag (as the reference's CLI takes it); without it and without
+    /// DATA, `--subject` publishes an event with no payload.
+    #[arg(
+        long = "data",
+        id = "data_flag",
+        value_name = "DATA",
+        conflicts_with = "data"
+    )]
+    pub data_flag: Option<String>,
+    /// Trace id carried with the event (for tracing across services), e.g. a W3C
+    /// traceparent's trace id.
     #[arg(long)]
     pub trace_id: Option<String>,
     /// Deduplication key: the server refuses a second event with the same key on the
@@ -47,13 +67,23 @@ pub struct PutArgs {
 }
 
 pub async fn put(args: PutArgs) -> anyhow::Result<()> {
+    // `bus put SUBJECT` reads its payload from standard input, as `nats pub` does;
+    // `bus put --subject S` keeps the reference's meaning: no --data, no payload.
+    let data = match (&args.subject, args.data.or(args.data_flag)) {
+        (_, Some(data)) => Some(data),
+        (Some(_), None) => Some("-".to_owned()),
+        (None, None) => None,
+    };
+    let Some(subject) = args.subject.or(args.subject_flag) else {
+        bail!("name the subject: bus put SUBJECT [DATA]");
+    };
     let client = args.host.client()?;
     let event = NewEvent {
         id: args.id.unwrap_or_default(),
         trace_id: args.trace_id.unwrap_or_default(),
         key: args.key.unwrap_or_default(),
-        subject: args.subject,
-        payload: args.data.as_deref().map(read_payload).transpose()?,
+        subject,
+        payload: data.as_deref().map(read_payload).transpose()?,
         ..NewEvent::default()
     };
     let wanted = if args.request_reply { 1 } else { args.confirm };
@@ -134,8 +164,21 @@ pub struct GetArgs {
     #[arg(long)]
     pub subject: String,
     /// oldest, newest, or an event id to start after.
-    #[arg(long, default_value = "newest")]
+    #[arg(long, default_value = "newest", conflicts_with_all = ["start_index", "start_time"])]
     pub start: String,
+    /// Start at this log position (an event's `index`) instead.
+    #[arg(long, conflicts_with = "start_time")]
+    pub start_index: Option<u64>,
+    /// Start at the first event created at or after this time (RFC 3339, e.g.
+    /// 2026-12-01T09:00:00Z) instead.
+    #[arg(long, value_parser = parse_time)]
+    pub start_time: Option<SystemTime>,
+    /// Stop at the last event stored when the subscription opened, instead of waiting
+    /// for new ones.
+    #[arg(long)]
+    pub until_now: bool,
+    /// Acknowledgements: none (events just stream), manual (acknowledge each with
+    /// `bus ack`; the next comes once it is), auto (acknowledged once printed).
     #[arg(long, value_enum, default_value_t = AckChoice::None)]
     pub ack: AckChoice,
     /// With manual or auto acks: redeliver an unacknowledged event after this long.
@@ -179,11 +222,14 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     let client = args.host.client()?;
     let subject = args.subject.clone();
     let mut options = SubscribeOptions::new(args.subject);
-    options.start = match args.start.as_str() {
-        "oldest" => Start::Oldest,
-        "newest" | "" => Start::Newest,
-        id => Start::After(id.to_owned()),
+    options.start = match (args.start_index, args.start_time, args.start.as_str()) {
+        (Some(index), _, _) => Start::Position(index),
+        (None, Some(time), _) => Start::Time(time),
+        (None, None, "oldest") => Start::Oldest,
+        (None, None, "newest" | "") => Start::Newest,
+        (None, None, id) => Start::After(id.to_owned()),
     };
+    options.until_now = args.until_now;
     options.ack = match args.ack {
         AckChoice::None => ClientAck::None,
         AckChoice::Manual | AckChoice::Auto => ClientAck::Manual {
@@ -303,6 +349,7 @@ pub struct AckArgs {
     /// The consumer the event was delivered to (the X-BUS-CONSUMER-ID of its stream).
     #[arg(long)]
     pub consumer_id: String,
+    /// The id of the event to acknowledge (its `id`, as `bus get` printed it).
     #[arg(long)]
     pub event_id: String,
 }
@@ -311,4 +358,12 @@ pub async fn ack(args: AckArgs) -> anyhow::Result<()> {
     let client = args.host.client()?;
     client.ack(&args.consumer_id, &args.event_id).await?;
     Ok(())
+}
+
+/// An RFC 3339 time, e.g. `2026-12-01T09:00:00Z`.
+fn parse_time(text: &str) -> Result<SystemTime, String> {
+    let timestamp = crate::timestamp::Timestamp::parse(text).map_err(|e| e.to_string())?;
+    let nanos = u64::try_from(timestamp.unix_nanos())
+        .map_err(|_| format!("{text}: before 1970 (no events are that old)"))?;
+    Ok(std::time::UNIX_EPOCH + Duration::from_nanos(nanos))
 }

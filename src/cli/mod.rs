@@ -2,8 +2,9 @@
 //! dispatches; each subcommand returns an error that is printed as one line on standard
 //! error.
 //!
-//! Exit codes, for scripts: 0 success; 1 failure (the message says why); 2 bad usage;
-//! 3 a wait timed out (`put --confirm`/`--request-reply`); 4 `debug` found damaged data.
+//! Exit codes, for scripts, the same for every command: 0 success; 1 failure (the message
+//! says why: a refusal, an unreachable server, a wait that timed out, damaged data); 2 bad
+//! usage.
 
 pub mod archive;
 pub mod bench;
@@ -13,6 +14,8 @@ pub mod events;
 mod health;
 mod progress;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,16 +24,18 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
-use crate::client::{Client, ClientError, DEFAULT_HOST};
+use crate::client::{Client, DEFAULT_HOST};
 use crate::config::ServerConfig;
 
 pub use crate::units::parse_duration;
 
+/// Exit codes, the same for every command: 0 success, [`EXIT_FAILURE`] for anything that
+/// went wrong (a refusal, an unreachable server, a wait that timed out, damaged data: one
+/// line on standard error says which), [`EXIT_USAGE`] for a command line that does not
+/// make sense.
 pub const EXIT_FAILURE: u8 = 1;
 /// Also what clap exits with on a usage error.
 pub const EXIT_USAGE: u8 = 2;
-pub const EXIT_TIMEOUT: u8 = 3;
-pub const EXIT_DAMAGED: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,27 +62,60 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
+    #[command(after_help = "Examples:
+  bus server --namespaces app,orders
+  bus server --namespaces app --path /var/lib/bus --tls-cert cert.pem --tls-key key.pem")]
     Server(Box<ServerConfig>),
     /// Publish an event.
+    #[command(after_help = r#"Examples:
+  bus put orders.created '{"id":1042}'
+  echo '{"id":1043}' | bus put orders.created
+  bus put --subject orders.paid --data @payment.json --key pay-1042 --confirm 2"#)]
     Put(events::PutArgs),
     /// Subscribe and print events, one JSON object per line.
+    #[command(after_help = "Examples:
+  bus get --subject 'orders.>' --start oldest --until-now
+  bus get --subject orders.created --start-time 2026-12-01T09:00:00Z --format pretty
+  bus get --subject 'orders.>' --ack auto --consumer billing")]
     Get(events::GetArgs),
     /// Acknowledge an event delivered to a manual-ack consumer.
+    #[command(after_help = "Example:
+  bus ack --consumer-id c_0i4mmjhbh8g4fd781t3j --event-id e_ikv8s43r000000000000")]
     Ack(events::AckArgs),
     /// Export events as JSON Lines, from a server or a data directory.
+    #[command(after_help = "Examples:
+  bus dump --namespace orders -o orders.jsonl
+  bus dump --path ./bus_data --secret-key \"$KEY\" > all.jsonl")]
     Dump(archive::DumpArgs),
     /// Import events from JSON Lines, keeping their ids and times.
+    #[command(after_help = "Examples:
+  bus restore -i orders.jsonl
+  bus restore --path ./bus_data -i orders.jsonl")]
     Restore(archive::RestoreArgs),
     /// Copy namespaces from one data directory to another.
+    #[command(after_help = "Example:
+  bus copy --from ./bus_data --to ./encrypted --dst-secret-key \"$KEY\"")]
     Copy(archive::CopyArgs),
     /// Show, list or verify what a data directory holds.
+    #[command(after_help = "Examples:
+  bus debug --path ./bus_data
+  bus debug --path ./bus_data --verify")]
     Debug(debug::DebugArgs),
     /// Check that the server is ready (exit code 0) or not (1), found from its own
     /// settings (BUS_ADDR, BUS_TLS_CERT): the container health check.
+    #[command(after_help = "Examples:
+  bus health
+  bus health --host https://bus.example.com")]
     Health(health::HealthArgs),
     /// List or delete durable consumers.
+    #[command(after_help = "Examples:
+  bus consumers list --namespace orders
+  bus consumers delete --namespace orders --name billing")]
     Consumers(consumers::ConsumersArgs),
     /// Measure performance.
+    #[command(after_help = "Examples:
+  bus bench publish --embedded --connections 32
+  bus bench idle --embedded --subscribers 10000 --http2")]
     Bench(bench::BenchArgs),
 }
 
@@ -178,10 +216,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 return ExitCode::from(exit.code);
             }
             eprintln!("bus: {}", one_line(&format!("{e:#}")));
-            match e.downcast_ref::<ClientError>() {
-                Some(ClientError::Timeout(_)) => ExitCode::from(EXIT_TIMEOUT),
-                _ => ExitCode::from(EXIT_FAILURE),
-            }
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

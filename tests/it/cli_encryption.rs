@@ -252,7 +252,7 @@ fn copy_plain_to_encrypted_and_back_is_identical() {
         ],
         None,
     );
-    assert_eq!(verify.code, 4, "{verify:?}");
+    assert_eq!(verify.code, 1, "{verify:?}");
     let damage = verify
         .stdout
         .lines()

@@ -331,7 +331,7 @@ fn confirmations_and_replies_come_from_get_workers() {
         ],
         None,
     );
-    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("2 of 3"), "{out:?}");
     drop(workers);
 
@@ -599,4 +599,89 @@ fn durable_consumers_from_the_command_line() {
     )
     .ok()
     .is_empty());
+}
+
+#[test]
+fn put_takes_arguments_and_get_reads_from_a_position_or_a_time_until_now() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);
+    let host = host(&server);
+
+    // SUBJECT and DATA as arguments, as `nats pub` takes them; no DATA: standard input.
+    let first = json(
+        run(&["put", "--host", &host, "app.args", r#"{"n":0}"#], None)
+            .ok()
+            .trim(),
+    );
+    let second = json(
+        run(&["put", "--host", &host, "app.args"], Some(r#"{"n":1}"#))
+            .ok()
+            .trim(),
+    );
+    assert_eq!(
+        (first["index"].as_i64(), second["index"].as_i64()),
+        (Some(0), Some(1))
+    );
+    // The reference's flags keep their meaning: --subject without --data, no payload.
+    let third = json(
+        run(&["put", "--host", &host, "--subject", "app.args"], None)
+            .ok()
+            .trim(),
+    );
+    assert_eq!(third["index"], 2);
+    // Both forms of one thing is a usage error.
+    let both = run(
+        &["put", "--host", &host, "app.args", "--subject", "app.args"],
+        None,
+    );
+    assert_eq!(both.code, 2, "{both:?}");
+
+    let get = |extra: &[&str]| {
+        let mut args = vec!["get", "--host", &host, "--subject", "app.>"];
+        args.extend(extra);
+        let out = run(&args, None);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.lines().iter().map(|l| json(l)).collect::<Vec<_>>()
+    };
+    // From a position, until what was stored when it opened: the command ends by itself.
+    let from_one = get(&["--start-index", "1", "--until-now"]);
+    let payloads: Vec<&Value> = from_one.iter().map(|e| &e["payload"]).collect();
+    assert_eq!(payloads, [&serde_json::json!({"n": 1}), &Value::Null]);
+    // From a time: the second event's creation time starts at it.
+    let created = second["created_at"].as_str().unwrap();
+    let from_time = get(&["--start-time", created, "--until-now"]);
+    assert_eq!(from_time.len(), 2, "{from_time:?}");
+    assert_eq!(from_time[0]["id"], second["id"]);
+    // Everything, until now.
+    assert_eq!(get(&["--start", "oldest", "--until-now"]).len(), 3);
+
+    let bad = run(
+        &[
+            "get",
+            "--host",
+            &host,
+            "--subject",
+            "app.>",
+            "--start-time",
+            "yesterday",
+        ],
+        None,
+    );
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("--start-time"), "{bad:?}");
+    let both = run(
+        &[
+            "get",
+            "--host",
+            &host,
+            "--subject",
+            "app.>",
+            "--start-index",
+            "1",
+            "--start",
+            "oldest",
+        ],
+        None,
+    );
+    assert_eq!(both.code, 2, "{both:?}");
 }

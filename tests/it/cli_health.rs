@@ -150,3 +150,27 @@ fn the_check_is_readiness_not_liveness() {
     assert_eq!(by_host.code, 1, "{by_host:?}");
     assert!(by_host.stderr.contains("503"), "{by_host:?}");
 }
+
+#[test]
+fn a_server_that_does_not_answer_in_time_is_a_failure() {
+    // Accepts the connection and reads the request, but never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = format!("http://{}", listener.local_addr().unwrap());
+    let silent = std::thread::spawn(move || {
+        let (mut connection, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = connection.read(&mut request);
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let check = run_with_env(
+        &["health", "--host", &host, "--timeout", "500ms"],
+        None,
+        &[],
+    );
+    assert_eq!(check.code, 1, "{check:?}");
+    assert!(
+        check.stderr.contains("500ms") || check.stderr.contains("time"),
+        "{check:?}"
+    );
+    silent.join().unwrap();
+}

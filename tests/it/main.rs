@@ -4,10 +4,10 @@
 //! A module per area; its tests are named after it, so one area runs with
 //!
 //! ```sh
-//! cargo test --test it http_publish::
+//! cargo test --all-features --test it http_publish::
 //! ```
 //!
-//! and one test with `cargo test --test it http_publish::<name> -- --exact`.
+//! and one test with `cargo test --all-features --test it http_publish::<name> -- --exact`.
 //!
 //! Every test runs in this one process, beside tests of other areas (`cargo test` runs as
 //! many at once as the machine has cores). What a test changes in its process is then

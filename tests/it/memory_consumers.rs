@@ -11,7 +11,7 @@
 //! their figures; `MEASURE_BUS_BIN` runs them against another build of `bus`:
 //!
 //! ```sh
-//! cargo test --release --test it memory_consumers:: -- --ignored --nocapture --test-threads 1
+//! cargo test --release --all-features --test it memory_consumers:: -- --ignored --nocapture --test-threads 1
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
