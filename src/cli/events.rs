@@ -195,6 +195,8 @@ pub struct GetArgs {
     /// With manual or auto acks: unacknowledged events the server may send at once.
     #[arg(long)]
     pub max_inflight: Option<usize>,
+    /// How events are printed: json (one object per line, as the server sent it) or
+    /// pretty (for people).
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
     /// Exit after this many events.

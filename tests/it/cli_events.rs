@@ -191,7 +191,7 @@ fn errors_are_one_line_with_reliable_exit_codes() {
                 "--timeout",
                 "300ms",
             ],
-            3,
+            1,
             "timed out after 300ms: 0 of 1",
         ),
         (
@@ -205,7 +205,7 @@ fn errors_are_one_line_with_reliable_exit_codes() {
                 "--timeout",
                 "200ms",
             ],
-            3,
+            1,
             "timed out",
         ),
         (

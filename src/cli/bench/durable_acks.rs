@@ -39,6 +39,7 @@ pub struct DurableAcksBench {
     /// Keep-alive connections publishing single events, each as fast as its answers come.
     #[arg(long, default_value_t = 32)]
     pub connections: usize,
+    /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
     /// How long the consumers ack before the publishers start, in milliseconds.

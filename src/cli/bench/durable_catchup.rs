@@ -21,6 +21,7 @@ pub struct DurableCatchupBench {
     /// default): 1,000,000 events of 128-byte payloads take ~250 MB.
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
     /// The durable consumer's window (`max_inflight`).

@@ -34,6 +34,7 @@ pub struct FanoutBench {
     /// Events per publish request (a batch when more than 1).
     #[arg(long, default_value_t = 1)]
     pub batch: u64,
+    /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
 }

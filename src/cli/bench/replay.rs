@@ -18,6 +18,7 @@ pub struct ReplayBench {
     /// Events to store and then read back from the oldest.
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
 }
