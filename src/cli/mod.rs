@@ -11,6 +11,7 @@ mod consumers;
 pub mod debug;
 pub mod events;
 mod health;
+pub mod import;
 mod progress;
 pub mod server;
 
@@ -70,6 +71,9 @@ pub enum Command {
     Restore(archive::RestoreArgs),
     /// Copy namespaces from one data directory to another.
     Copy(archive::CopyArgs),
+    /// Import a reference server's (ella.to/bus) data directory into a bus data directory,
+    /// keeping ids, times and order.
+    Import(import::ImportArgs),
     /// Show, list or verify what a data directory holds.
     Debug(debug::DebugArgs),
     /// Check that the server is ready (exit code 0) or not (1), found from its own
@@ -160,6 +164,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Dump(args) => archive::dump(args).await,
             Command::Restore(args) => archive::restore(args).await,
             Command::Copy(args) => archive::copy(args).await,
+            Command::Import(args) => import::run(args).await,
             Command::Debug(args) => debug::run(args).await,
             Command::Health(args) => health::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,
