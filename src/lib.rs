@@ -21,7 +21,8 @@
 //!   parameters, consumer listings), defined once for the server, the tools and the client.
 //! - [`client`]: an HTTP client for the server, which the CLI tools use; [`syncbus`] the
 //!   cache-invalidation interface on top of it.
-//! - [`cli`]: the `bus` subcommands.
+//! - [`cli`]: the `bus` subcommands; [`reference`] reads the reference server's data
+//!   directory for `bus import`.
 //!
 //! With `default-features = false, features = ["client"]` only [`client`], [`syncbus`],
 //! [`wire`], [`duration`], [`timestamp`], [`units`] and [`random`] are built: what an
@@ -48,6 +49,8 @@ pub mod memory;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod random;
+#[cfg(feature = "server")]
+pub mod reference;
 #[cfg(feature = "server")]
 pub mod reload;
 #[cfg(feature = "server")]

@@ -32,9 +32,9 @@ use crate::timestamp::Timestamp;
 use crate::wire::EventIn;
 
 /// Events per batch when restoring or copying (one atomic append each).
-const BATCH_EVENTS: usize = 1000;
+pub(super) const BATCH_EVENTS: usize = 1000;
 /// Bytes per batch sent to a server, well under its 8 MiB body limit.
-const BATCH_BYTES: usize = 4 << 20;
+pub(super) const BATCH_BYTES: usize = 4 << 20;
 
 /// Where events come from or go to: a server, or a data directory.
 #[derive(Debug, Args)]
@@ -163,13 +163,14 @@ pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An event line of a dump, read as a publish reads an event (`index` is ignored).
-struct EventLine {
+/// An event line of a dump, read as a publish reads an event (`index` is ignored); also a
+/// record of the reference's log files, which hold the same JSON (`bus import`).
+pub(super) struct EventLine {
     event: EventIn,
 }
 
 impl EventLine {
-    fn parse(json: &[u8]) -> anyhow::Result<EventLine> {
+    pub(super) fn parse(json: &[u8]) -> anyhow::Result<EventLine> {
         let line: EventIn = serde_json::from_slice(json).context("not an event")?;
         let subject = Subject::parse(&line.subject)?;
         if subject.is_inbox() {
@@ -178,11 +179,19 @@ impl EventLine {
         Ok(EventLine { event: line })
     }
 
-    fn namespace(&self) -> &str {
+    pub(super) fn namespace(&self) -> &str {
         self.event.subject.split('.').next().unwrap_or_default()
     }
 
-    fn to_pending(&self) -> anyhow::Result<PendingEvent> {
+    pub(super) fn id(&self) -> &str {
+        &self.event.id
+    }
+
+    pub(super) fn subject(&self) -> &str {
+        &self.event.subject
+    }
+
+    pub(super) fn to_pending(&self) -> anyhow::Result<PendingEvent> {
         let line = &self.event;
         let payload = line
             .payload
@@ -373,7 +382,11 @@ impl Sink {
     }
 }
 
-fn open_log(data_dir: &Path, namespace: &str, cipher: Option<Cipher>) -> anyhow::Result<Arc<Log>> {
+pub(super) fn open_log(
+    data_dir: &Path,
+    namespace: &str,
+    cipher: Option<Cipher>,
+) -> anyhow::Result<Arc<Log>> {
     crate::store::validate_namespace(namespace)?;
     let mut config = StoreConfig::new(data_dir);
     config.cipher = cipher;
@@ -382,7 +395,7 @@ fn open_log(data_dir: &Path, namespace: &str, cipher: Option<Cipher>) -> anyhow:
     Ok(Arc::new(log))
 }
 
-fn explain_duplicate(error: StoreError) -> anyhow::Error {
+pub(super) fn explain_duplicate(error: StoreError) -> anyhow::Error {
     match error {
         StoreError::DuplicateId(id) => anyhow!(
             "event {id} is already in the log; events are never stored twice (restore only events that are not there yet)"

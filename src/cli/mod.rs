@@ -12,6 +12,7 @@ mod consumers;
 pub mod debug;
 pub mod events;
 mod health;
+pub mod import;
 mod progress;
 pub mod server;
 #[cfg(test)]
@@ -96,6 +97,9 @@ pub enum Command {
     #[command(after_help = "Example:
   bus copy --from ./bus_data --to ./encrypted --dst-secret-key \"$KEY\"")]
     Copy(archive::CopyArgs),
+    /// Import a reference server's (ella.to/bus) data directory into a bus data directory,
+    /// keeping ids, times and order.
+    Import(import::ImportArgs),
     /// Show, list or verify what a data directory holds.
     #[command(after_help = "Examples:
   bus debug --path ./bus_data
@@ -198,6 +202,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Dump(args) => archive::dump(args).await,
             Command::Restore(args) => archive::restore(args).await,
             Command::Copy(args) => archive::copy(args).await,
+            Command::Import(args) => import::run(args).await,
             Command::Debug(args) => debug::run(args).await,
             Command::Health(args) => health::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,

@@ -69,6 +69,7 @@ mod cli_archive;
 mod cli_encryption;
 mod cli_events;
 mod cli_health;
+mod cli_import;
 mod client_sdk;
 mod examples;
 mod readme_tour;
