@@ -84,9 +84,12 @@ pub struct ImportArgs {
     /// After a record that is cut off nothing more of its file can be read.
     #[arg(long)]
     pub skip_damaged: bool,
-    // The key to encrypt the `bus` data directory with (--secret-key), and its block size.
+    // The key to encrypt the `bus` data directory with (--secret-key).
     #[command(flatten)]
     pub key: KeyArgs,
+    /// With --secret-key: plaintext bytes sealed together in the files written.
+    #[arg(long, env = "BUS_BLOCK_SIZE", default_value_t = crate::store::cipher::DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
 }
 
 /// What the check of one namespace found, and what the import will do.
@@ -153,7 +156,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             ReferenceCipher::new(secret, args.reference_block_size).map_err(anyhow::Error::msg)?,
         ),
     };
-    let target_cipher = args.key.cipher()?;
+    let target_cipher = args.key.cipher(args.block_size)?;
 
     // First pass: check everything, write nothing (a namespace the target does not have
     // yet is not even created).

@@ -78,7 +78,9 @@ fn the_examples_in_help_are_valid_command_lines() {
         let Some(after) = command.get_after_help().map(|h| h.to_string()) else {
             continue;
         };
-        for line in after
+        // A line ending in a backslash goes on on the next, as in a shell.
+        let joined = after.replace("\\\n", " ");
+        for line in joined
             .lines()
             .map(str::trim)
             .filter(|l| l.starts_with("bus "))
