@@ -14,7 +14,11 @@ RUN mkdir src \
     && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
+COPY build.rs ./
 COPY src ./src
+# The commit `bus_build_info` reports (.git is not sent to the build):
+#   docker build --build-arg BUS_COMMIT=$(git rev-parse --short=12 HEAD) -t bus .
+ARG BUS_COMMIT=unknown
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin bus \
     && strip target/release/bus

@@ -224,6 +224,17 @@ pub struct ServerConfig {
     /// is answered 408.
     #[arg(long, env = "BUS_BODY_TIMEOUT", default_value = "1m", value_parser = parse_positive_duration)]
     pub body_timeout: Duration,
+
+    /// Log one line per answered request (target `bus::access`, at INFO): method, route,
+    /// status, body bytes, duration, namespace; never a token or the query string. An
+    /// event stream's line is written when it ends. BUS_ACCESS_LOG takes true/false, 1/0,
+    /// yes/no, on/off.
+    #[arg(
+        long,
+        env = "BUS_ACCESS_LOG",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub access_log: bool,
 }
 
 impl ServerConfig {

@@ -48,6 +48,8 @@ pub mod http;
 pub mod memory;
 #[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
+pub mod process_metrics;
 pub mod random;
 #[cfg(feature = "server")]
 pub mod reference;

@@ -8,6 +8,13 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The git commit the binary was built from (`build.rs`: `git rev-parse`, or the
+/// `BUS_COMMIT` environment variable of the build), `unknown` if neither was there.
+pub const BUILD_COMMIT: &str = match option_env!("BUS_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
 /// Bounds of duration histograms, in microseconds (rendered in seconds).
 pub const DURATION_BOUNDS_MICROS: &[u64] = &[
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
@@ -93,6 +100,65 @@ fn format_float(value: f64) -> String {
     }
 }
 
+/// What retention deleted, by namespace (namespaces are fixed when the server starts).
+#[derive(Debug, Default)]
+pub struct RetentionCounts {
+    /// (namespace, segments deleted, events deleted)
+    namespaces: Vec<(String, AtomicU64, AtomicU64)>,
+}
+
+impl RetentionCounts {
+    pub fn new<'a>(namespaces: impl IntoIterator<Item = &'a str>) -> RetentionCounts {
+        RetentionCounts {
+            namespaces: namespaces
+                .into_iter()
+                .map(|n| (n.to_owned(), AtomicU64::new(0), AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+
+    /// Counts one segment of `namespace`, holding `events`, deleted.
+    pub fn deleted(&self, namespace: &str, events: u64) {
+        if let Some((_, segments, counted)) = self.namespaces.iter().find(|(n, ..)| n == namespace)
+        {
+            segments.fetch_add(1, Ordering::Relaxed);
+            counted.fetch_add(events, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `bus_retention_deleted_segments_total` and `bus_retention_deleted_events_total`.
+    pub fn render(&self, out: &mut String) {
+        family(
+            out,
+            "bus_retention_deleted_segments_total",
+            "counter",
+            "Log segments deleted by retention (--retention-age, --retention-bytes).",
+        );
+        for (namespace, segments, _) in &self.namespaces {
+            let _ = writeln!(
+                out,
+                "bus_retention_deleted_segments_total{{namespace=\"{}\"}} {}",
+                label(namespace),
+                segments.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            out,
+            "bus_retention_deleted_events_total",
+            "counter",
+            "Events in the log segments deleted by retention.",
+        );
+        for (namespace, _, events) in &self.namespaces {
+            let _ = writeln!(
+                out,
+                "bus_retention_deleted_events_total{{namespace=\"{}\"}} {}",
+                label(namespace),
+                events.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
 /// Writes the `# HELP` and `# TYPE` lines of a metric family.
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -167,6 +233,19 @@ mod tests {
             "# HELP a A.\n# TYPE a gauge\na{node=\"n\\\"1\"} 1\n\
              b{node=\"n\\\"1\",ns=\"x\"} 2\nc{node=\"n\\\"1\"} 3\n"
         );
+    }
+
+    #[test]
+    fn retention_deletions_by_namespace() {
+        let counts = RetentionCounts::new(["a", "b"]);
+        counts.deleted("a", 10);
+        counts.deleted("a", 5);
+        counts.deleted("unknown", 7);
+        let mut out = String::new();
+        counts.render(&mut out);
+        assert!(out.contains("bus_retention_deleted_segments_total{namespace=\"a\"} 2\n"));
+        assert!(out.contains("bus_retention_deleted_events_total{namespace=\"a\"} 15\n"));
+        assert!(out.contains("bus_retention_deleted_events_total{namespace=\"b\"} 0\n"));
     }
 
     #[test]

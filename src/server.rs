@@ -20,8 +20,10 @@ use crate::broker::Broker;
 use crate::config::{MemoryLimit, Retention, ServerConfig, StoreKind};
 use crate::http::auth::jwt::JwtSettings;
 use crate::http::auth::{Authenticator, CredentialFiles};
+use crate::http::traffic::Traffic;
 use crate::http::{self, AppState, Limits};
 use crate::memory::{self, MemoryBudget};
+use crate::metrics::RetentionCounts;
 use crate::reload::{ReloadReport, Reloader};
 use crate::store::jetstream::{
     self, JetStreamConfig, JetStreamConsumers, JetStreamLog, JetStreamRelay,
@@ -201,20 +203,24 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     state.auth_cookie = config.auth_cookie.as_deref().map(Arc::from);
     let node = config.node_name();
     state.node = Arc::from(node.as_str());
+    state.traffic = Arc::new(Traffic::new(config.access_log));
     if retention.is_set() {
         tokio::spawn(enforce_retention(
             storage.logs.clone(),
             retention,
+            Arc::clone(&state.retention),
             shutdown_rx.clone(),
         ));
     }
     let connections = Arc::clone(&state.connections);
+    let traffic = Arc::clone(&state.traffic);
     let serving = tokio::spawn(http::serve::serve(
         listener,
         http::router(state),
         Arc::new(limits),
         connections,
         tls.clone(),
+        traffic,
         shutdown_rx,
     ));
     tracing::info!(
@@ -224,6 +230,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         fsync = %config.fsync,
         auth = %auth_kind,
         tls = tls.is_some(),
+        access_log = config.access_log,
         "bus server listening"
     );
     Ok(RunningServer {
@@ -317,6 +324,7 @@ async fn close(storage: &Storage) -> Result<(), crate::store::StorageError> {
 async fn enforce_retention(
     logs: Vec<Arc<dyn EventLog>>,
     retention: Retention,
+    deleted: Arc<RetentionCounts>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -333,8 +341,9 @@ async fn enforce_retention(
             let enforced =
                 tokio::task::spawn_blocking(move || log.enforce_retention(age, bytes)).await;
             match enforced {
-                Ok(Ok(deleted)) => {
-                    for (first, events) in deleted {
+                Ok(Ok(removed)) => {
+                    for (first, events) in removed {
+                        deleted.deleted(&namespace, events);
                         tracing::info!(
                             namespace,
                             first_position = first,

@@ -18,6 +18,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::Router;
 use bus::http::connection::serve;
+use bus::http::traffic::Traffic;
 use bus::http::Limits;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
@@ -82,6 +83,7 @@ fn run(stream: &[u8], rng: Option<Rng>) -> Vec<u8> {
         BytesMut::new(),
         router(),
         limits,
+        Arc::new(Traffic::new(false)),
         shutdown,
     ));
     let written = written.lock().expect("not poisoned").clone();

@@ -137,6 +137,20 @@ pub struct ConsumerStats {
     pub members: AtomicU64,
 }
 
+/// What the manual-ack consumers of a broker counted, for its metrics: shared by every
+/// dispatcher (and every member the storage serves).
+#[derive(Debug, Default)]
+pub struct DeliveryCounts {
+    /// Deliveries repeated because no ack came in time (or a nak asked for it).
+    pub redeliveries: AtomicU64,
+    /// Events a durable consumer gave up after their last delivery and appended to its
+    /// dead-letter subject.
+    pub dead_letters: AtomicU64,
+    /// Events an ephemeral consumer gave up after their last delivery (dropped, as the
+    /// reference does: it has no dead-letter subject).
+    pub given_up: AtomicU64,
+}
+
 /// The dead-letter subject of a durable consumer: `<namespace>._dead.<consumer>`.
 pub fn dead_letter_subject(namespace: &str, consumer: &ConsumerName) -> String {
     format!("{namespace}._dead.{consumer}")
@@ -386,7 +400,7 @@ pub struct Dispatcher {
     /// The progress changed since the last save started.
     dirty: bool,
     saving: Option<Save>,
-    redeliveries: Arc<AtomicU64>,
+    counts: Arc<DeliveryCounts>,
     confirmations: Arc<Confirmations>,
 }
 
@@ -405,7 +419,7 @@ impl Dispatcher {
         inputs: mpsc::Receiver<Input>,
         readers: Readers,
         durable: Option<Durable>,
-        redeliveries: Arc<AtomicU64>,
+        counts: Arc<DeliveryCounts>,
         confirmations: Arc<Confirmations>,
     ) -> Result<Dispatcher, String> {
         let shutdown = readers.shutdown.clone();
@@ -426,7 +440,7 @@ impl Dispatcher {
             dirty: durable.is_some(),
             durable,
             saving: None,
-            redeliveries,
+            counts,
             confirmations,
         };
         dispatcher.restore_unacked().await?;
@@ -796,7 +810,13 @@ impl Dispatcher {
             if exhausted {
                 if let Some(pending) = self.pending.remove(&position) {
                     self.ids.remove(pending.event.id());
-                    give_up(self.log.as_ref(), self.durable.as_ref(), &pending).await;
+                    give_up(
+                        self.log.as_ref(),
+                        self.durable.as_ref(),
+                        &pending,
+                        &self.counts,
+                    )
+                    .await;
                     self.dirty = true;
                 }
             }
@@ -878,7 +898,7 @@ impl Dispatcher {
                         for position in &chunk {
                             if let Some(pending) = self.pending.get_mut(position) {
                                 if pending.deliveries > 0 {
-                                    self.redeliveries.fetch_add(1, Ordering::Relaxed);
+                                    self.counts.redeliveries.fetch_add(1, Ordering::Relaxed);
                                 }
                                 if !pending.delivered_to.contains(&member_id) {
                                     pending.delivered_to.push(member_id);
@@ -1081,9 +1101,14 @@ async fn save_ended(
 
 /// An event delivered its last time without an ack. (Not a method: a `&Dispatcher` held
 /// across its await would need the dispatcher, and the read it holds, to be `Sync`.)
-async fn give_up(log: &dyn EventLog, durable: Option<&Durable>, pending: &Pending) {
+async fn give_up(
+    log: &dyn EventLog,
+    durable: Option<&Durable>,
+    pending: &Pending,
+    counts: &DeliveryCounts,
+) {
     let consumer = durable.map(|durable| &durable.name);
-    give_up_event(log, consumer, &pending.event, pending.deliveries).await;
+    give_up_event(log, consumer, &pending.event, pending.deliveries, counts).await;
 }
 
 /// Gives up an event after `deliveries` without an ack: durable consumer `consumer`
@@ -1094,8 +1119,10 @@ pub(super) async fn give_up_event(
     consumer: Option<&ConsumerName>,
     event: &StoredEvent,
     deliveries: u32,
+    counts: &DeliveryCounts,
 ) {
     let Some(consumer) = consumer else {
+        counts.given_up.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             event_id = event.id(),
             deliveries,
@@ -1130,8 +1157,13 @@ pub(super) async fn give_up_event(
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    if let Err(e) = appended {
-        tracing::error!(consumer = %consumer, event_id = event.id(), error = %e, "appending a dead letter failed");
+    match appended {
+        Ok(()) => {
+            counts.dead_letters.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::error!(consumer = %consumer, event_id = event.id(), error = %e, "appending a dead letter failed");
+        }
     }
 }
 

@@ -162,7 +162,7 @@ impl Broker {
             receiver,
             self.readers(),
             Some(durable),
-            Arc::clone(&self.redeliveries),
+            Arc::clone(&self.delivery_counts),
             Arc::clone(&self.confirmations),
         )
         .await;

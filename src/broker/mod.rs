@@ -302,8 +302,10 @@ pub struct Broker {
     /// Events sent to subscribers since the server started, by namespace (inboxes under
     /// [`INBOX_NAMESPACE`]).
     delivered: BTreeMap<String, Arc<AtomicU64>>,
-    /// Deliveries repeated because no ack came in time.
-    redeliveries: Arc<AtomicU64>,
+    /// Redeliveries and dead letters of the manual-ack consumers.
+    delivery_counts: Arc<consumer::DeliveryCounts>,
+    /// Publishes refused as duplicates (a deduplication key seen, or an id stored).
+    duplicates: AtomicU64,
     /// Running durable consumers, by (namespace, name): those with members. An idle one
     /// (its last member left) stores its progress and leaves this map
     /// ([`consumer::Retire`]); joins are sent under its lock.
@@ -357,6 +359,12 @@ pub struct BrokerCounts {
     /// Events sent to subscribers, by namespace.
     pub delivered: Vec<(String, u64)>,
     pub redeliveries: u64,
+    /// Events durable consumers appended to their dead-letter subjects.
+    pub dead_letters: u64,
+    /// Events ephemeral consumers gave up after their last delivery.
+    pub given_up: u64,
+    /// Publishes refused `409` as duplicates.
+    pub duplicates: u64,
     pub inbox_published: u64,
     pub inbox_dropped: u64,
 }
@@ -440,7 +448,8 @@ impl Broker {
             shutdown: watch::channel(false).0,
             reads: Arc::new(tokio::sync::Semaphore::new(subscription::CONCURRENT_READS)),
             delivered,
-            redeliveries: Arc::default(),
+            delivery_counts: Arc::default(),
+            duplicates: AtomicU64::new(0),
             durables: Arc::default(),
             settling: Arc::default(),
             registry,
@@ -464,7 +473,10 @@ impl Broker {
                 .iter()
                 .map(|(namespace, n)| (namespace.clone(), n.load(Ordering::Relaxed)))
                 .collect(),
-            redeliveries: self.redeliveries.load(Ordering::Relaxed),
+            redeliveries: self.delivery_counts.redeliveries.load(Ordering::Relaxed),
+            dead_letters: self.delivery_counts.dead_letters.load(Ordering::Relaxed),
+            given_up: self.delivery_counts.given_up.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
             inbox_published: self.inboxes.published(),
             inbox_dropped: self.inboxes.dropped(),
         }

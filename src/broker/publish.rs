@@ -4,6 +4,7 @@
 //! from the newest keyed events of each log.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,6 +105,7 @@ impl Broker {
                     .map(|(subject, key)| (subject.as_str(), key.as_str())),
             )
             .map_err(|duplicate| {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
                 // The reference's clients match the first words.
                 let which = if is_batch {
                     format!(" (event {} of the batch)", duplicate.event)
@@ -157,7 +159,10 @@ impl Broker {
                     index: a.position as i64,
                 })
                 .collect()),
-            Err(e) if e.kind == ErrorKind::Conflict => Err(PublishError::Duplicate(e.message)),
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                Err(PublishError::Duplicate(e.message))
+            }
             Err(other) => Err(PublishError::Storage(other)),
         }
     }

@@ -23,7 +23,7 @@
 //!   (in memory), not the storage's.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,7 +139,7 @@ impl Broker {
             held_bytes: 0,
             confirmations: Arc::clone(&self.confirmations),
             relay: self.relay.clone(),
-            redeliveries: Arc::clone(&self.redeliveries),
+            counts: Arc::clone(&self.delivery_counts),
             shutdown: self.shutdown.subscribe(),
             outage: log.watch_outage(),
         };
@@ -374,7 +374,7 @@ struct MemberLoop {
     confirmations: Arc<Confirmations>,
     /// Where the confirmations go for publishers on other nodes, on a shared backend.
     relay: Option<Arc<dyn Relay>>,
-    redeliveries: Arc<AtomicU64>,
+    counts: Arc<consumer::DeliveryCounts>,
     shutdown: watch::Receiver<bool>,
     outage: watch::Receiver<Option<String>>,
 }
@@ -533,7 +533,7 @@ impl MemberLoop {
                 continue;
             }
             if deliveries > 1 {
-                self.redeliveries.fetch_add(1, Ordering::Relaxed);
+                self.counts.redeliveries.fetch_add(1, Ordering::Relaxed);
             }
             let size = event.sse_frame().len();
             self.held_bytes += size;
@@ -567,7 +567,14 @@ impl MemberLoop {
     /// An event delivered `deliveries` times without an ack: its dead letter, then it is
     /// never delivered again.
     async fn give_up(&mut self, event: &StoredEvent, deliveries: u32, token: &str) {
-        give_up_event(self.log.as_ref(), self.consumer.as_ref(), event, deliveries).await;
+        give_up_event(
+            self.log.as_ref(),
+            self.consumer.as_ref(),
+            event,
+            deliveries,
+            &self.counts,
+        )
+        .await;
         let _ = self.member.settle(token, Settle::Term).await;
     }
 

@@ -166,7 +166,7 @@ impl Broker {
         member: mpsc::Sender<Delivery>,
     ) {
         let readers = self.readers();
-        let redeliveries = Arc::clone(&self.redeliveries);
+        let counts = Arc::clone(&self.delivery_counts);
         let confirmations = Arc::clone(&self.confirmations);
         let max_bytes = self.max_inflight_bytes;
         self.run_dispatcher(async move {
@@ -180,7 +180,7 @@ impl Broker {
                 inputs,
                 readers,
                 None,
-                redeliveries,
+                counts,
                 confirmations,
             )
             .await;

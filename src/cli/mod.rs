@@ -52,6 +52,63 @@ pub struct Cli {
     /// per line) for log collectors.
     #[arg(long, global = true, env = "BUS_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// What is logged on standard error, as RUST_LOG writes it: a level (`error`, `warn`,
+    /// `info`, `debug`, `trace`, `off`) and/or `target=level` pairs, comma-separated, a
+    /// target being a module path and what is under it. `warn,bus::http=debug`: warnings,
+    /// and everything from the HTTP layer; `info,bus::access=off`: no access lines. A
+    /// filter without a bare level logs nothing but its targets.
+    #[arg(
+        long,
+        global = true,
+        env = "BUS_LOG_LEVEL",
+        default_value = "info",
+        value_parser = parse_log_filter
+    )]
+    pub log_level: LogFilter,
+}
+
+/// A parsed `--log-level`: which targets log at which levels.
+#[derive(Debug, Clone)]
+pub struct LogFilter(tracing_subscriber::filter::Targets);
+
+/// Parses `--log-level`. Levels are read in any case (`DEBUG` as before); `warning` is
+/// `warn`. An empty value is `info`. Unlike `RUST_LOG`, a bare word must be a level (a
+/// target is written `target=level`): a misspelt level is refused rather than taken
+/// for a target, which would silence every log.
+pub fn parse_log_filter(text: &str) -> Result<LogFilter, String> {
+    let invalid = |why: String| format!("invalid --log-level (BUS_LOG_LEVEL) {text:?}: {why}");
+    let mut directives = Vec::new();
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, directive),
+        };
+        let level = level.to_ascii_lowercase();
+        let level = if level == "warning" {
+            "warn".to_owned()
+        } else {
+            level
+        };
+        if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+            return Err(invalid(format!(
+                "{level:?} is not a level: use off, error, warn, info, debug or trace, alone or as target=level"
+            )));
+        }
+        directives.push(match target {
+            Some("") => return Err(invalid(format!("{directive:?} names no target"))),
+            Some(target) => format!("{target}={level}"),
+            None => level,
+        });
+    }
+    if directives.is_empty() {
+        directives.push("info".to_owned());
+    }
+    directives
+        .join(",")
+        .parse()
+        .map(LogFilter)
+        .map_err(|e| invalid(e.to_string()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -177,10 +234,7 @@ impl Exit {
 
 /// Runs a parsed command line and turns its outcome into an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    if let Err(message) = init_logging(cli.log_format) {
-        eprintln!("bus: {message}");
-        return ExitCode::from(2);
-    }
+    init_logging(cli.log_format, cli.log_level);
     // Before any HTTP client is built (the benchmarks build their own).
     crate::client::install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -231,32 +285,60 @@ fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Logs go to standard error, as `format` says, at the level named by `BUS_LOG_LEVEL`
-/// (default `INFO`).
-fn init_logging(format: LogFormat) -> Result<(), String> {
-    let level = match std::env::var("BUS_LOG_LEVEL") {
-        Err(_) => LevelFilter::INFO,
-        Ok(text) => match text.trim().to_ascii_uppercase().as_str() {
-            "" | "INFO" => LevelFilter::INFO,
-            "DEBUG" => LevelFilter::DEBUG,
-            "TRACE" => LevelFilter::TRACE,
-            "WARN" | "WARNING" => LevelFilter::WARN,
-            "ERROR" => LevelFilter::ERROR,
-            _ => {
-                return Err(format!(
-                    "invalid BUS_LOG_LEVEL {text:?}: use DEBUG, INFO, WARN or ERROR"
-                ))
-            }
-        },
-    };
+/// Logs go to standard error, as `format` says, filtered by `--log-level` (`BUS_LOG_LEVEL`).
+///
+/// The filter is tracing-subscriber's `Targets`, which reads RUST_LOG's `target=level`
+/// syntax without the `env-filter` feature (and the regex engine that feature brings):
+/// what it leaves out, filters on span names and fields, the server's logs do not need.
+fn init_logging(format: LogFormat, filter: LogFilter) {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The most verbose level any target enables: events above it are not even built.
+    let most = filter.0.iter().map(|(_, level)| level).max();
+    let most = most.into_iter().chain(filter.0.default_level()).max();
     let logs = tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(most.unwrap_or(LevelFilter::OFF))
         .with_writer(std::io::stderr)
         .with_target(false);
     match format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().with_ansi(false).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(filter.0)
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).finish().with(filter.0).init(),
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn levels(text: &str) -> Vec<(String, LevelFilter)> {
+        let filter = parse_log_filter(text).unwrap().0;
+        let mut levels: Vec<_> = filter.iter().map(|(t, l)| (t.to_owned(), l)).collect();
+        levels.extend(filter.default_level().map(|l| (String::new(), l)));
+        levels.sort();
+        levels
+    }
+
+    #[test]
+    fn log_levels_are_read_as_rust_log_writes_them() {
+        assert_eq!(levels(""), [(String::new(), LevelFilter::INFO)]);
+        assert_eq!(levels("DEBUG"), [(String::new(), LevelFilter::DEBUG)]);
+        assert_eq!(levels(" Warning "), [(String::new(), LevelFilter::WARN)]);
+        assert_eq!(
+            levels("warn, bus::http=DEBUG,bus::access=off"),
+            [
+                (String::new(), LevelFilter::WARN),
+                ("bus::access".to_owned(), LevelFilter::OFF),
+                ("bus::http".to_owned(), LevelFilter::DEBUG),
+            ]
+        );
+        for bad in ["LOUD", "bus=loud", "=info", "bus::http"] {
+            let refused = parse_log_filter(bad).unwrap_err();
+            assert!(refused.contains("BUS_LOG_LEVEL"), "{bad}: {refused}");
+        }
+    }
 }

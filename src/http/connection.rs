@@ -47,6 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tower_service::Service;
 
+use super::traffic::{Route, Traffic};
 use super::Limits;
 
 /// Largest request head (request line and headers).
@@ -74,6 +75,7 @@ pub async fn serve<S>(
     read: BytesMut,
     router: Router,
     limits: Arc<Limits>,
+    traffic: Arc<Traffic>,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -89,6 +91,7 @@ pub async fn serve<S>(
         wire,
         router,
         limits,
+        traffic,
         shutdown,
         out: Vec::new(),
     };
@@ -164,7 +167,19 @@ struct Head {
 enum HeadError {
     /// Answered with this status and reason, then the connection is closed.
     Refused(StatusCode, &'static str),
+    /// The same, for a head whose request line was read (its route is known).
+    RefusedOn(Route, StatusCode, &'static str),
     Io(io::Error),
+}
+
+impl HeadError {
+    /// The refusal of a head whose request line asked for `route`.
+    fn on(self, route: Route) -> HeadError {
+        match self {
+            HeadError::Refused(status, reason) => HeadError::RefusedOn(route, status, reason),
+            other => other,
+        }
+    }
 }
 
 impl From<io::Error> for HeadError {
@@ -177,6 +192,8 @@ struct Connection<S> {
     wire: Shared<S>,
     router: Router,
     limits: Arc<Limits>,
+    /// Counts (and logs) the refusals of request heads; the router counts its answers.
+    traffic: Arc<Traffic>,
     shutdown: watch::Receiver<bool>,
     /// Answer heads (and small bodies) are put together here, then written at once.
     out: Vec<u8>,
@@ -194,10 +211,25 @@ where
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(false),
                 Err(HeadError::Io(e)) => return Err(e),
-                Err(HeadError::Refused(status, reason)) => {
+                Err(refused) => {
+                    let (route, status, reason) = match refused {
+                        HeadError::RefusedOn(route, status, reason) => (route, status, reason),
+                        HeadError::Refused(status, reason) => {
+                            // What was read of the head may tell its route (one too large).
+                            (Route::of_head(&lock(&self.wire).input), status, reason)
+                        }
+                        HeadError::Io(e) => return Err(e),
+                    };
+                    self.traffic.answered(route, status);
+                    let started = std::time::Instant::now();
                     let response = refusal(status, reason);
-                    self.write_response(response, false, Version::HTTP_11, false)
-                        .await?;
+                    let written = self
+                        .write_response(response, false, Version::HTTP_11, false)
+                        .await;
+                    if self.traffic.access_log() {
+                        super::access_log::refused(route, status, reason.len() + 1, started);
+                    }
+                    written?;
                     return Ok(true);
                 }
             };
@@ -665,18 +697,20 @@ fn parse_head(input: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         })?;
         names.push((name, offset(field.value), field.value.len()));
     }
+    // Refusals from here on are counted by the request line's route.
+    let route = Route::of(&method, target.split('?').next().unwrap_or_default());
     let head = input.split_to(len).freeze();
     let slice = |(at, len): (usize, usize)| head.slice(at..at + len);
 
     let mut headers = HeaderMap::with_capacity(names.len());
     for (name, at, len) in names {
         let value = HeaderValue::from_maybe_shared(slice((at, len))).map_err(|_| {
-            HeadError::Refused(StatusCode::BAD_REQUEST, "a header value is not valid")
+            HeadError::Refused(StatusCode::BAD_REQUEST, "a header value is not valid").on(route)
         })?;
         headers.append(name, value);
     }
-    let uri = lenient_uri(slice(target_range))?;
-    let body = body_framing(&headers, version)?;
+    let uri = lenient_uri(slice(target_range)).map_err(|e| e.on(route))?;
+    let body = body_framing(&headers, version).map_err(|e| e.on(route))?;
     let expect_continue = version == Version::HTTP_11
         && headers
             .get(header::EXPECT)

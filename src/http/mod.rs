@@ -8,9 +8,12 @@
 //!   `POST /admin/reload` ([`reload`]).
 //! - Every response carries the same CORS headers, so browsers on any origin can publish,
 //!   subscribe and read the `X-BUS-*` headers.
+//! - Every answer is counted by route and status ([`traffic`]) and, with `--access-log`,
+//!   logged ([`access_log`]), in one place: [`front`], the router's outermost layer.
 //!
 //! This layer parses and formats; the semantics live in [`crate::broker`].
 
+pub mod access_log;
 pub mod ack;
 pub mod auth;
 pub mod connection;
@@ -24,6 +27,7 @@ pub mod reload;
 pub mod serve;
 pub mod subscribe;
 pub mod tls;
+pub mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +40,14 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::{watch, Semaphore};
 
+use self::access_log::Entry;
 use self::auth::{Authenticator, Operation, Target, TokenId};
 use self::error::ApiError;
 use self::query::Params;
-use crate::broker::Broker;
+use self::traffic::{AuthFailure, Route, Traffic};
+use crate::broker::{Broker, INBOX_NAMESPACE};
 use crate::memory::{MemoryBudget, Refused};
-use crate::metrics::{self, Histogram};
+use crate::metrics::{self, Histogram, RetentionCounts};
 use crate::reload::Reloader;
 use crate::wire::{CORS_REQUEST_HEADERS, CORS_RESPONSE_HEADERS};
 
@@ -93,6 +99,10 @@ pub struct AppState {
     pub memory: Arc<MemoryBudget>,
     /// The server's name (`--node-name`): the `node` label of its metrics.
     pub node: Arc<str>,
+    /// Answers counted by route and status; whether they are logged (`--access-log`).
+    pub traffic: Arc<Traffic>,
+    /// What retention deleted, by namespace.
+    pub retention: Arc<RetentionCounts>,
 }
 
 impl AppState {
@@ -103,7 +113,9 @@ impl AppState {
         limits: Limits,
         memory: Arc<MemoryBudget>,
     ) -> AppState {
+        let retention = RetentionCounts::new(broker.namespaces());
         AppState {
+            retention: Arc::new(retention),
             broker,
             memory,
             ping_interval,
@@ -117,6 +129,7 @@ impl AppState {
             publish_micros: Arc::new(Histogram::new(metrics::DURATION_BOUNDS_MICROS)),
             limits: Arc::new(limits),
             node: Arc::from("bus"),
+            traffic: Arc::new(Traffic::new(false)),
         }
     }
 
@@ -223,7 +236,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(consumers::delete),
         )
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
 }
 
@@ -235,25 +248,52 @@ async fn not_found() -> Response {
     .into_response()
 }
 
+/// Every answer passes here, the router's outermost layer: it is counted by route and
+/// status, a 401 or 403 of authentication counted as such, and with `--access-log` its
+/// body is wrapped so that its line is written when it is done. One function with CORS,
+/// so that an answer goes through one middleware only (each costs an allocation).
+async fn front(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let route = Route::of(request.method(), request.uri().path());
+    let entry = app.traffic.access_log().then(|| {
+        Entry::start(&request, route, |namespace| {
+            namespace == INBOX_NAMESPACE || app.broker.namespaces().any(|n| n == namespace)
+        })
+    });
+    let (response, origin_refused) = cors(&app, request, next).await;
+    let status = response.status();
+    app.traffic.answered(route, status);
+    // Only authentication answers 401, and 403 but for a refused origin.
+    match status {
+        StatusCode::UNAUTHORIZED => app.traffic.auth_failed(AuthFailure::Unauthenticated),
+        StatusCode::FORBIDDEN if !origin_refused => app.traffic.auth_failed(AuthFailure::Forbidden),
+        _ => {}
+    }
+    match entry {
+        Some(entry) => entry.finish(response),
+        None => response,
+    }
+}
+
 /// CORS: with `--cors-origins` unset every origin may read responses (`*`, as the
 /// reference); with a list, only those, and a request from another origin is refused
 /// (browsers would hide the answer, but a simple POST would still have taken effect).
-/// Preflights (`OPTIONS`) are answered here, for every path, by the same rules.
-async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// Preflights (`OPTIONS`) are answered here, for every path, by the same rules. Says
+/// whether it refused the request's origin.
+async fn cors(app: &AppState, request: Request, next: Next) -> (Response, bool) {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let allow = match (&app.cors_origins, origin) {
         (None, _) => Some(HeaderValue::from_static("*")),
         (Some(_), None) => None,
         (Some(allowed), Some(origin)) if allowed.contains(&origin) => Some(origin),
         (Some(_), Some(origin)) => {
-            return ApiError {
+            let refused = ApiError {
                 status: StatusCode::FORBIDDEN,
                 message: format!(
                     "requests from origin {:?} are not allowed (--cors-origins)",
                     origin.to_str().unwrap_or("?")
                 ),
-            }
-            .into_response();
+            };
+            return (refused.into_response(), true);
         }
     };
     let mut response = if request.method() == axum::http::Method::OPTIONS {
@@ -266,7 +306,7 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     let Some(allow) = allow else {
-        return response;
+        return (response, false);
     };
     if app.cors_origins.is_some() {
         // Only a listed origin is echoed here (never `*`), so its pages may send their
@@ -284,7 +324,7 @@ async fn cors(State(app): State<AppState>, request: Request, next: Next) -> Resp
     let (allowed, exposed) = &*CORS_HEADER_VALUES;
     headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed.clone());
     headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, exposed.clone());
-    response
+    (response, false)
 }
 
 /// The values of `Access-Control-Allow-Headers` and `-Expose-Headers`, made once from the

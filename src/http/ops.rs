@@ -5,7 +5,8 @@
 //! - `GET /readyz` — readiness: `200 ready` while every namespace's log takes appends;
 //!   `503` with the reason when one has halted after a storage failure or the server is
 //!   shutting down.
-//! - `GET /metrics` — Prometheus text format (version 0.0.4), described in HTTP_API.md;
+//! - `GET /metrics` — Prometheus text format (version 0.0.4); every family is listed in
+//!   HTTP_API.md, "Metrics" (a test fails when one is exported and not listed there);
 //!   with `--auth-file`, for tokens granted `metrics`. Every sample carries the label
 //!   `node` (`--node-name`), so that the nodes of one JetStream can be told apart.
 
@@ -22,6 +23,7 @@ use super::query::Params;
 use super::AppState;
 use crate::memory::Work;
 use crate::metrics::{family, label, Histogram};
+use crate::process_metrics::ProcessStats;
 use crate::wire::ConsumerInfo;
 
 pub async fn healthz() -> &'static str {
@@ -52,9 +54,9 @@ pub async fn metrics(State(app): State<AppState>, params: Params, headers: Heade
         return denied.into_response();
     }
     let broker = Arc::clone(&app.broker);
-    // Sizes on disk and stored consumers come from reading directories: off the async
-    // workers.
-    let (disk_bytes, consumers) = tokio::task::spawn_blocking(move || {
+    // Sizes on disk, stored consumers and the process's figures come from reading files
+    // and directories: off the async workers.
+    let (disk_bytes, consumers, process) = tokio::task::spawn_blocking(move || {
         let disk_bytes = broker
             .logs()
             .map(|log| (log.namespace().to_owned(), log.stored_bytes().ok()))
@@ -66,12 +68,15 @@ pub async fn metrics(State(app): State<AppState>, params: Params, headers: Heade
                 Some((namespace.clone(), broker.consumers(&namespace).ok()?))
             })
             .collect::<Vec<_>>();
-        (disk_bytes, consumers)
+        (disk_bytes, consumers, ProcessStats::read())
     })
     .await
     .unwrap_or_default();
     let mut text = render(&app, &disk_bytes);
     render_consumers(&mut text, &consumers);
+    app.traffic.render(&mut text);
+    app.retention.render(&mut text);
+    process.render(&mut text);
     let text = crate::metrics::with_label(&text, "node", &app.node);
     (
         [(
@@ -90,9 +95,22 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
 
     family(
         &mut out,
+        "bus_build_info",
+        "gauge",
+        "Always 1; the labels say which build runs: the crate version and the git commit it was built from (\"unknown\" outside a git checkout).",
+    );
+    let _ = writeln!(
+        out,
+        "bus_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        label(env!("CARGO_PKG_VERSION")),
+        label(crate::metrics::BUILD_COMMIT)
+    );
+
+    family(
+        &mut out,
         "bus_events_published_total",
         "counter",
-        "Events stored since the server started (for _bus_, relayed to inbox subscribers).",
+        "Events stored since the server started, by namespace (inbox events are bus_inbox_relayed_total).",
     );
     for log in &logs {
         let namespace = label(log.namespace());
@@ -102,11 +120,13 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
             "bus_events_published_total{{namespace=\"{namespace}\"}} {appended}"
         );
     }
-    let _ = writeln!(
-        out,
-        "bus_events_published_total{{namespace=\"_bus_\"}} {}",
-        counts.inbox_published
+    family(
+        &mut out,
+        "bus_inbox_relayed_total",
+        "counter",
+        "Inbox events (_bus_.… subjects: replies, confirmations) relayed in memory to their subscribers; never stored.",
     );
+    let _ = writeln!(out, "bus_inbox_relayed_total {}", counts.inbox_published);
 
     family(
         &mut out,
@@ -209,6 +229,21 @@ fn render(app: &AppState, disk_bytes: &[(String, Option<u64>)]) -> String {
             "bus_inbox_dropped_total",
             "Inbox events not delivered to a subscriber that was too far behind.",
             counts.inbox_dropped,
+        ),
+        (
+            "bus_dead_letters_total",
+            "Events durable consumers gave up after their last delivery and appended to their dead-letter subject.",
+            counts.dead_letters,
+        ),
+        (
+            "bus_deliveries_given_up_total",
+            "Events ephemeral manual-ack consumers gave up after their last delivery (dropped: they have no dead-letter subject).",
+            counts.given_up,
+        ),
+        (
+            "bus_duplicates_refused_total",
+            "Publishes refused 409 as duplicates: a deduplication key already seen, or an event id already stored.",
+            counts.duplicates,
         ),
     ];
     for (name, help, value) in counters {

@@ -16,11 +16,12 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
+use super::access_log::LoggedNamespace;
 use super::auth::{Operation, Target};
 use super::error::ApiError;
 use super::query::Params;
 use super::AppState;
-use crate::broker::{NewEvent, Publication};
+use crate::broker::{NewEvent, Publication, INBOX_NAMESPACE};
 use crate::event::{compact_payload, MAX_PAYLOAD_DEPTH};
 use crate::memory::Work;
 use crate::timestamp::Timestamp;
@@ -297,16 +298,22 @@ pub async fn publish(State(app): State<AppState>, request: Request) -> Response 
         Err(e) => return e.into_response(),
     };
     let started = Instant::now();
-    let response = publish_body(&app, &parts.headers, &params, body).await;
+    let mut namespace = None;
+    let mut response = publish_body(&app, &parts.headers, &params, body, &mut namespace).await;
     app.publish_micros.observe_duration(started.elapsed());
+    if let Some(namespace) = namespace {
+        response.extensions_mut().insert(LoggedNamespace(namespace));
+    }
     response
 }
 
+/// Publishes; with `--access-log`, sets `namespace` to the events' once they are read.
 async fn publish_body(
     app: &AppState,
     request_headers: &HeaderMap,
     params: &Params,
     body: Body,
+    namespace: &mut Option<String>,
 ) -> Response {
     // Who asks is checked before the body is read; what they may publish, after.
     let who = match app.authenticate(request_headers, params) {
@@ -351,6 +358,16 @@ async fn publish_body(
         Publication::One(event) => std::slice::from_ref(event),
         Publication::Batch(events) => events.as_slice(),
     };
+    if app.traffic.access_log() {
+        // A batch stays in one namespace (the broker refuses it otherwise).
+        *namespace = written
+            .first()
+            .and_then(|event| event.subject.split('.').next())
+            .filter(|name| {
+                *name == INBOX_NAMESPACE || app.broker.namespaces().any(|served| served == *name)
+            })
+            .map(str::to_owned);
+    }
     if who.is_some() {
         let subjects = written
             .iter()

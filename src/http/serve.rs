@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::error::RETRY_AFTER_SECONDS;
+use super::traffic::{Route, Traffic};
 use super::Limits;
 
 /// Connections answered 503 at the same moment; more are closed at once.
@@ -38,13 +39,15 @@ const REFUSAL_READ: Duration = Duration::from_millis(500);
 
 /// Serves `router` on `listener` until `shutdown` turns true and every connection is done.
 ///
-/// `serving` holds one permit per connection that may be served at once.
+/// `serving` holds one permit per connection that may be served at once; `traffic` counts
+/// (and logs) the answers given before the router (the router counts its own).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
     serving: Arc<Semaphore>,
     tls: Option<TlsAcceptor>,
+    traffic: Arc<Traffic>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
@@ -71,6 +74,7 @@ pub async fn serve(
             let connection = Connection {
                 router: router.clone(),
                 limits: Arc::clone(&limits),
+                traffic: Arc::clone(&traffic),
                 shutdown: shutdown.clone(),
                 _permit: permit,
             };
@@ -83,7 +87,12 @@ pub async fn serve(
             // costs what a server at its limit does not have: just close.
             drop(stream);
         } else if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
-            connections.spawn(refuse(stream, limits.max_connections, permit));
+            connections.spawn(refuse(
+                stream,
+                limits.max_connections,
+                Arc::clone(&traffic),
+                permit,
+            ));
         } else {
             drop(stream);
         }
@@ -101,6 +110,7 @@ async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
 struct Connection {
     router: Router,
     limits: Arc<Limits>,
+    traffic: Arc<Traffic>,
     shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -128,12 +138,13 @@ impl Connection {
         let Connection {
             router,
             limits,
+            traffic,
             shutdown,
             ..
         } = self;
         match protocol {
             Protocol::Http1 => {
-                super::connection::serve(stream, read, router, limits, shutdown).await;
+                super::connection::serve(stream, read, router, limits, traffic, shutdown).await;
             }
             // Boxed: the HTTP/2 connection's state is large, and every HTTP/1.1
             // connection's task would otherwise be as large as it.
@@ -173,7 +184,13 @@ async fn first_bytes<S: AsyncRead + Unpin>(
 }
 
 /// Answers a connection over the limit with 503 and closes it.
-async fn refuse(mut stream: TcpStream, max_connections: usize, _permit: OwnedSemaphorePermit) {
+async fn refuse(
+    mut stream: TcpStream,
+    max_connections: usize,
+    traffic: Arc<Traffic>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = std::time::Instant::now();
     // Read the request head first: closing a socket with unread input resets it, and the
     // client might then never see the answer.
     let mut head = [0u8; 4096];
@@ -201,4 +218,10 @@ async fn refuse(mut stream: TcpStream, max_connections: usize, _permit: OwnedSem
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+    let route = Route::of_head(&head[..read]);
+    let status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    traffic.answered(route, status);
+    if traffic.access_log() {
+        super::access_log::refused(route, status, message.len(), started);
+    }
 }

@@ -378,6 +378,8 @@ fn tokens_never_reach_the_log_and_the_cli_presents_them() {
             &auth,
             "--jwt-secret-file",
             &secret,
+            // Access lines too: they never hold a token either.
+            "--access-log",
         ],
         &[("BUS_LOG_LEVEL", "DEBUG")],
     );
@@ -1022,4 +1024,57 @@ async fn sighup_reloads_the_token_file_and_ends_the_streams_of_revoked_tokens() 
         libc::kill(server.child.id() as i32, libc::SIGTERM);
     }
     assert_eq!(tokio::task::block_in_place(|| server.wait()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_failures_are_counted_by_reason() {
+    let (_data, mut server) = server_with_auth().await;
+    let event = Some(json!({"subject": "orders.a"}).to_string());
+    let (status, _) = send(&server, reqwest::Method::POST, "", None, event.clone()).await;
+    assert_eq!(status, 401);
+    let (status, _) = send(
+        &server,
+        reqwest::Method::POST,
+        "",
+        Some("wrong"),
+        event.clone(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = send(
+        &server,
+        reqwest::Method::POST,
+        "",
+        Some("reader-tok"),
+        event,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let metrics = server
+        .client
+        .get(format!("{}metrics", server.url))
+        .bearer_auth("admin-tok")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures = |reason: &str| {
+        let label = format!("reason=\"{reason}\"");
+        metric(&metrics, "bus_auth_failures_total", &[&label])
+    };
+    assert_eq!(failures("unauthenticated"), Some(2.0), "{metrics}");
+    assert_eq!(failures("forbidden"), Some(1.0));
+    let requests = |code: &str| {
+        let code = format!("code=\"{code}\"");
+        metric(
+            &metrics,
+            "bus_http_requests_total",
+            &["route=\"publish\"", &code],
+        )
+    };
+    assert_eq!(requests("401"), Some(2.0));
+    assert_eq!(requests("403"), Some(1.0));
+    server.stop().await;
 }

@@ -280,6 +280,21 @@ async fn an_exhausted_event_goes_to_the_dead_letter_subject() {
         .await;
     assert!(ephemeral.next(WAIT).await.is_some());
     dead.expect_silence(Duration::from_millis(600)).await;
+    // Counted apart: the durable consumers' dead letters, the ephemeral one's drop (on
+    // JetStream, when the storage serves the event again: waited for).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = server.metrics().await;
+        let counted = (
+            metric(&metrics, "bus_dead_letters_total", &[]),
+            metric(&metrics, "bus_deliveries_given_up_total", &[]),
+        );
+        if counted == (Some(2.0), Some(1.0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{counted:?}\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }
 

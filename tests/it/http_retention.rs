@@ -208,6 +208,20 @@ async fn age_retention_keeps_the_segment_being_written() {
     let kept = oldest_index(&server).await;
     assert!(kept > 0);
     assert!(kept <= last);
+    // What retention deleted is counted: every event before the oldest kept.
+    let metrics = server.metrics().await;
+    let app = ["namespace=\"app\""];
+    let deleted = |name| metric(&metrics, name, &app).unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(deleted("bus_retention_deleted_events_total"), kept as f64);
+    assert!(deleted("bus_retention_deleted_segments_total") >= 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "bus_retention_deleted_events_total",
+            &["namespace=\"orders\""]
+        ),
+        Some(0.0)
+    );
     let mut sse = server
         .subscribe("subject=app.>&start=oldest&until=now")
         .await;

@@ -72,6 +72,17 @@ fn connect(
     watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
+    connect_counted(idle_timeout, Arc::new(Traffic::new(false)))
+}
+
+fn connect_counted(
+    idle_timeout: Duration,
+    traffic: Arc<Traffic>,
+) -> (
+    DuplexStream,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let (client, server) = tokio::io::duplex(1 << 16);
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(serve(
@@ -79,6 +90,7 @@ fn connect(
         BytesMut::new(),
         router(),
         limits(idle_timeout),
+        traffic,
         shutdown,
     ));
     (client, stop, task)
@@ -86,7 +98,18 @@ fn connect(
 
 /// Writes `input` in pieces of `chunk` bytes, then reads until the server closes.
 async fn exchange(input: &[u8], chunk: usize, half_close: bool) -> String {
-    let (mut client, _stop, task) = connect(Duration::from_millis(300));
+    exchange_counted(input, chunk, half_close, &Arc::new(Traffic::new(false))).await
+}
+
+/// [`exchange`], its refusals counted in `traffic`.
+async fn exchange_counted(
+    input: &[u8],
+    chunk: usize,
+    half_close: bool,
+    traffic: &Arc<Traffic>,
+) -> String {
+    let (mut client, _stop, task) =
+        connect_counted(Duration::from_millis(300), Arc::clone(traffic));
     for piece in input.chunks(chunk) {
         client.write_all(piece).await.unwrap();
         tokio::task::yield_now().await;
@@ -194,9 +217,15 @@ async fn malformed_framing_and_large_heads_are_refused_with_reasons() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
 
     let huge = format!("GET /?{} HTTP/1.1\r\n\r\n", "q".repeat(MAX_HEAD + 10));
-    let text = exchange(huge.as_bytes(), 8192, false).await;
+    let traffic = Arc::new(Traffic::new(false));
+    let text = exchange_counted(huge.as_bytes(), 8192, false, &traffic).await;
     assert!(text.starts_with("HTTP/1.1 431"), "{text:.200}");
     assert!(text.contains("larger than 64 KiB"), "{text:.200}");
+    // Refused before any handler, and counted all the same, by what the head showed.
+    let text = exchange_counted(both, 4096, false, &traffic).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(traffic.count(Route::Subscribe, 431), 1);
+    assert_eq!(traffic.count(Route::Publish, 400), 1);
 }
 
 #[tokio::test]

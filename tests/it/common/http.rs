@@ -204,6 +204,34 @@ impl TestServer {
             .expect("PUT")
             .status()
     }
+
+    /// `GET /metrics`: the Prometheus text; panics unless 200.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}metrics", self.url))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status(), 200);
+        response.text().await.expect("metrics text")
+    }
+}
+
+/// The value of the sample of family `name` whose labels include each of `labels`
+/// (`namespace="app"`), whatever its other labels (`node`); `None` if there is none.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (series, value) = rest.rsplit_once(' ')?;
+        if !(series.is_empty() || series.starts_with('{')) {
+            return None; // another family whose name starts with `name`
+        }
+        labels
+            .iter()
+            .all(|label| series.contains(label))
+            .then(|| value.parse().ok())?
+    })
 }
 
 /// A response header as text ("" if absent).
