@@ -2,7 +2,9 @@
 
 use clap::CommandFactory;
 
-use super::Cli;
+use tracing::level_filters::LevelFilter;
+
+use super::{parse_log_filter, Cli};
 
 /// Every subcommand, however deep, with the path that names it (`bus bench idle`).
 fn commands() -> Vec<(String, clap::Command)> {
@@ -98,4 +100,31 @@ fn the_examples_in_help_are_valid_command_lines() {
         }
     }
     assert!(checked > 20, "only {checked} examples");
+}
+
+fn levels(text: &str) -> Vec<(String, LevelFilter)> {
+    let filter = parse_log_filter(text).unwrap().0;
+    let mut levels: Vec<_> = filter.iter().map(|(t, l)| (t.to_owned(), l)).collect();
+    levels.extend(filter.default_level().map(|l| (String::new(), l)));
+    levels.sort();
+    levels
+}
+
+#[test]
+fn log_levels_are_read_as_rust_log_writes_them() {
+    assert_eq!(levels(""), [(String::new(), LevelFilter::INFO)]);
+    assert_eq!(levels("DEBUG"), [(String::new(), LevelFilter::DEBUG)]);
+    assert_eq!(levels(" Warning "), [(String::new(), LevelFilter::WARN)]);
+    assert_eq!(
+        levels("warn, bus::http=DEBUG,bus::access=off"),
+        [
+            (String::new(), LevelFilter::WARN),
+            ("bus::access".to_owned(), LevelFilter::OFF),
+            ("bus::http".to_owned(), LevelFilter::DEBUG),
+        ]
+    );
+    for bad in ["LOUD", "bus=loud", "=info", "bus::http"] {
+        let refused = parse_log_filter(bad).unwrap_err();
+        assert!(refused.contains("BUS_LOG_LEVEL"), "{bad}: {refused}");
+    }
 }
