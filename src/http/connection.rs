@@ -558,8 +558,8 @@ fn with_http_date(f: impl FnOnce(&str)) {
     });
 }
 
-/// Returns once the server shuts down.
-async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+/// Returns once the server shuts down (for the server's other connection code too).
+pub(super) async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|down| *down).await;
 }
 

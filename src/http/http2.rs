@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tower_service::Service;
 
+use super::connection::shut_down;
 use super::Limits;
 
 /// What opens every HTTP/2 connection (RFC 9113, 3.4).
@@ -113,10 +114,6 @@ pub async fn serve<S>(
             }
         }
     }
-}
-
-async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|down| *down).await;
 }
 
 /// Headers of HTTP/1.1's connection management, which HTTP/2 forbids (RFC 9113, 8.2.2).

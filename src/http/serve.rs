@@ -26,6 +26,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use super::connection::shut_down;
 use super::error::RETRY_AFTER_SECONDS;
 use super::traffic::{Route, Traffic};
 use super::Limits;
@@ -99,11 +100,6 @@ pub async fn serve(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
-}
-
-/// Returns once the server shuts down.
-async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|down| *down).await;
 }
 
 /// One accepted connection and what it holds.

@@ -4,19 +4,15 @@
 //! on), driven by hand so that what goes on the connection is what the test says.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{self, Method, Request, StatusCode};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::RecvStream;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::{crypto::ring, ClientConfig, RootCertStore};
-use tokio_rustls::TlsConnector;
 
+use crate::common;
 use crate::common::http::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -255,12 +251,10 @@ async fn shutting_down_ends_http2_streams_and_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_clients_choose_http2_by_alpn() {
     let data = tempfile::tempdir().unwrap();
-    let fixture = |name: &str| {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tls")
-            .join(name)
-    };
-    let (cert, key) = (fixture("cert.pem"), fixture("key.pem"));
+    let (cert, key) = (
+        common::tls::fixture("cert.pem"),
+        common::tls::fixture("key.pem"),
+    );
     let mut server = TestServer::start(
         data.path(),
         &[
@@ -273,19 +267,7 @@ async fn https_clients_choose_http2_by_alpn() {
     .await;
     let addr = server.server.as_ref().unwrap().local_addr();
 
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(fixture("ca.pem")).unwrap())
-        .unwrap();
-    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    let tls = common::tls::connect(addr, "ca.pem", "localhost", &[b"h2", b"http/1.1"])
         .await
         .expect("TLS handshake");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));

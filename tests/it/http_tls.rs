@@ -6,17 +6,12 @@
 //! (valid until 2126); their keys protect nothing.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bus::client::{Client, ClientError, NewEvent, Received, Start, SubscribeOptions};
 use bus::config::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::{crypto::ring, ClientConfig, RootCertStore};
-use tokio_rustls::TlsConnector;
 
 use crate::common;
 use crate::common::http::*;
@@ -29,24 +24,11 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-fn connector() -> TlsConnector {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(fixture("ca.pem")).unwrap())
-        .unwrap();
-    let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
 /// One request over a new TLS connection; everything the server sends until it closes.
 async fn https(addr: std::net::SocketAddr, request: String) -> String {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = connector().connect(name, tcp).await.expect("TLS handshake");
+    let mut tls = common::tls::connect(addr, "ca.pem", "localhost", &[])
+        .await
+        .expect("TLS handshake");
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
@@ -196,29 +178,6 @@ async fn bad_certificate_settings_fail_at_start_with_the_file_named() {
     );
 }
 
-/// A TLS connection to `addr` checked against `ca` for `name`, offering `alpn`.
-async fn connect_tls(
-    addr: std::net::SocketAddr,
-    ca: &str,
-    name: &'static str,
-    alpn: &[&[u8]],
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(fixture(ca)).unwrap())
-        .unwrap();
-    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await?;
-    TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(name).unwrap(), tcp)
-        .await
-}
-
 /// `POST /admin/reload` over HTTP/2 on `send`: the status and the JSON report.
 async fn admin_reload(
     send: &mut h2::client::SendRequest<bytes::Bytes>,
@@ -262,7 +221,7 @@ async fn a_reload_replaces_the_certificate_and_open_connections_go_on() {
     let addr = server.server.as_ref().unwrap().local_addr();
 
     // An HTTP/2 connection with an event stream open, from before the reload.
-    let tls = connect_tls(addr, "ca.pem", "localhost", &[b"h2"])
+    let tls = common::tls::connect(addr, "ca.pem", "localhost", &[b"h2"])
         .await
         .unwrap();
     let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
@@ -290,7 +249,7 @@ async fn a_reload_replaces_the_certificate_and_open_connections_go_on() {
     assert_eq!(report["steps"][0]["ok"], true, "{report}");
 
     // New handshakes present the new certificate; the old one is no longer offered.
-    connect_tls(
+    common::tls::connect(
         addr,
         "public-name-ca.pem",
         "bus.example.com",
@@ -298,7 +257,7 @@ async fn a_reload_replaces_the_certificate_and_open_connections_go_on() {
     )
     .await
     .expect("the new certificate");
-    let old = connect_tls(addr, "ca.pem", "localhost", &[b"http/1.1"]).await;
+    let old = common::tls::connect(addr, "ca.pem", "localhost", &[b"http/1.1"]).await;
     assert!(old.is_err(), "the old certificate is still presented");
 
     // The connection from before goes on: its stream gets what is published now.
@@ -337,7 +296,7 @@ async fn a_reload_replaces_the_certificate_and_open_connections_go_on() {
             .contains("--tls-key"),
         "{report}"
     );
-    connect_tls(
+    common::tls::connect(
         addr,
         "public-name-ca.pem",
         "bus.example.com",

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod http;
 pub mod jetstream;
 pub mod process;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 
