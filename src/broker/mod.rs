@@ -14,6 +14,8 @@
 //!   consumers shared by queue groups, limited in number per namespace and per owner, and
 //!   running only while they have members ([`consumer`]; counts in `registry`).
 //! - **Inbox subjects** (`_bus_.…`) live in memory only ([`inbox`]).
+//! - **Namespace information** for operators: what a log keeps, its durable consumers
+//!   (`namespaces`).
 //!
 //! Everything ends when the broker is shut down.
 
@@ -24,6 +26,7 @@ pub mod dedup;
 mod durable;
 pub mod inbox;
 mod listening;
+mod namespaces;
 mod publish;
 mod registry;
 mod relayed;

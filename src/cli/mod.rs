@@ -13,6 +13,7 @@ pub mod debug;
 pub mod events;
 mod health;
 pub mod import;
+mod info;
 mod progress;
 pub mod server;
 #[cfg(test)]
@@ -168,6 +169,12 @@ pub enum Command {
   bus health
   bus health --host https://bus.example.com")]
     Health(health::HealthArgs),
+    /// Show what a running server's namespaces hold and who reads them: events, retained
+    /// range, size, segments, subscribers and durable consumers.
+    #[command(after_help = "Examples:
+  bus info
+  bus info orders --json")]
+    Info(info::InfoArgs),
     /// List or delete durable consumers.
     #[command(after_help = "Examples:
   bus consumers list --namespace orders
@@ -258,6 +265,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Copy(args) => archive::copy(args).await,
             Command::Import(args) => import::run(args).await,
             Command::Debug(args) => debug::run(args).await,
+            Command::Info(args) => info::run(args).await,
             Command::Health(args) => health::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,
             Command::Bench(args) => bench::run(args).await,

@@ -73,7 +73,7 @@ pub use self::subscription::{Received, Subscription};
 #[cfg(feature = "tls")]
 pub use self::transport::install_tls_provider;
 // The durable-consumer listing is the wire's; it is here too for the SDK's users.
-pub use crate::wire::ConsumerInfo;
+pub use crate::wire::{ConsumerInfo, NamespaceInfo};
 
 use self::transport::{expect_status, Transport};
 use crate::duration::format_go_duration;
@@ -614,8 +614,51 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn consumers(&self, namespace: &str) -> Result<Vec<ConsumerInfo>, ClientError> {
+        self.get_json(&["consumers", namespace], "consumer list")
+            .await
+    }
+
+    /// Every namespace the server serves (`GET /namespaces`): what each log keeps and
+    /// who reads it. With authentication, those the token may administer.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::server().await?; let host = server.host();
+    /// let client = bus::client::Client::new(host)?;
+    /// let names: Vec<String> = client.namespaces().await?.into_iter().map(|n| n.namespace).collect();
+    /// assert!(names.contains(&"app".to_owned()));
+    /// # Ok(()) }
+    /// ```
+    pub async fn namespaces(&self) -> Result<Vec<NamespaceInfo>, ClientError> {
+        self.get_json(&["namespaces"], "namespace list").await
+    }
+
+    /// One namespace (`GET /namespaces/{namespace}`): what its log keeps and who reads
+    /// it. A namespace the server does not serve is a 404 error.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let server = bus::doc_support::server().await?; let host = server.host();
+    /// let client = bus::client::Client::new(host)?;
+    /// assert_eq!(client.namespace("app").await?.events, 0);
+    /// assert!(client.namespace("nowhere").await.is_err());
+    /// # Ok(()) }
+    /// ```
+    pub async fn namespace(&self, namespace: &str) -> Result<NamespaceInfo, ClientError> {
+        self.get_json(&["namespaces", namespace], "namespace description")
+            .await
+    }
+
+    /// `GET` of an admin path whose `200` answer is JSON (`what` names it in errors).
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &[&str],
+        what: &str,
+    ) -> Result<T, ClientError> {
         let transport = &self.transport;
-        let url = self.admin_url(&["consumers", namespace])?;
+        let url = self.admin_url(path)?;
         let response = transport
             .send(transport.http.get(url), transport.timeout)
             .await?;
@@ -625,7 +668,7 @@ impl Client {
             .await
             .map_err(|e| transport.unreachable(&e))?;
         serde_json::from_str(&text)
-            .map_err(|e| ClientError::Protocol(format!("unexpected consumer list: {e}")))
+            .map_err(|e| ClientError::Protocol(format!("unexpected {what}: {e}")))
     }
 
     /// Deletes durable consumer `name` of `namespace`: its members' streams end and its

@@ -5,8 +5,8 @@
 //! status, the body bytes sent (the answer's body, without its head or chunk framing, as
 //! nginx's `body_bytes_sent`), the duration from the request's arrival to the end of its
 //! answer, the HTTP version, the namespace when one is known (a publish's, a stream's, the
-//! path's of `/consumers/…`; a stream of several namespaces lists them comma-separated)
-//! and whether the answer's body was sent to its end (`complete`: false when the client
+//! path's of `/consumers/…` and `/namespaces/…`; a stream of several namespaces lists
+//! them comma-separated) and whether the answer's body was sent to its end (`complete`: false when the client
 //! left first, as an event stream usually ends).
 //!
 //! What it promises:
@@ -65,10 +65,11 @@ impl Entry {
                 }
                 (!namespaces.is_empty()).then(|| namespaces.join(","))
             }
-            Route::Consumers => request
+            Route::Consumers | Route::Namespaces => request
                 .uri()
                 .path()
-                .strip_prefix("/consumers/")
+                .splitn(3, '/')
+                .nth(2)
                 .and_then(|rest| rest.split('/').next())
                 .filter(|namespace| served(namespace))
                 .map(str::to_owned),

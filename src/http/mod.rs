@@ -4,8 +4,8 @@
 //!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]); `OPTIONS` on any path answers CORS
 //!   preflights.
 //! - `GET /healthz` (and `/health`), `GET /readyz` and `GET /metrics` are for operators
-//!   ([`ops`]; not in the reference), as are `/consumers` ([`consumers`]) and
-//!   `POST /admin/reload` ([`reload`]).
+//!   ([`ops`]; not in the reference), as are `/consumers` ([`consumers`]),
+//!   `/namespaces` ([`namespaces`]) and `POST /admin/reload` ([`reload`]).
 //! - Every response carries the same CORS headers, so browsers on any origin can publish,
 //!   subscribe and read the `X-BUS-*` headers.
 //! - Every answer is counted by route and status ([`traffic`]) and, with `--access-log`,
@@ -20,6 +20,7 @@ pub mod connection;
 pub mod consumers;
 pub mod error;
 pub mod http2;
+pub mod namespaces;
 pub mod ops;
 pub mod publish;
 pub mod query;
@@ -103,6 +104,8 @@ pub struct AppState {
     pub traffic: Arc<Traffic>,
     /// What retention deleted, by namespace.
     pub retention: Arc<RetentionCounts>,
+    /// Event streams open, by namespace.
+    pub open_streams: Arc<subscribe::OpenStreams>,
 }
 
 impl AppState {
@@ -116,6 +119,7 @@ impl AppState {
         let retention = RetentionCounts::new(broker.namespaces());
         AppState {
             retention: Arc::new(retention),
+            open_streams: Arc::new(subscribe::OpenStreams::new(broker.namespaces())),
             broker,
             memory,
             ping_interval,
@@ -235,6 +239,8 @@ pub fn router(state: AppState) -> Router {
             "/consumers/{namespace}/{name}",
             axum::routing::delete(consumers::delete),
         )
+        .route("/namespaces", get(namespaces::list))
+        .route("/namespaces/{namespace}", get(namespaces::one))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)

@@ -59,7 +59,12 @@ pub async fn metrics(State(app): State<AppState>, params: Params, headers: Heade
     let (disk_bytes, consumers, process) = tokio::task::spawn_blocking(move || {
         let disk_bytes = broker
             .logs()
-            .map(|log| (log.namespace().to_owned(), log.stored_bytes().ok()))
+            .map(|log| {
+                (
+                    log.namespace().to_owned(),
+                    log.usage().ok().map(|usage| usage.bytes),
+                )
+            })
             .collect::<Vec<_>>();
         let consumers = broker
             .logs()

@@ -20,6 +20,8 @@
 //! reload of the credentials revoked), one `event: error` frame before the stream ends.
 //! Shutting the server down ends every stream cleanly.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -250,6 +252,7 @@ pub async fn subscribe(
         Err(refused) => return refused.into_response(),
     };
     let pattern = request.pattern.to_string();
+    let namespace = request.pattern.namespace().to_owned();
     let subscription = match app.broker.subscribe(request).await {
         Ok(subscription) => subscription,
         Err(e) => return ApiError::from(e).into_response(),
@@ -258,6 +261,7 @@ pub async fn subscribe(
         &subscription.consumer_id,
         &pattern,
         permit,
+        app.open_streams.opened(&[namespace]),
         Arc::clone(&app.memory),
     );
 
@@ -497,6 +501,7 @@ async fn subscribe_many(
         &consumer_id,
         &subjects.join(" "),
         permit,
+        app.open_streams.opened(&names),
         Arc::clone(&app.memory),
     );
     let frames = async_stream::stream! {
@@ -608,12 +613,49 @@ fn event_stream_response(body: Body, consumer_id: Option<&str>) -> Response {
     response
 }
 
-/// Holds a stream's place under `--max-subscriptions` and logs when the stream opens and
-/// when it is dropped (the client left, or the server shut down), with the consumer id;
-/// tells the memory budget what a closed stream freed.
+/// Event streams open now, by namespace (a stream of several namespaces counts in each):
+/// the `subscribers` of `GET /namespaces`.
+pub struct OpenStreams(BTreeMap<String, Arc<AtomicU64>>);
+
+impl OpenStreams {
+    /// No stream open yet in any of `namespaces` (the ones the server serves).
+    pub fn new<'a>(namespaces: impl IntoIterator<Item = &'a str>) -> OpenStreams {
+        OpenStreams(
+            namespaces
+                .into_iter()
+                .map(|namespace| (namespace.to_owned(), Arc::default()))
+                .collect(),
+        )
+    }
+
+    /// Streams open now that read `namespace`.
+    pub fn of(&self, namespace: &str) -> u64 {
+        self.0
+            .get(namespace)
+            .map_or(0, |open| open.load(Ordering::Relaxed))
+    }
+
+    /// Counts one more stream in each of `namespaces` (inboxes are not counted); the
+    /// counters to take it off again.
+    fn opened(&self, namespaces: &[String]) -> Vec<Arc<AtomicU64>> {
+        namespaces
+            .iter()
+            .filter_map(|namespace| self.0.get(namespace))
+            .map(|open| {
+                open.fetch_add(1, Ordering::Relaxed);
+                Arc::clone(open)
+            })
+            .collect()
+    }
+}
+
+/// Holds a stream's place under `--max-subscriptions` and in [`OpenStreams`], and logs
+/// when the stream opens and when it is dropped (the client left, or the server shut
+/// down), with the consumer id; tells the memory budget what a closed stream freed.
 struct StreamLifetime {
     span: tracing::Span,
     _permit: OwnedSemaphorePermit,
+    counted_in: Vec<Arc<AtomicU64>>,
     memory: Arc<MemoryBudget>,
 }
 
@@ -622,6 +664,7 @@ impl StreamLifetime {
         consumer_id: &str,
         pattern: &str,
         permit: OwnedSemaphorePermit,
+        counted_in: Vec<Arc<AtomicU64>>,
         memory: Arc<MemoryBudget>,
     ) -> StreamLifetime {
         // Without authentication a consumer id is enough to ack its events, so the log
@@ -632,6 +675,7 @@ impl StreamLifetime {
         StreamLifetime {
             span,
             _permit: permit,
+            counted_in,
             memory,
         }
     }
@@ -641,6 +685,9 @@ impl Drop for StreamLifetime {
     fn drop(&mut self) {
         // Its buffers are free now; many streams closing make a trim worthwhile.
         self.memory.released(STREAM_MEMORY as u64);
+        for open in &self.counted_in {
+            open.fetch_sub(1, Ordering::Relaxed);
+        }
         tracing::debug!(parent: &self.span, "stream closed");
     }
 }

@@ -30,6 +30,8 @@ pub enum Route {
     Ack,
     /// `/consumers/…`
     Consumers,
+    /// `/namespaces`, `/namespaces/…`
+    Namespaces,
     /// `GET /metrics`
     Metrics,
     /// `/health`, `/healthz`
@@ -45,11 +47,12 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::Publish,
         Route::Subscribe,
         Route::Ack,
         Route::Consumers,
+        Route::Namespaces,
         Route::Metrics,
         Route::Health,
         Route::Ready,
@@ -75,6 +78,8 @@ impl Route {
             "/readyz" => Route::Ready,
             "/admin/reload" => Route::Reload,
             _ if path.starts_with("/consumers/") => Route::Consumers,
+            "/namespaces" => Route::Namespaces,
+            _ if path.starts_with("/namespaces/") => Route::Namespaces,
             _ => Route::Other,
         }
     }
@@ -101,6 +106,7 @@ impl Route {
             Route::Subscribe => "subscribe",
             Route::Ack => "ack",
             Route::Consumers => "consumers",
+            Route::Namespaces => "namespaces",
             Route::Metrics => "metrics",
             Route::Health => "health",
             Route::Ready => "ready",
@@ -228,6 +234,11 @@ mod tests {
         assert_eq!(
             Route::of(&Method::DELETE, "/consumers/app/c1"),
             Route::Consumers
+        );
+        assert_eq!(Route::of(&Method::GET, "/namespaces"), Route::Namespaces);
+        assert_eq!(
+            Route::of(&Method::GET, "/namespaces/app"),
+            Route::Namespaces
         );
         assert_eq!(Route::of(&Method::GET, "/healthz"), Route::Health);
         assert_eq!(Route::of(&Method::GET, "/health"), Route::Health);

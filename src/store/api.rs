@@ -5,7 +5,7 @@
 //!   the committed watermark and a way to wait for it, outages of remote storage, the
 //!   first retained position, find
 //!   an id or a time, the recent keyed events (to rebuild the deduplication window), and
-//!   its health, statistics and retention.
+//!   its health, statistics, storage usage and retention.
 //! - [`ConsumerStore`]: durable consumers' progress — load, save, remove, list — for a
 //!   backend whose consumers the broker runs itself.
 //! - [`ServedConsumers`]: consumers the backend runs itself (JetStream consumers): it
@@ -107,6 +107,17 @@ pub struct LogStats {
     pub disk_reads: u64,
 }
 
+/// What a log takes in storage now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageUsage {
+    /// Events kept.
+    pub events: u64,
+    /// Bytes, as the backend counts them (the file store: its files on disk).
+    pub bytes: u64,
+    /// The files the log is kept in; `None` for a backend without files of its own.
+    pub segments: Option<u64>,
+}
+
 /// How a log's commits went since it was opened.
 pub struct CommitTimings<'a> {
     /// Events per commit (its count: the commits; its sum: the events appended).
@@ -189,8 +200,8 @@ pub trait EventLog: Send + Sync {
 
     fn commit_timings(&self) -> CommitTimings<'_>;
 
-    /// What the log takes in storage, in bytes. Blocking.
-    fn stored_bytes(&self) -> Result<u64, StorageError>;
+    /// What the log keeps and takes in storage. Blocking.
+    fn usage(&self) -> Result<StorageUsage, StorageError>;
 
     /// Removes the oldest events while the log holds more than `max_bytes` or they were
     /// committed longer than `max_age` ago (as whole units of the backend's storage, never

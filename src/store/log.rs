@@ -32,6 +32,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::api::{
     Appended, BoxFuture, CommitTimings, ErrorKind, EventLog, KeyedEvent, LogStats, StorageError,
+    StorageUsage,
 };
 use super::error::{IoContext, StoreError};
 use super::inbox::Inbox;
@@ -501,12 +502,20 @@ impl EventLog for Log {
         }
     }
 
-    fn stored_bytes(&self) -> Result<u64, StorageError> {
-        self.disk_bytes().map_err(|e| {
+    fn usage(&self) -> Result<StorageUsage, StorageError> {
+        let bytes = self.disk_bytes().map_err(|e| {
             StorageError::new(
                 ErrorKind::Internal,
                 format!("measuring the log of {}: {e}", self.namespace()),
             )
+        })?;
+        // Retention removes whole segments from the front, so the positions in between
+        // are all kept.
+        let events = EventLog::committed(self).saturating_sub(EventLog::first_position(self));
+        Ok(StorageUsage {
+            events,
+            bytes,
+            segments: Some(self.segment_count() as u64),
         })
     }
 

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::api::{
     Appended, BoxFuture, CommitTimings, ConsumerStore, ErrorKind, EventLog, KeyedEvent, LogStats,
-    StorageError,
+    StorageError, StorageUsage,
 };
 use super::consumers::{ConsumerName, ConsumerProgress};
 use super::error::StoreError;
@@ -269,13 +269,17 @@ impl EventLog for MemoryLog {
         }
     }
 
-    fn stored_bytes(&self) -> Result<u64, StorageError> {
+    fn usage(&self) -> Result<StorageUsage, StorageError> {
         let events = self.read_events();
-        Ok(events
-            .kept
-            .iter()
-            .map(|k| k.event.sse_frame().len() as u64)
-            .sum())
+        Ok(StorageUsage {
+            events: events.kept.len() as u64,
+            bytes: events
+                .kept
+                .iter()
+                .map(|k| k.event.sse_frame().len() as u64)
+                .sum(),
+            segments: None,
+        })
     }
 
     fn enforce_retention(

@@ -74,7 +74,7 @@ use std::time::Duration;
 pub use self::api::{
     Appended, BoxFuture, CommitTimings, ConsumerStore, Consumers, ErrorKind, EventLog, KeyedEvent,
     LogStats, Relay, RelayListener, Served, ServedConsumer, ServedConsumers, ServedMember,
-    ServedSpec, ServedState, Settle, Storage, StorageError,
+    ServedSpec, ServedState, Settle, Storage, StorageError, StorageUsage,
 };
 pub use self::cipher::Cipher;
 pub use self::consumers::{ConsumerName, ConsumerProgress, Owner};

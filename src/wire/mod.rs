@@ -5,6 +5,7 @@
 //!   streams and dumps it ([`EventOut`]); what an `event: skipped` frame says ([`Skipped`]).
 //! - [`headers`]: the names of the `X-BUS-*` headers.
 //! - [`consumers`]: the durable-consumer listing ([`ConsumerInfo`]).
+//! - [`namespaces`]: what a namespace holds and who reads it ([`NamespaceInfo`]).
 //! - [`param`]: query parameter names and the encodings of their values ([`StartParam`],
 //!   [`AckParam`], [`MaxDeliveries`]).
 //!
@@ -16,9 +17,11 @@
 pub mod consumers;
 pub mod events;
 pub mod headers;
+pub mod namespaces;
 pub mod param;
 
 pub use self::consumers::ConsumerInfo;
 pub use self::events::{EventIn, EventOut, Skipped, GO_ZERO_TIME};
 pub use self::headers::*;
+pub use self::namespaces::NamespaceInfo;
 pub use self::param::{AckParam, MaxDeliveries, ParamError, StartParam};

@@ -602,6 +602,65 @@ fn durable_consumers_from_the_command_line() {
 }
 
 #[test]
+fn info_shows_the_namespaces_as_a_table_or_json() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_on(data.path(), &["--namespaces", "app,orders"]);
+    let host = host(&server);
+    for n in 0..2 {
+        run(
+            &["put", "app.signup", &n.to_string(), "--host", &host],
+            None,
+        )
+        .ok();
+    }
+
+    let table = run(&["info", "--host", &host], None).ok().to_owned();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let cells = |line: &str| {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        cells(lines[0]),
+        [
+            "NAMESPACE",
+            "EVENTS",
+            "FIRST",
+            "LAST",
+            "SIZE",
+            "SEGMENTS",
+            "OLDEST",
+            "NEWEST",
+            "SUBSCRIBERS",
+            "CONSUMERS"
+        ]
+    );
+    let app = cells(lines[1]);
+    assert_eq!(app[..4], ["app", "2", "0", "1"], "{table}");
+    let orders = cells(lines[2]);
+    assert_eq!(orders[..4], ["orders", "0", "0", "-"], "{table}");
+
+    let app = json(
+        run(&["info", "app", "--json", "--host", &host], None)
+            .ok()
+            .trim(),
+    );
+    assert_eq!(app["namespace"], "app");
+    assert_eq!(app["events"], 2);
+    assert_eq!(app["last_index"], 1);
+
+    let unknown = run(&["info", "nowhere", "--host", &host], None);
+    assert_eq!(unknown.code, 1);
+    assert!(
+        unknown.stderr.contains("unknown namespace"),
+        "{}",
+        unknown.stderr
+    );
+}
+
+#[test]
 fn put_takes_arguments_and_get_reads_from_a_position_or_a_time_until_now() {
     let data = tempfile::tempdir().unwrap();
     let server = ServerProcess::start_on(data.path(), &["--namespaces", "app"]);

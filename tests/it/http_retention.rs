@@ -208,6 +208,21 @@ async fn age_retention_keeps_the_segment_being_written() {
     let kept = oldest_index(&server).await;
     assert!(kept > 0);
     assert!(kept <= last);
+    // The namespace's description says the same.
+    let app = server
+        .client
+        .get(format!("{}namespaces/app", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let app: Value = serde_json::from_str(&app).unwrap();
+    assert_eq!(app["first_index"], kept, "{app}");
+    assert_eq!(app["last_index"], last, "{app}");
+    assert_eq!(app["events"], last + 1 - kept, "{app}");
+    assert_eq!(app["segments"], 1, "{app}");
     // What retention deleted is counted: every event before the oldest kept.
     let metrics = server.metrics().await;
     let app = ["namespace=\"app\""];

@@ -45,6 +45,7 @@ mod http_inbox_cors;
 mod http_jetstream;
 mod http_limits;
 mod http_manual_ack;
+mod http_namespaces;
 mod http_ops;
 mod http_publish;
 mod http_replay;

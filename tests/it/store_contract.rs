@@ -1012,12 +1012,11 @@ async fn a_fresh_log_is_empty_and_stats_count_events(backend: &dyn Backend) {
             .unwrap(),
         0
     );
-    {
-        let log = Arc::clone(&log);
-        blocking(move || log.stored_bytes())
-            .await
-            .expect("stored_bytes");
-    }
+    let usage = |log: &Arc<dyn EventLog>| {
+        let log = Arc::clone(log);
+        blocking(move || log.usage().expect("usage"))
+    };
+    assert_eq!(usage(&log).await.events, 0);
 
     append(&*log, vec![plain("orders.a", &json!(1))]).await;
     append(
@@ -1037,6 +1036,12 @@ async fn a_fresh_log_is_empty_and_stats_count_events(backend: &dyn Backend) {
     assert_eq!(timings.group_events.count(), stats.groups);
     assert_eq!(log.first_position(), 0);
     assert_eq!(log.halted(), None);
+    let used = usage(&log).await;
+    assert_eq!(used.events, 5);
+    assert!(used.bytes > 0, "five events take room: {used:?}");
+    if let Some(segments) = used.segments {
+        assert!(segments >= 1, "{used:?}");
+    }
 }
 
 /// After `close()` appends fail as unavailable; everything committed can still be read,
@@ -1136,6 +1141,11 @@ async fn retention_removes_the_oldest_events_only(backend: &dyn Backend) {
         assert_eq!(log.committed(), committed, "the watermark does not move");
         let kept = read_all(&*log).await;
         assert_eq!(kept.len() as u64, committed - next);
+        let usage = {
+            let log = Arc::clone(&log);
+            blocking(move || log.usage()).await.expect("usage")
+        };
+        assert_eq!(usage.events, kept.len() as u64, "usage counts what is kept");
         for event in &kept {
             let (position, id) = &expected_ids[event.position() as usize];
             assert_eq!((event.position(), event.id()), (*position, id.as_str()));

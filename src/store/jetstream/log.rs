@@ -27,6 +27,7 @@ use crate::event::{self, JsonLayout, PendingEvent, StoredEvent};
 use crate::metrics::{self, Histogram};
 use crate::store::api::{
     Appended, BoxFuture, CommitTimings, ErrorKind, EventLog, KeyedEvent, LogStats, StorageError,
+    StorageUsage,
 };
 use crate::store::cipher::Cipher;
 use crate::store::error::StoreError;
@@ -1090,8 +1091,14 @@ impl EventLog for JetStreamLog {
         }
     }
 
-    fn stored_bytes(&self) -> Result<u64, StorageError> {
-        Ok(self.block_on(self.stream_info())?.state.bytes)
+    fn usage(&self) -> Result<StorageUsage, StorageError> {
+        let state = self.block_on(self.stream_info())?.state;
+        Ok(StorageUsage {
+            // The stream's count: a sequence skipped by a refused append holds nothing.
+            events: state.messages,
+            bytes: state.bytes,
+            segments: None,
+        })
     }
 
     fn enforce_retention(

@@ -1,0 +1,84 @@
+//! Namespace information, for operators and the tools (`bus info`):
+//!
+//! - `GET /namespaces` — a JSON array with each namespace the server serves (with
+//!   authentication: each one the token has the `admin` operation on; a 403 if none).
+//! - `GET /namespaces/{namespace}` — one namespace: `404` if the server does not serve
+//!   it; with authentication, the `admin` operation on it.
+//!
+//! Both answer [`NamespaceInfo`]s: the log's retained range and usage and the durable
+//! consumers from the broker, the event streams open on this server from
+//! [`super::subscribe::OpenStreams`].
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::auth::{Operation, Target};
+use super::error::ApiError;
+use super::query::Params;
+use super::AppState;
+use crate::wire::NamespaceInfo;
+
+pub async fn list(State(app): State<AppState>, params: Params, headers: HeaderMap) -> Response {
+    let who = match app.authenticate(&headers, &params) {
+        Ok(who) => who,
+        Err(denied) => return denied.into_response(),
+    };
+    let mut shown = Vec::new();
+    let mut refusal = None;
+    for namespace in app.broker.namespaces() {
+        match app.authorize(who.as_ref(), Operation::Admin, Target::Namespace(namespace)) {
+            Ok(()) => shown.push(namespace.to_owned()),
+            Err(denied) => refusal = refusal.or(Some(denied)),
+        }
+    }
+    if let (true, Some(denied)) = (shown.is_empty(), refusal) {
+        return denied.into_response();
+    }
+    let mut infos = Vec::with_capacity(shown.len());
+    for namespace in &shown {
+        match describe(&app, namespace).await {
+            Ok(info) => infos.push(info),
+            Err(e) => return e.into_response(),
+        }
+    }
+    json(&infos)
+}
+
+pub async fn one(
+    State(app): State<AppState>,
+    Path(namespace): Path<String>,
+    params: Params,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = app.admit(
+        &headers,
+        &params,
+        Operation::Admin,
+        Target::Namespace(&namespace),
+    ) {
+        return denied.into_response();
+    }
+    match describe(&app, &namespace).await {
+        Ok(info) => json(&info),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn describe(app: &AppState, namespace: &str) -> Result<NamespaceInfo, ApiError> {
+    let mut info = app.broker.namespace_info(namespace).await?;
+    info.subscribers = app.open_streams.of(namespace);
+    Ok(info)
+}
+
+fn json(value: &impl Serialize) -> Response {
+    match serde_json::to_string(value) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("describing the namespaces failed: {e}"),
+        )
+        .into_response(),
+    }
+}
