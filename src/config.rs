@@ -235,6 +235,16 @@ pub struct ServerConfig {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub access_log: bool,
+
+    /// Do not serve the web console (`/console`: a page of the namespaces, live events,
+    /// publishing and durable consumers); `/console…` is then a 404. BUS_NO_CONSOLE takes
+    /// true/false, 1/0, yes/no, on/off.
+    #[arg(
+        long,
+        env = "BUS_NO_CONSOLE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_console: bool,
 }
 
 impl ServerConfig {

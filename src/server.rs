@@ -204,6 +204,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     let node = config.node_name();
     state.node = Arc::from(node.as_str());
     state.traffic = Arc::new(Traffic::new(config.access_log));
+    state.console = !config.no_console;
     if retention.is_set() {
         tokio::spawn(enforce_retention(
             storage.logs.clone(),
@@ -231,6 +232,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         auth = %auth_kind,
         tls = tls.is_some(),
         access_log = config.access_log,
+        console = !config.no_console,
         "bus server listening"
     );
     Ok(RunningServer {

@@ -20,6 +20,7 @@ use super::error::ApiError;
 use super::query::Params;
 use super::AppState;
 use crate::broker::ConsumerName;
+use crate::wire::ConsumerInfo;
 
 pub async fn list(
     State(app): State<AppState>,
@@ -35,36 +36,38 @@ pub async fn list(
     ) {
         return denied.into_response();
     }
-    // Stored consumers are read from the namespace's directory: off the async workers.
-    let broker = std::sync::Arc::clone(&app.broker);
-    let of = namespace.clone();
-    let listed = tokio::task::spawn_blocking(move || broker.consumers(&of)).await;
-    let listed = match listed {
-        Ok(listed) => listed,
-        Err(e) => {
-            return ApiError::new(
+    match of(&app, &namespace).await {
+        Ok(consumers) => match serde_json::to_string(&consumers) {
+            Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+            Err(e) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("listing consumers failed: {e}"),
             )
-            .into_response()
-        }
-    };
-    match listed {
-        Ok(mut consumers) => {
-            app.broker
-                .add_members_elsewhere(&namespace, &mut consumers)
-                .await;
-            match serde_json::to_string(&consumers) {
-                Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-                Err(e) => ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("listing consumers failed: {e}"),
-                )
-                .into_response(),
-            }
-        }
-        Err(e) => ApiError::from(e).into_response(),
+            .into_response(),
+        },
+        Err(e) => e.into_response(),
     }
+}
+
+/// The durable consumers of `namespace` as `GET /consumers/{namespace}` lists them (the
+/// caller checked the grant).
+pub(super) async fn of(app: &AppState, namespace: &str) -> Result<Vec<ConsumerInfo>, ApiError> {
+    // Stored consumers are read from the namespace's directory: off the async workers.
+    let broker = std::sync::Arc::clone(&app.broker);
+    let name = namespace.to_owned();
+    let listed = tokio::task::spawn_blocking(move || broker.consumers(&name))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("listing consumers failed: {e}"),
+            )
+        })?;
+    let mut consumers = listed?;
+    app.broker
+        .add_members_elsewhere(namespace, &mut consumers)
+        .await;
+    Ok(consumers)
 }
 
 pub async fn delete(

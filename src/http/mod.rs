@@ -3,6 +3,8 @@
 //! - `POST /` publishes ([`publish`]), `GET /` subscribes with Server-Sent Events
 //!   ([`subscribe`]), `PUT /` acknowledges ([`ack`]); `OPTIONS` on any path answers CORS
 //!   preflights.
+//! - `/console` is the web console, a page for people over the same endpoints
+//!   ([`console`]; off with `--no-console`).
 //! - `GET /healthz` (and `/health`), `GET /readyz` and `GET /metrics` are for operators
 //!   ([`ops`]; not in the reference), as are `/consumers` ([`consumers`]),
 //!   `/namespaces` ([`namespaces`]) and `POST /admin/reload` ([`reload`]).
@@ -17,6 +19,7 @@ pub mod access_log;
 pub mod ack;
 pub mod auth;
 pub mod connection;
+pub mod console;
 pub mod consumers;
 pub mod error;
 pub mod http2;
@@ -31,7 +34,7 @@ pub mod tls;
 pub mod traffic;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -106,6 +109,10 @@ pub struct AppState {
     pub retention: Arc<RetentionCounts>,
     /// Event streams open, by namespace.
     pub open_streams: Arc<subscribe::OpenStreams>,
+    /// Whether `/console` is served (`--no-console` turns it off).
+    pub console: bool,
+    /// When the server started: its uptime, shown by the console.
+    pub started: Instant,
 }
 
 impl AppState {
@@ -134,6 +141,8 @@ impl AppState {
             limits: Arc::new(limits),
             node: Arc::from("bus"),
             traffic: Arc::new(Traffic::new(false)),
+            console: true,
+            started: Instant::now(),
         }
     }
 
@@ -222,7 +231,7 @@ pub(crate) fn digest(text: &str) -> String {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route(
             "/",
             get(subscribe::subscribe)
@@ -240,7 +249,14 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(consumers::delete),
         )
         .route("/namespaces", get(namespaces::list))
-        .route("/namespaces/{namespace}", get(namespaces::one))
+        .route("/namespaces/{namespace}", get(namespaces::one));
+    // Without the console its paths fall through to the 404 of any unknown path.
+    let routes = if state.console {
+        routes.merge(console::routes())
+    } else {
+        routes
+    };
+    routes
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)

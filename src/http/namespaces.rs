@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::auth::{Operation, Target};
+use super::auth::{Operation, Target, TokenId};
 use super::error::ApiError;
 use super::query::Params;
 use super::AppState;
@@ -25,17 +25,10 @@ pub async fn list(State(app): State<AppState>, params: Params, headers: HeaderMa
         Ok(who) => who,
         Err(denied) => return denied.into_response(),
     };
-    let mut shown = Vec::new();
-    let mut refusal = None;
-    for namespace in app.broker.namespaces() {
-        match app.authorize(who.as_ref(), Operation::Admin, Target::Namespace(namespace)) {
-            Ok(()) => shown.push(namespace.to_owned()),
-            Err(denied) => refusal = refusal.or(Some(denied)),
-        }
-    }
-    if let (true, Some(denied)) = (shown.is_empty(), refusal) {
-        return denied.into_response();
-    }
+    let shown = match administered(&app, who.as_ref()) {
+        Ok(shown) => shown,
+        Err(denied) => return denied.into_response(),
+    };
     let mut infos = Vec::with_capacity(shown.len());
     for namespace in &shown {
         match describe(&app, namespace).await {
@@ -44,6 +37,23 @@ pub async fn list(State(app): State<AppState>, params: Params, headers: HeaderMa
         }
     }
     json(&infos)
+}
+
+/// The namespaces `who` has the `admin` operation on (all of them without
+/// authentication); the refusal when that is none.
+pub(super) fn administered(app: &AppState, who: Option<&TokenId>) -> Result<Vec<String>, ApiError> {
+    let mut shown = Vec::new();
+    let mut refusal = None;
+    for namespace in app.broker.namespaces() {
+        match app.authorize(who, Operation::Admin, Target::Namespace(namespace)) {
+            Ok(()) => shown.push(namespace.to_owned()),
+            Err(denied) => refusal = refusal.or(Some(denied)),
+        }
+    }
+    match (shown.is_empty(), refusal) {
+        (true, Some(denied)) => Err(denied),
+        _ => Ok(shown),
+    }
 }
 
 pub async fn one(
@@ -66,7 +76,8 @@ pub async fn one(
     }
 }
 
-async fn describe(app: &AppState, namespace: &str) -> Result<NamespaceInfo, ApiError> {
+/// What `GET /namespaces/{namespace}` answers.
+pub(super) async fn describe(app: &AppState, namespace: &str) -> Result<NamespaceInfo, ApiError> {
     let mut info = app.broker.namespace_info(namespace).await?;
     info.subscribers = app.open_streams.of(namespace);
     Ok(info)

@@ -31,22 +31,27 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    match readiness(&app) {
+        Ok(()) => "ready\n".into_response(),
+        Err(reason) => unavailable(reason).into_response(),
+    }
+}
+
+/// Whether the server takes events now: `Err` with the reason when it is shutting down or
+/// a namespace's log halted after a storage failure (`/readyz`, and the console's stats).
+pub fn readiness(app: &AppState) -> Result<(), String> {
     if *app.shutdown.borrow() {
-        return not_ready("the server is shutting down".to_owned());
+        return Err("the server is shutting down".to_owned());
     }
     for log in app.broker.logs() {
         if let Some(cause) = log.halted() {
-            return not_ready(format!(
+            return Err(format!(
                 "namespace {} refuses appends after a storage failure ({cause}); restart the server",
                 log.namespace()
             ));
         }
     }
-    "ready\n".into_response()
-}
-
-fn not_ready(message: String) -> Response {
-    unavailable(message).into_response()
+    Ok(())
 }
 
 pub async fn metrics(State(app): State<AppState>, params: Params, headers: HeaderMap) -> Response {

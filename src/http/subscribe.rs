@@ -19,6 +19,10 @@
 //! subscription cannot go on (an unknown start id, or a token that expired or that a
 //! reload of the credentials revoked), one `event: error` frame before the stream ends.
 //! Shutting the server down ends every stream cleanly.
+//!
+//! The stream machinery (a place under `--max-subscriptions` and in the memory budget,
+//! pings, the end at shutdown, the token's re-checks) also carries `/console/live`, the
+//! web console's live figures.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -215,7 +219,7 @@ fn admit(
 
 /// What a stream opened by `who` re-checks (see [`StreamAuth`]); `None` without
 /// authentication.
-fn stream_auth(
+pub(super) fn stream_auth(
     app: &AppState,
     who: Option<&TokenId>,
     generation: Option<u64>,
@@ -258,7 +262,7 @@ pub async fn subscribe(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let lifetime = StreamLifetime::new(
-        &subscription.consumer_id,
+        Some(&subscription.consumer_id),
         &pattern,
         permit,
         app.open_streams.opened(&[namespace]),
@@ -287,7 +291,13 @@ pub async fn subscribe(
         Delivery::End => Bytes::from_static(DONE),
         Delivery::Skipped(skipped) => skipped_frames(skipped),
     });
-    event_stream(&app, frames, &subscription.consumer_id, lifetime, guard)
+    event_stream(
+        &app,
+        frames,
+        Some(&subscription.consumer_id),
+        lifetime,
+        guard,
+    )
 }
 
 /// What prefixes the `id:` of a stream of several subjects, and so its `Last-Event-ID`.
@@ -498,7 +508,7 @@ async fn subscribe_many(
     }
     let consumer_id = consumer_id.unwrap_or_default();
     let lifetime = StreamLifetime::new(
-        &consumer_id,
+        Some(&consumer_id),
         &subjects.join(" "),
         permit,
         app.open_streams.opened(&names),
@@ -535,12 +545,12 @@ async fn subscribe_many(
             }
         }
     };
-    event_stream(app, frames, &consumer_id, lifetime, guard)
+    event_stream(app, frames, Some(&consumer_id), lifetime, guard)
 }
 
 /// A place for one more event stream: within the memory budget and
 /// `--max-subscriptions`, or the 503 that says which is spent.
-fn stream_slot(app: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+pub(super) fn stream_slot(app: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
     if let Err(refused) = app.memory.admit(Work::Subscribe, STREAM_MEMORY as u64) {
         return Err(super::over_memory_budget(refused, "subscriptions"));
     }
@@ -555,14 +565,15 @@ fn stream_slot(app: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
 }
 
 /// The answer that streams `frames`, with pings between them, until they end, the client
-/// leaves or the server shuts down; `lifetime` lives as long as the stream. With `guard`,
+/// leaves or the server shuts down; `lifetime` lives as long as the stream; `consumer_id`
+/// is sent in `X-BUS-CONSUMER-ID` (streams that are no subscription have none). With `guard`,
 /// before each event and ping the stream checks that its token is still accepted, and
 /// ends with an `event: error` frame saying why once it is not (expired, or revoked by a
 /// reload of the credentials).
-fn event_stream(
+pub(super) fn event_stream(
     app: &AppState,
     frames: impl futures_util::Stream<Item = Bytes> + Send + 'static,
-    consumer_id: &str,
+    consumer_id: Option<&str>,
     lifetime: StreamLifetime,
     guard: Option<StreamAuth>,
 ) -> Response {
@@ -593,7 +604,7 @@ fn event_stream(
             let _ = &lifetime; // lives as long as the stream
             Ok::<Bytes, std::convert::Infallible>(frame)
         });
-    event_stream_response(Body::from_stream(body), Some(consumer_id))
+    event_stream_response(Body::from_stream(body), consumer_id)
 }
 
 /// `200` with the head of an event stream.
@@ -652,7 +663,7 @@ impl OpenStreams {
 /// Holds a stream's place under `--max-subscriptions` and in [`OpenStreams`], and logs
 /// when the stream opens and when it is dropped (the client left, or the server shut
 /// down), with the consumer id; tells the memory budget what a closed stream freed.
-struct StreamLifetime {
+pub(super) struct StreamLifetime {
     span: tracing::Span,
     _permit: OwnedSemaphorePermit,
     counted_in: Vec<Arc<AtomicU64>>,
@@ -660,8 +671,10 @@ struct StreamLifetime {
 }
 
 impl StreamLifetime {
-    fn new(
-        consumer_id: &str,
+    /// For a stream of `pattern` (or what else it streams), of the subscription
+    /// `consumer_id` if it is one, counted in the namespaces of `counted_in`.
+    pub(super) fn new(
+        consumer_id: Option<&str>,
         pattern: &str,
         permit: OwnedSemaphorePermit,
         counted_in: Vec<Arc<AtomicU64>>,
@@ -669,7 +682,7 @@ impl StreamLifetime {
     ) -> StreamLifetime {
         // Without authentication a consumer id is enough to ack its events, so the log
         // shows a digest that tells streams apart and acks nothing.
-        let consumer = super::digest(consumer_id);
+        let consumer = consumer_id.map(super::digest);
         let span = tracing::debug_span!("subscription", consumer, subject = pattern);
         tracing::debug!(parent: &span, "stream opened");
         StreamLifetime {

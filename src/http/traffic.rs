@@ -32,6 +32,8 @@ pub enum Route {
     Consumers,
     /// `/namespaces`, `/namespaces/…`
     Namespaces,
+    /// `/console`, `/console/…`: the web console's page, assets and live stats
+    Console,
     /// `GET /metrics`
     Metrics,
     /// `/health`, `/healthz`
@@ -47,12 +49,13 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 11] = [
+    pub const ALL: [Route; 12] = [
         Route::Publish,
         Route::Subscribe,
         Route::Ack,
         Route::Consumers,
         Route::Namespaces,
+        Route::Console,
         Route::Metrics,
         Route::Health,
         Route::Ready,
@@ -80,6 +83,8 @@ impl Route {
             _ if path.starts_with("/consumers/") => Route::Consumers,
             "/namespaces" => Route::Namespaces,
             _ if path.starts_with("/namespaces/") => Route::Namespaces,
+            "/console" => Route::Console,
+            _ if path.starts_with("/console/") => Route::Console,
             _ => Route::Other,
         }
     }
@@ -107,6 +112,7 @@ impl Route {
             Route::Ack => "ack",
             Route::Consumers => "consumers",
             Route::Namespaces => "namespaces",
+            Route::Console => "console",
             Route::Metrics => "metrics",
             Route::Health => "health",
             Route::Ready => "ready",
@@ -240,6 +246,9 @@ mod tests {
             Route::of(&Method::GET, "/namespaces/app"),
             Route::Namespaces
         );
+        assert_eq!(Route::of(&Method::GET, "/console"), Route::Console);
+        assert_eq!(Route::of(&Method::GET, "/console/live"), Route::Console);
+        assert_eq!(Route::of(&Method::GET, "/consoles"), Route::Other);
         assert_eq!(Route::of(&Method::GET, "/healthz"), Route::Health);
         assert_eq!(Route::of(&Method::GET, "/health"), Route::Health);
         assert_eq!(Route::of(&Method::GET, "/readyz"), Route::Ready);

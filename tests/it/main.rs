@@ -39,6 +39,7 @@ mod store_segments;
 // The HTTP API of a server started in this process.
 mod http_auth;
 mod http_confirm_reply;
+mod http_console;
 mod http_consumers;
 mod http_http2;
 mod http_inbox_cors;
