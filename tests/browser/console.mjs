@@ -136,16 +136,19 @@ try {
   const watching = await fetch(`${busUrl}?subject=app.>`, { signal: watcher.signal });
   if (watching.status !== 200) fail(`a subscriber was answered ${watching.status}`);
   watching.body.pipeTo(new WritableStream()).catch(() => {});
-  for (let i = 0; i < 16; i++) {
+  const appCard = '#namespaces article[data-namespace="app"]';
+  const ratesShown = () =>
+    page.$$eval(`${appCard} .rate-value`, (values) => values.length === 2 && values.every((v) => Number(v.textContent) > 0));
+  // Bursts for 8 s at least (for the charts), and until the page shows both rates above 0
+  // (each is the change since the previous frame, so the traffic goes on until then).
+  for (let i = 0; i < 16 || !(await ratesShown()); i++) {
+    if (i > 80) fail("the overview never showed publish and delivery rates above 0");
     const burst = [1, 3, 2, 5][i % 4];
     for (let j = 0; j < burst; j++) await publish(busUrl, { subject: "app.tick", payload: { i, j } });
     appEvents += burst;
     await sleep(500);
   }
-  const appCard = '#namespaces article[data-namespace="app"]';
   await waitFor("a subscriber on app", async () => (await page.textContent(`${appCard} [data-field="subscribers"]`)) === "1");
-  await waitFor("publish and delivery rates above 0", async () =>
-    page.$$eval(`${appCard} .rate-value`, (values) => values.length === 2 && values.every((v) => Number(v.textContent) > 0)));
   await waitFor(`app's ${appEvents} events`, async () => (await eventsShown(page, "app")) === String(appEvents));
   await page.screenshot({ path: join(shots, "overview.png") });
   watcher.abort();
