@@ -95,6 +95,7 @@ pub struct Stats {
     pub version: &'static str,
     /// The git commit the binary was built from (as `bus_build_info`).
     pub commit: &'static str,
+    /// Whole seconds since the server started.
     pub uptime_seconds: u64,
     /// As `GET /readyz`: whether every namespace takes events.
     pub ready: bool,

@@ -3,7 +3,7 @@
 //
 // - the overview lists each namespace with the number of events published over HTTP;
 // - the live tail shows an event published (over HTTP, from here) after the page opened,
-//   holds events back while paused, filters, and reads from a position;
+//   holds events back while paused, filters, and reads from a position and from a time;
 // - the publish form stores an event (read back over HTTP), and a payload that is not
 //   JSON shows the parser's error and sends nothing;
 // - deleting a durable consumer asks first: dismissed, the consumer stays; accepted, it
@@ -198,6 +198,25 @@ try {
   if (JSON.stringify(indexes) !== JSON.stringify(expected)) {
     fail(`from position 1 the tail shows ${JSON.stringify(indexes)}, expected ${JSON.stringify(expected)}`);
   }
+
+  // From a time: an hour ago (the browser's local time, as the input takes it) is before
+  // every event, so all of app's come, the oldest (#0) last.
+  const hourAgo = new Date(Date.now() - 3600_000);
+  const pad = (n) => String(n).padStart(2, "0");
+  const local = `${hourAgo.getFullYear()}-${pad(hourAgo.getMonth() + 1)}-${pad(hourAgo.getDate())}T` +
+    `${pad(hourAgo.getHours())}:${pad(hourAgo.getMinutes())}:${pad(hourAgo.getSeconds())}`;
+  await page.selectOption("#tail-from", "time");
+  if (await page.isVisible("#tail-index")) fail("the position field stays with a time chosen");
+  await page.fill("#tail-time", local);
+  await page.click("#tail-clear");
+  await page.click("#tail-start");
+  const fromTime = await waitFor("the events from an hour ago", async () => {
+    const shown = await page.$$eval("#tail-events li .index", (items) => items.map((i) => i.textContent));
+    return shown.length >= appEvents ? shown : null;
+  });
+  if (fromTime.length !== appEvents || fromTime[fromTime.length - 1] !== "#0") {
+    fail(`from an hour ago the tail shows ${JSON.stringify(fromTime)}`);
+  }
   await page.click("#tail-events li:first-child summary");
   await page.screenshot({ path: join(shots, "tail.png") });
 
@@ -330,7 +349,7 @@ try {
   await locked.close();
 
   console.log(
-    "console: ok (overview counts, live tail with pause, filter and position, publish stored, bad JSON not sent, " +
+    "console: ok (overview counts, live tail with pause, filter, position and time, publish stored, bad JSON not sent, " +
       "consumer deleted after confirmation, 375 px dark without overflow, token asked and used)",
   );
 } finally {

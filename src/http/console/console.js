@@ -85,9 +85,10 @@ function formatRate(rate) {
 function askForToken(status, text) {
   const form = $("auth");
   form.hidden = false;
+  // The server's words name what is missing (a token, or which grant on what).
   const why = status === 401
     ? "This server needs a token."
-    : "This token may not do that here (the console needs the admin grant).";
+    : "This token may not do that here (the overview and consumers need the admin grant).";
   $("auth-message").textContent = `${why} ${text || ""}`.trim();
   $("auth-token").focus();
 }
