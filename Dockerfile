@@ -20,10 +20,11 @@
 # multi-platform index, which goes after the `@`.
 
 FROM rust:1.95.0-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082 AS build
-# ring (TLS) compiles C, with the musl C compiler (Debian's musl-tools). The target is
-# the platform's own, so that `docker buildx build --platform linux/arm64` builds too.
+# ring (TLS) and jemalloc (the musl build's allocator) compile C, with the musl C
+# compiler (Debian's musl-tools); jemalloc's build runs make. The target is the
+# platform's own, so that `docker buildx build --platform linux/arm64` builds too.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 \
+    && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 make=4.3-4.1 \
     && rm -rf /var/lib/apt/lists/* \
     && rustup target add "$(uname -m)-unknown-linux-musl"
 WORKDIR /src
