@@ -18,18 +18,12 @@ async fn get(server: &TestServer, path: &str, token: Option<&str>) -> (u16, Stri
     (status, response.text().await.unwrap())
 }
 
-async fn namespace(server: &TestServer, name: &str) -> Value {
-    let (status, body) = get(server, &format!("namespaces/{name}"), None).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 /// Polls `namespace` until `done` holds of it (a stream's end is noticed when the server
 /// next writes to it or reads its connection).
 async fn wait_for(server: &TestServer, name: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let info = namespace(server, name).await;
+        let info = server.get_json(&format!("namespaces/{name}")).await;
         if done(&info) {
             return info;
         }
@@ -101,7 +95,7 @@ async fn a_namespace_tells_its_range_size_subscribers_and_consumers() {
         assert_eq!(app["segments"], 1, "{app}");
     }
 
-    let orders = namespace(&server, "orders").await;
+    let orders = server.get_json("namespaces/orders").await;
     assert_eq!(orders["events"], 1);
     assert_eq!(orders["subscribers"], 2, "{orders}");
     assert_eq!(orders["consumers"], 1, "{orders}");

@@ -209,16 +209,7 @@ async fn age_retention_keeps_the_segment_being_written() {
     assert!(kept > 0);
     assert!(kept <= last);
     // The namespace's description says the same.
-    let app = server
-        .client
-        .get(format!("{}namespaces/app", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let app: Value = serde_json::from_str(&app).unwrap();
+    let app = server.get_json("namespaces/app").await;
     assert_eq!(app["first_index"], kept, "{app}");
     assert_eq!(app["last_index"], last, "{app}");
     assert_eq!(app["events"], last + 1 - kept, "{app}");

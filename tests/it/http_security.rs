@@ -439,16 +439,7 @@ async fn head_changes_nothing() {
         .request(Method::HEAD, "subject=app.x&ack=manual&consumer=a%2Fb")
         .await;
     assert_eq!(bad.status(), 400, "HEAD checks like GET");
-    let listed = server
-        .client
-        .get(format!("{}consumers/app", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let listed = server.list_consumers("app").await;
     assert_eq!(listed, json!([]), "HEAD created a consumer");
     assert!(!data.path().join("app/consumers/probe.json").exists());
     server.stop().await;

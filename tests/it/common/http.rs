@@ -95,14 +95,21 @@ impl TestServer {
 
     /// `GET /consumers/{namespace}`: the durable consumers as listed; panics unless 200.
     pub async fn list_consumers(&self, namespace: &str) -> serde_json::Value {
+        self.get_json(&format!("consumers/{namespace}")).await
+    }
+
+    /// `GET /{path}`'s JSON answer; panics unless it is 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let response = self
             .client
-            .get(format!("{}consumers/{namespace}", self.url))
+            .get(format!("{}{path}", self.url))
             .send()
             .await
-            .expect("GET /consumers");
-        assert_eq!(response.status(), 200);
-        serde_json::from_str(&response.text().await.expect("body")).expect("JSON")
+            .unwrap_or_else(|e| panic!("GET /{path}: {e}"));
+        let status = response.status();
+        let body = response.text().await.expect("body");
+        assert_eq!(status, 200, "GET /{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /{path}: {e}: {body}"))
     }
 
     /// POSTs a raw body.
