@@ -12,7 +12,7 @@
 //! namespace.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::{Operation, Target};
@@ -37,14 +37,7 @@ pub async fn list(
         return denied.into_response();
     }
     match of(&app, &namespace).await {
-        Ok(consumers) => match serde_json::to_string(&consumers) {
-            Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-            Err(e) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("listing consumers failed: {e}"),
-            )
-            .into_response(),
-        },
+        Ok(consumers) => super::json_answer(&consumers, "listing consumers"),
         Err(e) => e.into_response(),
     }
 }

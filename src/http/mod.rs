@@ -262,6 +262,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `200` with `value` as JSON, or a `500` saying that `what` failed (`listing consumers`)
+/// if it cannot be written.
+fn json_answer(value: &impl serde::Serialize, what: &str) -> Response {
+    match serde_json::to_string(value) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} failed: {e}"),
+        )
+        .into_response(),
+    }
+}
+
 async fn not_found() -> Response {
     ApiError {
         status: StatusCode::NOT_FOUND,

@@ -10,9 +10,8 @@
 //! [`super::subscribe::OpenStreams`].
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 use super::auth::{Operation, Target, TokenId};
 use super::error::ApiError;
@@ -36,7 +35,7 @@ pub async fn list(State(app): State<AppState>, params: Params, headers: HeaderMa
             Err(e) => return e.into_response(),
         }
     }
-    json(&infos)
+    super::json_answer(&infos, "describing the namespaces")
 }
 
 /// The namespaces `who` has the `admin` operation on (all of them without
@@ -71,7 +70,7 @@ pub async fn one(
         return denied.into_response();
     }
     match describe(&app, &namespace).await {
-        Ok(info) => json(&info),
+        Ok(info) => super::json_answer(&info, "describing the namespaces"),
         Err(e) => e.into_response(),
     }
 }
@@ -81,15 +80,4 @@ pub(super) async fn describe(app: &AppState, namespace: &str) -> Result<Namespac
     let mut info = app.broker.namespace_info(namespace).await?;
     info.subscribers = app.open_streams.of(namespace);
     Ok(info)
-}
-
-fn json(value: &impl Serialize) -> Response {
-    match serde_json::to_string(value) {
-        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("describing the namespaces failed: {e}"),
-        )
-        .into_response(),
-    }
 }
