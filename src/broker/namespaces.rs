@@ -16,21 +16,35 @@ impl Broker {
         self: &Arc<Broker>,
         namespace: &str,
     ) -> Result<NamespaceInfo, BrokerError> {
-        let log = Arc::clone(self.log(namespace).map_err(BrokerError::NotFound)?);
-        // Usage is measured on disk (or asked of the storage) and stored consumers are
-        // read from files: off the async workers.
-        let (usage, consumers) = {
+        self.log(namespace).map_err(BrokerError::NotFound)?;
+        // Stored consumers are read from files: off the async workers.
+        let consumers = {
             let broker = Arc::clone(self);
-            let log = Arc::clone(&log);
-            tokio::task::spawn_blocking(move || {
-                let consumers = broker.consumers(log.namespace());
-                (log.usage(), consumers)
-            })
+            let of = namespace.to_owned();
+            tokio::task::spawn_blocking(move || broker.consumers(&of))
+                .await
+                .map_err(|e| BrokerError::Storage(format!("measuring {namespace} failed: {e}")))??
+        };
+        self.namespace_info_counting(namespace, consumers.len() as u64)
             .await
-            .map_err(|e| BrokerError::Storage(format!("measuring {namespace} failed: {e}")))?
+    }
+
+    /// [`Broker::namespace_info`] for a caller that listed the namespace's durable
+    /// consumers already (there are `consumers` of them), so they are not read twice.
+    pub async fn namespace_info_counting(
+        &self,
+        namespace: &str,
+        consumers: u64,
+    ) -> Result<NamespaceInfo, BrokerError> {
+        let log = Arc::clone(self.log(namespace).map_err(BrokerError::NotFound)?);
+        // Usage is measured on disk (or asked of the storage): off the async workers.
+        let usage = {
+            let log = Arc::clone(&log);
+            tokio::task::spawn_blocking(move || log.usage())
+                .await
+                .map_err(|e| BrokerError::Storage(format!("measuring {namespace} failed: {e}")))?
         };
         let usage = usage.map_err(|e| storage(namespace, e))?;
-        let consumers = consumers?.len() as u64;
         let first_index = log.first_position();
         let next_index = log.committed();
         let (first, last) = if first_index < next_index {

@@ -166,11 +166,17 @@ async fn stats(app: &AppState, shown: &[String]) -> Stats {
     let mut infos = Vec::with_capacity(shown.len());
     let mut listed = BTreeMap::new();
     for namespace in shown {
-        match namespaces::describe(app, namespace).await {
+        // The consumers are listed once, for their own view and the namespace's count.
+        let consumers = consumers::of(app, namespace).await;
+        let info = match &consumers {
+            Ok(list) => namespaces::describe_counting(app, namespace, list.len() as u64).await,
+            Err(_) => namespaces::describe(app, namespace).await,
+        };
+        match info {
             Ok(info) => infos.push(info),
             Err(e) => errors.push(format!("namespace {namespace}: {}", e.message)),
         }
-        match consumers::of(app, namespace).await {
+        match consumers {
             Ok(list) => {
                 listed.insert(namespace.clone(), list);
             }

@@ -77,7 +77,26 @@ pub async fn one(
 
 /// What `GET /namespaces/{namespace}` answers.
 pub(super) async fn describe(app: &AppState, namespace: &str) -> Result<NamespaceInfo, ApiError> {
-    let mut info = app.broker.namespace_info(namespace).await?;
-    info.subscribers = app.open_streams.of(namespace);
-    Ok(info)
+    let info = app.broker.namespace_info(namespace).await?;
+    Ok(with_subscribers(app, info))
+}
+
+/// [`describe`] for a caller that listed the namespace's durable consumers already (there
+/// are `consumers` of them).
+pub(super) async fn describe_counting(
+    app: &AppState,
+    namespace: &str,
+    consumers: u64,
+) -> Result<NamespaceInfo, ApiError> {
+    let info = app
+        .broker
+        .namespace_info_counting(namespace, consumers)
+        .await?;
+    Ok(with_subscribers(app, info))
+}
+
+/// `info` with the event streams open on this server that read its namespace.
+fn with_subscribers(app: &AppState, mut info: NamespaceInfo) -> NamespaceInfo {
+    info.subscribers = app.open_streams.of(&info.namespace);
+    info
 }
